@@ -1,0 +1,79 @@
+"""Chorus wire protocol, sans-IO (spec/PROTOCOL.md).
+
+    conn = proto.Connection(proto.CLIENT)
+    sock.send(conn.send(proto.Hello(1, 1, "me")))
+    conn.receive_data(sock.recv(65536))
+    event = conn.next_event()   # an event, proto.NEED_DATA or proto.ConnectionClosed
+"""
+from ._connection import NEED_DATA, Connection, encode
+from ._const import (
+    ABSOLUTE_MAX_FRAME_BYTES,
+    COMPRESS_THRESHOLD_BYTES,
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_BYTES,
+    MAX_BODY_BYTES,
+    MAX_LIST_ITEMS,
+    MAX_NAME_BYTES,
+    MAX_PASSWORD_BYTES,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    CloseReason,
+    ConvKind,
+    Direction,
+    ErrorCode,
+    Flags,
+    FrameType,
+    ReceiptKind,
+    Status,
+)
+from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._events import (
+    EVENT_TYPES,
+    Ack,
+    AuthOk,
+    Bye,
+    ConnectionClosed,
+    Conversation,
+    CursorInfo,
+    Cursors,
+    Delivered,
+    Error,
+    Event,
+    GetCursors,
+    GoAway,
+    Hello,
+    History,
+    HistoryPage,
+    Join,
+    Joined,
+    Leave,
+    ListRooms,
+    Login,
+    Logout,
+    MemberInfo,
+    MemberList,
+    Members,
+    Message,
+    Ok,
+    Ping,
+    Pong,
+    Position,
+    Presence,
+    Read,
+    Receipt,
+    Register,
+    Resume,
+    RoomInfo,
+    RoomList,
+    Send,
+    StoredMessage,
+    Sync,
+    SyncDone,
+    SyncPage,
+    Typing,
+    UserTyping,
+    Welcome,
+)
+from ._state import CLIENT, SERVER, Role, State
+
+__all__ = [name for name in dir() if not name.startswith("_")]

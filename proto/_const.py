@@ -1,0 +1,152 @@
+"""Numbers and enums of the Chorus wire protocol (spec/PROTOCOL.md §2, §5, §7).
+
+Every code that crosses the wire lives here, as an IntEnum, so that the construct
+declarations in ``_wire``, the spec and the server all name the same values.
+Default limits are named constants in this one place (STYLE.md §14).
+"""
+from __future__ import annotations
+
+import enum
+
+#: The protocol versions this implementation speaks (spec §6).
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+
+#: Fixed frame header: length u32, type u8, flags u8, request id u32 (spec §2).
+HEADER_BYTES = 10
+#: Extra bytes after the header of a compressed frame: the uncompressed length.
+COMPRESSED_PREFIX_BYTES = 4
+
+#: Largest frame body a peer may send unless the handshake says otherwise.
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+#: Hard ceiling for any negotiated maximum: the length field could say 4 GiB.
+ABSOLUTE_MAX_FRAME_BYTES = 16 << 20
+#: Bodies at least this long are worth an lz4 attempt (spec §4).
+COMPRESS_THRESHOLD_BYTES = 512
+
+# Per-field maximums, in encoded bytes (spec §3).
+MAX_NAME_BYTES = 32  # user and room names
+MAX_PASSWORD_BYTES = 128
+MAX_TOKEN_BYTES = 64
+MAX_CLIENT_NAME_BYTES = 64
+MAX_TEXT_BYTES = 255  # error and goaway texts
+MAX_BODY_BYTES = 65535  # wire ceiling; the server's own limit is lower
+MAX_LIST_ITEMS = 1000  # any array in any frame
+
+
+class FrameType(enum.IntEnum):
+    """The ``type`` byte of the header (spec §5)."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    REGISTER = 0x03
+    LOGIN = 0x04
+    RESUME = 0x05
+    AUTH_OK = 0x06
+    LOGOUT = 0x07
+    OK = 0x08
+    JOIN = 0x10
+    JOINED = 0x11
+    LEAVE = 0x12
+    LIST_ROOMS = 0x13
+    ROOM_LIST = 0x14
+    MEMBERS = 0x15
+    MEMBER_LIST = 0x16
+    SEND = 0x20
+    ACK = 0x21
+    MESSAGE = 0x22
+    SYNC = 0x23
+    SYNC_PAGE = 0x24
+    SYNC_DONE = 0x25
+    HISTORY = 0x26
+    HISTORY_PAGE = 0x27
+    DELIVERED = 0x28
+    READ = 0x29
+    RECEIPT = 0x2A
+    GET_CURSORS = 0x2B
+    CURSORS = 0x2C
+    PRESENCE = 0x30
+    TYPING = 0x31
+    USER_TYPING = 0x32
+    PING = 0x40
+    PONG = 0x41
+    ERROR = 0x42
+    GOAWAY = 0x43
+    BYE = 0x44
+
+
+class Flags(enum.IntFlag):
+    """Bits of the header's ``flags`` byte; any other bit set is an error."""
+
+    COMPRESSED = 0x01
+
+
+KNOWN_FLAGS = int(Flags.COMPRESSED)
+
+
+class ErrorCode(enum.IntEnum):
+    """``code`` of an ERROR frame (spec §7). 1xx: framing, 2xx: auth, 3xx: requests."""
+
+    MALFORMED_FRAME = 100
+    FRAME_TOO_LARGE = 101
+    UNKNOWN_FRAME_TYPE = 102
+    INVALID_FIELD = 103
+    FIELD_TOO_LARGE = 104
+    DECOMPRESSION_FAILED = 105
+    WRONG_STATE = 106
+    UNSUPPORTED_VERSION = 107
+    HANDSHAKE_TIMEOUT = 108
+    AUTH_FAILED = 200
+    USERNAME_TAKEN = 201
+    INVALID_TOKEN = 202
+    INVALID_NAME = 203
+    WEAK_PASSWORD = 204
+    TOO_MANY_CONNECTIONS = 205
+    NOT_FOUND = 300
+    NOT_MEMBER = 301
+    TOO_MANY_ROOMS = 302
+    BODY_TOO_LARGE = 303
+    RATE_LIMITED = 304
+    INVALID_REQUEST = 305
+    SERVER_BUSY = 306
+    INTERNAL = 399
+
+
+class CloseReason(enum.IntEnum):
+    """Why a connection ends: carried by GOAWAY and BYE, logged on every close."""
+
+    CLIENT_QUIT = 1
+    SHUTDOWN = 2
+    STALE = 3
+    SLOW_CONSUMER = 4
+    PROTOCOL_ERROR = 5
+    IDLE_TIMEOUT = 6
+    RATE_LIMITED = 7
+    LOGGED_OUT = 8
+    SERVER_FULL = 9
+    AUTH_TIMEOUT = 10
+    PEER_CLOSED = 11
+
+
+class ConvKind(enum.IntEnum):
+    """A conversation is a room or a direct-message pair (spec §3)."""
+
+    ROOM = 1
+    DIRECT = 2
+
+
+class Direction(enum.IntEnum):
+    """Which side of the cursor a HISTORY request pages towards."""
+
+    BEFORE = 1
+    AFTER = 2
+
+
+class ReceiptKind(enum.IntEnum):
+    DELIVERED = 1
+    READ = 2
+
+
+class Status(enum.IntEnum):
+    OFFLINE = 0
+    ONLINE = 1

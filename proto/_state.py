@@ -1,0 +1,74 @@
+"""Which frame is legal when: the protocol state machine as one table (spec §8).
+
+Both ends run the same machine over the frames they see, so a frame that is
+illegal for its sender is caught on either side: ``Connection.send`` raises
+``LocalProtocolError``, ``Connection.next_event`` raises ``RemoteProtocolError``
+with ``WRONG_STATE``. The conversation moves HANDSHAKE → NEGOTIATING →
+UNAUTHENTICATED → AUTHENTICATED; LOGOUT moves it to CLOSING, where only the
+server may still speak. A BYE silences its sender for good; the other side may
+still send until it says BYE too or closes.
+"""
+from __future__ import annotations
+
+import enum
+
+from ._const import FrameType as F
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+CLIENT = Role.CLIENT
+SERVER = Role.SERVER
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  # the client's HELLO comes first
+    NEGOTIATING = "negotiating"  # the server answers with WELCOME (or ERROR + BYE)
+    UNAUTHENTICATED = "unauthenticated"
+    AUTHENTICATED = "authenticated"
+    CLOSING = "closing"  # after LOGOUT: the server finishes and says BYE
+
+
+_ANYTIME = {F.ERROR, F.BYE}
+_LIVE = {F.PING, F.PONG}
+_CLIENT_REQUESTS = {
+    F.JOIN, F.LEAVE, F.LIST_ROOMS, F.MEMBERS, F.SEND, F.SYNC, F.HISTORY,
+    F.DELIVERED, F.READ, F.GET_CURSORS, F.TYPING,
+}
+_SERVER_PUSHES = {
+    F.OK, F.JOINED, F.ROOM_LIST, F.MEMBER_LIST, F.ACK, F.MESSAGE, F.SYNC_PAGE, F.SYNC_DONE,
+    F.HISTORY_PAGE, F.RECEIPT, F.CURSORS, F.PRESENCE, F.USER_TYPING,
+}
+
+#: (state, sender) → {frame type: state after it}. Absent means illegal.
+TRANSITIONS: dict[tuple[State, Role], dict[F, State]] = {}
+
+
+def _allow(state: State, sender: Role, frames, after: State | None = None) -> None:
+    TRANSITIONS.setdefault((state, sender), {}).update({f: after or state for f in frames})
+
+
+_allow(State.HANDSHAKE, CLIENT, {F.HELLO}, State.NEGOTIATING)
+_allow(State.HANDSHAKE, CLIENT, _ANYTIME)
+_allow(State.NEGOTIATING, SERVER, {F.WELCOME}, State.UNAUTHENTICATED)
+_allow(State.NEGOTIATING, SERVER, _ANYTIME)
+_allow(State.NEGOTIATING, CLIENT, {F.BYE})
+
+_allow(State.UNAUTHENTICATED, CLIENT, {F.REGISTER, F.LOGIN, F.RESUME} | _LIVE | _ANYTIME)
+_allow(State.UNAUTHENTICATED, SERVER, {F.AUTH_OK}, State.AUTHENTICATED)
+_allow(State.UNAUTHENTICATED, SERVER, {F.GOAWAY} | _LIVE | _ANYTIME)
+
+_allow(State.AUTHENTICATED, CLIENT, {F.LOGOUT}, State.CLOSING)
+_allow(State.AUTHENTICATED, CLIENT, _CLIENT_REQUESTS | _LIVE | _ANYTIME)
+_allow(State.AUTHENTICATED, SERVER, _SERVER_PUSHES | {F.GOAWAY} | _LIVE | _ANYTIME)
+
+_allow(State.CLOSING, CLIENT, {F.PONG} | _ANYTIME)
+_allow(State.CLOSING, SERVER, _SERVER_PUSHES | {F.GOAWAY} | _LIVE | _ANYTIME)
+
+
+def next_state(state: State, sender: Role, frame: F) -> State | None:
+    """The state after ``sender`` sends ``frame`` in ``state``, or None when that is illegal."""
+    return TRANSITIONS.get((state, sender), {}).get(frame)

@@ -1,0 +1,290 @@
+"""The one declaration of every frame on the wire (spec/PROTOCOL.md §2, §3, §5).
+
+All integers are big-endian. The header is fixed (``HEADER``); each frame type
+has one body ``Struct`` in ``BODIES``. The adapters below make construct strict
+where it is lenient by default: unknown enum values, booleans other than 0/1,
+invalid UTF-8, over-long strings, over-long arrays and trailing bytes are all
+errors, raised as ``FieldError`` with the ``ErrorCode`` to send back.
+
+Parsing always goes through these checked (interpreted) constructs: construct's
+compiled mode is not meant for untrusted input (STYLE.md §5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from construct import (
+    Adapter,
+    Bytes,
+    ConstructError,
+    Construct,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    Prefixed,
+    GreedyBytes,
+    Struct,
+    Terminated,
+    stream_read,
+)
+
+from . import _events as ev
+from ._const import (
+    MAX_BODY_BYTES,
+    MAX_CLIENT_NAME_BYTES,
+    MAX_LIST_ITEMS,
+    MAX_NAME_BYTES,
+    MAX_PASSWORD_BYTES,
+    MAX_TEXT_BYTES,
+    MAX_TOKEN_BYTES,
+    CloseReason,
+    ConvKind,
+    Direction,
+    ErrorCode,
+    FrameType,
+    ReceiptKind,
+    Status,
+)
+
+
+class FieldError(ConstructError):
+    """A body field broke a rule; ``code`` says which kind of rule."""
+
+    def __init__(self, message: str, code: ErrorCode, path: str | None = None):
+        super().__init__(message, path=path)
+        self.code = code
+
+
+class _Text(Adapter):
+    """UTF-8 text behind a length prefix, at most ``max_bytes`` encoded bytes."""
+
+    def __init__(self, prefix: Construct, max_bytes: int):
+        super().__init__(Prefixed(prefix, GreedyBytes))
+        self.max_bytes = max_bytes
+
+    def _decode(self, obj, context, path):
+        if len(obj) > self.max_bytes:
+            raise FieldError(f"{path}: {len(obj)} bytes > {self.max_bytes}", ErrorCode.FIELD_TOO_LARGE, path)
+        try:
+            return obj.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FieldError(f"{path}: invalid UTF-8", ErrorCode.INVALID_FIELD, path) from None
+
+    def _encode(self, obj, context, path):
+        if not isinstance(obj, str):
+            raise FieldError(f"{path}: expected str", ErrorCode.INVALID_FIELD, path)
+        try:
+            data = obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FieldError(f"{path}: not encodable as UTF-8", ErrorCode.INVALID_FIELD, path) from None
+        if len(data) > self.max_bytes:
+            raise FieldError(f"{path}: {len(data)} bytes > {self.max_bytes}", ErrorCode.FIELD_TOO_LARGE, path)
+        return data
+
+
+class _Enum(Adapter):
+    """An integer that must be a member of ``enum_cls`` (construct's Enum lets unknowns through)."""
+
+    def __init__(self, subcon: Construct, enum_cls: type[enum.IntEnum]):
+        super().__init__(subcon)
+        self.enum_cls = enum_cls
+
+    def _decode(self, obj, context, path):
+        try:
+            return self.enum_cls(obj)
+        except ValueError:
+            raise FieldError(f"{path}: {obj} is not a {self.enum_cls.__name__}", ErrorCode.INVALID_FIELD, path) from None
+
+    def _encode(self, obj, context, path):
+        if isinstance(obj, bool) or not isinstance(obj, int) or obj not in self.enum_cls._value2member_map_:
+            raise FieldError(f"{path}: {obj!r} is not a {self.enum_cls.__name__}", ErrorCode.INVALID_FIELD, path)
+        return int(obj)
+
+
+class _Bool(Adapter):
+    """One byte, 0 or 1 exactly, so that every value has one encoding."""
+
+    def _decode(self, obj, context, path):
+        if obj > 1:
+            raise FieldError(f"{path}: boolean byte {obj}", ErrorCode.INVALID_FIELD, path)
+        return obj == 1
+
+    def _encode(self, obj, context, path):
+        if not isinstance(obj, bool):
+            raise FieldError(f"{path}: expected bool", ErrorCode.INVALID_FIELD, path)
+        return int(obj)
+
+
+class _Array(Construct):
+    """A u16 count, checked against ``max_items`` before any item is read, then the items."""
+
+    def __init__(self, subcon: Construct, max_items: int = MAX_LIST_ITEMS):
+        super().__init__()
+        self.subcon = subcon
+        self.max_items = max_items
+
+    def _parse(self, stream, context, path):
+        count = int.from_bytes(stream_read(stream, 2, path), "big")
+        if count > self.max_items:
+            raise FieldError(f"{path}: {count} items > {self.max_items}", ErrorCode.FIELD_TOO_LARGE, path)
+        return tuple(self.subcon._parsereport(stream, context, path) for _ in range(count))
+
+    def _build(self, obj, stream, context, path):
+        if len(obj) > self.max_items:
+            raise FieldError(f"{path}: {len(obj)} items > {self.max_items}", ErrorCode.FIELD_TOO_LARGE, path)
+        stream.write(len(obj).to_bytes(2, "big"))
+        for item in obj:
+            self.subcon._build(item, stream, context, path)
+        return obj
+
+    def _sizeof(self, context, path):
+        raise ConstructError("variable size", path=path)
+
+
+class _Record(Adapter):
+    """A Struct whose parsed value is the dataclass ``cls`` (fields in declaration order)."""
+
+    def __init__(self, cls: type, subcon: Construct):
+        super().__init__(subcon)
+        self.cls = cls
+        self.names = [f.name for f in dataclasses.fields(cls) if f.name != "request_id"]
+
+    def _decode(self, obj, context, path):
+        return self.cls(**{name: obj[name] for name in self.names})
+
+    def _encode(self, obj, context, path):
+        if type(obj) is not self.cls:
+            raise FieldError(f"{path}: expected {self.cls.__name__}", ErrorCode.INVALID_FIELD, path)
+        return {name: getattr(obj, name) for name in self.names}
+
+
+# --- field types (spec §3) -------------------------------------------------
+U8, U16, U32, U64 = Int8ub, Int16ub, Int32ub, Int64ub
+Name = _Text(Int8ub, MAX_NAME_BYTES)
+Bool = _Bool(Int8ub)
+
+HEADER = Struct(
+    "length" / U32,  # body bytes that follow the header
+    "type" / U8,
+    "flags" / U8,
+    "request_id" / U32,
+)
+
+Conversation = _Record(ev.Conversation, Struct("kind" / _Enum(U8, ConvKind), "name" / Name))
+StoredMessage = _Record(
+    ev.StoredMessage,
+    Struct(
+        "seq" / U64,
+        "ts_ms" / U64,
+        "sender" / Name,
+        "client_msg_id" / U64,
+        "body" / _Text(Int16ub, MAX_BODY_BYTES),
+    ),
+)
+RoomInfo = _Record(ev.RoomInfo, Struct("name" / Name, "members" / U32, "last_seq" / U64, "joined" / Bool))
+MemberInfo = _Record(ev.MemberInfo, Struct("user" / Name, "status" / _Enum(U8, Status)))
+Position = _Record(ev.Position, Struct("conv" / Conversation, "last_seq" / U64))
+CursorInfo = _Record(ev.CursorInfo, Struct("user" / Name, "delivered_seq" / U64, "read_seq" / U64))
+
+_EMPTY: tuple = ()
+
+#: Frame type → body fields, in wire order. Every body ends exactly where its frame ends.
+FIELDS: dict[FrameType, tuple] = {
+    FrameType.HELLO: ("min_version" / U16, "max_version" / U16, "client" / _Text(Int8ub, MAX_CLIENT_NAME_BYTES)),
+    FrameType.WELCOME: (
+        "version" / U16,
+        "server" / _Text(Int8ub, MAX_CLIENT_NAME_BYTES),
+        "max_frame_bytes" / U32,
+        "max_body_bytes" / U32,
+        "ping_interval_ms" / U32,
+        "rate_per_s" / U16,
+        "rate_burst" / U16,
+        "max_rooms" / U16,
+        "max_page" / U16,
+    ),
+    FrameType.REGISTER: ("username" / Name, "password" / _Text(Int8ub, MAX_PASSWORD_BYTES)),
+    FrameType.LOGIN: ("username" / Name, "password" / _Text(Int8ub, MAX_PASSWORD_BYTES)),
+    FrameType.RESUME: ("token" / _Text(Int8ub, MAX_TOKEN_BYTES),),
+    FrameType.AUTH_OK: ("username" / Name, "token" / _Text(Int8ub, MAX_TOKEN_BYTES), "expires_at_ms" / U64),
+    FrameType.LOGOUT: _EMPTY,
+    FrameType.OK: _EMPTY,
+    FrameType.JOIN: ("room" / Name,),
+    FrameType.JOINED: ("room" / Name, "last_seq" / U64, "members" / U32),
+    FrameType.LEAVE: ("room" / Name,),
+    FrameType.LIST_ROOMS: _EMPTY,
+    FrameType.ROOM_LIST: ("rooms" / _Array(RoomInfo),),
+    FrameType.MEMBERS: ("room" / Name,),
+    FrameType.MEMBER_LIST: ("room" / Name, "members" / _Array(MemberInfo)),
+    FrameType.SEND: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
+    FrameType.ACK: (
+        "conv" / Conversation,
+        "client_msg_id" / U64,
+        "seq" / U64,
+        "ts_ms" / U64,
+        "duplicate" / Bool,
+    ),
+    FrameType.MESSAGE: (
+        "conv" / Conversation,
+        "seq" / U64,
+        "ts_ms" / U64,
+        "sender" / Name,
+        "client_msg_id" / U64,
+        "body" / _Text(Int16ub, MAX_BODY_BYTES),
+    ),
+    FrameType.SYNC: ("positions" / _Array(Position),),
+    FrameType.SYNC_PAGE: ("conv" / Conversation, "messages" / _Array(StoredMessage), "has_more" / Bool),
+    FrameType.SYNC_DONE: _EMPTY,
+    FrameType.HISTORY: (
+        "conv" / Conversation,
+        "direction" / _Enum(U8, Direction),
+        "seq" / U64,
+        "limit" / U16,
+    ),
+    FrameType.HISTORY_PAGE: ("conv" / Conversation, "messages" / _Array(StoredMessage), "has_more" / Bool),
+    FrameType.DELIVERED: ("conv" / Conversation, "seq" / U64),
+    FrameType.READ: ("conv" / Conversation, "seq" / U64),
+    FrameType.RECEIPT: (
+        "conv" / Conversation,
+        "user" / Name,
+        "kind" / _Enum(U8, ReceiptKind),
+        "seq" / U64,
+    ),
+    FrameType.GET_CURSORS: ("conv" / Conversation,),
+    FrameType.CURSORS: ("conv" / Conversation, "cursors" / _Array(CursorInfo)),
+    FrameType.PRESENCE: ("user" / Name, "status" / _Enum(U8, Status)),
+    FrameType.TYPING: ("conv" / Conversation,),
+    FrameType.USER_TYPING: ("conv" / Conversation, "user" / Name),
+    FrameType.PING: ("nonce" / U64,),
+    FrameType.PONG: ("nonce" / U64,),
+    FrameType.ERROR: (
+        "code" / _Enum(U16, ErrorCode),
+        "retry_after_ms" / U32,
+        "message" / _Text(Int8ub, MAX_TEXT_BYTES),
+    ),
+    FrameType.GOAWAY: (
+        "reason" / _Enum(U8, CloseReason),
+        "reconnect_after_ms" / U32,
+        "message" / _Text(Int8ub, MAX_TEXT_BYTES),
+    ),
+    FrameType.BYE: ("reason" / _Enum(U8, CloseReason),),
+}
+
+#: Frame type → the checked body construct, producing the event (request_id added by the caller).
+BODIES: dict[FrameType, Construct] = {
+    ftype: _Record(ev.EVENT_TYPES[ftype], Struct(*fields, Terminated)) for ftype, fields in FIELDS.items()
+}
+
+
+def parse_body(ftype: FrameType, body: bytes) -> ev.Event:
+    """Parse one body into its event with request_id 0.
+
+    Raises ``ConstructError`` (``FieldError`` with a code for rule breaks) on bad bytes.
+    """
+    return BODIES[ftype].parse(body)
+
+
+def build_body(event: ev.Event) -> bytes:
+    """Build the body bytes of ``event``; raises ``ConstructError`` when a field is out of range."""
+    return BODIES[event.FRAME].build(event)
