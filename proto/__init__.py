@@ -5,7 +5,7 @@
     conn.receive_data(sock.recv(65536))
     event = conn.next_event()   # an event, proto.NEED_DATA or proto.ConnectionClosed
 """
-from ._connection import NEED_DATA, Connection, encode
+from ._connection import NEED_DATA, Connection, decode, encode
 from ._const import (
     ABSOLUTE_MAX_FRAME_BYTES,
     COMPRESS_THRESHOLD_BYTES,

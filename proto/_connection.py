@@ -96,6 +96,21 @@ def _decompress(body: bytes, max_frame_bytes: int) -> bytes:
     return raw
 
 
+def decode(data: bytes, *, max_frame_bytes: int = ABSOLUTE_MAX_FRAME_BYTES) -> ev.Event:
+    """Decode exactly one whole frame with no state check (spec examples, tools, load generators).
+
+    Raises ``RemoteProtocolError`` for anything but one valid frame.
+    """
+    conn = Connection(Role.SERVER, max_frame_bytes=max_frame_bytes)
+    conn._check = lambda sender, ftype, error: conn.state  # stateless: every frame type is accepted
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    event = conn.next_event()
+    if isinstance(event, ev.ConnectionClosed) or conn.buffered_bytes:
+        raise RemoteProtocolError("expected exactly one frame")
+    return event
+
+
 class Connection:
     """One side of a Chorus connection.
 
@@ -199,7 +214,7 @@ class Connection:
         if request_id:
             object.__setattr__(event, "request_id", request_id)
         self._advance(self.their_role, ftype, after)
-        if ftype is FrameType.WELCOME:
+        if ftype is FrameType.WELCOME and self.our_role is Role.CLIENT:
             self.peer_max_frame_bytes = min(event.max_frame_bytes, ABSOLUTE_MAX_FRAME_BYTES)
         return event
 
