@@ -53,6 +53,7 @@ def _allow(state: State, sender: Role, frames, after: State | None = None) -> No
 
 _allow(State.HANDSHAKE, CLIENT, {F.HELLO}, State.NEGOTIATING)
 _allow(State.HANDSHAKE, CLIENT, _ANYTIME)
+_allow(State.HANDSHAKE, SERVER, _ANYTIME)  # e.g. refusing a connection when the server is full
 _allow(State.NEGOTIATING, SERVER, {F.WELCOME}, State.UNAUTHENTICATED)
 _allow(State.NEGOTIATING, SERVER, _ANYTIME)
 _allow(State.NEGOTIATING, CLIENT, {F.BYE})
