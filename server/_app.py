@@ -1,0 +1,110 @@
+"""The server: accept loop, shared state, graceful shutdown (spec §9 "Shutdown").
+
+``serve`` is meant for ``nursery.start``: it reports the running ``Server``
+(whose ``port`` is the real one when the config says port 0). ``shutdown()``
+stops accepting, sends GOAWAY to every client, gives in-flight sends until the
+grace deadline to commit and be acknowledged, then says BYE(SHUTDOWN) and waits
+for each connection's bounded close; the store commits what is pending last.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from functools import partial
+from pathlib import Path
+
+import trio
+
+import proto
+from proto import CloseReason, ErrorCode
+
+from ._auth import Passwords
+from ._config import Config
+from ._conn import ClientConnection
+from ._hub import Hub
+from ._store import open_store
+from ._transport import open_listener
+
+log = logging.getLogger("chorus.server")
+
+
+class Server:
+    def __init__(self, config: Config, store):
+        self.config = config
+        self.store = store
+        self.hub = Hub()
+        store.on_commit = self.hub.publish
+        self.passwords = Passwords(time_cost=config.argon2_time_cost, memory_kib=config.argon2_memory_kib)
+        self.connections: set[ClientConnection] = set()
+        self.port: int | None = None
+        self.ws_port: int | None = None
+        self.close_reasons: collections.Counter[str] = collections.Counter()
+        self._shutdown = trio.Event()
+
+    def shutdown(self) -> None:
+        """Ask ``serve`` to shut down gracefully; returns at once."""
+        self._shutdown.set()
+
+    def statistics(self) -> dict:
+        return {
+            "connections": len(self.connections),
+            "delivered": self.hub.delivered,
+            "close_reasons": dict(self.close_reasons),
+            "store": self.store.statistics(),
+        }
+
+    async def handle(self, transport) -> None:
+        """Serve one accepted stream (TCP, or the WebSocket bridge's adapter)."""
+        if len(self.connections) >= self.config.max_connections or self._shutdown.is_set():
+            frames = (proto.encode(proto.Error(ErrorCode.TOO_MANY_CONNECTIONS, self.config.reconnect_hint_ms,
+                                               "server full"))
+                      + proto.encode(proto.Bye(CloseReason.SERVER_FULL)))
+            try:
+                transport.try_send(frames)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await transport.aclose()
+            self.close_reasons[CloseReason.SERVER_FULL.name] += 1
+            return
+        conn = ClientConnection(self, transport)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.close_reasons[(conn.reason or CloseReason.PEER_CLOSED).name] += 1
+
+    async def _drain(self) -> None:
+        config = self.config
+        deadline = trio.current_time() + config.shutdown_grace_s
+        for conn in list(self.connections):
+            conn.goaway(config.reconnect_hint_ms, "server shutting down")
+        with trio.move_on_at(deadline):
+            for conn in list(self.connections):
+                await conn.wait_sends_done()
+        for conn in list(self.connections):
+            conn.close(CloseReason.SHUTDOWN)
+
+
+async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a Chorus server until ``shutdown()`` (graceful) or cancellation (abrupt)."""
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    async with open_store(config.db_path, synchronous=config.sqlite_synchronous) as store:
+        server = Server(config, store)
+        listener = open_listener(config.host, config.port)
+        server.port = listener.port
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as accepting:
+                await accepting.start(partial(trio.serve_listeners, server.handle, [listener],
+                                              handler_nursery=handlers))
+                if config.ws_port is not None:
+                    from ._websocket import serve_websocket
+
+                    server.ws_port = await accepting.start(serve_websocket, server, handlers)
+                log.info("listening on %s:%d (data %s)", config.host, server.port, config.db_path)
+                task_status.started(server)
+                await server._shutdown.wait()
+                log.info("shutting down: %d connections", len(server.connections))
+                accepting.cancel_scope.cancel()
+            await server._drain()
+    log.info("stopped")

@@ -1,0 +1,239 @@
+"""One client connection: one nursery with reader, writer and heartbeat (STYLE.md §7).
+
+The reader turns bytes into events with ``proto.Connection`` and hands them to
+the ``Session``; SEND runs in its own task (bounded per connection) so a client
+can pipeline sends into one group commit. The writer is the ``Output`` flush
+task. The heartbeat PINGs a silent client and closes it as STALE when PINGs go
+unanswered (spec §9 "Liveness"); a deadline task closes connections that do
+not say HELLO and authenticate in time.
+
+Every close goes through ``close(reason)``: it records the first reason and
+cancels the nursery; ``run`` then says ERROR/BYE where the protocol allows it,
+flushes within a bounded, shielded deadline, and logs one line with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+import trio
+
+import proto
+from proto import CloseReason, ErrorCode
+
+from ._output import Output
+from ._ratelimit import TokenBucket
+from ._session import Session
+
+if TYPE_CHECKING:
+    from ._app import Server
+
+log = logging.getLogger("chorus.conn")
+
+_RECV_BYTES = 65536
+_CLOSE_FLUSH_S = 1.0
+_UNLIMITED = (proto.Pong, proto.Bye)  # answers to our PINGs and goodbyes are never rate limited
+_NO_BYE = (CloseReason.CLIENT_QUIT, CloseReason.PEER_CLOSED, CloseReason.SLOW_CONSUMER)
+
+
+class ClientConnection:
+    def __init__(self, server: "Server", transport):
+        config = server.config
+        self.server = server
+        self.config = config
+        self.transport = transport
+        self.proto = proto.Connection(proto.SERVER, max_frame_bytes=config.max_frame_bytes)
+        self.output = Output(transport, config.outbound_buffer_bytes)
+        self.session = Session(server, self)
+        self.user_id: int | None = None
+        self.reason: CloseReason | None = None
+        self._final: list[proto.Event] = []
+        self._scope = trio.CancelScope()
+        now = trio.current_time()
+        self.opened_at = now
+        self.last_heard = now
+        self._last_ping = now
+        self.unanswered_pings = 0
+        self._bucket = TokenBucket(config.rate_per_s, config.rate_burst, now)
+        self._violations = 0
+        self._sends = trio.Semaphore(config.max_inflight_sends)
+        self._nursery: trio.Nursery | None = None
+
+    # -- used by the session and the hub --------------------------------------
+    @property
+    def closing(self) -> bool:
+        return self.reason is not None
+
+    def authenticated(self, username: str) -> None:
+        self.user_id = self.session.user_id
+        log.info("auth peer=%s user=%s", self.transport.peer, username)
+
+    def conv_view(self, conv_id: int) -> proto.Conversation | None:
+        return self.session.conv_view(conv_id)
+
+    def send(self, event: proto.Event) -> None:
+        """Reply or push one event through the state machine and the output."""
+        if self.reason is not None:
+            return
+        if not self.output.write(self.proto.send(event)):
+            self._output_failed()
+
+    def deliver(self, conv_id: int, seq: int, frame: bytes) -> None:
+        """A committed message, encoded once by the hub for every subscriber."""
+        if self.reason is None and self.session.accept_live(conv_id, seq):
+            if not self.output.write(frame):
+                self._output_failed()
+
+    def push(self, frame: bytes) -> None:
+        """An ephemeral frame: dropped rather than queued when this client is behind."""
+        if self.reason is None and self.user_id is not None and self.output.buffered_bytes < 65536:
+            if not self.output.write(frame):
+                self._output_failed()
+
+    def _output_failed(self) -> None:
+        self.close(CloseReason.SLOW_CONSUMER if self.output.overflowed else CloseReason.PEER_CLOSED)
+
+    def close(self, reason: CloseReason) -> None:
+        """Begin closing for ``reason`` (the first reason wins). Never blocks."""
+        if self.reason is None:
+            self.reason = reason
+            self._scope.cancel()
+
+    def protocol_error(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
+        self._final.append(proto.Error(code, 0, message[:200], request_id=request_id))
+        self.close(CloseReason.PROTOCOL_ERROR)
+
+    def refuse(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
+        self._final.append(proto.Error(code, 0, message[:200], request_id=request_id))
+        self.close(CloseReason.SERVER_FULL)
+
+    def goaway(self, reconnect_after_ms: int, message: str) -> None:
+        if self.reason is None and self.proto.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
+            self.send(proto.GoAway(CloseReason.SHUTDOWN, reconnect_after_ms, message))
+
+    async def wait_sends_done(self) -> None:
+        """Wait until no SEND of this connection is waiting for its commit."""
+        for _ in range(self.config.max_inflight_sends):
+            await self._sends.acquire()
+        for _ in range(self.config.max_inflight_sends):
+            self._sends.release()
+
+    # -- tasks ------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the connection until it closes; never raises for client misbehaviour."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._deadlines)
+                    await self._reader()
+        finally:
+            await self._finish()
+
+    async def _reader(self) -> None:
+        conn = self.proto
+        while True:
+            try:
+                data = await self.transport.receive_some(_RECV_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            self.last_heard = trio.current_time()
+            self.unanswered_pings = 0
+            conn.receive_data(data)
+            while True:
+                try:
+                    event = conn.next_event()
+                except proto.RemoteProtocolError as exc:
+                    self.protocol_error(exc.code, str(exc))
+                    return
+                if event is proto.NEED_DATA:
+                    break
+                if type(event) is proto.ConnectionClosed:
+                    self.close(CloseReason.PEER_CLOSED)
+                    return
+                await self._dispatch(event)
+                if self.reason is not None:
+                    return
+
+    async def _dispatch(self, event: proto.Event) -> None:
+        if not isinstance(event, _UNLIMITED):
+            if not self._bucket.take(trio.current_time()):
+                self._violations += 1
+                if self._violations > self.config.max_rate_violations:
+                    self.close(CloseReason.RATE_LIMITED)
+                    return
+                retry_ms = int(self._bucket.retry_after_s() * 1000) + 1
+                self.send(proto.Error(ErrorCode.RATE_LIMITED, retry_ms, "slow down", request_id=event.request_id))
+                return
+            self._violations = 0
+        kind = type(event)
+        if kind is proto.Send:
+            await self._sends.acquire()
+            self._nursery.start_soon(self._run_send, event)
+        elif kind is proto.Ping:
+            self.send(event.response())
+        elif kind is proto.Bye:
+            self.close(CloseReason.CLIENT_QUIT)
+        elif kind is proto.Error:
+            log.info("peer=%s sent ERROR %s: %s", self.transport.peer, event.code.name, event.message)
+        elif kind is not proto.Pong:
+            await self.session.handle(event)
+
+    async def _run_send(self, event: proto.Send) -> None:
+        try:
+            await self.session.handle_send(event)
+        finally:
+            self._sends.release()
+
+    async def _writer(self) -> None:
+        await self.output.run()
+        self._output_failed()
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.ping_interval_s
+        while True:
+            await trio.sleep_until(max(self.last_heard, self._last_ping) + interval)
+            now = trio.current_time()
+            if now - self.last_heard < interval or now - self._last_ping < interval:
+                continue
+            if self.unanswered_pings >= self.config.max_missed_pings:
+                self.close(CloseReason.STALE)
+                return
+            if self.proto.state in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
+                self._last_ping = now
+                continue
+            self.unanswered_pings += 1
+            self._last_ping = now
+            self.send(proto.Ping(secrets.randbits(63)))
+
+    async def _deadlines(self) -> None:
+        await trio.sleep_until(self.opened_at + self.config.handshake_timeout_s)
+        if self.proto.state is proto.State.HANDSHAKE:
+            self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "no HELLO in time"))
+            self.close(CloseReason.AUTH_TIMEOUT)
+            return
+        await trio.sleep_until(self.opened_at + self.config.auth_timeout_s)
+        if self.user_id is None:
+            self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "not authenticated in time"))
+            self.close(CloseReason.AUTH_TIMEOUT)
+
+    async def _finish(self) -> None:
+        reason = self.reason or CloseReason.PEER_CLOSED
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _CLOSE_FLUSH_S
+            try:
+                self.session.close()
+                if reason not in _NO_BYE and not self.proto.we_said_bye:
+                    for event in self._final + [proto.Bye(reason)]:
+                        try:
+                            self.output.write(self.proto.send(event))
+                        except proto.LocalProtocolError:
+                            pass
+                    await self.output.flush()
+            finally:
+                await self.transport.aclose()
+        log.info("close peer=%s user=%s reason=%s after=%.1fs", self.transport.peer,
+                 self.session.username or "-", reason.name, trio.current_time() - self.opened_at)

@@ -1,0 +1,377 @@
+"""What a client's frames mean: authentication, rooms, sends, sync, history (spec §9).
+
+A ``Session`` belongs to one connection. It keeps, per conversation the user is
+in, the view (how this user names it), the highest seq already written to this
+connection, and whether a SYNC is catching it up. Live messages are withheld
+while a conversation syncs and filtered by seq afterwards, which is what makes
+"no gap, no duplicate" hold between catch-up pages and the live stream.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+import proto
+from proto import ConvKind, ErrorCode
+
+from ._auth import MIN_PASSWORD_BYTES, new_token, token_hash, valid_name
+from ._store import NameTaken, NewMessage
+
+if TYPE_CHECKING:
+    from ._app import Server
+    from ._conn import ClientConnection
+
+log = logging.getLogger("chorus.session")
+_TYPING_EVERY_S = 2.0
+
+
+class RequestError(Exception):
+    """A request the server refuses; the connection stays open (spec §7)."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ConvState:
+    conv_id: int
+    view: proto.Conversation
+    peer_id: int | None
+    sent_seq: int = 0
+    syncing: bool = False
+    missed_seq: int = 0
+    typing_at: float = -1e9
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Session:
+    def __init__(self, server: "Server", conn: "ClientConnection"):
+        self.server = server
+        self.conn = conn
+        self.user_id: int | None = None
+        self.username: str | None = None
+        self.token_hash: bytes | None = None
+        self.convs: dict[int, ConvState] = {}
+        self.by_view: dict[proto.Conversation, ConvState] = {}
+        self._handlers = {
+            proto.Hello: self._hello,
+            proto.Register: self._register,
+            proto.Login: self._login,
+            proto.Resume: self._resume,
+            proto.Logout: self._logout,
+            proto.Join: self._join,
+            proto.Leave: self._leave,
+            proto.ListRooms: self._list_rooms,
+            proto.Members: self._members,
+            proto.Sync: self._sync,
+            proto.History: self._history,
+            proto.Delivered: self._cursor,
+            proto.Read: self._cursor,
+            proto.GetCursors: self._get_cursors,
+            proto.Typing: self._typing,
+        }
+
+    # -- dispatch -----------------------------------------------------------
+    async def handle(self, event: proto.Event) -> None:
+        """Act on one frame; request errors become ERROR replies."""
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            return  # PONG/ERROR/BYE are the connection's business
+        try:
+            await handler(event)
+        except RequestError as exc:
+            self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
+
+    async def handle_send(self, event: proto.Send) -> None:
+        """SEND runs in its own task so that one client can pipeline sends into a group commit."""
+        try:
+            await self._send(event)
+        except RequestError as exc:
+            self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
+
+    # -- handshake and auth ---------------------------------------------------
+    async def _hello(self, ev: proto.Hello) -> None:
+        if not ev.min_version <= proto.PROTOCOL_VERSION <= ev.max_version:
+            self.conn.protocol_error(ErrorCode.UNSUPPORTED_VERSION,
+                                     f"this server speaks version {proto.PROTOCOL_VERSION}", ev.request_id)
+            return
+        welcome = self.server.config.welcome()
+        self.conn.send(proto.Welcome(**{f: getattr(welcome, f) for f in welcome.__dataclass_fields__
+                                        if f != "request_id"}, request_id=ev.request_id))
+
+    async def _register(self, ev: proto.Register) -> None:
+        if not valid_name(ev.username):
+            raise RequestError(ErrorCode.INVALID_NAME, "names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
+        if len(ev.password.encode()) < MIN_PASSWORD_BYTES:
+            raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords need at least {MIN_PASSWORD_BYTES} bytes")
+        hashed = await self.server.passwords.hash(ev.password)
+        try:
+            user = await self.server.store.create_user(ev.username, hashed)
+        except NameTaken:
+            raise RequestError(ErrorCode.USERNAME_TAKEN, f"{ev.username} is taken") from None
+        await self._logged_in(user.id, user.name, None, ev.request_id)
+
+    async def _login(self, ev: proto.Login) -> None:
+        user = await self.server.store.get_user(ev.username)
+        ok = await self.server.passwords.verify(user.password_hash if user else None, ev.password)
+        if not ok or user is None:
+            raise RequestError(ErrorCode.AUTH_FAILED, "wrong user name or password")
+        await self._logged_in(user.id, user.name, None, ev.request_id)
+
+    async def _resume(self, ev: proto.Resume) -> None:
+        hashed = token_hash(ev.token)
+        session = await self.server.store.get_session(hashed, now_ms())
+        if session is None:
+            raise RequestError(ErrorCode.INVALID_TOKEN, "session expired or revoked; log in again")
+        await self._logged_in(session.user_id, session.username, ev.token, ev.request_id)
+
+    async def _logged_in(self, user_id: int, username: str, token: str | None, request_id: int) -> None:
+        server = self.server
+        if len(server.hub.connections_of(user_id)) >= server.config.max_connections_per_user:
+            self.conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS,
+                             f"at most {server.config.max_connections_per_user} connections per user", request_id)
+            return
+        expires = now_ms() + server.config.session_ttl_s * 1000
+        if token is None:
+            token = new_token()
+            await server.store.add_session(token_hash(token), user_id, expires)
+        else:
+            await server.store.touch_session(token_hash(token), expires)
+        rows = await server.store.conversations(user_id)
+        if self.conn.closing:
+            return
+        # From here to AUTH_OK nothing awaits, so no live frame can precede it.
+        self.user_id, self.username, self.token_hash = user_id, username, token_hash(token)
+        for row in rows:
+            self._add_conv(row)
+        self.conn.authenticated(username)
+        first = server.hub.add_user(self.conn)
+        self.conn.send(proto.AuthOk(username, token, expires, request_id=request_id))
+        if first:
+            self._announce(proto.Status.ONLINE)
+
+    def _announce(self, status: proto.Status) -> None:
+        hub = self.server.hub
+        targets: dict = {}
+        for state in self.convs.values():
+            if state.view.kind == ConvKind.ROOM:
+                targets.update(dict.fromkeys(hub.subscribers(state.conv_id)))
+        for conn in hub.connections_of(self.user_id):
+            targets.pop(conn, None)
+        if targets:
+            hub.push(targets, proto.encode(proto.Presence(self.username, status)))
+
+    def close(self) -> None:
+        """Forget this connection everywhere (called once, when it closes)."""
+        if self.user_id is None:
+            return
+        hub = self.server.hub
+        for conv_id in self.convs:
+            hub.unsubscribe(conv_id, self.conn)
+        if hub.remove_user(self.conn):
+            self._announce(proto.Status.OFFLINE)
+
+    async def _logout(self, ev: proto.Logout) -> None:
+        await self.server.store.delete_session(self.token_hash)
+        self.conn.close(proto.CloseReason.LOGGED_OUT)
+
+    # -- conversations --------------------------------------------------------
+    def _add_conv(self, row) -> ConvState:
+        state = self.convs.get(row.id)
+        if state is None:
+            view = proto.Conversation(ConvKind(row.kind), row.name)
+            state = ConvState(row.id, view, row.peer_id)
+            self.convs[row.id] = state
+            self.by_view[view] = state
+            self.server.hub.subscribe(row.id, self.conn)
+        return state
+
+    def _drop_conv(self, conv_id: int) -> None:
+        state = self.convs.pop(conv_id, None)
+        if state is not None:
+            del self.by_view[state.view]
+            self.server.hub.unsubscribe(conv_id, self.conn)
+
+    def conv_view(self, conv_id: int) -> proto.Conversation | None:
+        state = self.convs.get(conv_id)
+        return state.view if state else None
+
+    def accept_live(self, conv_id: int, seq: int) -> bool:
+        """Whether a live message should be written now: not while syncing, never twice."""
+        state = self.convs.get(conv_id)
+        if state is None:
+            return False
+        if state.syncing:
+            state.missed_seq = max(state.missed_seq, seq)
+            return False
+        if seq <= state.sent_seq:
+            return False
+        state.sent_seq = seq
+        return True
+
+    def _conv(self, conv: proto.Conversation) -> ConvState:
+        state = self.by_view.get(conv)
+        if state is None:
+            if conv.kind == ConvKind.ROOM:
+                raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{conv.name}")
+            raise RequestError(ErrorCode.NOT_FOUND, f"no conversation with {conv.name}")
+        return state
+
+    async def _open_direct(self, peer_name: str) -> ConvState:
+        store, hub = self.server.store, self.server.hub
+        peer = await store.get_user(peer_name)
+        if peer is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no user {peer_name}")
+        if peer.id == self.user_id:
+            raise RequestError(ErrorCode.INVALID_REQUEST, "cannot message yourself")
+        conv_id = await store.direct(self.user_id, peer.id)
+        for user_id in (self.user_id, peer.id):
+            conns = hub.connections_of(user_id)
+            if conns:
+                row = await store.conversation(user_id, conv_id)
+                for conn in hub.connections_of(user_id):
+                    conn.session._add_conv(row)
+        return self.convs[conv_id]
+
+    async def _join(self, ev: proto.Join) -> None:
+        store, hub = self.server.store, self.server.hub
+        if not valid_name(ev.room):
+            raise RequestError(ErrorCode.INVALID_NAME, "room names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
+        conv_id = await store.room(ev.room, create=True)
+        if not await store.is_member(self.user_id, conv_id):
+            if await store.room_count(self.user_id) >= self.server.config.max_rooms_per_user:
+                raise RequestError(ErrorCode.TOO_MANY_ROOMS,
+                                   f"at most {self.server.config.max_rooms_per_user} rooms per user")
+            await store.join(self.user_id, conv_id)
+        row = await store.conversation(self.user_id, conv_id)
+        members = await store.members(conv_id)
+        for conn in hub.connections_of(self.user_id):
+            conn.session._add_conv(row)
+        self.conn.send(proto.Joined(ev.room, row.last_seq, len(members), request_id=ev.request_id))
+
+    async def _leave(self, ev: proto.Leave) -> None:
+        store = self.server.store
+        conv_id = await store.room(ev.room, create=False)
+        if conv_id is None or not await store.leave(self.user_id, conv_id):
+            raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.room}")
+        for conn in self.server.hub.connections_of(self.user_id):
+            conn.session._drop_conv(conv_id)
+        self.conn.send(proto.Ok(request_id=ev.request_id))
+
+    async def _list_rooms(self, ev: proto.ListRooms) -> None:
+        rooms = await self.server.store.list_rooms(self.user_id, proto.MAX_LIST_ITEMS)
+        self.conn.send(proto.RoomList(tuple(rooms), request_id=ev.request_id))
+
+    async def _members(self, ev: proto.Members) -> None:
+        state = self._conv(proto.Conversation.room(ev.room))
+        members = await self.server.store.members(state.conv_id)
+        hub = self.server.hub
+        infos = tuple(
+            proto.MemberInfo(name, proto.Status.ONLINE if hub.online(uid) else proto.Status.OFFLINE)
+            for uid, name in members[: proto.MAX_LIST_ITEMS]
+        )
+        self.conn.send(proto.MemberList(ev.room, infos, request_id=ev.request_id))
+
+    # -- messages -------------------------------------------------------------
+    async def _send(self, ev: proto.Send) -> None:
+        size = len(ev.body.encode("utf-8"))
+        if size == 0:
+            raise RequestError(ErrorCode.INVALID_REQUEST, "empty message")
+        if size > self.server.config.max_body_bytes:
+            raise RequestError(ErrorCode.BODY_TOO_LARGE, f"message body over {self.server.config.max_body_bytes} bytes")
+        state = self.by_view.get(ev.conv)
+        if state is None:
+            if ev.conv.kind != ConvKind.DIRECT:
+                raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.conv.name}")
+            state = await self._open_direct(ev.conv.name)
+        appended = await self.server.store.append(NewMessage(
+            state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms()))
+        self.conn.send(proto.Ack(ev.conv, ev.client_msg_id, appended.seq, appended.ts_ms, appended.duplicate,
+                                 request_id=ev.request_id))
+
+    async def _sync(self, ev: proto.Sync) -> None:
+        store = self.server.store
+        listed: list[tuple[ConvState, int]] = []
+        for pos in ev.positions:
+            state = self._conv(pos.conv)
+            listed.append((state, pos.last_seq))
+        seen = {state.conv_id for state, _ in listed}
+        for row, cursor in await store.undelivered(self.user_id):
+            state = self.convs.get(row.id)
+            if state is not None and row.id not in seen:
+                seen.add(row.id)
+                listed.append((state, cursor))
+        for state, _ in listed:
+            state.syncing = True
+            state.missed_seq = 0
+        try:
+            for state, last_seq in listed:
+                await self._sync_one(state, last_seq, ev.request_id)
+        finally:
+            for state, _ in listed:
+                state.syncing = False
+        self.conn.send(proto.SyncDone(request_id=ev.request_id))
+
+    async def _sync_one(self, state: ConvState, after: int, request_id: int) -> None:
+        limit = self.server.config.max_page
+        while True:
+            messages, has_more = await self.server.store.messages_after(state.conv_id, after, limit)
+            if messages:
+                after = messages[-1].seq
+            # A message committed while we waited for the page was withheld from the live stream
+            # (missed_seq); it is in the store, so one more page picks it up.
+            has_more = has_more or state.missed_seq > after
+            if not has_more:
+                state.sent_seq = max(state.sent_seq, after)
+                state.syncing = False
+            self.conn.send(proto.SyncPage(state.view, tuple(messages), has_more, request_id=request_id))
+            if not has_more:
+                return
+            await self.conn.output.wait_drained()
+
+    async def _history(self, ev: proto.History) -> None:
+        state = self._conv(ev.conv)
+        limit = ev.limit if 0 < ev.limit <= self.server.config.max_page else self.server.config.max_page
+        store = self.server.store
+        if ev.direction == proto.Direction.BEFORE:
+            messages, has_more = await store.messages_before(state.conv_id, ev.seq, limit)
+        else:
+            messages, has_more = await store.messages_after(state.conv_id, ev.seq, limit)
+        self.conn.send(proto.HistoryPage(ev.conv, tuple(messages), has_more, request_id=ev.request_id))
+
+    # -- cursors, typing --------------------------------------------------------
+    async def _cursor(self, ev: proto.Delivered | proto.Read) -> None:
+        state = self._conv(ev.conv)
+        kind = proto.ReceiptKind.READ if isinstance(ev, proto.Read) else proto.ReceiptKind.DELIVERED
+        seq = await self.server.store.advance_cursor(self.user_id, state.conv_id, kind, ev.seq)
+        if seq is not None and state.peer_id is not None:
+            frame = proto.encode(proto.Receipt(proto.Conversation.direct(self.username), self.username, kind, seq))
+            self.server.hub.push(self.server.hub.connections_of(state.peer_id), frame)
+
+    async def _get_cursors(self, ev: proto.GetCursors) -> None:
+        state = self._conv(ev.conv)
+        cursors = await self.server.store.cursors(state.conv_id)
+        self.conn.send(proto.Cursors(ev.conv, tuple(cursors[: proto.MAX_LIST_ITEMS]), request_id=ev.request_id))
+
+    async def _typing(self, ev: proto.Typing) -> None:
+        state = self._conv(ev.conv)
+        now = trio.current_time()
+        if now - state.typing_at < _TYPING_EVERY_S:
+            return  # coalesced: ephemeral, never stored
+        state.typing_at = now
+        hub = self.server.hub
+        if state.peer_id is not None:
+            targets = hub.connections_of(state.peer_id)
+            frame = proto.encode(proto.UserTyping(proto.Conversation.direct(self.username), self.username))
+        else:
+            targets = [c for c in hub.subscribers(state.conv_id) if c.user_id != self.user_id]
+            frame = proto.encode(proto.UserTyping(state.view, self.username))
+        hub.push(targets, frame)
