@@ -1,0 +1,784 @@
+"""The Chorus client library on Trio (spec/PROTOCOL.md §5 frames, §9 semantics).
+
+How this works. ``open_client`` gives each client one nursery with two long-lived tasks:
+
+- the supervisor (``_run``) owns the connection. For each connection it starts a
+  reader, says HELLO, authenticates (RESUME with the token when it has one,
+  falling back to LOGIN on INVALID_TOKEN if it has the password), SYNCs from
+  ``last_seq``, re-sends every request still waiting for an answer, and only
+  then marks the client ready. When the connection ends it reconnects after a
+  GOAWAY's delay, or with exponential backoff and full jitter.
+- the repairer (``_repair``) fetches with HISTORY the messages the reader could
+  not hand over: the event queue was full (slow consumer) or a seq gap showed
+  one was missed. So the reader never waits for the consumer, and nothing is lost.
+
+Requests. Every request is a ``_Call`` in ``_calls``, keyed by its request id,
+in the order it was made. The reader completes a call when a frame with its
+request id arrives (SYNC_PAGE only feeds the event stream; SYNC_DONE completes
+the SYNC). When the connection drops, calls stay in ``_calls`` and the
+supervisor re-sends them, in order and with the same fields, on the next
+connection: for SEND that is the outbox, and since the client_msg_id is the
+same the server answers a retry of a stored message with duplicate=True.
+
+Exactly once, in order. The server delivers messages at least once (live,
+SYNC pages, repeated pages after a reconnect); ``_offer_message`` drops any
+seq <= ``last_seq[conv]`` and advances ``last_seq`` only for what it handed to
+the event queue, so the consumer sees each message once, in seq order per
+conversation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import random
+import secrets
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
+import trio
+
+import proto
+from proto import CloseReason, ErrorCode
+
+from ._errors import ConnectionLost, ServerError
+from ._events import Disconnected, Reconnected
+from ._queue import EventQueue
+from ._transport import Transport, TransportClosed
+
+log = logging.getLogger("chorus.client")
+
+#: Request type → the reply type that completes it (anything else but ERROR is a server bug).
+_REPLY: dict[type, type] = {
+    proto.Hello: proto.Welcome,
+    proto.Register: proto.AuthOk,
+    proto.Login: proto.AuthOk,
+    proto.Resume: proto.AuthOk,
+    proto.Join: proto.Joined,
+    proto.Leave: proto.Ok,
+    proto.ListRooms: proto.RoomList,
+    proto.Members: proto.MemberList,
+    proto.Send: proto.Ack,
+    proto.Sync: proto.SyncDone,
+    proto.History: proto.HistoryPage,
+    proto.GetCursors: proto.Cursors,
+    proto.Ping: proto.Pong,
+}
+_EPHEMERAL = (proto.Presence, proto.UserTyping, proto.Receipt)
+#: Refusals that no amount of retrying will change: stop reconnecting.
+_FATAL = {
+    ErrorCode.AUTH_FAILED, ErrorCode.INVALID_TOKEN, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.USERNAME_TAKEN,
+    ErrorCode.INVALID_NAME, ErrorCode.WEAK_PASSWORD,
+}
+#: What a failed connection attempt can raise; anything else is a bug and propagates.
+_ATTEMPT_ERRORS = (OSError, TransportClosed, ConnectionLost, ServerError, trio.TooSlowError, proto.ProtocolError)
+
+
+def parse_conv(conv: "str | proto.Conversation") -> proto.Conversation:
+    """``"#room"`` → room, ``"@user"`` → direct conversation; a Conversation passes through.
+
+    Raises ``ValueError`` for anything else.
+    """
+    if isinstance(conv, proto.Conversation):
+        return conv
+    if isinstance(conv, str) and len(conv) > 1:
+        if conv[0] == "#":
+            return proto.Conversation.room(conv[1:])
+        if conv[0] == "@":
+            return proto.Conversation.direct(conv[1:])
+    raise ValueError(f"a conversation is '#room' or '@user', not {conv!r}")
+
+
+def _room_name(room: str) -> str:
+    return room[1:] if room.startswith("#") else room
+
+
+def backoff_delay(failures: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**failures)]."""
+    return (rng or random).uniform(0.0, min(cap_s, base_s * 2 ** min(failures, 32)))
+
+
+def _message(conv: proto.Conversation, stored: proto.StoredMessage) -> proto.Message:
+    return proto.Message(conv, stored.seq, stored.ts_ms, stored.sender, stored.client_msg_id, stored.body)
+
+
+@dataclasses.dataclass
+class ClientStatistics:
+    duplicates_dropped: int = 0  # messages with seq <= last_seq (at-least-once delivery at work)
+    messages_refetched: int = 0  # messages the event queue had no room for, or missed, fetched again by seq
+    events_dropped: int = 0  # ephemeral/control events dropped because the event queue was full
+    reconnects: int = 0
+    requests_resent: int = 0
+
+
+class _Call:
+    """One request waiting for its answer, possibly across several connections."""
+
+    __slots__ = ("rid", "event", "internal", "sent_gen", "sent_at", "attempts", "done", "reply", "error")
+
+    def __init__(self, rid: int, event: proto.Event, internal: bool):
+        self.rid = rid
+        self.event = event
+        self.internal = internal  # part of establishing one connection: never re-sent on another
+        self.sent_gen: int | None = None  # the connection it was last written to; None = never / needs it again
+        self.sent_at = 0.0
+        self.attempts = 0
+        self.done = trio.Event()
+        self.reply = None
+        self.error: BaseException | None = None
+
+    def finish(self, reply=None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.reply, self.error = reply, error
+            self.done.set()
+
+    def rearm(self) -> None:
+        self.done = trio.Event()
+        self.reply = self.error = None
+        self.sent_gen = None
+
+
+class Client:
+    """A connection to a Chorus server that survives reconnects; make one with ``open_client``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        register: bool = False,
+        reconnect: bool = True,
+        client_name: str = "chorus-py",
+        on_token: Callable | None = None,
+        request_timeout_s: float = 30.0,
+        event_buffer: int = 1000,
+        sync_on_connect: bool = True,
+        backoff_base_s: float = 0.2,
+        backoff_cap_s: float = 10.0,
+        pace: bool = True,
+        retry_rate_limited: bool = True,
+    ):
+        if token is None and (username is None or password is None):
+            raise ValueError("give a token, or a username and password")
+        self._host, self._port = host, port
+        self._username, self._password = username, password
+        self._register = register and token is None
+        self._reconnect = reconnect
+        self._client_name = client_name
+        self._on_token = on_token
+        self._timeout = request_timeout_s
+        self._sync_on_connect = sync_on_connect
+        self._backoff_base_s, self._backoff_cap_s = backoff_base_s, backoff_cap_s
+        self._pace = pace
+        self._retry_rate_limited = retry_rate_limited
+
+        self.username: str | None = username
+        self.token: str | None = token
+        self.welcome: proto.Welcome | None = None
+        #: Highest seq handed to the event stream, per conversation (from MESSAGE and SYNC pages;
+        #: a JOIN starts a room we knew nothing about at the room's current last seq).
+        self.last_seq: dict[proto.Conversation, int] = {}
+
+        self._queue = EventQueue(event_buffer, event_buffer)
+        self._calls: dict[int, _Call] = {}
+        self._next_rid = 0
+        self._transport: Transport | None = None
+        self._gen = 0
+        self._ready = False  # user requests may be written to self._transport now
+        self._closing = False  # close() or logout() began: never reconnect
+        self._closed = False
+        self._close_error: ConnectionLost | None = None
+        self._lag: dict[proto.Conversation, int] = {}  # conv → highest seq seen but not handed over
+        self._lag_wakeup = trio.Event()
+        self._marks: dict[tuple[proto.Conversation, proto.ReceiptKind], int] = {}  # to re-send on reconnect
+        self._first_done = trio.Event()
+        self._first_error: BaseException | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stats = ClientStatistics()
+
+    # -- public state ----------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up, authenticated, caught up and taking requests."""
+        return self._ready
+
+    def events(self) -> EventQueue:
+        """The event stream: ``async for event in client.events()``.
+
+        Yields ``proto.Message`` (live and caught up, each once, in seq order per
+        conversation), ``proto.Presence``, ``proto.UserTyping``, ``proto.Receipt``,
+        ``proto.GoAway``, ``proto.Error`` (an ERROR that answers no request),
+        ``Disconnected`` and ``Reconnected``. Ends when the client is closed.
+        """
+        return self._queue
+
+    def statistics(self) -> ClientStatistics:
+        self._stats.events_dropped = self._queue.dropped
+        return dataclasses.replace(self._stats)
+
+    # -- requests ----------------------------------------------------------------
+    async def join(self, room: str) -> proto.Joined:
+        """Join (or create) ``room``. Raises ``ServerError`` (INVALID_NAME, TOO_MANY_ROOMS...)."""
+        joined = await self._request(proto.Join(_room_name(room)))
+        conv = proto.Conversation.room(joined.room)
+        if conv not in self.last_seq and conv not in self._lag:
+            # Messages before the join are history, not events.
+            self.last_seq[conv] = joined.last_seq
+        return joined
+
+    async def leave(self, room: str) -> None:
+        """Leave ``room``. Raises ``ServerError`` (NOT_MEMBER)."""
+        name = _room_name(room)
+        call = await self._call(proto.Leave(name))
+        error = call.error
+        # A LEAVE re-sent after a reconnect may find its first copy already done.
+        if error is not None and not (isinstance(error, ServerError) and error.code == ErrorCode.NOT_MEMBER
+                                      and call.attempts > 1):
+            raise error
+        conv = proto.Conversation.room(name)
+        self.last_seq.pop(conv, None)
+        self._lag.pop(conv, None)
+
+    async def rooms(self) -> list[proto.RoomInfo]:
+        return list((await self._request(proto.ListRooms())).rooms)
+
+    async def members(self, room: str) -> list[proto.MemberInfo]:
+        """Members of ``room`` with their status. Raises ``ServerError`` (NOT_MEMBER)."""
+        return list((await self._request(proto.Members(_room_name(room)))).members)
+
+    async def send(self, conv, body: str, *, client_msg_id: int | None = None) -> proto.Ack:
+        """Send ``body`` and return the ACK once the server has stored it.
+
+        The message stays in the outbox until then and is re-sent with the same
+        ``client_msg_id`` after a reconnect, so it is stored exactly once. Raises
+        ``ServerError`` (NOT_MEMBER, NOT_FOUND, BODY_TOO_LARGE...), ``ConnectionLost``,
+        ``trio.TooSlowError``, ``proto.LocalProtocolError`` for a body over the wire limit.
+        """
+        if client_msg_id is None:
+            client_msg_id = secrets.randbits(63) or 1
+        return await self._request(proto.Send(parse_conv(conv), client_msg_id, body))
+
+    async def history(self, conv, *, before: int | None = None, after: int | None = None,
+                      limit: int = 0) -> proto.HistoryPage:
+        """A page of stored messages, ascending: the newest ones by default, those with seq < ``before``,
+        or those with seq > ``after``. ``limit`` 0 means the server's page size. Raises ``ServerError``."""
+        if before is not None and after is not None:
+            raise ValueError("give before or after, not both")
+        if after is not None:
+            event = proto.History(parse_conv(conv), proto.Direction.AFTER, after, limit)
+        else:
+            event = proto.History(parse_conv(conv), proto.Direction.BEFORE, before or 0, limit)
+        return await self._request(event)
+
+    async def sync(self) -> None:
+        """Catch up every conversation from ``last_seq`` (and the server's delivered cursor for the
+        others); the messages arrive in the event stream before this returns."""
+        await self._sync(self._request)
+
+    async def mark_read(self, conv, seq: int) -> None:
+        await self._mark(parse_conv(conv), proto.ReceiptKind.READ, seq)
+
+    async def mark_delivered(self, conv, seq: int) -> None:
+        await self._mark(parse_conv(conv), proto.ReceiptKind.DELIVERED, seq)
+
+    async def typing(self, conv) -> None:
+        """Tell the others we are typing; dropped silently while reconnecting (it is ephemeral)."""
+        event = proto.Typing(parse_conv(conv))
+        proto.encode(event)
+        await self._push(event, keep=False)
+
+    async def cursors(self, conv) -> list[proto.CursorInfo]:
+        return list((await self._request(proto.GetCursors(parse_conv(conv)))).cursors)
+
+    async def ping(self) -> float:
+        """Round trip time to the server, in seconds."""
+        call = await self._call(proto.Ping(secrets.randbits(63)))
+        if call.error is not None:
+            raise call.error
+        return trio.current_time() - call.sent_at
+
+    async def logout(self) -> None:
+        """Revoke the token (the server closes the connection) and close the client."""
+        t = self._transport
+        if not self._ready or t is None:
+            raise ConnectionLost("not connected")
+        self._closing = True
+        self._ready = False
+        with trio.move_on_after(self._timeout):
+            try:
+                await t.send(proto.Logout(request_id=self._new_rid()))
+            except TransportClosed:
+                pass
+            await t.closed.wait()
+        self.token = None
+        await self.close()
+
+    async def close(self) -> None:
+        """Say BYE(CLIENT_QUIT), close the connection and end the event stream. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        self._ready = False
+        t = self._transport
+        with trio.CancelScope(shield=True):
+            if t is not None and not t.closed.is_set():
+                with trio.move_on_after(1.0):
+                    try:
+                        await t.send(proto.Bye(CloseReason.CLIENT_QUIT))
+                    except (TransportClosed, proto.LocalProtocolError):
+                        pass
+                await t.aclose()
+        self._shutdown(ConnectionLost("client closed"))
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- request machinery -----------------------------------------------------
+    def _new_rid(self) -> int:
+        while True:
+            self._next_rid = self._next_rid % 0xFFFFFFFF + 1
+            if self._next_rid not in self._calls:
+                return self._next_rid
+
+    def _check_open(self) -> None:
+        if self._closed or self._closing:
+            raise self._close_error or ConnectionLost("client closed")
+
+    def _validate(self, event: proto.Event) -> None:
+        # Fail in the caller, not later in the supervisor's resend loop.
+        limit = self.welcome.max_frame_bytes if self.welcome else proto.DEFAULT_MAX_FRAME_BYTES
+        proto.encode(event, max_frame_bytes=limit)
+
+    async def _call(self, event: proto.Event) -> _Call:
+        """Make a request and wait for its answer (raising only for timeout, loss or encoding);
+        the caller looks at ``call.error``."""
+        self._check_open()
+        self._validate(event)
+        rid = self._new_rid()
+        call = _Call(rid, dataclasses.replace(event, request_id=rid), internal=False)
+        self._calls[rid] = call
+        try:
+            with trio.fail_after(self._timeout):
+                while True:
+                    if call.sent_gen is None:
+                        if self._ready:
+                            await self._transmit(call, self._transport)
+                        elif not self._reconnect or self._closing or self._closed:
+                            raise self._close_error or ConnectionLost("not connected")
+                        # else: the supervisor sends it once a new connection is up
+                    await call.done.wait()
+                    error = call.error
+                    if (isinstance(error, ServerError) and error.code == ErrorCode.RATE_LIMITED
+                            and self._retry_rate_limited):
+                        call.rearm()
+                        await trio.sleep(error.retry_after_ms / 1000)
+                        continue
+                    break
+        finally:
+            self._calls.pop(rid, None)
+        if isinstance(call.error, ConnectionLost):
+            raise call.error
+        return call
+
+    async def _request(self, event: proto.Event):
+        call = await self._call(event)
+        if call.error is not None:
+            raise call.error
+        return call.reply
+
+    async def _internal(self, t: Transport, event: proto.Event):
+        """A request that is part of establishing ``t``; fails rather than surviving ``t``."""
+        rid = self._new_rid()
+        call = _Call(rid, dataclasses.replace(event, request_id=rid), internal=True)
+        self._calls[rid] = call
+        try:
+            await self._transmit(call, t)
+            await call.done.wait()
+        finally:
+            self._calls.pop(rid, None)
+        if call.error is not None:
+            raise call.error
+        return call.reply
+
+    async def _transmit(self, call: _Call, t: Transport) -> None:
+        call.sent_gen = t.gen
+        call.sent_at = trio.current_time()
+        call.attempts += 1
+        try:
+            await t.send(call.event)
+        except TransportClosed:
+            if t.closed.is_set():  # the reader already settled this connection's calls
+                self._settle_lost(call, t)
+            # else the reader will, when it sees the end
+        except proto.LocalProtocolError as exc:
+            call.finish(error=exc)
+
+    def _settle_lost(self, call: _Call, t: Transport) -> None:
+        """``call`` was written to ``t``, which is gone: fail it, or leave it for the next connection."""
+        if call.internal or not self._reconnect or self._closing:
+            call.finish(error=ConnectionLost(self._lost_message(t), t.bye_reason))
+
+    async def _push(self, event: proto.Event, *, keep: bool) -> None:
+        """Write a frame that has no reply. While reconnecting it is dropped (``keep`` frames are
+        re-sent by the supervisor from their own record). Raises ``ConnectionLost`` if not reconnecting."""
+        self._check_open()
+        if self._ready:
+            try:
+                await self._transport.send(event)
+            except TransportClosed:
+                pass
+        elif not self._reconnect:
+            raise self._close_error or ConnectionLost("not connected")
+
+    async def _mark(self, conv: proto.Conversation, kind: proto.ReceiptKind, seq: int) -> None:
+        event = (proto.Read if kind == proto.ReceiptKind.READ else proto.Delivered)(conv, seq)
+        proto.encode(event)
+        key = (conv, kind)
+        # Remembered until the next connection is established, which re-sends it: the write
+        # may have been lost with the connection, and the server keeps the highest anyway.
+        self._marks[key] = max(self._marks.get(key, 0), seq)
+        await self._push(event, keep=True)
+
+    async def _sync(self, call) -> None:
+        positions = [proto.Position(conv, seq) for conv, seq in self.last_seq.items()]
+        chunks = [positions[i:i + proto.MAX_LIST_ITEMS] for i in range(0, len(positions), proto.MAX_LIST_ITEMS)]
+        for chunk in chunks or [[]]:
+            try:
+                await call(proto.Sync(tuple(chunk)))
+            except ServerError as exc:
+                if exc.code not in (ErrorCode.NOT_MEMBER, ErrorCode.NOT_FOUND):
+                    raise
+                # A listed room is not ours any more (left from another device): forget it, retry once.
+                joined = {r.name for r in (await call(proto.ListRooms())).rooms if r.joined}
+                keep = [p for p in chunk if p.conv.kind == proto.ConvKind.DIRECT or p.conv.name in joined]
+                for p in chunk:
+                    if p not in keep:
+                        self.last_seq.pop(p.conv, None)
+                        self._lag.pop(p.conv, None)
+                await call(proto.Sync(tuple(keep)))
+
+    # -- delivery ------------------------------------------------------------------
+    def _offer_message(self, msg: proto.Message) -> None:
+        conv = msg.conv
+        last = self.last_seq.get(conv)
+        if last is not None and msg.seq <= last:
+            self._stats.duplicates_dropped += 1
+            return
+        if conv in self._lag:
+            self._lag[conv] = max(self._lag[conv], msg.seq)
+            return
+        # A gap means a message went missing (e.g. committed between a JOIN's snapshot and its
+        # subscription); fetching from last_seq repairs it before anything later is shown.
+        if (last is not None and msg.seq > last + 1) or not self._queue.offer_message(msg):
+            self._lag[conv] = msg.seq
+            self._lag_wakeup.set()
+            return
+        self.last_seq[conv] = msg.seq
+
+    async def _repair(self) -> None:
+        """Hand over, in order, what ``_offer_message`` could not: fetched again by seq."""
+        while True:
+            if not self._lag:
+                self._lag_wakeup = trio.Event()
+                await self._lag_wakeup.wait()
+                continue
+            conv = next(iter(self._lag))
+            try:
+                page = await self._request(proto.History(conv, proto.Direction.AFTER, self.last_seq.get(conv, 0), 0))
+            except ServerError:
+                self._lag.pop(conv, None)  # e.g. left the room meanwhile
+                continue
+            except trio.TooSlowError:
+                continue
+            except ConnectionLost:
+                return
+            progressed = False
+            for stored in page.messages:
+                if stored.seq <= self.last_seq.get(conv, 0):
+                    continue
+                try:
+                    await self._queue.put_message(_message(conv, stored))
+                except trio.ClosedResourceError:
+                    return
+                self.last_seq[conv] = stored.seq
+                self._stats.messages_refetched += 1
+                progressed = True
+            target = self._lag.get(conv)
+            if target is not None and not page.has_more and (self.last_seq.get(conv, 0) >= target or not progressed):
+                # Checked and removed with no await in between: the reader drops nothing unseen.
+                del self._lag[conv]
+
+    # -- the reader ------------------------------------------------------------------
+    async def _read_loop(self, t: Transport) -> None:
+        try:
+            while True:
+                event = await t.receive()
+                if isinstance(event, proto.ConnectionClosed):
+                    break
+                if not await self._dispatch(t, event):
+                    break
+        except TransportClosed as exc:
+            t.detail = t.detail or str(exc)
+        except proto.RemoteProtocolError as exc:
+            t.abort_reason = CloseReason.PROTOCOL_ERROR
+            t.detail = f"server broke the protocol: {exc}"
+            log.warning("%s", t.detail)
+            with trio.move_on_after(1.0):
+                try:
+                    await t.send(proto.Error(exc.code, 0, str(exc)[:200]))
+                    await t.send(proto.Bye(CloseReason.PROTOCOL_ERROR))
+                except (TransportClosed, proto.LocalProtocolError):
+                    pass
+        finally:
+            self._connection_lost(t)
+            await t.aclose()
+
+    async def _dispatch(self, t: Transport, event) -> bool:
+        """Act on one frame from the server; False means the connection is over (BYE)."""
+        kind = type(event)
+        if kind is proto.Message:
+            self._offer_message(event)
+        elif kind is proto.SyncPage:
+            for stored in event.messages:
+                self._offer_message(_message(event.conv, stored))
+        elif kind is proto.Ping:
+            try:
+                await t.send(event.response())
+            except TransportClosed:
+                return False
+        elif event.request_id and kind is not proto.Bye:
+            call = self._calls.get(event.request_id)
+            if call is None or call.done.is_set() or call.sent_gen != t.gen:
+                return True  # the answer to a request that timed out or was cancelled
+            if kind is proto.Error:
+                call.finish(error=ServerError.from_event(event))
+            elif kind is _REPLY[type(call.event)]:
+                call.finish(reply=event)
+            else:
+                call.finish(error=proto.RemoteProtocolError(
+                    f"server answered {type(call.event).__name__} with {kind.__name__}"))
+        elif kind in _EPHEMERAL or kind is proto.Error:
+            self._queue.offer(event)
+        elif kind is proto.GoAway:
+            t.goaway, t.goaway_at = event, trio.current_time()
+            if self._reconnect and self._transport is t:
+                self._ready = False  # new requests wait for the next connection
+            self._queue.offer(event)
+        elif kind is proto.Bye:
+            t.bye_reason = event.reason
+            return False
+        return True
+
+    def _connection_lost(self, t: Transport) -> None:
+        """Settle everything that depended on ``t``; synchronous, so no request slips in between."""
+        if t.closed.is_set():
+            return
+        t.closed.set()
+        if self._transport is t:
+            self._ready = False
+        for call in list(self._calls.values()):
+            if call.sent_gen == t.gen and not call.done.is_set():
+                self._settle_lost(call, t)
+
+    @staticmethod
+    def _lost_message(t: Transport) -> str:
+        if t.bye_reason is not None:
+            return f"server closed the connection ({t.bye_reason.name})"
+        return "connection lost" + (f": {t.detail}" if t.detail else "")
+
+    # -- the supervisor ----------------------------------------------------------------
+    async def _run(self) -> None:
+        failures = 0
+        last: Transport | None = None
+        first = True
+        while True:
+            if not first:
+                await self._pause(last, failures)
+                if self._closing:
+                    return
+            try:
+                t = await self._session(first)
+            except _ATTEMPT_ERRORS as exc:
+                if first:
+                    self._first_error = exc
+                    self._first_done.set()
+                    self._shutdown(ConnectionLost(f"could not connect: {exc}"))
+                    return
+                if self._closing:
+                    return
+                if isinstance(exc, ServerError) and exc.code in _FATAL:
+                    self._queue.offer(Disconnected(CloseReason.PEER_CLOSED, f"reconnect refused: {exc}", False))
+                    self._shutdown(ConnectionLost(f"reconnect refused: {exc}"))
+                    return
+                log.info("reconnect attempt %d failed: %s", failures + 1, exc)
+                failures += 1
+                continue
+            if self._closing:
+                return
+            first, failures, last = False, 0, t
+            reason = t.bye_reason or t.abort_reason or CloseReason.PEER_CLOSED
+            again = self._reconnect and reason != CloseReason.LOGGED_OUT
+            self._queue.offer(Disconnected(reason, self._lost_message(t), again))
+            if not again:
+                self._shutdown(ConnectionLost(self._lost_message(t), t.bye_reason))
+                return
+
+    async def _pause(self, last: Transport | None, failures: int) -> None:
+        if failures == 0 and last is not None and last.goaway is not None:
+            # The server asked for this delay (and spreads clients out itself); add a little jitter.
+            await trio.sleep_until(last.goaway_at + last.goaway.reconnect_after_ms / 1000)
+            await trio.sleep(random.uniform(0.0, self._backoff_base_s))
+        else:
+            await trio.sleep(backoff_delay(failures, self._backoff_base_s, self._backoff_cap_s))
+
+    async def _session(self, first: bool) -> Transport:
+        """Connect, establish, and serve one connection until it ends; returns it when it ends.
+
+        Raises one of ``_ATTEMPT_ERRORS`` if it could not be established.
+        """
+        self._gen += 1
+        with trio.fail_after(self._timeout):
+            stream = await trio.open_tcp_stream(self._host, self._port)
+        t = Transport(stream, self._gen, pace=self._pace)
+        self._transport = t
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop, t)
+            try:
+                with trio.fail_after(self._timeout):
+                    await self._establish(t, first)
+            except _ATTEMPT_ERRORS as exc:
+                error = exc
+                await t.aclose()  # the reader ends and settles this connection's calls
+            else:
+                if first:
+                    self._first_done.set()
+                else:
+                    self._stats.reconnects += 1
+                    self._queue.offer(Reconnected())
+                interval = self.welcome.ping_interval_ms / 1000 if self.welcome else 0
+                if interval:
+                    nursery.start_soon(self._heartbeat, t, interval)
+                await t.closed.wait()
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return t
+
+    async def _establish(self, t: Transport, first: bool) -> None:
+        welcome = await self._internal(t, proto.Hello(proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION,
+                                                      self._client_name))
+        if not proto.MIN_PROTOCOL_VERSION <= welcome.version <= proto.PROTOCOL_VERSION:
+            raise ServerError(ErrorCode.UNSUPPORTED_VERSION, f"server chose version {welcome.version}")
+        self.welcome = welcome
+        t.set_limits(welcome)
+        await self._authenticate(t)
+        if self._sync_on_connect or not first:
+            await self._sync(lambda event: self._internal(t, event))
+        marks, self._marks = self._marks, {}
+        for (conv, kind), seq in marks.items():
+            await t.send((proto.Read if kind == proto.ReceiptKind.READ else proto.Delivered)(conv, seq))
+        # Re-send every request still waiting, oldest first (the outbox among them), including
+        # any made while we were busy here.
+        while True:
+            stale = [c for c in self._calls.values()
+                     if not c.internal and not c.done.is_set() and c.sent_gen != t.gen]
+            if not stale:
+                break
+            for call in stale:
+                if not call.done.is_set() and call.sent_gen != t.gen:
+                    if call.sent_gen is not None:
+                        self._stats.requests_resent += 1
+                    await self._transmit(call, t)
+        if t.closed.is_set():
+            raise TransportClosed("connection lost while catching up")
+        if t.goaway is None or not self._reconnect:
+            self._ready = True
+
+    async def _authenticate(self, t: Transport) -> None:
+        if self.token is not None:
+            try:
+                auth = await self._internal(t, proto.Resume(self.token))
+            except ServerError as exc:
+                if exc.code != ErrorCode.INVALID_TOKEN or self._username is None or self._password is None:
+                    raise
+                auth = await self._internal(t, proto.Login(self._username, self._password))
+        elif self._register:
+            auth = await self._internal(t, proto.Register(self._username, self._password))
+        else:
+            auth = await self._internal(t, proto.Login(self._username, self._password))
+        self._register = False  # the account exists now; later connections resume or log in
+        self.username = auth.username
+        if auth.token != self.token:
+            self.token = auth.token
+            if self._on_token is not None:
+                try:
+                    result = self._on_token(auth.token)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("on_token callback failed")
+
+    async def _heartbeat(self, t: Transport, interval: float) -> None:
+        """PING a silent server; cut the connection if it stays silent (spec §9 "Liveness")."""
+        while True:
+            await trio.sleep_until(t.last_heard + interval)
+            heard = t.last_heard
+            if trio.current_time() - heard < interval:
+                continue
+            try:
+                await t.send(proto.Ping(secrets.randbits(63)))
+            except TransportClosed:
+                return
+            await trio.sleep_until(heard + 2 * interval)
+            if t.last_heard == heard:
+                t.abort_reason = CloseReason.STALE
+                t.detail = f"server silent for {2 * interval:.1f}s"
+                await t.aclose()
+                return
+
+    def _shutdown(self, error: ConnectionLost) -> None:
+        """The client is done: fail every waiting request and end the event stream."""
+        self._closed = True
+        self._closing = True
+        self._ready = False
+        self._close_error = error
+        for call in list(self._calls.values()):
+            call.finish(error=error)
+        self._queue.close()
+
+
+@asynccontextmanager
+async def open_client(host: str, port: int, **kwargs) -> AsyncIterator[Client]:
+    """Connect, authenticate and catch up; yields a ``Client``; closes it (BYE) on exit.
+
+    Keyword arguments are those of ``Client``: ``username``, ``password``, ``token``,
+    ``register``, ``reconnect``, ``client_name``, ``on_token``, ``request_timeout_s``,
+    ``event_buffer``, ``sync_on_connect``, ``backoff_base_s``, ``backoff_cap_s``,
+    ``pace``, ``retry_rate_limited``. Raises what the first connection attempt
+    raised: ``OSError`` (unreachable), ``ServerError`` (AUTH_FAILED, USERNAME_TAKEN...),
+    ``ConnectionLost``, ``trio.TooSlowError``.
+    """
+    client = Client(host, port, **kwargs)
+    pending: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        client._nursery = nursery
+        # Exceptions are caught here and re-raised outside the nursery, so that callers see
+        # them as they are rather than wrapped in an ExceptionGroup.
+        try:
+            nursery.start_soon(client._run)
+            nursery.start_soon(client._repair)
+            await client._first_done.wait()
+            if client._first_error is not None:
+                raise client._first_error
+            try:
+                yield client
+            finally:
+                await client.close()
+        except BaseException as exc:
+            pending = exc
+            nursery.cancel_scope.cancel()
+    if pending is not None:
+        raise pending
