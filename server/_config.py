@@ -64,8 +64,8 @@ class Config:
             max_frame_bytes=self.max_frame_bytes,
             max_body_bytes=self.max_body_bytes,
             ping_interval_ms=int(self.ping_interval_s * 1000),
-            rate_per_s=self.rate_per_s,
-            rate_burst=self.rate_burst,
+            rate_per_s=min(self.rate_per_s, 0xFFFF),  # u16 on the wire; beyond that it is unlimited anyway
+            rate_burst=min(self.rate_burst, 0xFFFF),
             max_rooms=self.max_rooms_per_user,
             max_page=self.max_page,
         )

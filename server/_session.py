@@ -42,8 +42,9 @@ class ConvState:
     conv_id: int
     view: proto.Conversation
     peer_id: int | None
+    login_seq: int = 0  # last_seq when this connection logged in
     sent_seq: int = 0
-    syncing: bool = False
+    syncing: bool = False  # live messages withheld until a SYNC pages this conversation
     missed_seq: int = 0
     typing_at: float = -1e9
 
@@ -151,7 +152,7 @@ class Session:
         # From here to AUTH_OK nothing awaits, so no live frame can precede it.
         self.user_id, self.username, self.token_hash = user_id, username, token_hash(token)
         for row in rows:
-            self._add_conv(row)
+            self._add_conv(row, withhold=True)  # live delivery starts with the client's SYNC (spec §9)
         self.conn.authenticated(username)
         first = server.hub.add_user(self.conn)
         self.conn.send(proto.AuthOk(username, token, expires, request_id=request_id))
@@ -184,11 +185,11 @@ class Session:
         self.conn.close(proto.CloseReason.LOGGED_OUT)
 
     # -- conversations --------------------------------------------------------
-    def _add_conv(self, row) -> ConvState:
+    def _add_conv(self, row, *, withhold: bool = False) -> ConvState:
         state = self.convs.get(row.id)
         if state is None:
             view = proto.Conversation(ConvKind(row.kind), row.name)
-            state = ConvState(row.id, view, row.peer_id)
+            state = ConvState(row.id, view, row.peer_id, login_seq=row.last_seq, syncing=withhold)
             self.convs[row.id] = state
             self.by_view[view] = state
             self.server.hub.subscribe(row.id, self.conn)
@@ -298,29 +299,30 @@ class Session:
                                  request_id=ev.request_id))
 
     async def _sync(self, ev: proto.Sync) -> None:
-        store = self.server.store
-        listed: list[tuple[ConvState, int]] = []
+        listed: dict[int, tuple[ConvState, int]] = {}
         for pos in ev.positions:
             state = self._conv(pos.conv)
-            listed.append((state, pos.last_seq))
-        seen = {state.conv_id for state, _ in listed}
-        for row, cursor in await store.undelivered(self.user_id):
-            state = self.convs.get(row.id)
-            if state is not None and row.id not in seen:
-                seen.add(row.id)
-                listed.append((state, cursor))
-        for state, _ in listed:
-            state.syncing = True
-            state.missed_seq = 0
+            listed[state.conv_id] = (state, pos.last_seq)
+        # Conversations withheld since login and not listed catch up from the stored delivered cursor.
+        withheld = [s for s in self.convs.values() if s.syncing and s.conv_id not in listed]
+        cursors = {row.id: cursor for row, cursor in await self.server.store.undelivered(self.user_id)} if withheld else {}
+        for state, _ in listed.values():
+            if not state.syncing:
+                state.syncing, state.missed_seq = True, 0
         try:
-            for state, last_seq in listed:
-                await self._sync_one(state, last_seq, ev.request_id)
+            for state, last_seq in listed.values():
+                await self._sync_one(state, last_seq, ev.request_id, always=True)
+            for state in withheld:
+                if state.syncing:  # a concurrent SYNC may have finished it
+                    await self._sync_one(state, cursors.get(state.conv_id, state.login_seq), ev.request_id)
         finally:
-            for state, _ in listed:
-                state.syncing = False
+            for state in self.convs.values():
+                if state.syncing and (state.conv_id in listed or state in withheld):
+                    state.syncing = False
         self.conn.send(proto.SyncDone(request_id=ev.request_id))
 
-    async def _sync_one(self, state: ConvState, after: int, request_id: int) -> None:
+    async def _sync_one(self, state: ConvState, after: int, request_id: int, *, always: bool = False) -> None:
+        """Page ``state`` from ``after`` to its end, then switch it to live delivery."""
         limit = self.server.config.max_page
         while True:
             messages, has_more = await self.server.store.messages_after(state.conv_id, after, limit)
@@ -332,7 +334,8 @@ class Session:
             if not has_more:
                 state.sent_seq = max(state.sent_seq, after)
                 state.syncing = False
-            self.conn.send(proto.SyncPage(state.view, tuple(messages), has_more, request_id=request_id))
+            if messages or has_more or always:
+                self.conn.send(proto.SyncPage(state.view, tuple(messages), has_more, request_id=request_id))
             if not has_more:
                 return
             await self.conn.output.wait_drained()

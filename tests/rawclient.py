@@ -68,6 +68,13 @@ class RawClient:
         assert isinstance(reply, proto.AuthOk), reply
         return reply
 
+    async def go_live(self) -> None:
+        """SYNC with no positions: catch up from the stored cursors, then receive live messages."""
+        reply = await self.request(proto.Sync, ())
+        assert isinstance(reply, (proto.SyncPage, proto.SyncDone)), reply
+        while not isinstance(reply, proto.SyncDone):
+            reply = await self.next_of(proto.SyncDone)
+
     async def drain_until_closed(self) -> list:
         events = []
         while True:
