@@ -56,9 +56,10 @@ class Server:
     async def handle(self, transport) -> None:
         """Serve one accepted stream (TCP, or the WebSocket bridge's adapter)."""
         if len(self.connections) >= self.config.max_connections or self._shutdown.is_set():
-            frames = (proto.encode(proto.Error(ErrorCode.TOO_MANY_CONNECTIONS, self.config.reconnect_hint_ms,
-                                               "server full"))
-                      + proto.encode(proto.Bye(CloseReason.SERVER_FULL)))
+            wrap = getattr(transport, "wrap", bytes)
+            frames = (wrap(proto.encode(proto.Error(ErrorCode.TOO_MANY_CONNECTIONS, self.config.reconnect_hint_ms,
+                                                    "server full")))
+                      + wrap(proto.encode(proto.Bye(CloseReason.SERVER_FULL))))
             try:
                 transport.try_send(frames)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

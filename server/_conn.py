@@ -59,6 +59,12 @@ class ClientConnection:
         self._violations = 0
         self._sends = trio.Semaphore(config.max_inflight_sends)
         self._nursery: trio.Nursery | None = None
+        # A message-framed transport (the WebSocket bridge) wraps each Chorus frame in its own
+        # framing and may want to write control frames or close us; plain TCP needs neither.
+        self._wrap = getattr(transport, "wrap", None)
+        attach = getattr(transport, "attach", None)
+        if attach is not None:
+            attach(self)
 
     # -- used by the session and the hub --------------------------------------
     @property
@@ -76,20 +82,23 @@ class ClientConnection:
         """Reply or push one event through the state machine and the output."""
         if self.reason is not None:
             return
-        if not self.output.write(self.proto.send(event)):
+        if not self._write(self.proto.send(event)):
             self._output_failed()
 
     def deliver(self, conv_id: int, seq: int, frame: bytes) -> None:
         """A committed message, encoded once by the hub for every subscriber."""
         if self.reason is None and self.session.accept_live(conv_id, seq):
-            if not self.output.write(frame):
+            if not self._write(frame):
                 self._output_failed()
 
     def push(self, frame: bytes) -> None:
         """An ephemeral frame: dropped rather than queued when this client is behind."""
         if self.reason is None and self.user_id is not None and self.output.buffered_bytes < 65536:
-            if not self.output.write(frame):
+            if not self._write(frame):
                 self._output_failed()
+
+    def _write(self, frame: bytes) -> bool:
+        return self.output.write(self._wrap(frame) if self._wrap is not None else frame)
 
     def _output_failed(self) -> None:
         self.close(CloseReason.SLOW_CONSUMER if self.output.overflowed else CloseReason.PEER_CLOSED)
@@ -229,7 +238,7 @@ class ClientConnection:
                 if reason not in _NO_BYE and not self.proto.we_said_bye:
                     for event in self._final + [proto.Bye(reason)]:
                         try:
-                            self.output.write(self.proto.send(event))
+                            self._write(self.proto.send(event))
                         except proto.LocalProtocolError:
                             pass
                     await self.output.flush()
