@@ -1,0 +1,728 @@
+"""The SQLite store: users, sessions, conversations, messages, cursors (DESIGN.md "Guarantees" 1-3, 5).
+
+How this works. One ``sqlite3`` connection, used only from worker threads and only one thread at a time (a
+``CapacityLimiter(1)`` shared by every call), so SQLite never sees concurrent use and Trio never blocks on disk.
+Autocommit mode (``isolation_level=None``): each multi-statement operation is an explicit ``BEGIN IMMEDIATE`` ...
+``COMMIT``. WAL journal, ``synchronous=FULL`` by default so that a committed transaction survives power loss
+(guarantee 2, "acked means durable"); ``NORMAL`` is faster and survives a process crash but not an OS crash.
+
+Messages are group-committed. ``append`` puts the message on a pending list and waits; one committer task takes
+everything pending (up to ``max_batch``) and stores it in ONE transaction, giving each message
+``seq = conversations.last_seq + 1`` and writing the new ``last_seq`` back in the same transaction, so seqs are
+gapless per conversation (spec/PROTOCOL.md, SEND and SYNC). While that transaction runs, new appends gather for
+the next one: batches grow with load and the fsync cost is shared. ``(sender_id, client_msg_id)`` is a unique
+index: a retry, even one inside the same batch, resolves to the stored row with ``duplicate=True`` and takes no seq
+(guarantee 3). After COMMIT, still before any waiter wakes, the committer calls ``on_commit`` with the new
+(non-duplicate) messages in commit order; the server publishes from there, so live delivery order is seq order
+and a message is never seen live before it is durable. Once ``append`` has queued a message the committer owns
+it: cancelling the caller does not lose it, and closing the store commits whatever is still pending.
+
+``client_msg_id`` is a u64 on the wire and SQLite integers are signed 64-bit, so ids of 2**63 and above are
+stored as their two's complement (negative) value and mapped back when read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from copy import copy
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
+
+log = logging.getLogger(__name__)
+
+#: Stored in ``PRAGMA user_version``; bump it (and migrate in ``_connect``) when the schema changes.
+SCHEMA_VERSION = 1
+
+_U64 = 1 << 64
+_I64_MAX = (1 << 63) - 1
+
+_ROOM = int(ConvKind.ROOM)
+_DIRECT = int(ConvKind.DIRECT)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS users (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash    BLOB PRIMARY KEY,
+    user_id       INTEGER NOT NULL REFERENCES users(id),
+    expires_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+-- One row per room (kind ROOM, unique name) and per unordered user pair (kind DIRECT, user_lo < user_hi).
+-- last_seq is the seq of the newest message, written in the transaction that stores the message.
+CREATE TABLE IF NOT EXISTS conversations (
+    id       INTEGER PRIMARY KEY,
+    kind     INTEGER NOT NULL,
+    name     TEXT UNIQUE,
+    user_lo  INTEGER REFERENCES users(id),
+    user_hi  INTEGER REFERENCES users(id),
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (user_lo, user_hi),
+    CHECK ((kind = {_ROOM} AND name IS NOT NULL AND user_lo IS NULL AND user_hi IS NULL)
+        OR (kind = {_DIRECT} AND name IS NULL AND user_lo < user_hi))
+);
+CREATE INDEX IF NOT EXISTS conversations_user_hi ON conversations(user_hi);
+-- Room membership only: the members of a DIRECT conversation are its pair.
+CREATE TABLE IF NOT EXISTS memberships (
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    conv_id INTEGER NOT NULL REFERENCES conversations(id),
+    PRIMARY KEY (user_id, conv_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS memberships_conv ON memberships(conv_id, user_id);
+CREATE TABLE IF NOT EXISTS messages (
+    conv_id       INTEGER NOT NULL REFERENCES conversations(id),
+    seq           INTEGER NOT NULL CHECK (seq > 0),
+    ts_ms         INTEGER NOT NULL,
+    sender_id     INTEGER NOT NULL REFERENCES users(id),
+    client_msg_id INTEGER NOT NULL,
+    body          TEXT NOT NULL CHECK (body <> ''),
+    PRIMARY KEY (conv_id, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup ON messages(sender_id, client_msg_id);
+CREATE TABLE IF NOT EXISTS cursors (
+    user_id       INTEGER NOT NULL REFERENCES users(id),
+    conv_id       INTEGER NOT NULL REFERENCES conversations(id),
+    delivered_seq INTEGER NOT NULL DEFAULT 0,
+    read_seq      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, conv_id)
+) WITHOUT ROWID;
+"""
+
+# The user ids of a conversation's members: room members, or both users of a DIRECT pair. Parameter :c.
+_MEMBER_IDS = f"""
+    SELECT user_id FROM memberships WHERE conv_id = :c
+    UNION ALL SELECT user_lo FROM conversations WHERE id = :c AND kind = {_DIRECT}
+    UNION ALL SELECT user_hi FROM conversations WHERE id = :c AND kind = {_DIRECT}
+"""
+
+# Every conversation of user :u as (id, kind, name, last_seq, peer_id): its rooms, then its DIRECT pairs named
+# after the other user.
+_CONVERSATIONS = """
+    SELECT c.id, c.kind, c.name, c.last_seq, NULL
+      FROM memberships m JOIN conversations c ON c.id = m.conv_id WHERE m.user_id = :u
+    UNION ALL
+    SELECT c.id, c.kind, u.name, c.last_seq, u.id
+      FROM conversations c JOIN users u ON u.id = c.user_hi WHERE c.user_lo = :u
+    UNION ALL
+    SELECT c.id, c.kind, u.name, c.last_seq, u.id
+      FROM conversations c JOIN users u ON u.id = c.user_lo WHERE c.user_hi = :u
+"""
+
+_MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str
+    password_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    user_id: int
+    username: str
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConvRow:
+    """A conversation as one user sees it: ``name`` is the room's, or for DIRECT the other user's."""
+
+    id: int
+    kind: ConvKind
+    name: str
+    last_seq: int
+    peer_id: int | None  # the other user of a DIRECT pair; None for rooms
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    conv_id: int
+    sender_id: int
+    sender_name: str
+    client_msg_id: int
+    body: str
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """A stored message; for ``duplicate`` the fields are the original's (its conv, seq, ts and body)."""
+
+    conv_id: int
+    seq: int
+    ts_ms: int
+    sender_id: int
+    sender_name: str
+    client_msg_id: int
+    body: str
+    duplicate: bool
+
+
+class NameTaken(Exception):
+    """``create_user`` was given a name that already exists."""
+
+
+def _to_db_id(client_msg_id: int) -> int:
+    return client_msg_id - _U64 if client_msg_id > _I64_MAX else client_msg_id
+
+
+def _from_db_id(value: int) -> int:
+    return value + _U64 if value < 0 else value
+
+
+def _stored(row: tuple[Any, ...]) -> StoredMessage:
+    seq, ts_ms, sender, client_msg_id, body = row
+    return StoredMessage(seq, ts_ms, sender, _from_db_id(client_msg_id), body)
+
+
+def _conv_row(row: tuple[Any, ...]) -> ConvRow:
+    conv_id, kind, name, last_seq, peer_id = row
+    return ConvRow(conv_id, ConvKind(kind), name, last_seq, peer_id)
+
+
+def _copy_error(exc: Exception) -> Exception:
+    """A copy for one waiter, so that tracebacks raised in several tasks do not pile onto one object."""
+    try:
+        dup = copy(exc)
+    except Exception:
+        return exc
+    dup.__cause__ = exc.__cause__
+    dup.__context__ = exc.__context__
+    return dup
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back if the body or the COMMIT itself raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    """Open (creating if needed) and prepare the database; raises ``sqlite3.Error`` or ``RuntimeError``."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with _transaction(conn):
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{path}: schema version {version} is newer than this server's "
+                                   f"({SCHEMA_VERSION})")
+            for statement in _SCHEMA.split(";"):  # so no ';' inside the schema's comments
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class _Waiter:
+    """One queued append: the committer fills ``result`` or ``error``, then sets ``done``."""
+
+    __slots__ = ("msg", "done", "result", "error")
+
+    def __init__(self, msg: NewMessage) -> None:
+        self.msg = msg
+        self.done = trio.Event()
+        self.result: Appended | None = None
+        self.error: BaseException | None = None
+
+
+@asynccontextmanager
+async def open_store(
+    path: str | os.PathLike[str],
+    *,
+    synchronous: str = "FULL",
+    max_batch: int = 512,
+    on_commit: Callable[[list[Appended]], None] | None = None,
+) -> AsyncIterator[Store]:
+    """Open or create the database at ``path`` and run its committer until the block exits.
+
+    On exit, even by cancellation, appends already queued are committed (shielded) before the file is closed;
+    later calls raise ``trio.ClosedResourceError``. Raises ``ValueError`` for a bad ``synchronous`` or
+    ``max_batch``, ``sqlite3.Error`` if the file cannot be opened, ``RuntimeError`` if its schema is newer.
+    """
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
+    if max_batch < 1:
+        raise ValueError("max_batch must be at least 1")
+    limiter = trio.CapacityLimiter(1)
+    conn = await trio.to_thread.run_sync(_connect, os.fspath(path), synchronous, limiter=limiter)
+    store = Store(conn, limiter, max_batch=max_batch, on_commit=on_commit)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._commit_loop)
+            try:
+                yield store
+            finally:
+                store._begin_close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store._finish_close()
+
+
+class Store:
+    """Use ``open_store``; every method may also raise ``sqlite3.Error`` (disk full, I/O error...)."""
+
+    def __init__(self, conn: sqlite3.Connection, limiter: trio.CapacityLimiter, *, max_batch: int,
+                 on_commit: Callable[[list[Appended]], None] | None) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._limiter = limiter
+        self._max_batch = max_batch
+        #: Called in the Trio thread after each commit, before any ``append`` returns, with the batch's new
+        #: messages in seq order. Must not block; an exception is logged and the waiters still get their results.
+        self.on_commit = on_commit
+        self._pending: list[_Waiter] = []
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._commits = 0
+        self._failed_batches = 0
+        self._appended = 0
+        self._duplicates = 0
+        self._batched = 0  # messages in committed batches, duplicates included
+        self._batch_max = 0
+        self._batch_histogram: dict[int, int] = {}
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(conn, *args)`` in a worker thread, alone on the connection."""
+        if self._closing:
+            raise trio.ClosedResourceError("the store is closed")
+        return await trio.to_thread.run_sync(fn, self._conn, *args, limiter=self._limiter)
+
+    def _begin_close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+
+    async def _finish_close(self) -> None:
+        # Normally the committer has drained everything; if it was cancelled, what it left is committed here.
+        try:
+            while self._pending:
+                await self._commit_batch()
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    # -- users and sessions ------------------------------------------------------------------------------------
+
+    async def create_user(self, name: str, password_hash: str) -> User:
+        """Raises ``NameTaken`` if ``name`` exists."""
+
+        def run(conn: sqlite3.Connection) -> User:
+            try:
+                cursor = conn.execute("INSERT INTO users(name, password_hash) VALUES (?, ?)", (name, password_hash))
+            except sqlite3.IntegrityError as exc:
+                raise NameTaken(name) from exc
+            return User(cursor.lastrowid, name, password_hash)
+
+        return await self._run(run)
+
+    async def get_user(self, name: str) -> User | None:
+        def run(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute("SELECT id, name, password_hash FROM users WHERE name = ?", (name,)).fetchone()
+            return User(*row) if row else None
+
+        return await self._run(run)
+
+    async def get_user_by_id(self, user_id: int) -> User | None:
+        def run(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute("SELECT id, name, password_hash FROM users WHERE id = ?", (user_id,)).fetchone()
+            return User(*row) if row else None
+
+        return await self._run(run)
+
+    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO sessions(token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
+                         (token_hash, user_id, expires_at_ms))
+
+        await self._run(run)
+
+    async def get_session(self, token_hash: bytes, now_ms: int) -> Session | None:
+        """The session, or None if there is none or it expired at or before ``now_ms``."""
+
+        def run(conn: sqlite3.Connection) -> Session | None:
+            row = conn.execute(
+                "SELECT s.user_id, u.name, s.expires_at_ms FROM sessions s JOIN users u ON u.id = s.user_id"
+                " WHERE s.token_hash = ? AND s.expires_at_ms > ?", (token_hash, now_ms)).fetchone()
+            return Session(*row) if row else None
+
+        return await self._run(run)
+
+    async def touch_session(self, token_hash: bytes, expires_at_ms: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE sessions SET expires_at_ms = ? WHERE token_hash = ?", (expires_at_ms, token_hash))
+
+        await self._run(run)
+
+    async def delete_session(self, token_hash: bytes) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+
+        await self._run(run)
+
+    # -- rooms, pairs, membership ------------------------------------------------------------------------------
+
+    async def room(self, name: str, *, create: bool) -> int | None:
+        """The room's conversation id; None if it does not exist and ``create`` is false."""
+
+        def run(conn: sqlite3.Connection) -> int | None:
+            query = f"SELECT id FROM conversations WHERE kind = {_ROOM} AND name = ?"
+            row = conn.execute(query, (name,)).fetchone()
+            if row or not create:
+                return row[0] if row else None
+            with _transaction(conn):
+                conn.execute(f"INSERT INTO conversations(kind, name) VALUES ({_ROOM}, ?) ON CONFLICT DO NOTHING",
+                             (name,))
+                return conn.execute(query, (name,)).fetchone()[0]
+
+        return await self._run(run)
+
+    async def join(self, user_id: int, conv_id: int) -> bool:
+        """True if newly joined. Raises ``ValueError`` if ``conv_id`` is not a room."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                row = conn.execute("SELECT kind FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+                if not row or row[0] != _ROOM:
+                    raise ValueError(f"conversation {conv_id} is not a room")
+                cursor = conn.execute("INSERT INTO memberships(user_id, conv_id) VALUES (?, ?)"
+                                      " ON CONFLICT DO NOTHING", (user_id, conv_id))
+                return cursor.rowcount == 1
+
+        return await self._run(run)
+
+    async def leave(self, user_id: int, conv_id: int) -> bool:
+        """True if the user was a member. Cursors are kept, so rejoining resumes where the user was."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute("DELETE FROM memberships WHERE user_id = ? AND conv_id = ?", (user_id, conv_id))
+            return cursor.rowcount == 1
+
+        return await self._run(run)
+
+    async def is_member(self, user_id: int, conv_id: int) -> bool:
+        """Room membership, or being one of a DIRECT pair."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(f"SELECT 1 FROM ({_MEMBER_IDS}) WHERE user_id = :u",
+                               {"c": conv_id, "u": user_id}).fetchone()
+            return row is not None
+
+        return await self._run(run)
+
+    async def room_count(self, user_id: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT count(*) FROM memberships WHERE user_id = ?", (user_id,)).fetchone()[0]
+
+        return await self._run(run)
+
+    async def members(self, conv_id: int) -> list[tuple[int, str]]:
+        """(user_id, name) of a room's members or of both users of a DIRECT pair, by name; [] if unknown."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+            rows = conn.execute(f"SELECT u.id, u.name FROM ({_MEMBER_IDS}) m JOIN users u ON u.id = m.user_id"
+                                " ORDER BY u.name", {"c": conv_id}).fetchall()
+            return [(user_id, name) for user_id, name in rows]
+
+        return await self._run(run)
+
+    async def direct(self, user_a_id: int, user_b_id: int) -> int:
+        """The pair's conversation id, created if absent; the same for either order.
+
+        Raises ``ValueError`` if both ids are the same user, ``sqlite3.IntegrityError`` if one does not exist.
+        """
+        if user_a_id == user_b_id:
+            raise ValueError("a direct conversation needs two different users")
+        lo, hi = sorted((user_a_id, user_b_id))
+
+        def run(conn: sqlite3.Connection) -> int:
+            query = "SELECT id FROM conversations WHERE user_lo = ? AND user_hi = ?"
+            row = conn.execute(query, (lo, hi)).fetchone()
+            if row:
+                return row[0]
+            with _transaction(conn):
+                conn.execute(f"INSERT INTO conversations(kind, user_lo, user_hi) VALUES ({_DIRECT}, ?, ?)"
+                             " ON CONFLICT DO NOTHING", (lo, hi))
+                return conn.execute(query, (lo, hi)).fetchone()[0]
+
+        return await self._run(run)
+
+    async def conversations(self, user_id: int) -> list[ConvRow]:
+        """The rooms the user joined and the user's DIRECT pairs, ordered by kind then name."""
+
+        def run(conn: sqlite3.Connection) -> list[ConvRow]:
+            rows = conn.execute(f"{_CONVERSATIONS} ORDER BY 2, 3", {"u": user_id}).fetchall()
+            return [_conv_row(row) for row in rows]
+
+        return await self._run(run)
+
+    async def conversation(self, user_id: int, conv_id: int) -> ConvRow | None:
+        """One conversation from the user's view: any room (member or not), or a DIRECT pair the user is in.
+
+        None if ``conv_id`` does not exist or is a DIRECT pair of two other users.
+        """
+
+        def run(conn: sqlite3.Connection) -> ConvRow | None:
+            row = conn.execute(
+                "SELECT c.id, c.kind, coalesce(c.name, u.name), c.last_seq, u.id FROM conversations c"
+                " LEFT JOIN users u ON u.id = CASE WHEN c.user_lo = :u THEN c.user_hi"
+                "                                   WHEN c.user_hi = :u THEN c.user_lo END"
+                " WHERE c.id = :c", {"u": user_id, "c": conv_id}).fetchone()
+            if row is None or (row[1] == _DIRECT and row[4] is None):
+                return None
+            return _conv_row(row)
+
+        return await self._run(run)
+
+    async def list_rooms(self, user_id: int, limit: int) -> list[RoomInfo]:
+        """Up to ``limit`` rooms: those the user joined first, then the others, each group by name."""
+
+        def run(conn: sqlite3.Connection) -> list[RoomInfo]:
+            rows = conn.execute(
+                "SELECT c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq,"
+                "       EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id AND m.user_id = ?) AS joined"
+                f" FROM conversations c WHERE c.kind = {_ROOM} ORDER BY joined DESC, c.name LIMIT ?",
+                (user_id, limit)).fetchall()
+            return [RoomInfo(name, members, last_seq, bool(joined)) for name, members, last_seq, joined in rows]
+
+        return await self._run(run)
+
+    # -- messages ----------------------------------------------------------------------------------------------
+
+    async def last_seq(self, conv_id: int) -> int:
+        """The conversation's newest seq; 0 if it has no messages or does not exist."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+            return row[0] if row else 0
+
+        return await self._run(run)
+
+    async def append(self, msg: NewMessage) -> Appended:
+        """Store ``msg`` (group-committed) and return it with its seq, or the original if it is a retry.
+
+        Returns only after COMMIT and after ``on_commit`` saw the message. Once called, the message is committed
+        even if this call is cancelled. Raises ``ValueError`` for a ``client_msg_id`` outside u64 (before
+        queueing), ``trio.ClosedResourceError`` after close, and whatever made its batch's transaction fail
+        (``sqlite3.Error``, or ``LookupError`` for an unknown conversation): then no message of that batch is
+        stored.
+        """
+        if not 0 <= msg.client_msg_id < _U64:
+            raise ValueError(f"client_msg_id {msg.client_msg_id} is not a u64")
+        if self._closing:
+            raise trio.ClosedResourceError("the store is closed")
+        waiter = _Waiter(msg)
+        self._pending.append(waiter)
+        self._wakeup.set()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.result is not None
+        return waiter.result
+
+    async def _commit_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            await self._commit_batch()
+
+    async def _commit_batch(self) -> None:
+        """Commit the oldest pending messages (up to max_batch) in one transaction, then wake their waiters."""
+        batch = self._pending[:self._max_batch]
+        del self._pending[:self._max_batch]
+        try:
+            results = await trio.to_thread.run_sync(self._write_batch, self._conn, [w.msg for w in batch],
+                                                    limiter=self._limiter)
+        except Exception as exc:
+            self._failed_batches += 1
+            log.warning("store: a batch of %d messages failed: %r", len(batch), exc)
+            for waiter in batch:
+                waiter.error = _copy_error(exc)
+                waiter.done.set()
+            return
+        except BaseException:
+            # Cancelled while waiting for the limiter, before the thread ran: nothing was written. Put the batch
+            # back in front; the shielded drain in open_store commits it.
+            self._pending[:0] = batch
+            raise
+        fresh = [r for r in results if not r.duplicate]
+        size = len(batch)
+        self._commits += 1
+        self._appended += len(fresh)
+        self._duplicates += size - len(fresh)
+        self._batched += size
+        self._batch_max = max(self._batch_max, size)
+        bucket = 1 << (size - 1).bit_length()
+        self._batch_histogram[bucket] = self._batch_histogram.get(bucket, 0) + 1
+        if fresh and self.on_commit is not None:
+            try:
+                self.on_commit(fresh)
+            except Exception:
+                log.exception("store: on_commit raised; the messages are stored and their senders get an ACK")
+        for waiter, result in zip(batch, results):
+            waiter.result = result
+            waiter.done.set()
+
+    @staticmethod
+    def _write_batch(conn: sqlite3.Connection, msgs: list[NewMessage]) -> list[Appended]:
+        results: list[Appended] = []
+        last: dict[int, int] = {}  # conv_id -> last_seq as of this transaction
+        with _transaction(conn):
+            for msg in msgs:
+                conv_id = msg.conv_id
+                if conv_id not in last:
+                    row = conn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+                    if row is None:
+                        raise LookupError(f"no conversation {conv_id}")
+                    last[conv_id] = row[0]
+                seq = last[conv_id] + 1
+                db_id = _to_db_id(msg.client_msg_id)
+                # The conflict target is the dedup index only: any other constraint still fails the batch.
+                inserted = conn.execute(
+                    "INSERT INTO messages(conv_id, seq, ts_ms, sender_id, client_msg_id, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(sender_id, client_msg_id) DO NOTHING",
+                    (conv_id, seq, msg.ts_ms, msg.sender_id, db_id, msg.body)).rowcount
+                if inserted:
+                    last[conv_id] = seq
+                    results.append(Appended(conv_id, seq, msg.ts_ms, msg.sender_id, msg.sender_name,
+                                            msg.client_msg_id, msg.body, duplicate=False))
+                else:  # a retry: stored earlier, or earlier in this very batch
+                    orig_conv, orig_seq, orig_ts, orig_body = conn.execute(
+                        "SELECT conv_id, seq, ts_ms, body FROM messages WHERE sender_id = ? AND client_msg_id = ?",
+                        (msg.sender_id, db_id)).fetchone()
+                    results.append(Appended(orig_conv, orig_seq, orig_ts, msg.sender_id, msg.sender_name,
+                                            msg.client_msg_id, orig_body, duplicate=True))
+            conn.executemany("UPDATE conversations SET last_seq = ? WHERE id = ?",
+                             [(seq, conv_id) for conv_id, seq in last.items()])
+        return results
+
+    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
+        """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
+
+        Raises ``ValueError`` if ``limit`` < 1.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+
+        def run(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
+                " WHERE m.conv_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+                (conv_id, after_seq, limit + 1)).fetchall()
+            return [_stored(row) for row in rows[:limit]], len(rows) > limit
+
+        return await self._run(run)
+
+    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
+        """Up to ``limit`` messages with seq < ``before_seq`` (0: from the newest), ascending; has_more = older ones
+        exist. Raises ``ValueError`` if ``limit`` < 1.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        bound = before_seq if before_seq > 0 else _I64_MAX
+
+        def run(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
+                " WHERE m.conv_id = ? AND m.seq < ? ORDER BY m.seq DESC LIMIT ?",
+                (conv_id, bound, limit + 1)).fetchall()
+            page = [_stored(row) for row in rows[:limit]]
+            page.reverse()
+            return page, len(rows) > limit
+
+        return await self._run(run)
+
+    # -- cursors -----------------------------------------------------------------------------------------------
+
+    async def advance_cursor(self, user_id: int, conv_id: int, kind: ReceiptKind, seq: int) -> int | None:
+        """Store max(old, min(seq, last_seq)) as the user's DELIVERED or READ cursor.
+
+        Returns the new value if the cursor moved, else None (also for an unknown conversation).
+        """
+        column = {ReceiptKind.DELIVERED: "delivered_seq", ReceiptKind.READ: "read_seq"}[ReceiptKind(kind)]
+
+        def run(conn: sqlite3.Connection) -> int | None:
+            with _transaction(conn):
+                row = conn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+                if row is None:
+                    return None
+                target = min(seq, row[0])
+                old = conn.execute(f"SELECT {column} FROM cursors WHERE user_id = ? AND conv_id = ?",
+                                   (user_id, conv_id)).fetchone()
+                if target <= (old[0] if old else 0):
+                    return None
+                conn.execute(f"INSERT INTO cursors(user_id, conv_id, {column}) VALUES (?, ?, ?)"
+                             f" ON CONFLICT DO UPDATE SET {column} = excluded.{column}",
+                             (user_id, conv_id, target))
+                return target
+
+        return await self._run(run)
+
+    async def cursors(self, conv_id: int) -> list[CursorInfo]:
+        """(user, delivered_seq, read_seq) for every member (0 where unset), by user name."""
+
+        def run(conn: sqlite3.Connection) -> list[CursorInfo]:
+            rows = conn.execute(
+                f"SELECT u.name, coalesce(k.delivered_seq, 0), coalesce(k.read_seq, 0) FROM ({_MEMBER_IDS}) m"
+                " JOIN users u ON u.id = m.user_id"
+                " LEFT JOIN cursors k ON k.user_id = m.user_id AND k.conv_id = :c ORDER BY u.name",
+                {"c": conv_id}).fetchall()
+            return [CursorInfo(*row) for row in rows]
+
+        return await self._run(run)
+
+    async def undelivered(self, user_id: int) -> list[tuple[ConvRow, int]]:
+        """The user's conversations with messages after the user's DELIVERED cursor, with that cursor."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[ConvRow, int]]:
+            rows = conn.execute(
+                f"SELECT v.*, coalesce(k.delivered_seq, 0) FROM ({_CONVERSATIONS}) v"
+                " LEFT JOIN cursors k ON k.user_id = :u AND k.conv_id = v.id"
+                " WHERE v.last_seq > coalesce(k.delivered_seq, 0) ORDER BY 2, 3", {"u": user_id}).fetchall()
+            return [(_conv_row(row[:5]), row[5]) for row in rows]
+
+        return await self._run(run)
+
+    # -- counters ----------------------------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """Group-commit counters: ``batch_histogram`` maps a power of two n to batches of size (n/2, n]."""
+        return {
+            "commits": self._commits,
+            "failed_batches": self._failed_batches,
+            "appended": self._appended,
+            "duplicates": self._duplicates,
+            "pending": len(self._pending),
+            "batch_max": self._batch_max,
+            "batch_mean": self._batched / self._commits if self._commits else 0.0,
+            "batch_histogram": dict(sorted(self._batch_histogram.items())),
+        }

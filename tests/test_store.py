@@ -1,0 +1,460 @@
+"""server/_store.py against real SQLite files: group commit, gapless seqs, dedup, paging, cursors, durability."""
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo
+from server._store import Appended, ConvRow, NameTaken, NewMessage, open_store
+
+
+@pytest.fixture
+async def store(tmp_path):
+    async with open_store(tmp_path / "chorus.db") as s:
+        yield s
+
+
+async def make_users(store, *names):
+    return [await store.create_user(name, f"hash-{name}") for name in names]
+
+
+def msg(conv_id, user, client_msg_id, body=None, ts_ms=1000):
+    return NewMessage(conv_id, user.id, user.name, client_msg_id, body or f"{user.name}-{client_msg_id}", ts_ms)
+
+
+class Hold:
+    """Occupies the store's one database slot, so that appends queue up behind it and form a known batch.
+
+    Reaches into ``store._limiter``: there is no public way to pause a group commit at a chosen point.
+    """
+
+    def __init__(self, store):
+        self._limiter = store._limiter
+        self.held = False
+
+    async def acquire(self):
+        await self._limiter.acquire_on_behalf_of(self)
+        self.held = True
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self._limiter.release_on_behalf_of(self)
+
+
+async def start_appends(nursery, store, messages, results):
+    """Start one appender task per message, then return once every one of them is queued (blocked)."""
+
+    async def one(m):
+        try:
+            results[m] = await store.append(m)
+        except Exception as exc:
+            results[m] = exc
+
+    for m in messages:
+        nursery.start_soon(one, m)
+    await wait_all_tasks_blocked()
+
+
+# -- users and sessions --------------------------------------------------------------------------------------------
+
+async def test_users(store):
+    alice = await store.create_user("alice", "h1")
+    assert await store.get_user("alice") == alice
+    assert await store.get_user_by_id(alice.id) == alice
+    assert await store.get_user("nobody") is None
+    assert await store.get_user_by_id(alice.id + 100) is None
+    with pytest.raises(NameTaken):
+        await store.create_user("alice", "h2")
+    bob = await store.create_user("bob", "h3")
+    assert bob.id != alice.id and (await store.get_user("alice")).password_hash == "h1"
+
+
+async def test_sessions_expire_and_slide(store):
+    (alice,) = await make_users(store, "alice")
+    token = b"\x01" * 32
+    await store.add_session(token, alice.id, expires_at_ms=10_000)
+    session = await store.get_session(token, now_ms=9_999)
+    assert (session.user_id, session.username, session.expires_at_ms) == (alice.id, "alice", 10_000)
+    assert await store.get_session(token, now_ms=10_000) is None  # expiry is exclusive
+    assert await store.get_session(b"\x02" * 32, now_ms=0) is None
+    await store.touch_session(token, expires_at_ms=20_000)
+    assert (await store.get_session(token, now_ms=15_000)).expires_at_ms == 20_000
+    await store.delete_session(token)
+    assert await store.get_session(token, now_ms=0) is None
+
+
+# -- rooms, pairs, membership ----------------------------------------------------------------------------------------
+
+async def test_rooms_and_membership(store):
+    alice, bob, carol = await make_users(store, "alice", "bob", "carol")
+    assert await store.room("lobby", create=False) is None
+    lobby = await store.room("lobby", create=True)
+    assert await store.room("lobby", create=True) == lobby == await store.room("lobby", create=False)
+    dev = await store.room("dev", create=True)
+    zoo = await store.room("zoo", create=True)
+    assert len({lobby, dev, zoo}) == 3
+
+    assert await store.join(alice.id, lobby) is True
+    assert await store.join(alice.id, lobby) is False
+    assert await store.join(bob.id, lobby) is True
+    assert await store.join(alice.id, zoo) is True
+    assert await store.is_member(alice.id, lobby) and not await store.is_member(carol.id, lobby)
+    assert await store.room_count(alice.id) == 2 and await store.room_count(carol.id) == 0
+    assert await store.members(lobby) == [(alice.id, "alice"), (bob.id, "bob")]
+
+    # joined first (by name), then the others by name, with member counts
+    assert await store.list_rooms(alice.id, 100) == [
+        RoomInfo("lobby", 2, 0, True), RoomInfo("zoo", 1, 0, True), RoomInfo("dev", 0, 0, False)]
+    assert await store.list_rooms(carol.id, 2) == [RoomInfo("dev", 0, 0, False), RoomInfo("lobby", 2, 0, False)]
+
+    assert await store.leave(bob.id, lobby) is True
+    assert await store.leave(bob.id, lobby) is False
+    assert await store.members(lobby) == [(alice.id, "alice")]
+    assert not await store.is_member(bob.id, lobby)
+
+    dm = await store.direct(alice.id, bob.id)
+    with pytest.raises(ValueError):
+        await store.join(carol.id, dm)  # a pair has no joinable membership
+    assert await store.conversations(alice.id) == [
+        ConvRow(lobby, ConvKind.ROOM, "lobby", 0, None), ConvRow(zoo, ConvKind.ROOM, "zoo", 0, None),
+        ConvRow(dm, ConvKind.DIRECT, "bob", 0, bob.id)]
+    assert await store.conversations(carol.id) == []
+
+
+async def test_direct_pair_is_symmetric(store):
+    alice, bob, carol = await make_users(store, "alice", "bob", "carol")
+    ab = await store.direct(bob.id, alice.id)
+    assert await store.direct(alice.id, bob.id) == ab
+    ac = await store.direct(alice.id, carol.id)
+    assert ac != ab
+    with pytest.raises(ValueError):
+        await store.direct(alice.id, alice.id)
+    assert await store.members(ab) == [(alice.id, "alice"), (bob.id, "bob")]
+    assert await store.is_member(bob.id, ab) and not await store.is_member(carol.id, ab)
+    assert await store.conversation(alice.id, ab) == ConvRow(ab, ConvKind.DIRECT, "bob", 0, bob.id)
+    assert await store.conversation(bob.id, ab) == ConvRow(ab, ConvKind.DIRECT, "alice", 0, alice.id)
+    assert await store.conversation(carol.id, ab) is None
+    assert await store.conversation(alice.id, 999) is None
+    lobby = await store.room("lobby", create=True)
+    assert await store.conversation(carol.id, lobby) == ConvRow(lobby, ConvKind.ROOM, "lobby", 0, None)
+    assert [c.name for c in await store.conversations(bob.id)] == ["alice"]
+    assert [c.name for c in await store.conversations(alice.id)] == ["bob", "carol"]
+
+
+# -- group commit ----------------------------------------------------------------------------------------------------
+
+async def test_concurrent_appends_are_gapless_batched_and_published_first(tmp_path):
+    published: list[Appended] = []
+    returned: set[tuple[int, int]] = set()
+
+    def on_commit(batch):
+        for a in batch:
+            # published before any waiter of this batch has woken
+            assert (a.sender_id, a.client_msg_id) not in returned
+            assert not a.duplicate
+        published.extend(batch)
+
+    async with open_store(tmp_path / "c.db", max_batch=16, on_commit=on_commit) as store:
+        users = await make_users(store, "alice", "bob", "carol")
+        lobby, dev = await store.room("lobby", create=True), await store.room("dev", create=True)
+        dm = await store.direct(users[0].id, users[1].id)
+        convs = [lobby, dev, dm]
+        results: dict[NewMessage, Appended] = {}
+
+        async def appender(m):
+            for _ in range(random.randrange(3)):
+                await trio.sleep(0)
+            results[m] = a = await store.append(m)
+            returned.add((a.sender_id, a.client_msg_id))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(appender, msg(convs[i % 3], users[i % 3], i))
+
+        stats = store.statistics()
+        assert stats["appended"] == 200 and stats["duplicates"] == 0
+        assert stats["commits"] > 1 and stats["batch_max"] > 1 and stats["batch_mean"] > 1
+        assert stats["batch_max"] <= 16 and sum(stats["batch_histogram"].values()) == stats["commits"]
+
+        for conv in convs:
+            seqs = [results[m].seq for m in results if m.conv_id == conv]
+            assert sorted(seqs) == list(range(1, len(seqs) + 1))  # gapless, no repeats
+            assert [a.seq for a in published if a.conv_id == conv] == sorted(seqs)  # published in seq order
+            assert await store.last_seq(conv) == len(seqs)
+            stored, has_more = await store.messages_after(conv, 0, 100)
+            assert not has_more
+            assert [(s.seq, s.client_msg_id) for s in stored] == sorted(
+                (results[m].seq, m.client_msg_id) for m in results if m.conv_id == conv)
+        assert len(published) == 200
+
+
+async def test_duplicates_return_the_original(store):
+    published = []
+    store.on_commit = published.extend
+    alice, bob = await make_users(store, "alice", "bob")
+    lobby, dev = await store.room("lobby", create=True), await store.room("dev", create=True)
+
+    first = await store.append(msg(lobby, alice, 7, "hello", ts_ms=100))
+    again = await store.append(msg(lobby, alice, 7, "changed", ts_ms=200))
+    assert (first.seq, first.duplicate) == (1, False)
+    assert (again.seq, again.ts_ms, again.body, again.duplicate) == (1, 100, "hello", True)
+    assert (await store.append(msg(lobby, bob, 7))).seq == 2  # the id is per sender
+    # a retry names the original even if sent to another conversation
+    elsewhere = await store.append(msg(dev, alice, 7, "x"))
+    assert (elsewhere.conv_id, elsewhere.seq, elsewhere.duplicate) == (lobby, 1, True)
+    assert await store.last_seq(dev) == 0
+    # u64 ids above the signed range round-trip
+    big = await store.append(msg(lobby, alice, 2**64 - 1))
+    assert (await store.append(msg(lobby, alice, 2**64 - 1))).seq == big.seq == 3
+    with pytest.raises(ValueError):
+        await store.append(msg(lobby, alice, 2**64))
+    assert [(a.seq, a.client_msg_id) for a in published] == [(1, 7), (2, 7), (3, 2**64 - 1)]
+    page, _ = await store.messages_after(lobby, 0, 10)
+    assert [m.client_msg_id for m in page] == [7, 7, 2**64 - 1]
+
+    # the same (sender, id) twice inside one batch resolves to one row
+    published.clear()
+    hold = Hold(store)
+    await hold.acquire()
+    results = {}
+    async with trio.open_nursery() as nursery:
+        await start_appends(nursery, store, [msg(dev, bob, 50, "first-of-batch")], results)
+        twins = [msg(dev, alice, 60, "a"), msg(dev, alice, 60, "b"), msg(dev, bob, 61)]
+        await start_appends(nursery, store, twins, results)
+        hold.release()
+    a, b, other = (results[m] for m in twins)
+    assert store.statistics()["batch_max"] == 3
+    assert a.seq == b.seq and {a.duplicate, b.duplicate} == {False, True}
+    assert a.body == b.body  # the duplicate reports the stored body
+    assert sorted([a.seq, other.seq]) == [2, 3]
+    assert [x.seq for x in published] == [1, 2, 3] and not any(x.duplicate for x in published)
+    assert store.statistics()["duplicates"] == 4
+    assert await store.last_seq(dev) == 3
+
+
+async def test_cancelled_appender_still_commits(store):
+    published = []
+    store.on_commit = published.extend
+    (alice,) = await make_users(store, "alice")
+    lobby = await store.room("lobby", create=True)
+    hold = Hold(store)
+    await hold.acquire()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.append, msg(lobby, alice, 1))
+        await wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()  # the appender is cancelled while its message waits
+    hold.release()
+    after = await store.append(msg(lobby, alice, 2))
+    assert after.seq == 2
+    assert [a.client_msg_id for a in published] == [1, 2]
+    page, _ = await store.messages_after(lobby, 0, 10)
+    assert [m.client_msg_id for m in page] == [1, 2]
+
+
+async def test_failed_transaction_fails_only_its_batch(store):
+    published = []
+    store.on_commit = published.extend
+    (alice,) = await make_users(store, "alice")
+    lobby = await store.room("lobby", create=True)
+    hold = Hold(store)
+    await hold.acquire()
+    results = {}
+    async with trio.open_nursery() as nursery:
+        ok = msg(lobby, alice, 1)
+        await start_appends(nursery, store, [ok], results)
+        doomed = [msg(lobby, alice, 2), NewMessage(lobby, alice.id, "alice", 3, "", 0), msg(lobby, alice, 4)]
+        await start_appends(nursery, store, doomed, results)  # the empty body breaks a CHECK constraint
+        hold.release()
+    assert results[ok].seq == 1
+    for m in doomed:
+        assert isinstance(results[m], sqlite3.IntegrityError), results[m]
+    assert len({id(results[m]) for m in doomed}) == 3  # each waiter raises its own copy
+    later = await store.append(msg(lobby, alice, 2))  # the committer survived; the failed batch took no seq
+    assert (later.seq, later.duplicate) == (2, False)
+    assert [a.client_msg_id for a in published] == [1, 2]
+    page, _ = await store.messages_after(lobby, 0, 10)
+    assert [m.client_msg_id for m in page] == [1, 2]
+    stats = store.statistics()
+    assert (stats["failed_batches"], stats["appended"]) == (1, 2)
+
+
+async def test_unknown_conversation_fails_the_append(store):
+    (alice,) = await make_users(store, "alice")
+    with pytest.raises(LookupError):
+        await store.append(msg(12345, alice, 1))
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+
+async def test_paging(store):
+    alice, bob = await make_users(store, "alice", "bob")
+    lobby, dev = await store.room("lobby", create=True), await store.room("dev", create=True)
+    for i in range(1, 26):
+        await store.append(msg(lobby, (alice, bob)[i % 2], i, ts_ms=i))
+    await store.append(msg(dev, alice, 100))
+
+    async def after(seq, limit):
+        page, more = await store.messages_after(lobby, seq, limit)
+        return [m.seq for m in page], more
+
+    async def before(seq, limit):
+        page, more = await store.messages_before(lobby, seq, limit)
+        return [m.seq for m in page], more
+
+    assert await after(0, 10) == (list(range(1, 11)), True)
+    assert await after(19, 5) == ([20, 21, 22, 23, 24], True)
+    assert await after(20, 5) == ([21, 22, 23, 24, 25], False)  # exactly the rest: no more
+    assert await after(25, 5) == ([], False)
+    assert await after(0, 100) == (list(range(1, 26)), False)
+    assert await before(0, 10) == (list(range(16, 26)), True)  # 0 = from the newest, still ascending
+    assert await before(7, 5) == ([2, 3, 4, 5, 6], True)
+    assert await before(6, 5) == ([1, 2, 3, 4, 5], False)  # exactly the rest: no more
+    assert await before(1, 5) == ([], False)
+    assert await before(100, 3) == ([23, 24, 25], True)
+    page, _ = await store.messages_after(lobby, 2, 2)
+    assert [(m.seq, m.ts_ms, m.sender, m.client_msg_id, m.body) for m in page] == [
+        (3, 3, "bob", 3, "bob-3"), (4, 4, "alice", 4, "alice-4")]
+    assert [m.seq for m in (await store.messages_after(dev, 0, 10))[0]] == [1]
+    with pytest.raises(ValueError):
+        await store.messages_after(lobby, 0, 0)
+    with pytest.raises(ValueError):
+        await store.messages_before(lobby, 0, 0)
+
+
+async def test_cursors_max_wins_and_cap(store):
+    alice, bob, carol = await make_users(store, "alice", "bob", "carol")
+    lobby = await store.room("lobby", create=True)
+    for user in (alice, bob):
+        await store.join(user.id, lobby)
+    for i in range(5):
+        await store.append(msg(lobby, alice, i))
+    delivered, read = ReceiptKind.DELIVERED, ReceiptKind.READ
+    assert await store.advance_cursor(bob.id, lobby, delivered, 3) == 3
+    assert await store.advance_cursor(bob.id, lobby, delivered, 2) is None  # an older device: max wins
+    assert await store.advance_cursor(bob.id, lobby, delivered, 3) is None
+    assert await store.advance_cursor(bob.id, lobby, delivered, 99) == 5  # capped at last_seq
+    assert await store.advance_cursor(bob.id, lobby, delivered, 6) is None
+    assert await store.advance_cursor(bob.id, lobby, read, 0) is None
+    assert await store.advance_cursor(bob.id, lobby, read, 4) == 4
+    assert await store.advance_cursor(bob.id, 999, read, 4) is None
+    assert await store.cursors(lobby) == [CursorInfo("alice", 0, 0), CursorInfo("bob", 5, 4)]
+
+    dm = await store.direct(carol.id, alice.id)
+    assert await store.advance_cursor(carol.id, dm, read, 1) is None  # nothing to read yet
+    await store.append(msg(dm, alice, 100))
+    assert await store.advance_cursor(carol.id, dm, read, 1) == 1
+    assert await store.cursors(dm) == [CursorInfo("alice", 0, 0), CursorInfo("carol", 0, 1)]
+
+
+async def test_undelivered(store):
+    alice, bob, carol = await make_users(store, "alice", "bob", "carol")
+    busy, quiet = await store.room("busy", create=True), await store.room("quiet", create=True)
+    await store.join(alice.id, busy)
+    await store.join(alice.id, quiet)
+    dm = await store.direct(alice.id, bob.id)
+    for i in range(3):
+        await store.append(msg(busy, carol, i))
+    for i in range(2):
+        await store.append(msg(dm, bob, i))
+
+    async def undelivered(user):
+        return [(row.name, row.last_seq, cursor) for row, cursor in await store.undelivered(user.id)]
+
+    assert await undelivered(alice) == [("busy", 3, 0), ("bob", 2, 0)]
+    assert await store.advance_cursor(alice.id, busy, ReceiptKind.DELIVERED, 3) == 3
+    await store.advance_cursor(alice.id, dm, ReceiptKind.DELIVERED, 1)
+    await store.advance_cursor(alice.id, dm, ReceiptKind.READ, 2)  # read does not count as delivered
+    assert await undelivered(alice) == [("bob", 2, 1)]
+    assert await undelivered(bob) == [("alice", 2, 0)]
+    assert await undelivered(carol) == []  # carol wrote in busy but never joined it
+
+
+# -- lifecycle -------------------------------------------------------------------------------------------------------
+
+async def test_data_survives_reopen(tmp_path):
+    path = tmp_path / "chorus.db"
+    async with open_store(path) as store:
+        alice, bob = await make_users(store, "alice", "bob")
+        lobby = await store.room("lobby", create=True)
+        await store.join(bob.id, lobby)
+        dm = await store.direct(alice.id, bob.id)
+        await store.add_session(b"t" * 32, alice.id, 5_000)
+        for i in range(1, 4):
+            await store.append(msg(lobby, alice, i))
+        await store.append(msg(dm, bob, 9))
+        await store.advance_cursor(bob.id, lobby, ReceiptKind.READ, 2)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (1,)
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    raw.close()
+    async with open_store(path, synchronous="NORMAL") as store:
+        assert await store.get_user("alice") == alice
+        assert (await store.get_session(b"t" * 32, 0)).username == "alice"
+        assert await store.room("lobby", create=False) == lobby and await store.is_member(bob.id, lobby)
+        assert await store.direct(bob.id, alice.id) == dm
+        page, more = await store.messages_after(lobby, 0, 10)
+        assert [(m.seq, m.body) for m in page] == [(1, "alice-1"), (2, "alice-2"), (3, "alice-3")] and not more
+        assert await store.cursors(lobby) == [CursorInfo("bob", 0, 2)]
+        assert (await store.append(msg(lobby, alice, 4))).seq == 4  # seqs continue
+        assert (await store.append(msg(lobby, alice, 1))).duplicate  # dedup survives too
+        assert await store.last_seq(dm) == 1
+
+
+async def test_open_rejects_bad_arguments_and_newer_schema(tmp_path):
+    with pytest.raises(ValueError):
+        async with open_store(tmp_path / "a.db", synchronous="OFF"):
+            pass
+    with pytest.raises(ValueError):
+        async with open_store(tmp_path / "a.db", max_batch=0):
+            pass
+    path = tmp_path / "b.db"
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA user_version = 99")
+    raw.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        async with open_store(path):
+            pass
+
+
+@pytest.mark.parametrize("by_cancel", [False, True])
+async def test_close_commits_appends_in_flight(tmp_path, by_cancel):
+    path = tmp_path / "chorus.db"
+    results = {}
+    published = []
+    # a lost batch would leave its appenders waiting forever: fail instead of hanging
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:  # the appenders outlive the store's block
+            with trio.CancelScope() as scope:
+                async with open_store(path, max_batch=4, on_commit=published.extend) as store:
+                    (alice,) = await make_users(store, "alice")
+                    lobby = await store.room("lobby", create=True)
+                    hold = Hold(store)
+                    await hold.acquire()
+                    messages = [msg(lobby, alice, i) for i in range(20)]
+                    await start_appends(outer, store, messages, results)
+                    if by_cancel:
+                        # the committer is cancelled while its batch waits for the database; the shielded close
+                        # must still commit everything, so only let the database go once the close is waiting
+                        async def release_when_closing():
+                            await wait_all_tasks_blocked()
+                            hold.release()
+
+                        outer.start_soon(release_when_closing)
+                        scope.cancel()
+                        await trio.sleep_forever()
+                    hold.release()
+    assert scope.cancelled_caught == by_cancel
+    assert sorted(a.seq for a in results.values()) == list(range(1, 21))
+    assert len(published) == 20
+    with pytest.raises(trio.ClosedResourceError):
+        await store.append(msg(lobby, alice, 99))
+    with pytest.raises(trio.ClosedResourceError):
+        await store.last_seq(lobby)
+    async with open_store(path) as reopened:
+        page, _ = await reopened.messages_after(lobby, 0, 100)
+        assert sorted(m.client_msg_id for m in page) == list(range(20))
