@@ -295,6 +295,8 @@ class Session:
             state = await self._open_direct(ev.conv.name)
         appended = await self.server.store.append(NewMessage(
             state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms()))
+        if appended.conv_id != state.conv_id:  # ids are unique per sender, not per conversation
+            raise RequestError(ErrorCode.INVALID_REQUEST, "client_msg_id already used in another conversation")
         self.conn.send(proto.Ack(ev.conv, ev.client_msg_id, appended.seq, appended.ts_ms, appended.duplicate,
                                  request_id=ev.request_id))
 

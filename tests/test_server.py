@@ -77,6 +77,8 @@ async def test_idempotent_retry_returns_same_seq_and_delivers_once(server):
     first = await alice.request(proto.Send, LOBBY, 777, "once")
     again = await alice.request(proto.Send, LOBBY, 777, "once")
     assert (again.seq, again.ts_ms, again.duplicate) == (first.seq, first.ts_ms, True)
+    err = await alice.request(proto.Send, proto.Conversation.direct("bob"), 777, "elsewhere")
+    assert err.code == ErrorCode.INVALID_REQUEST  # the id is taken by a message in another conversation
     await alice.request(proto.Send, LOBBY, 778, "twice?")
     bodies = [(await bob.next_of(proto.Message)).body for _ in range(2)]
     assert bodies == ["once", "twice?"]
