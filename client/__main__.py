@@ -1,0 +1,157 @@
+"""``chorus``: the terminal client (interactive) and its script commands ``send`` and ``tail``.
+
+    chorus [--server HOST:PORT] [--user NAME] [--register]          chat in the terminal
+    chorus [...] send '#room' 'text' ['more text'...]                  send (reads stdin lines if no text)
+    chorus [...] tail '#room' [--since SEQ] [--json]                   print messages until interrupted
+
+How this works. Arguments are parsed here; ``_login.open_session`` connects and
+authenticates (saved token, $CHORUS_PASSWORD, or a password typed without
+echo); then ``_tui.Tui`` or ``_script`` runs on the connected library client
+(spec/PROTOCOL.md §9). Library warnings are shown as one line each: no
+traceback reaches the user for anything the network or the server can cause.
+Exit status: 0 fine, 1 failed (one line on stderr saying why), 2 bad usage,
+130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+
+import trio
+
+from ._config_dir import SessionStore
+from ._login import DEFAULT_SERVER, LoginError, choose_user, open_session, parse_server
+from ._render import Renderer, use_colour
+from ._script import ScriptError, send, tail, target
+
+_EPILOG = """\
+environment:
+  CHORUS_SERVER    default for --server (else 127.0.0.1:7420)
+  CHORUS_USER      default for --user
+  CHORUS_PASSWORD  password to use instead of asking (for scripts; with --register it sets the new
+                   account's password). After one login the session token is saved (mode 0600) in
+                   $XDG_CONFIG_HOME/chorus (default ~/.config/chorus) and later runs need no password.
+  NO_COLOR         set to turn colours off (they are also off when output is not a terminal)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", metavar="HOST:PORT", default=argparse.SUPPRESS,
+                        help="the Chorus server (default: $CHORUS_SERVER or %s)" % DEFAULT_SERVER)
+    common.add_argument("--user", metavar="NAME", default=argparse.SUPPRESS, help="who to log in as")
+    common.add_argument("--register", action="store_true", default=argparse.SUPPRESS,
+                        help="create the account first")
+    parser = argparse.ArgumentParser(
+        prog="chorus", parents=[common], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Chat on a Chorus server. With no command: the interactive client (/help inside lists "
+                    "its commands).")
+    commands = parser.add_subparsers(dest="command", metavar="{send,tail}")
+    p_send = commands.add_parser("send", parents=[common], help="send messages and exit once they are stored",
+                                 description="Send each TEXT as one message (or each line of stdin if no TEXT); "
+                                             "exit 0 once all are stored. Joins the room if needed.")
+    p_send.add_argument("conv", metavar="#ROOM|@USER")
+    p_send.add_argument("text", nargs="*", metavar="TEXT")
+    p_tail = commands.add_parser("tail", parents=[common], help="print messages as they arrive",
+                                 description="Print the messages of a room or direct conversation as they arrive, "
+                                             "until interrupted. Joins the room if needed.")
+    p_tail.add_argument("conv", metavar="#ROOM|@USER")
+    p_tail.add_argument("--since", type=int, metavar="SEQ", help="first print the messages after SEQ (0 = all)")
+    p_tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+class _OneLineHandler(logging.Handler):
+    """Library warnings as one line each (never a traceback)."""
+
+    def __init__(self, colour: bool):
+        super().__init__(logging.WARNING)
+        self.renderer = Renderer("", colour=colour)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            print(self.renderer.error(record.getMessage()), file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    colour = use_colour(sys.stdout)
+    root = logging.getLogger("chorus")
+    root.handlers[:] = [_OneLineHandler(colour)]
+    root.propagate = False
+    try:
+        host, port = parse_server(getattr(args, "server", None) or os.environ.get("CHORUS_SERVER") or DEFAULT_SERVER)
+        interactive = args.command is None or sys.stdin.isatty()
+        user = choose_user(getattr(args, "user", None), SessionStore(host, port), interactive)
+        if args.command is None:
+            return _run(_interactive, host, port, user, args, colour)
+        return _run(_script, host, port, user, args)
+    except (ValueError, LoginError, ScriptError) as exc:
+        print(Renderer("", colour=use_colour(sys.stderr)).error(str(exc)), file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `chorus tail ... | head`
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+def _run(fn, *args) -> int:
+    """``trio.run``, with an exception group of one kind of error unwrapped into that error."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        for kind in (KeyboardInterrupt, LoginError, ScriptError):
+            for leaf in leaves:
+                if isinstance(leaf, kind):
+                    raise leaf from None
+        raise
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+async def _interactive(host: str, port: int, user: str, args, colour: bool) -> int:
+    from ._tui import Tui
+
+    renderer = Renderer(user, colour=colour)
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    async with open_session(host, port, user, register=getattr(args, "register", False), interactive=True,
+                            say=lambda text: print(renderer.info(text), flush=True),
+                            client_name="chorus-terminal", sync_on_connect=False) as client:
+        renderer.me = client.username or user
+        if not terminal:
+            return await Tui(client, renderer, terminal=False, out=lambda line: print(line, flush=True)).run()
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        with patch_stdout(raw=True):
+            return await Tui(client, renderer, terminal=True, out=lambda line: print(line, flush=True)).run()
+
+
+async def _script(host: str, port: int, user: str, args) -> int:
+    conv = target(args.conv)
+    async with open_session(host, port, user, register=getattr(args, "register", False),
+                            interactive=sys.stdin.isatty(), say=lambda text: print(f"chorus: {text}", file=sys.stderr),
+                            client_name="chorus-script", sync_on_connect=False) as client:
+        if args.command == "send":
+            bodies = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+            if not bodies:
+                raise ScriptError("nothing to send")
+            await send(client, conv, bodies)
+        else:
+            await tail(client, conv, since=args.since, as_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Logging in from the command line: which server, which user, which secret (spec/PROTOCOL.md §9.1).
+
+How this works. ``open_session`` is shared by the interactive client and the
+script commands. The user comes from ``--user``, else ``$CHORUS_USER``, else
+the only user with a saved session on that server, else (interactively) a
+question. The secret is, in order: the saved token (RESUME, no password asked),
+``$CHORUS_PASSWORD``, or a password typed without echo (``getpass``). Passing
+the password along with the token lets the library fall back from an expired
+token to LOGIN on its own. Every new token is saved at once (``on_token``),
+so the next start resumes. The password is held only in memory (the library
+needs it to log in again if the token is revoked while reconnecting); it is
+never written to a file or a log.
+
+Refusals become ``LoginError`` with one sentence for the user: a stale token is
+forgotten and a password asked for; a wrong password is asked again (three
+tries) when there is a person to ask.
+"""
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import re
+import sys
+from typing import AsyncIterator, Callable
+
+import trio
+
+import proto
+from proto import ErrorCode
+
+from ._client import Client, open_client
+from ._config_dir import SessionStore
+from ._errors import ConnectionLost, ServerError
+
+DEFAULT_SERVER = "127.0.0.1:7420"
+_DEFAULT_PORT = 7420
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}\Z")
+_TRIES = 3
+
+
+class LoginError(Exception):
+    """Could not log in; the message is one sentence meant for the user."""
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """"host", "host:port" or "[v6addr]:port" → (host, port). Raises ``ValueError``."""
+    text = text.strip()
+    host, port = text, str(_DEFAULT_PORT)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad server address {text!r}")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad server address {text!r} (expected HOST:PORT)")
+    return host, int(port)
+
+
+def _ask(prompt: str) -> str:
+    print(prompt, end="", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        raise LoginError("no user name given")
+    return line.strip()
+
+
+def choose_user(given: str | None, store: SessionStore, interactive: bool) -> str:
+    """The user to log in as. Raises ``LoginError``."""
+    user = given or os.environ.get("CHORUS_USER") or None
+    if user is None:
+        saved = store.users()
+        if len(saved) == 1:
+            user = saved[0]
+        elif interactive:
+            user = _ask("User name: ")
+        else:
+            raise LoginError("say who you are with --user NAME (or $CHORUS_USER)")
+    if not _NAME.match(user):
+        raise LoginError(f"{user!r} is not a user name: 1-32 of a-z 0-9 _ . - starting with a letter or digit")
+    return user
+
+
+def _ask_password(user: str, register: bool) -> str:
+    if not register:
+        return getpass.getpass(f"Password for {user}: ")
+    while True:
+        first = getpass.getpass(f"Choose a password for {user} (8 to 128 characters): ")
+        if getpass.getpass("Type it again: ") == first:
+            return first
+        print("The two passwords differ; once more.", file=sys.stderr, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def open_session(host: str, port: int, user: str, *, register: bool = False, interactive: bool,
+                       say: Callable[[str], None], **client_kwargs) -> AsyncIterator[Client]:
+    """Connect and log in as ``user``, saving the token; yields the ``Client``.
+
+    Raises ``LoginError`` when that is impossible (unreachable, refused, no
+    credentials and nobody to ask).
+    """
+    store = SessionStore(host, port)
+    token = store.load(user)
+    password = os.environ.get("CHORUS_PASSWORD") or None
+    typed = False
+
+    def save(new_token: str) -> None:
+        try:
+            store.save(user, new_token)
+        except OSError as exc:
+            say(f"could not save the session in {store.dir}: {exc.strerror or exc}")
+
+    async with contextlib.AsyncExitStack() as stack:
+        for attempt in range(_TRIES):
+            if token is None and password is None:
+                if not interactive:
+                    raise LoginError(f"no saved session for {user} on {host}:{port}: set CHORUS_PASSWORD"
+                                     " or log in once with chorus")
+                password, typed = _ask_password(user, register), True
+            try:
+                client = await stack.enter_async_context(open_client(
+                    host, port, username=user, password=password, token=token, register=register and token is None,
+                    on_token=save, **client_kwargs))
+            except ServerError as exc:
+                code = exc.code
+                if code == ErrorCode.INVALID_TOKEN and token is not None:
+                    store.forget(user)
+                    token = None
+                    say("the saved session has expired; log in again")
+                    continue
+                if code in (ErrorCode.AUTH_FAILED, ErrorCode.WEAK_PASSWORD) and typed and attempt + 1 < _TRIES:
+                    say("wrong user name or password" if code == ErrorCode.AUTH_FAILED
+                        else "passwords are 8 to 128 characters")
+                    password = None
+                    continue
+                raise LoginError(_refusal(exc, user)) from None
+            except OSError as exc:
+                raise LoginError(f"cannot reach {host}:{port}: {exc.strerror or exc}"
+                                 " (is the server running? `make run` starts one)") from None
+            except (ConnectionLost, trio.TooSlowError, proto.ProtocolError) as exc:
+                raise LoginError(f"could not connect to {host}:{port}: {exc or 'timed out'}") from None
+            yield client
+            return
+        raise LoginError("giving up after three tries")
+
+
+def _refusal(exc: ServerError, user: str) -> str:
+    code = exc.code
+    if code == ErrorCode.AUTH_FAILED:
+        return "wrong user name or password"
+    if code == ErrorCode.USERNAME_TAKEN:
+        return f"the name {user} is taken; to log in as {user}, leave out --register"
+    if code == ErrorCode.WEAK_PASSWORD:
+        return "passwords are 8 to 128 characters"
+    if code == ErrorCode.INVALID_NAME:
+        return "user names are 1-32 of a-z 0-9 _ . - starting with a letter or digit"
+    if code == ErrorCode.INVALID_TOKEN:
+        return "the session is no longer valid; log in with a password"
+    return f"the server refused: {exc}"

@@ -1,0 +1,98 @@
+"""``chorus send`` and ``chorus tail``: Chorus for shell scripts (spec/PROTOCOL.md §9.4, §9.5, §9.7).
+
+How this works. ``send`` sends each message with its own client_msg_id and
+waits for the ACK (§9.4), so exit status 0 means stored; a room the user is not
+in is joined first (joining twice is harmless, §9.2). ``tail`` joins the room,
+then starts live delivery with a SYNC that lists every joined room at its
+current last seq (so nothing but the tailed room is paged) and the tailed one
+at ``--since`` (so its history after that seq comes first, then live messages,
+with no gap and no duplicate between them, §9.5). It follows until interrupted,
+across reconnects (the library resumes by seq); connection news goes to stderr
+so that stdout holds only messages.
+"""
+from __future__ import annotations
+
+import sys
+
+import trio
+
+import proto
+from proto import ConvKind, ErrorCode
+
+from ._client import Client, parse_conv
+from ._errors import ServerError
+from ._events import Disconnected, Reconnected
+from ._render import Renderer, json_line, use_colour
+
+
+class ScriptError(Exception):
+    """The command failed; the message is one line for stderr."""
+
+
+def target(text: str) -> proto.Conversation:
+    """"#room" or "@user" (a bare name is a room). Raises ``ScriptError``."""
+    if not text.startswith(("#", "@")):
+        text = "#" + text
+    try:
+        return parse_conv(text)
+    except ValueError as exc:
+        raise ScriptError(str(exc)) from None
+
+
+async def send(client: Client, conv: proto.Conversation, bodies: list[str]) -> None:
+    """Send ``bodies`` in order, joining the room first if needed. Raises ``ScriptError``."""
+    joined = False
+    for body in bodies:
+        while True:
+            try:
+                await client.send(conv, body)
+                break
+            except ServerError as exc:
+                if exc.code == ErrorCode.NOT_MEMBER and conv.kind == ConvKind.ROOM and not joined:
+                    await _join(client, conv)
+                    joined = True
+                    continue
+                raise ScriptError(f"not sent to {conv}: {exc.message or exc.code.name}") from None
+
+
+async def _join(client: Client, conv: proto.Conversation) -> proto.Joined:
+    try:
+        return await client.join(conv.name)
+    except ServerError as exc:
+        raise ScriptError(f"cannot join {conv}: {exc.message or exc.code.name}") from None
+
+
+async def tail(client: Client, conv: proto.Conversation, *, since: int | None, as_json: bool,
+               out=sys.stdout, err=sys.stderr) -> None:
+    """Print the messages of ``conv`` (those after ``since`` first) until cancelled. Raises ``ScriptError``."""
+    if conv.kind == ConvKind.ROOM:
+        top = (await _join(client, conv)).last_seq
+    else:
+        try:
+            page = await client.history(conv, limit=1)
+        except ServerError as exc:
+            raise ScriptError(f"cannot tail {conv}: {exc.message or exc.code.name}") from None
+        top = page.messages[-1].seq if page.messages else 0
+    for room in await client.rooms():
+        if room.joined:
+            client.last_seq[proto.Conversation.room(room.name)] = room.last_seq
+    client.last_seq[conv] = top if since is None else max(0, since)
+    renderer = Renderer(client.username or "", colour=use_colour(out), gutter=False)
+
+    async def show() -> None:
+        async for event in client.events():
+            if isinstance(event, proto.Message) and event.conv == conv:
+                out.write((json_line(event) if as_json else renderer.message(event)) + "\n")
+                out.flush()
+            elif isinstance(event, Disconnected):
+                print(f"chorus: {event.message}" + ("; reconnecting…" if event.will_reconnect else ""),
+                      file=err, flush=True)
+                if not event.will_reconnect:
+                    raise ScriptError("disconnected for good")
+            elif isinstance(event, Reconnected):
+                print("chorus: reconnected", file=err, flush=True)
+        raise ScriptError("the connection ended")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(show)
+        await client.sync()

@@ -1,0 +1,641 @@
+"""The interactive ``chorus`` client: a chat in a terminal (spec/PROTOCOL.md §9).
+
+How this works. Two threads, one owner of the state:
+
+- The Trio thread owns everything: the library ``Client``, the conversations,
+  unread counts, pending messages. Its tasks are: ``_events`` (prints each
+  message and connection change as it arrives), ``_worker`` (does what typed
+  lines ask of the server, one at a time, in the order typed), ``_mark_loop``
+  (tells the server, once a second, how far we have shown each conversation:
+  DELIVERED, §9.6, so the next start shows only what is new) and ``_tick``.
+- A worker thread runs prompt_toolkit on its own asyncio loop for the whole
+  session (``_PromptThread``). Each finished line is handed to the Trio thread
+  with ``trio.from_thread.run_sync``. Output goes through ``patch_stdout``: a
+  ``print`` from the Trio thread is queued to the prompt's loop, which erases
+  the input line, prints above it and draws it again, so a half-typed line is
+  never garbled. One long-lived loop (rather than one ``prompt()`` per line)
+  means the printer never targets a loop that has just closed.
+
+Lines are handled at once, in the Trio thread, when typed: text gets its
+client_msg_id then (so a retry after a reconnect reuses it, §9.4), and while
+offline it is printed as pending. Work that needs the server goes to a
+queue that ``_worker`` runs in order, so "/join #x" then "hello" sends hello
+to #x after the join. A send that times out while the server is away is
+retried with the same id until it is acknowledged; the library already re-sends
+its outbox after reconnecting (and catches up by seq without duplicates,
+§9.5); this module only shows it happening.
+
+When stdin is not a terminal, lines are read plainly from stdin and there is
+no status bar: ``printf '/join #x\\nhello\\n' | chorus`` works.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import trio
+
+import proto
+from proto import ConvKind, ErrorCode
+
+from ._client import Client
+from ._commands import COMMANDS, Command, Text, UsageError, completions, help_lines, history_count, msg_args, parse, \
+    room_arg
+from ._errors import ConnectionLost, ServerError
+from ._events import Disconnected, Reconnected
+from ._render import Renderer
+
+#: At start, a room shows at most this many messages that arrived since we last looked; /history shows more.
+STARTUP_BACKLOG = 30
+_QUEUE_LIMIT = 1000  # lines waiting for the server; more is refused (a paste of a whole file, say)
+_TYPING_SHOW_S = 6.0  # how long "bob is typing" stays without another notice
+_TYPING_SEND_S = 3.0  # at most one TYPING per conversation this often
+_QUIT_GRACE_S = 5.0  # on /quit, time given to lines still waiting for the server
+_MARK_INTERVAL_S = 1.0
+
+
+def describe(exc: BaseException) -> str:
+    """One readable sentence for an error from the library."""
+    if isinstance(exc, ServerError):
+        return exc.message or exc.code.name.replace("_", " ").lower()
+    if isinstance(exc, trio.TooSlowError):
+        return "the server did not answer in time"
+    return str(exc) or type(exc).__name__
+
+
+def conv_arg(text: str) -> proto.Conversation:
+    """"#room", "@user" or a bare room name. Raises ``UsageError``."""
+    text = text.strip()
+    if text.startswith("@") and len(text) > 1:
+        return proto.Conversation.direct(text[1:])
+    name = text.removeprefix("#")
+    if not name or " " in name:
+        raise UsageError(f"usage: {COMMANDS['switch'].usage}")
+    return proto.Conversation.room(name)
+
+
+@dataclass
+class _Pending:
+    conv: proto.Conversation
+    body: str
+    client_msg_id: int
+
+
+class Tui:
+    """One interactive session on a connected ``client``; ``await run()`` until the user quits."""
+
+    def __init__(self, client: Client, renderer: Renderer, *, terminal: bool, out: Callable[[str], None] = print):
+        self.client = client
+        self.me = client.username or ""
+        self.r = renderer
+        self.terminal = terminal
+        self._print = out
+        self.current: proto.Conversation | None = None
+        self.joined: set[str] = set()
+        self.directs: set[str] = set()
+        self.known_rooms: set[str] = set()
+        self.users: set[str] = set()
+        self.unread: dict[proto.Conversation, int] = {}
+        self.shown: dict[proto.Conversation, int] = {}  # highest seq shown (or not news any more)
+        self.first_shown: dict[proto.Conversation, int] = {}  # where /history starts paging back
+        self.history_cursor: dict[proto.Conversation, int] = {}
+        self.history_done: set[proto.Conversation] = set()
+        self.pending: dict[int, _Pending] = {}
+        self.typing: dict[tuple[proto.Conversation, str], float] = {}
+        self.connected = True
+        self.exit_code = 0
+        self.status = ""  # the bottom toolbar; read by the prompt thread
+        self.prompt_text = "> "
+        self.completion_sources: dict = {"rooms": (), "joined": (), "users": (), "convs": ()}
+        self._marked: dict[proto.Conversation, int] = {}
+        self._typing_sent: dict[proto.Conversation, float] = {}
+        self._caught_up = 0
+        self._ops_send, self._ops_recv = trio.open_memory_channel(_QUEUE_LIMIT)
+        self._queued = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._input: _PromptThread | None = None
+
+    # -- output ------------------------------------------------------------------------
+    def out(self, line: str) -> None:
+        self._print(line)
+
+    def info(self, text: str) -> None:
+        self.out(self.r.info(text))
+
+    def error(self, text: str) -> None:
+        self.out(self.r.error(text))
+
+    def conv_list(self) -> list[proto.Conversation]:
+        """The conversations numbered in the status bar: rooms, then people, each by name."""
+        return ([proto.Conversation.room(r) for r in sorted(self.joined)]
+                + [proto.Conversation.direct(u) for u in sorted(self.directs)])
+
+    def refresh(self) -> None:
+        """Rebuild the status bar, prompt and completion sources, and have the prompt redraw."""
+        parts = []
+        for i, conv in enumerate(self.conv_list(), 1):
+            n = self.unread.get(conv, 0)
+            label = f"{i}:{conv}" + (f"({n})" if n else "")
+            parts.append(f"[{label}]" if conv == self.current else label)
+        status = " ".join(parts) or "no rooms yet: /join #room"
+        if not self.connected:
+            status = "reconnecting… | " + status
+        if self.pending:
+            status += f" | {len(self.pending)} pending"
+        now = trio.current_time()
+        typists = sorted(u for (conv, u), until in self.typing.items() if conv == self.current and until > now)
+        if typists:
+            status += f" | {', '.join(typists)} typing…"
+        self.status = status
+        elsewhere = [f"{conv} {n}" for conv in self.conv_list() if conv != self.current and (n := self.unread.get(conv))]
+        self.prompt_text = (("" if self.connected else "[offline] ") + str(self.current or "(no room)")
+                            + (f" ({', '.join(elsewhere)})" if elsewhere else "") + "> ")
+        convs = [str(c) for c in self.conv_list()]
+        self.completion_sources = {
+            "rooms": tuple(self.known_rooms | self.joined), "joined": tuple(self.joined),
+            "users": tuple(u for u in self.users | self.directs if u != self.me), "convs": tuple(convs),
+        }
+        if self._input is not None:
+            self._input.refresh()
+
+    # -- the session ---------------------------------------------------------------------
+    async def run(self) -> int:
+        """Catch up, then serve typed lines until /quit, end of input, or a connection lost for good."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._events)
+            nursery.start_soon(self._worker)
+            nursery.start_soon(self._mark_loop)
+            nursery.start_soon(self._tick)
+            try:
+                # Catching up is the first piece of work: lines typed meanwhile wait behind it, and
+                # the prompt is up at once even if the server goes away right now.
+                self._enqueue(self._catch_up)
+                self.refresh()
+                self._input = _PromptThread(self) if self.terminal else None
+                nursery.start_soon(self._read_input)
+                await self._done.wait()
+                await self._finish()
+            finally:
+                if self._input is not None:
+                    self._input.stop()
+                nursery.cancel_scope.cancel()
+        return self.exit_code
+
+    async def _catch_up(self) -> None:
+        """Start live delivery (SYNC), showing in each room at most STARTUP_BACKLOG messages not yet seen."""
+        while True:
+            try:
+                await self._catch_up_once()
+                return
+            except trio.TooSlowError:
+                continue  # the server is away; the library reconnects meanwhile
+
+    async def _catch_up_once(self) -> None:
+        rooms = await self.client.rooms()
+        self.known_rooms = {r.name for r in rooms}
+        mine = [r for r in rooms if r.joined]
+        self.joined = {r.name for r in mine}
+        delivered: dict[str, int] = {}
+
+        async def fetch(room: str) -> None:
+            for cursor in await self.client.cursors(proto.Conversation.room(room)):
+                if cursor.user == self.me:
+                    delivered[room] = cursor.delivered_seq
+
+        async with trio.open_nursery() as nursery:
+            for r in mine:
+                nursery.start_soon(fetch, r.name)
+        for r in mine:
+            conv = proto.Conversation.room(r.name)
+            seen = delivered.get(r.name, 0)
+            start = max(seen, r.last_seq - STARTUP_BACKLOG)
+            if start > seen:
+                self.info(f"{conv}: {r.last_seq - seen} messages since you last looked; the last {STARTUP_BACKLOG}"
+                          " follow (/history for more)")
+            # (A reconnect meanwhile has synced by itself: then never go back and show things twice.)
+            self.client.last_seq.setdefault(conv, start)
+        if mine and self.current is None:
+            self.current = proto.Conversation.room(mine[0].name)
+        await self.client.sync()
+        where = ", ".join(f"#{r.name}" for r in mine) or "no rooms yet (/join #room)"
+        self.info(f"logged in as {self.me}; in {where}. /help lists the commands")
+
+    async def _finish(self) -> None:
+        """Give queued lines a moment to reach the server, then record how far we have read."""
+        if self._queued and self.connected:
+            with trio.move_on_after(_QUIT_GRACE_S):
+                await self._idle.wait()
+        if self.pending:
+            self.error(f"{len(self.pending)} message(s) not sent")
+        with trio.move_on_after(1.0):
+            await self._flush_marks()
+
+    def quit(self) -> None:
+        self._done.set()
+
+    # -- input -----------------------------------------------------------------------------
+    async def _read_input(self) -> None:
+        if self._input is not None:
+            await trio.to_thread.run_sync(self._input.run)
+        else:
+            await trio.to_thread.run_sync(self._read_plain, abandon_on_cancel=True)
+
+    def _read_plain(self) -> None:
+        for line in sys.stdin:
+            trio.from_thread.run_sync(self.on_line, line.rstrip("\r\n"))
+        trio.from_thread.run_sync(self.quit)
+
+    def on_line(self, line: str) -> None:
+        """Act on one typed line (in the Trio thread). Never raises: errors become one line."""
+        try:
+            parsed = parse(line)
+            if parsed is None:
+                return
+            if isinstance(parsed, Text):
+                self._queue_text(self.current, parsed.body)
+            else:
+                self._command(parsed)
+        except UsageError as exc:
+            self.error(str(exc))
+        except Exception as exc:  # a bug here must not end the session or print a traceback
+            self.error(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.refresh()
+
+    def on_keystroke(self, text: str) -> None:
+        """The input line changed (in the Trio thread): say we are typing, now and then (§9.9)."""
+        conv = self.current
+        if conv is None or not text or text.startswith("/") or not self.connected or self._nursery is None:
+            return
+        now = trio.current_time()
+        if now - self._typing_sent.get(conv, -_TYPING_SEND_S) < _TYPING_SEND_S:
+            return
+        self._typing_sent[conv] = now
+        self._nursery.start_soon(self._send_typing, conv)
+
+    async def _send_typing(self, conv: proto.Conversation) -> None:
+        with contextlib.suppress(ConnectionLost, ServerError, proto.ProtocolError):
+            await self.client.typing(conv)
+
+    # -- commands ----------------------------------------------------------------------------
+    def _command(self, cmd: Command) -> None:
+        name, args = cmd.name, cmd.args
+        if name == "help":
+            for line in help_lines(args):
+                self.info(line)
+        elif name == "quit":
+            self.quit()
+        elif name == "join":
+            room = room_arg(args, COMMANDS["join"].usage)
+            previous, self.current = self.current, proto.Conversation.room(room)
+            self._enqueue(self._join, room, previous)
+        elif name == "leave":
+            if args:
+                room = room_arg(args, COMMANDS["leave"].usage)
+            elif self.current is not None and self.current.kind == ConvKind.ROOM:
+                room = self.current.name
+            else:
+                raise UsageError(f"usage: {COMMANDS['leave'].usage}")
+            self._enqueue(self._leave, room)
+        elif name == "switch":
+            self._switch(args)
+        elif name == "rooms":
+            self._enqueue(self._rooms)
+        elif name == "who":
+            if args:
+                room = room_arg(args, COMMANDS["who"].usage)
+            elif self.current is not None and self.current.kind == ConvKind.ROOM:
+                room = self.current.name
+            else:
+                raise UsageError("/who lists the people in a room: /who #room")
+            self._enqueue(self._who, room)
+        elif name == "msg":
+            user, text = msg_args(args)
+            if user == self.me:
+                raise UsageError("that is you; /msg someone else")
+            self._queue_text(proto.Conversation.direct(user), text)
+        elif name == "me":
+            if not args:
+                raise UsageError(f"usage: {COMMANDS['me'].usage}")
+            self._queue_text(self.current, "/me " + args)
+        elif name == "history":
+            if self.current is None:
+                raise UsageError("no conversation yet: /join #room first")
+            self._enqueue(self._history, self.current, history_count(args))
+
+    def _switch(self, args: str) -> None:
+        if not args:
+            raise UsageError(f"usage: {COMMANDS['switch'].usage}")
+        if args.strip().isdigit():
+            convs = self.conv_list()
+            n = int(args)
+            if not 1 <= n <= len(convs):
+                raise UsageError(f"no conversation number {n}; the status bar numbers them 1 to {len(convs)}")
+            conv = convs[n - 1]
+        else:
+            conv = conv_arg(args)
+            if conv.kind == ConvKind.ROOM and conv.name not in self.joined:
+                raise UsageError(f"you are not in {conv}; /join {conv} first")
+            if conv.kind == ConvKind.DIRECT:
+                if conv.name == self.me:
+                    raise UsageError("that is you; /switch @someone else")
+                self.directs.add(conv.name)
+        self.current = conv
+        self.unread.pop(conv, None)
+        self.info(f"now talking in {conv}")
+
+    def _queue_text(self, conv: proto.Conversation | None, body: str) -> None:
+        if conv is None:
+            raise UsageError("you are in no room: /join #room first, or /msg USER text")
+        size = len(body.encode("utf-8"))
+        limit = self.client.welcome.max_body_bytes if self.client.welcome else proto.MAX_BODY_BYTES
+        if size > limit:
+            raise UsageError(f"message too long: {size} bytes, the server takes at most {limit}")
+        if conv.kind == ConvKind.DIRECT:
+            self.directs.add(conv.name)
+        p = _Pending(conv, body, secrets.randbits(63) or 1)
+        self._enqueue(self._send, p)
+        self.pending[p.client_msg_id] = p
+        if not self.connected:
+            shown = proto.Message(conv, 0, int(time.time() * 1000), self.me, p.client_msg_id, body)
+            self.out(self.r.message(shown, pending=True))
+
+    def _enqueue(self, fn: Callable[..., Awaitable[None]], *args) -> None:
+        try:
+            self._ops_send.send_nowait(functools.partial(fn, *args))
+        except trio.WouldBlock:
+            raise UsageError(f"{_QUEUE_LIMIT} lines are already waiting for the server; try again later") from None
+        self._queued += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    async def _worker(self) -> None:
+        async for op in self._ops_recv:
+            try:
+                await op()
+            except ConnectionLost:
+                return
+            except (ServerError, trio.TooSlowError, proto.ProtocolError) as exc:
+                self.error(describe(exc))
+            finally:
+                self._queued -= 1
+                if not self._queued:
+                    self._idle.set()
+                self.refresh()
+
+    async def _send(self, p: _Pending) -> None:
+        try:
+            while True:
+                try:
+                    await self.client.send(p.conv, p.body, client_msg_id=p.client_msg_id)
+                    return
+                except trio.TooSlowError:
+                    continue  # still away: keep trying, with the same id so it is stored once
+                except ServerError as exc:
+                    if exc.code == ErrorCode.NOT_FOUND and p.conv.kind == ConvKind.DIRECT:
+                        self.directs.discard(p.conv.name)
+                        if self.current == p.conv:
+                            self.current = self._fallback()
+                        self.error(f"not sent: there is no user {p.conv.name}")
+                    else:
+                        self.error(f"not sent to {p.conv}: {describe(exc)}")
+                    return
+                except proto.LocalProtocolError as exc:
+                    self.error(f"not sent to {p.conv}: {exc}")
+                    return
+        finally:
+            self.pending.pop(p.client_msg_id, None)
+
+    def _fallback(self) -> proto.Conversation | None:
+        convs = self.conv_list()
+        return convs[0] if convs else None
+
+    async def _join(self, room: str, previous: proto.Conversation | None) -> None:
+        conv = proto.Conversation.room(room)
+        try:
+            joined = await self.client.join(room)
+        except ServerError as exc:
+            self.error(f"cannot join #{room}: {describe(exc)}")
+            if self.current == conv:
+                self.current = previous
+            return
+        self.joined.add(joined.room)
+        self.known_rooms.add(joined.room)
+        # What was said before we joined is history, not news for the next start.
+        self.shown[conv] = max(self.shown.get(conv, 0), joined.last_seq)
+        people = "1 member" if joined.members == 1 else f"{joined.members} members"
+        self.info(f"joined #{joined.room} ({people}, {joined.last_seq} messages); /history shows earlier ones")
+
+    async def _leave(self, room: str) -> None:
+        conv = proto.Conversation.room(room)
+        try:
+            await self.client.leave(room)
+        except ServerError as exc:
+            self.error(f"cannot leave #{room}: {describe(exc)}")
+            return
+        self.joined.discard(room)
+        for table in (self.unread, self.shown, self._marked, self.first_shown, self.history_cursor):
+            table.pop(conv, None)
+        if self.current == conv:
+            self.current = self._fallback()
+        self.info(f"left #{room}" + (f"; now talking in {self.current}" if self.current else ""))
+
+    async def _rooms(self) -> None:
+        rooms = await self.client.rooms()
+        self.known_rooms |= {r.name for r in rooms}
+        if not rooms:
+            self.info("no rooms on this server yet: /join #name creates one")
+            return
+        self.info(f"{len(rooms)} room(s):")
+        for r in rooms:
+            people = "1 member" if r.members == 1 else f"{r.members} members"
+            self.info(f"  #{r.name}  {people}, {r.last_seq} messages" + (", joined" if r.joined else ""))
+
+    async def _who(self, room: str) -> None:
+        try:
+            members = await self.client.members(room)
+        except ServerError as exc:
+            self.error(f"cannot list #{room}: {describe(exc)}")
+            return
+        self.users |= {m.user for m in members}
+        order = sorted(members, key=lambda m: (m.status != proto.Status.ONLINE, m.user))
+        self.info(f"#{room}: " + ", ".join(f"{m.user} ({m.status.name.lower()})" for m in order))
+
+    async def _history(self, conv: proto.Conversation, limit: int) -> None:
+        if conv in self.history_done:
+            self.info(f"no older messages in {conv}")
+            return
+        before = self.history_cursor.get(conv) or self.first_shown.get(conv) or None
+        try:
+            page = await self.client.history(conv, before=before, limit=limit)
+        except ServerError as exc:
+            self.error(f"no history for {conv}: {describe(exc)}")
+            return
+        if not page.messages:
+            self.history_done.add(conv)
+            self.info(f"no older messages in {conv}")
+            return
+        first, last = page.messages[0].seq, page.messages[-1].seq
+        self.info(f"{conv} history, messages {first} to {last}:")
+        for m in page.messages:
+            self.out(self.r.message(proto.Message(conv, m.seq, m.ts_ms, m.sender, m.client_msg_id, m.body)))
+            self.users.add(m.sender)
+        self.history_cursor[conv] = first
+        if not page.has_more:
+            self.history_done.add(conv)
+            self.info(f"that is the beginning of {conv}")
+
+    # -- what the server says ---------------------------------------------------------------
+    async def _events(self) -> None:
+        try:
+            async for event in self.client.events():
+                if isinstance(event, proto.Message):
+                    self._show(event)
+                elif isinstance(event, Disconnected):
+                    self._disconnected(event)
+                elif isinstance(event, Reconnected):
+                    self.connected = True
+                    n, self._caught_up = self._caught_up, 0
+                    self.info("reconnected" + (f"; caught up {n} message(s)" if n else ""))
+                elif isinstance(event, proto.UserTyping):
+                    self.typing[(event.conv, event.user)] = trio.current_time() + _TYPING_SHOW_S
+                elif isinstance(event, proto.Presence):
+                    self.users.add(event.user)  # not printed: every script that connects would say hello
+                elif isinstance(event, proto.GoAway):
+                    self.info(f"the server is going away ({event.message or event.reason.name.lower()})")
+                elif isinstance(event, proto.Error):
+                    self.error(f"the server says: {describe(ServerError.from_event(event))}")
+                self.refresh()
+        finally:
+            self.quit()  # the client is closed: by us, or for good by the server
+
+    def _show(self, msg: proto.Message) -> None:
+        conv = msg.conv
+        if conv.kind == ConvKind.DIRECT:
+            self.directs.add(conv.name)
+        else:
+            self.joined.add(conv.name)  # e.g. joined from another device
+        self.users.add(msg.sender)
+        self.typing.pop((conv, msg.sender), None)
+        self.out(self.r.message(msg))
+        self.shown[conv] = max(self.shown.get(conv, 0), msg.seq)
+        self.first_shown.setdefault(conv, msg.seq)
+        if conv != self.current and msg.sender != self.me:
+            self.unread[conv] = self.unread.get(conv, 0) + 1
+        if self.current is None:
+            self.current = conv
+        if not self.connected:
+            self._caught_up += 1
+
+    def _disconnected(self, event: Disconnected) -> None:
+        self.connected = False
+        self._caught_up = 0
+        if event.will_reconnect:
+            self.info(f"{event.message}; reconnecting…")
+        else:
+            self.error(f"disconnected: {event.message}")
+            self.exit_code = 1
+            self.quit()
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    async def _mark_loop(self) -> None:
+        while True:
+            await trio.sleep(_MARK_INTERVAL_S)
+            await self._flush_marks()
+
+    async def _flush_marks(self) -> None:
+        """DELIVERED up to what we have shown (§9.6): the next start begins there."""
+        for conv, seq in list(self.shown.items()):
+            if seq > self._marked.get(conv, 0):
+                try:
+                    await self.client.mark_delivered(conv, seq)
+                except (ConnectionLost, proto.ProtocolError):
+                    return
+                self._marked[conv] = seq
+
+    async def _tick(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            expired = [key for key, until in self.typing.items() if until <= now]
+            for key in expired:
+                del self.typing[key]
+            if expired:
+                self.refresh()
+
+
+class _PromptThread:
+    """prompt_toolkit in a worker thread, on its own asyncio loop for the whole session."""
+
+    def __init__(self, tui: Tui):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.completion import Completer, Completion
+
+        self.tui = tui
+        self.token = trio.lowlevel.current_trio_token()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+
+        class _Complete(Completer):
+            def get_completions(self, document, complete_event):
+                for text, start in completions(document.text_before_cursor, **tui.completion_sources):
+                    yield Completion(text, start_position=start)
+
+        self.session = PromptSession(
+            message=lambda: tui.prompt_text,
+            bottom_toolbar=lambda: tui.status,
+            completer=_Complete(),
+            complete_while_typing=False,
+            erase_when_done=True,  # the line comes back as a message line; don't show it twice
+        )
+        self.session.default_buffer.on_text_changed += self._changed
+
+    def _changed(self, buffer) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(self.tui.on_keystroke, buffer.text)
+
+    def run(self) -> None:
+        """The thread's body: prompt until stopped or the user ends input."""
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        while not self.stopping:
+            try:
+                line = await self.session.prompt_async(pre_run=self._pre_run)
+            except (EOFError, KeyboardInterrupt):
+                if not self.stopping:
+                    trio.from_thread.run_sync(self.tui.quit, trio_token=self.token)
+                return
+            if self.stopping:
+                return
+            trio.from_thread.run_sync(self.tui.on_line, line, trio_token=self.token)
+
+    def _pre_run(self) -> None:
+        if self.stopping:
+            self.session.app.exit(exception=EOFError())
+
+    def _exit(self) -> None:
+        app = self.session.app
+        if app.is_running and not app.is_done:
+            app.exit(exception=EOFError())
+
+    def stop(self) -> None:
+        """End the prompt (from the Trio thread); the thread returns soon after."""
+        self.stopping = True
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self.loop.call_soon_threadsafe(self._exit)
+
+    def refresh(self) -> None:
+        self.session.app.invalidate()  # thread-safe, and a no-op while no prompt is up
