@@ -1,0 +1,1 @@
+"""Reference servers the bench measures Chorus against (Mosquitto is started from its own binary)."""
