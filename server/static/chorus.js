@@ -1,1 +1,1245 @@
-export {}
+// Chorus in the browser: the frame codec of spec/PROTOCOL.md and a small chat app, in one module.
+//
+// How this works. The first half is the codec, a JavaScript twin of proto/: every frame type's body
+// fields (spec §5) are declared once in FIELDS with the field types of §3, and the same declaration
+// encodes and decodes. decode() judges the header first as §2.3 says (length, type, flags), then
+// decompresses lz4 bodies (§4; the block decoder is below, ~40 lines) and parses strictly: unknown
+// enum values, booleans other than 0/1, invalid UTF-8, over-long strings and arrays and trailing
+// bytes are all errors carrying the ErrorCode to report. encode() never compresses (§4 lets a
+// sender choose). u64 fields are BigInt. tests/js/codec.test.mjs checks both directions against every
+// hex example of the spec (tests/js/vectors.json, generated from the spec by tests/test_js_codec.py).
+//
+// The second half is the app (it starts only in a browser): WebSocket to /ws where one binary message
+// is one frame (§1); HELLO, RESUME with the token kept in localStorage or LOGIN/REGISTER (§6, §9.1);
+// SYNC after every AUTH_OK listing last_seq of every conversation held, so a reconnect misses nothing
+// and duplicates are dropped by seq (§9.3, §9.5); HISTORY BEFORE when scrolled to the top (§9.7);
+// unacknowledged SENDs resent with their client_msg_id after a reconnect (§9.4); PONG for PING and a
+// PING of our own when the server goes quiet (§9.10); reconnect with exponential back-off and jitter,
+// never sooner than GOAWAY's hint (§9.13).
+
+// ------------------------------------------------------------------------------------------------
+// Codec
+// ------------------------------------------------------------------------------------------------
+
+export const PROTOCOL_VERSION = 1;
+export const HEADER_BYTES = 10;
+export const DEFAULT_MAX_FRAME_BYTES = 1 << 20;
+export const ABSOLUTE_MAX_FRAME_BYTES = 16 << 20;
+export const MAX_LIST_ITEMS = 1000;
+const COMPRESSED_PREFIX_BYTES = 4;
+
+export const FrameType = Object.freeze({
+  HELLO: 0x01, WELCOME: 0x02, REGISTER: 0x03, LOGIN: 0x04, RESUME: 0x05, AUTH_OK: 0x06, LOGOUT: 0x07, OK: 0x08,
+  JOIN: 0x10, JOINED: 0x11, LEAVE: 0x12, LIST_ROOMS: 0x13, ROOM_LIST: 0x14, MEMBERS: 0x15, MEMBER_LIST: 0x16,
+  SEND: 0x20, ACK: 0x21, MESSAGE: 0x22, SYNC: 0x23, SYNC_PAGE: 0x24, SYNC_DONE: 0x25, HISTORY: 0x26,
+  HISTORY_PAGE: 0x27, DELIVERED: 0x28, READ: 0x29, RECEIPT: 0x2a, GET_CURSORS: 0x2b, CURSORS: 0x2c,
+  PRESENCE: 0x30, TYPING: 0x31, USER_TYPING: 0x32, PING: 0x40, PONG: 0x41, ERROR: 0x42, GOAWAY: 0x43, BYE: 0x44,
+});
+
+export const Flags = Object.freeze({ COMPRESSED: 0x01 });
+
+export const ErrorCode = Object.freeze({
+  MALFORMED_FRAME: 100, FRAME_TOO_LARGE: 101, UNKNOWN_FRAME_TYPE: 102, INVALID_FIELD: 103, FIELD_TOO_LARGE: 104,
+  DECOMPRESSION_FAILED: 105, WRONG_STATE: 106, UNSUPPORTED_VERSION: 107, HANDSHAKE_TIMEOUT: 108,
+  AUTH_FAILED: 200, USERNAME_TAKEN: 201, INVALID_TOKEN: 202, INVALID_NAME: 203, WEAK_PASSWORD: 204,
+  TOO_MANY_CONNECTIONS: 205, NOT_FOUND: 300, NOT_MEMBER: 301, TOO_MANY_ROOMS: 302, BODY_TOO_LARGE: 303,
+  RATE_LIMITED: 304, INVALID_REQUEST: 305, SERVER_BUSY: 306, INTERNAL: 399,
+});
+
+export const CloseReason = Object.freeze({
+  CLIENT_QUIT: 1, SHUTDOWN: 2, STALE: 3, SLOW_CONSUMER: 4, PROTOCOL_ERROR: 5, IDLE_TIMEOUT: 6, RATE_LIMITED: 7,
+  LOGGED_OUT: 8, SERVER_FULL: 9, AUTH_TIMEOUT: 10, PEER_CLOSED: 11,
+});
+
+export const ConvKind = Object.freeze({ ROOM: 1, DIRECT: 2 });
+export const Direction = Object.freeze({ BEFORE: 1, AFTER: 2 });
+export const ReceiptKind = Object.freeze({ DELIVERED: 1, READ: 2 });
+export const Status = Object.freeze({ OFFLINE: 0, ONLINE: 1 });
+
+const FRAME_NAMES = new Map(Object.entries(FrameType).map(([name, code]) => [code, name]));
+
+/** The name of an enum value (e.g. nameOf(ErrorCode, 301) === "NOT_MEMBER"), or String(value). */
+export function nameOf(enumObject, value) {
+  for (const [name, v] of Object.entries(enumObject)) if (v === value) return name;
+  return String(value);
+}
+
+/** The peer broke the protocol; `code` is the ErrorCode to answer with (spec §7). */
+export class ProtocolError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = "ProtocolError";
+    this.code = code;
+  }
+}
+
+const fail = (code, message) => { throw new ProtocolError(code, message); };
+const utf8Encoder = new TextEncoder();
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+class Reader {
+  constructor(bytes) {
+    this.bytes = bytes;
+    this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    this.pos = 0;
+  }
+  need(n) {
+    if (this.pos + n > this.bytes.length) fail(ErrorCode.MALFORMED_FRAME, "body ends inside a field");
+  }
+  u8() { this.need(1); return this.bytes[this.pos++]; }
+  u16() { this.need(2); const v = this.view.getUint16(this.pos); this.pos += 2; return v; }
+  u32() { this.need(4); const v = this.view.getUint32(this.pos); this.pos += 4; return v; }
+  u64() { this.need(8); const v = this.view.getBigUint64(this.pos); this.pos += 8; return v; }
+  take(n) { this.need(n); const v = this.bytes.subarray(this.pos, this.pos + n); this.pos += n; return v; }
+}
+
+class Writer {
+  constructor(size = 256) {
+    this.bytes = new Uint8Array(size);
+    this.view = new DataView(this.bytes.buffer);
+    this.pos = 0;
+  }
+  room(n) {
+    if (this.pos + n <= this.bytes.length) return;
+    const bigger = new Uint8Array(Math.max(this.bytes.length * 2, this.pos + n));
+    bigger.set(this.bytes);
+    this.bytes = bigger;
+    this.view = new DataView(bigger.buffer);
+  }
+  u8(v) { this.room(1); this.view.setUint8(this.pos, v); this.pos += 1; }
+  u16(v) { this.room(2); this.view.setUint16(this.pos, v); this.pos += 2; }
+  u32(v) { this.room(4); this.view.setUint32(this.pos, v); this.pos += 4; }
+  u64(v) { this.room(8); this.view.setBigUint64(this.pos, v); this.pos += 8; }
+  put(bytes) { this.room(bytes.length); this.bytes.set(bytes, this.pos); this.pos += bytes.length; }
+  result() { return this.bytes.slice(0, this.pos); }
+}
+
+function checkedInt(value, max, what) {
+  if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > max) {
+    throw new RangeError(`${what}: ${value} is not an integer in 0..${max}`);
+  }
+  return value;
+}
+
+// Field types (spec §3). Each has read(reader) and write(writer, value).
+const uint = (bits) => {
+  const max = 2 ** bits - 1;
+  return {
+    read: (r) => r[`u${bits}`](),
+    write: (w, v, path) => w[`u${bits}`](checkedInt(v, max, path)),
+  };
+};
+const U8 = uint(8), U16 = uint(16), U32 = uint(32);
+const U64_MAX = (1n << 64n) - 1n;
+const U64 = {
+  read: (r) => r.u64(),
+  write: (w, v, path) => {
+    const big = BigInt(v); // numbers and decimal strings are accepted too
+    if (big < 0n || big > U64_MAX) throw new RangeError(`${path}: ${v} is not a u64`);
+    w.u64(big);
+  },
+};
+const BOOL = {
+  read: (r) => {
+    const b = r.u8();
+    if (b > 1) fail(ErrorCode.INVALID_FIELD, `boolean byte ${b}`);
+    return b === 1;
+  },
+  write: (w, v, path) => {
+    if (typeof v !== "boolean") throw new TypeError(`${path}: expected a boolean`);
+    w.u8(v ? 1 : 0);
+  },
+};
+const text = (prefix, maxBytes) => ({
+  read: (r, path) => {
+    const raw = r.take(prefix.read(r));
+    if (raw.length > maxBytes) fail(ErrorCode.FIELD_TOO_LARGE, `${path}: ${raw.length} bytes > ${maxBytes}`);
+    try {
+      return utf8Decoder.decode(raw);
+    } catch {
+      return fail(ErrorCode.INVALID_FIELD, `${path}: invalid UTF-8`);
+    }
+  },
+  write: (w, v, path) => {
+    if (typeof v !== "string") throw new TypeError(`${path}: expected a string`);
+    if (/\p{Surrogate}/u.test(v)) throw new TypeError(`${path}: lone surrogate, not encodable as UTF-8`);
+    const raw = utf8Encoder.encode(v);
+    if (raw.length > maxBytes) throw new RangeError(`${path}: ${raw.length} bytes > ${maxBytes}`);
+    prefix.write(w, raw.length, path);
+    w.put(raw);
+  },
+});
+const enumOf = (int, enumObject) => {
+  const values = new Set(Object.values(enumObject));
+  return {
+    read: (r, path) => {
+      const v = int.read(r);
+      if (!values.has(v)) fail(ErrorCode.INVALID_FIELD, `${path}: ${v} is not a valid value`);
+      return v;
+    },
+    write: (w, v, path) => {
+      if (!values.has(v)) throw new RangeError(`${path}: ${v} is not a valid value`);
+      int.write(w, v, path);
+    },
+  };
+};
+const record = (fields) => ({
+  fields,
+  read: (r, path = "") => {
+    const out = {};
+    for (const [name, type] of fields) out[name] = type.read(r, path + "." + name);
+    return out;
+  },
+  write: (w, v, path = "") => {
+    if (v === null || typeof v !== "object") throw new TypeError(`${path}: expected an object`);
+    for (const [name, type] of fields) {
+      if (!(name in v)) throw new TypeError(`${path}.${name}: missing`);
+      type.write(w, v[name], path + "." + name);
+    }
+  },
+});
+const array = (item) => ({
+  read: (r, path) => {
+    const count = r.u16();
+    if (count > MAX_LIST_ITEMS) fail(ErrorCode.FIELD_TOO_LARGE, `${path}: ${count} items > ${MAX_LIST_ITEMS}`);
+    const out = [];
+    for (let i = 0; i < count; i++) out.push(item.read(r, `${path}[${i}]`));
+    return out;
+  },
+  write: (w, v, path) => {
+    if (!Array.isArray(v)) throw new TypeError(`${path}: expected an array`);
+    if (v.length > MAX_LIST_ITEMS) throw new RangeError(`${path}: ${v.length} items > ${MAX_LIST_ITEMS}`);
+    w.u16(v.length);
+    v.forEach((x, i) => item.write(w, x, `${path}[${i}]`));
+  },
+});
+
+const NAME = text(U8, 32);
+const PASSWORD = text(U8, 128);
+const TOKEN = text(U8, 64);
+const SOFTWARE = text(U8, 64);
+const MESSAGE_TEXT = text(U8, 255);
+const BODY = text(U16, 65535);
+
+const CONVERSATION = record([["kind", enumOf(U8, ConvKind)], ["name", NAME]]);
+const STORED_MESSAGE = record([
+  ["seq", U64], ["ts_ms", U64], ["sender", NAME], ["client_msg_id", U64], ["body", BODY],
+]);
+const ROOM_INFO = record([["name", NAME], ["members", U32], ["last_seq", U64], ["joined", BOOL]]);
+const MEMBER_INFO = record([["user", NAME], ["status", enumOf(U8, Status)]]);
+const POSITION = record([["conv", CONVERSATION], ["last_seq", U64]]);
+const CURSOR_INFO = record([["user", NAME], ["delivered_seq", U64], ["read_seq", U64]]);
+
+/** Frame type name → body fields in wire order (spec §5; the twin of proto/_wire.py FIELDS). */
+export const FIELDS = Object.freeze({
+  HELLO: [["min_version", U16], ["max_version", U16], ["client", SOFTWARE]],
+  WELCOME: [
+    ["version", U16], ["server", SOFTWARE], ["max_frame_bytes", U32], ["max_body_bytes", U32],
+    ["ping_interval_ms", U32], ["rate_per_s", U16], ["rate_burst", U16], ["max_rooms", U16], ["max_page", U16],
+  ],
+  REGISTER: [["username", NAME], ["password", PASSWORD]],
+  LOGIN: [["username", NAME], ["password", PASSWORD]],
+  RESUME: [["token", TOKEN]],
+  AUTH_OK: [["username", NAME], ["token", TOKEN], ["expires_at_ms", U64]],
+  LOGOUT: [],
+  OK: [],
+  JOIN: [["room", NAME]],
+  JOINED: [["room", NAME], ["last_seq", U64], ["members", U32]],
+  LEAVE: [["room", NAME]],
+  LIST_ROOMS: [],
+  ROOM_LIST: [["rooms", array(ROOM_INFO)]],
+  MEMBERS: [["room", NAME]],
+  MEMBER_LIST: [["room", NAME], ["members", array(MEMBER_INFO)]],
+  SEND: [["conv", CONVERSATION], ["client_msg_id", U64], ["body", BODY]],
+  ACK: [["conv", CONVERSATION], ["client_msg_id", U64], ["seq", U64], ["ts_ms", U64], ["duplicate", BOOL]],
+  MESSAGE: [
+    ["conv", CONVERSATION], ["seq", U64], ["ts_ms", U64], ["sender", NAME], ["client_msg_id", U64], ["body", BODY],
+  ],
+  SYNC: [["positions", array(POSITION)]],
+  SYNC_PAGE: [["conv", CONVERSATION], ["messages", array(STORED_MESSAGE)], ["has_more", BOOL]],
+  SYNC_DONE: [],
+  HISTORY: [["conv", CONVERSATION], ["direction", enumOf(U8, Direction)], ["seq", U64], ["limit", U16]],
+  HISTORY_PAGE: [["conv", CONVERSATION], ["messages", array(STORED_MESSAGE)], ["has_more", BOOL]],
+  DELIVERED: [["conv", CONVERSATION], ["seq", U64]],
+  READ: [["conv", CONVERSATION], ["seq", U64]],
+  RECEIPT: [["conv", CONVERSATION], ["user", NAME], ["kind", enumOf(U8, ReceiptKind)], ["seq", U64]],
+  GET_CURSORS: [["conv", CONVERSATION]],
+  CURSORS: [["conv", CONVERSATION], ["cursors", array(CURSOR_INFO)]],
+  PRESENCE: [["user", NAME], ["status", enumOf(U8, Status)]],
+  TYPING: [["conv", CONVERSATION]],
+  USER_TYPING: [["conv", CONVERSATION], ["user", NAME]],
+  PING: [["nonce", U64]],
+  PONG: [["nonce", U64]],
+  ERROR: [["code", enumOf(U16, ErrorCode)], ["retry_after_ms", U32], ["message", MESSAGE_TEXT]],
+  GOAWAY: [["reason", enumOf(U8, CloseReason)], ["reconnect_after_ms", U32], ["message", MESSAGE_TEXT]],
+  BYE: [["reason", enumOf(U8, CloseReason)]],
+});
+const BODIES = Object.fromEntries(Object.entries(FIELDS).map(([name, fields]) => [name, record(fields)]));
+
+/**
+ * Decompress an lz4 block (the bare block format, spec §4) into exactly `size` bytes.
+ * Throws ProtocolError(DECOMPRESSION_FAILED) for a corrupt block or one of another size.
+ */
+export function lz4DecompressBlock(src, size) {
+  const corrupt = () => fail(ErrorCode.DECOMPRESSION_FAILED, "corrupt lz4 block");
+  const dst = new Uint8Array(size);
+  const end = src.length;
+  let s = 0;
+  let d = 0;
+  const length = (n) => { // lz4's length extension: 15, then bytes added while they are 255
+    if (n !== 15) return n;
+    let b;
+    do {
+      if (s >= end) corrupt();
+      b = src[s++];
+      n += b;
+    } while (b === 255);
+    return n;
+  };
+  if (end === 0) corrupt();
+  for (;;) {
+    const token = src[s++];
+    const literals = length(token >> 4);
+    if (s + literals > end || d + literals > size) corrupt();
+    dst.set(src.subarray(s, s + literals), d);
+    s += literals;
+    d += literals;
+    if (s === end) break; // the last sequence has literals only
+    if (s + 2 > end) corrupt();
+    const offset = src[s] | (src[s + 1] << 8);
+    s += 2;
+    if (offset === 0 || offset > d) corrupt();
+    const match = length(token & 15) + 4;
+    if (d + match > size) corrupt();
+    if (offset >= match) {
+      dst.copyWithin(d, d - offset, d - offset + match);
+      d += match;
+    } else { // overlapping: the copy reads what it has just written
+      for (let i = 0; i < match; i++, d++) dst[d] = dst[d - offset];
+    }
+    if (s >= end) corrupt(); // a match is always followed by another sequence
+  }
+  if (d !== size) fail(ErrorCode.DECOMPRESSION_FAILED, "lz4 block length mismatch");
+  return dst;
+}
+
+/**
+ * Decode exactly one whole frame (one WebSocket message), with no state check.
+ * Returns an event: {type: "MESSAGE", request_id, ...fields}, u64 fields as BigInt.
+ * Throws ProtocolError with the ErrorCode of spec §2.3 / §7 for anything else.
+ */
+export function decode(bytes, maxFrameBytes = ABSOLUTE_MAX_FRAME_BYTES) {
+  if (!(bytes instanceof Uint8Array)) bytes = new Uint8Array(bytes);
+  if (bytes.length < HEADER_BYTES) fail(ErrorCode.MALFORMED_FRAME, "shorter than a frame header");
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const length = view.getUint32(0);
+  const code = bytes[4];
+  const flags = bytes[5];
+  const requestId = view.getUint32(6);
+  if (length > maxFrameBytes) fail(ErrorCode.FRAME_TOO_LARGE, `frame length ${length} > ${maxFrameBytes}`);
+  const type = FRAME_NAMES.get(code);
+  if (type === undefined) fail(ErrorCode.UNKNOWN_FRAME_TYPE, `unknown frame type 0x${code.toString(16).padStart(2, "0")}`);
+  if (flags & ~Flags.COMPRESSED) fail(ErrorCode.INVALID_FIELD, `unknown flag bits 0x${flags.toString(16)}`);
+  if (bytes.length !== HEADER_BYTES + length) fail(ErrorCode.MALFORMED_FRAME, "message is not exactly one frame");
+  let body = bytes.subarray(HEADER_BYTES);
+  if (flags & Flags.COMPRESSED) {
+    if (body.length < COMPRESSED_PREFIX_BYTES) fail(ErrorCode.DECOMPRESSION_FAILED, "compressed frame without its length");
+    const size = view.getUint32(HEADER_BYTES);
+    if (size > maxFrameBytes) fail(ErrorCode.DECOMPRESSION_FAILED, `compressed body would expand to ${size} bytes`);
+    body = lz4DecompressBlock(body.subarray(COMPRESSED_PREFIX_BYTES), size);
+  }
+  const reader = new Reader(body);
+  const event = { type, request_id: requestId, ...BODIES[type].read(reader, type) };
+  if (reader.pos !== body.length) fail(ErrorCode.MALFORMED_FRAME, `${type}: bytes after the last field`);
+  return event;
+}
+
+/**
+ * Encode an event ({type: "SEND", request_id, ...fields}) as one uncompressed frame.
+ * Throws TypeError / RangeError when a field is missing or out of range.
+ */
+export function encode(event) {
+  const code = FrameType[event.type];
+  if (code === undefined) throw new TypeError(`unknown frame type ${event.type}`);
+  const w = new Writer();
+  w.pos = HEADER_BYTES;
+  BODIES[event.type].write(w, event, event.type);
+  const frame = w.result();
+  const view = new DataView(frame.buffer);
+  view.setUint32(0, frame.length - HEADER_BYTES);
+  view.setUint8(4, code);
+  view.setUint8(5, 0);
+  view.setUint32(6, checkedInt(event.request_id ?? 0, 0xffffffff, "request_id"));
+  return frame;
+}
+
+/** A copy of `value` fit for JSON: BigInt becomes a number when exact, else a decimal string. */
+export function toPlain(value) {
+  if (typeof value === "bigint") return value <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(value) : value.toString();
+  if (Array.isArray(value)) return value.map(toPlain);
+  if (value !== null && typeof value === "object") {
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, toPlain(v)]));
+  }
+  return value;
+}
+
+export const room = (name) => ({ kind: ConvKind.ROOM, name });
+export const direct = (user) => ({ kind: ConvKind.DIRECT, name: user });
+export const convKey = (conv) => `${conv.kind}:${conv.name}`;
+export const convLabel = (conv) => (conv.kind === ConvKind.ROOM ? "#" : "@") + conv.name;
+
+// ------------------------------------------------------------------------------------------------
+// App
+// ------------------------------------------------------------------------------------------------
+
+const TOKEN_KEY = "chorus.token";
+const CLIENT_NAME = "chorus-web/0.1";
+const HISTORY_PAGE = 50;
+const TYPING_EVERY_MS = 3000;
+const TYPING_SHOWN_MS = 5000;
+const DELIVERED_EVERY_MS = 1000;
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 30000;
+
+/** A request refused with ERROR (request-level, spec §7): `code`, `retryAfterMs`. */
+export class RequestError extends Error {
+  constructor(event) {
+    super(event.message || nameOf(ErrorCode, event.code));
+    this.name = "RequestError";
+    this.code = event.code;
+    this.retryAfterMs = event.retry_after_ms;
+  }
+}
+
+function randomU64() {
+  const words = crypto.getRandomValues(new Uint32Array(2));
+  return (BigInt(words[0]) << 32n) | BigInt(words[1]);
+}
+
+/** What the page knows of one conversation: messages by seq and the gapless last_seq (spec §9.3). */
+class ConversationState {
+  constructor(conv) {
+    this.conv = conv;
+    this.key = convKey(conv);
+    this.messages = new Map(); // seq (Number) → {seq, ts_ms, sender, client_msg_id, body}
+    this.lastSeq = 0; // highest seq held with no gap before it, or the known end when history is not loaded
+    this.oldest = Infinity; // lowest seq loaded
+    this.hasOlder = true;
+    this.loadingOlder = false;
+    this.unread = 0;
+    this.members = null;
+    this.typing = new Map(); // user → timeout id
+    this.deliveredSent = 0;
+    this.readSent = 0;
+  }
+  /** Add messages (any order, duplicates ignored); returns those that were new. */
+  add(messages) {
+    const added = [];
+    for (const m of messages) {
+      const seq = Number(m.seq);
+      if (this.messages.has(seq)) continue;
+      const msg = { seq, ts_ms: Number(m.ts_ms), sender: m.sender, client_msg_id: m.client_msg_id, body: m.body };
+      this.messages.set(seq, msg);
+      this.oldest = Math.min(this.oldest, seq);
+      added.push(msg);
+    }
+    while (this.messages.has(this.lastSeq + 1)) this.lastSeq += 1;
+    return added;
+  }
+  sorted() {
+    return [...this.messages.values()].sort((a, b) => a.seq - b.seq);
+  }
+}
+
+/**
+ * The protocol side of the page: one WebSocket at a time, requests matched by request_id,
+ * reconnect + RESUME + SYNC. It knows nothing of the DOM; the UI listens to its events.
+ */
+export class ChorusClient extends EventTarget {
+  constructor(url, storage = globalThis.localStorage) {
+    super();
+    this.url = url;
+    this.storage = storage;
+    this.ws = null;
+    this.state = "offline"; // offline | connecting | unauthenticated | syncing | live
+    this.username = null;
+    this.welcome = null;
+    this.convs = new Map(); // key → ConversationState
+    this.outbox = new Map(); // client_msg_id (string) → {conv, body, client_msg_id}
+    this._pending = new Map(); // request_id → {resolve, reject, pages}
+    this._nextId = 1;
+    this._backoff = BACKOFF_MIN_MS;
+    this._reconnectTimer = null;
+    this._notBefore = 0;
+    this._lastHeard = 0;
+    this._livenessTimer = null;
+    this._deliveredTimer = null;
+    this._stopped = true;
+    this._authWaiters = [];
+  }
+
+  get token() { return this.storage?.getItem(TOKEN_KEY) ?? null; }
+  set token(value) {
+    if (value) this.storage?.setItem(TOKEN_KEY, value);
+    else this.storage?.removeItem(TOKEN_KEY);
+  }
+
+  conversation(conv) {
+    const key = convKey(conv);
+    let state = this.convs.get(key);
+    if (!state) {
+      state = new ConversationState(conv);
+      this.convs.set(key, state);
+      this._emit("conversations");
+    }
+    return state;
+  }
+
+  _emit(name, detail = null) { this.dispatchEvent(new CustomEvent(name, { detail })); }
+
+  _setState(state, note = "") {
+    this.state = state;
+    this._emit("state", { state, note });
+  }
+
+  // -- connection -------------------------------------------------------------------------------
+  start() {
+    this._stopped = false;
+    this._connect();
+  }
+
+  stop() {
+    this._stopped = true;
+    clearTimeout(this._reconnectTimer);
+    if (this.ws) this._quit();
+  }
+
+  _connect() {
+    clearTimeout(this._reconnectTimer);
+    if (this._stopped || this.ws) return;
+    this._setState("connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) {
+      this._scheduleReconnect(String(err));
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    ws.onopen = () => {
+      this._lastHeard = Date.now();
+      this._send({ type: "HELLO", min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, client: CLIENT_NAME },
+        true).then((welcome) => this._welcomed(welcome)).catch(() => {});
+    };
+    ws.onmessage = (message) => this._receive(message.data);
+    ws.onclose = (closing) => this._closed(ws, closing);
+    ws.onerror = () => {}; // onclose follows and says what to do
+  }
+
+  _closed(ws, closing) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    clearInterval(this._livenessTimer);
+    for (const { reject } of this._pending.values()) reject(new Error("connection closed"));
+    this._pending.clear();
+    this._setState("offline", closing.code === 1000 || closing.code === 1001 ? "" : `closed (${closing.code})`);
+    this._scheduleReconnect();
+  }
+
+  _scheduleReconnect(note = "") {
+    if (this._stopped) return;
+    // Exponential back-off with jitter, never sooner than GOAWAY asked (spec §9.13).
+    const delay = Math.max(this._backoff * (0.5 + Math.random()), this._notBefore - Date.now());
+    this._backoff = Math.min(this._backoff * 2, BACKOFF_MAX_MS);
+    this._setState("offline", `${note ? note + "; " : ""}reconnecting in ${Math.ceil(delay / 1000)} s`);
+    this._reconnectTimer = setTimeout(() => this._connect(), delay);
+  }
+
+  /** Reconnect now (e.g. when the page becomes visible or the network returns). */
+  reconnectNow() {
+    if (!this._stopped && !this.ws && Date.now() >= this._notBefore) {
+      this._backoff = BACKOFF_MIN_MS;
+      this._connect();
+    }
+  }
+
+  _quit() {
+    const ws = this.ws;
+    try {
+      this._send({ type: "BYE", reason: CloseReason.CLIENT_QUIT });
+    } catch { /* not open */ }
+    this.ws = null;
+    ws.close(1000);
+    this._setState("offline");
+  }
+
+  _send(event, expectReply = false) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
+      return expectReply ? Promise.reject(new Error("not connected")) : undefined;
+    }
+    let promise;
+    if (expectReply) {
+      event.request_id = this._takeId();
+      promise = new Promise((resolve, reject) => this._pending.set(event.request_id, { resolve, reject }));
+    } else if (event.request_id === undefined) {
+      // Frames without a reply still get an id, so that an ERROR refusing them names them (spec §2.2).
+      event.request_id = event.type === "BYE" || event.type === "ERROR" ? 0 : this._takeId();
+    }
+    this.ws.send(encode(event)); // never compressed (spec §4 lets the sender choose)
+    return promise;
+  }
+
+  _takeId() {
+    const id = this._nextId;
+    this._nextId = id >= 0xffffffff ? 1 : id + 1;
+    return id;
+  }
+
+  /** Send a request and wait for its reply; rejects with RequestError on ERROR. */
+  request(event) { return this._send(event, true); }
+
+  _receive(data) {
+    this._lastHeard = Date.now();
+    let event;
+    try {
+      event = decode(new Uint8Array(data), Math.max(DEFAULT_MAX_FRAME_BYTES, this.welcome?.max_frame_bytes ?? 0));
+    } catch (err) {
+      // The server broke the protocol: say so and start over (spec §7).
+      const code = err instanceof ProtocolError ? err.code : ErrorCode.MALFORMED_FRAME;
+      try {
+        this._send({ type: "ERROR", code, retry_after_ms: 0, message: String(err.message).slice(0, 200) });
+        this._send({ type: "BYE", reason: CloseReason.PROTOCOL_ERROR });
+      } catch { /* closing anyway */ }
+      this.ws?.close(1002);
+      return;
+    }
+    const waiter = event.request_id ? this._pending.get(event.request_id) : undefined;
+    if (waiter) {
+      if (event.type === "ERROR") {
+        this._pending.delete(event.request_id);
+        waiter.reject(new RequestError(event));
+        return;
+      }
+      if (event.type === "SYNC_PAGE") {
+        this._page(event);
+        return;
+      }
+      this._pending.delete(event.request_id);
+      waiter.resolve(event);
+      return;
+    }
+    this._push(event);
+  }
+
+  _push(event) {
+    switch (event.type) {
+      case "MESSAGE":
+        this._message(event);
+        break;
+      case "PING":
+        this._send({ type: "PONG", nonce: event.nonce, request_id: event.request_id });
+        break;
+      case "PRESENCE":
+        this._emit("presence", event);
+        break;
+      case "USER_TYPING":
+        this._emit("typing", { conv: event.conv, user: event.user });
+        break;
+      case "RECEIPT":
+        this._emit("receipt", event);
+        break;
+      case "GOAWAY":
+        this._notBefore = Date.now() + event.reconnect_after_ms;
+        this._setState(this.state, "server restarting");
+        break;
+      case "BYE":
+        this._bye(event);
+        break;
+      case "ERROR":
+        this._emit("notice", `server: ${nameOf(ErrorCode, event.code)} ${event.message}`);
+        break;
+      default:
+        break; // pushes of later versions would need a new version anyway (spec §6)
+    }
+  }
+
+  _bye(event) {
+    const reason = nameOf(CloseReason, event.reason);
+    if (event.reason === CloseReason.LOGGED_OUT) {
+      this.token = null;
+      this.username = null;
+      this._stopped = true;
+      this._emit("loggedout");
+    } else if (event.reason === CloseReason.PROTOCOL_ERROR || event.reason === CloseReason.SERVER_FULL) {
+      this._backoff = Math.max(this._backoff, 5000); // not a tight loop (spec §7.2)
+    }
+    this._setState(this.state, reason.toLowerCase().replace("_", " "));
+  }
+
+  async _welcomed(welcome) {
+    this.welcome = welcome;
+    this._lastHeard = Date.now();
+    clearInterval(this._livenessTimer);
+    this._livenessTimer = setInterval(() => this._checkLiveness(), Math.min(welcome.ping_interval_ms, 15000) / 2);
+    this._setState("unauthenticated");
+    const token = this.token;
+    if (token) {
+      try {
+        await this._authenticated(await this.request({ type: "RESUME", token }));
+        return;
+      } catch (err) {
+        if (err instanceof RequestError && err.code === ErrorCode.INVALID_TOKEN) this.token = null;
+        else return; // closed; the reconnect will try again
+      }
+    }
+    this._emit("needlogin");
+  }
+
+  _checkLiveness() {
+    // The server pings a quiet client; we do the same for a quiet server (spec §9.10).
+    const interval = this.welcome?.ping_interval_ms ?? 15000;
+    const quiet = Date.now() - this._lastHeard;
+    if (quiet > 2 * interval) {
+      this.ws?.close(4000, "server silent");
+      if (this.ws) this._closed(this.ws, { code: 4000 });
+    } else if (quiet > interval) {
+      this._send({ type: "PING", nonce: randomU64() }, true)?.catch(() => {});
+    }
+  }
+
+  /** LOGIN or REGISTER (when `register`) with a password; rejects with RequestError. */
+  async login(username, password, register = false) {
+    if (this.state !== "unauthenticated") throw new Error("not connected yet");
+    const reply = await this.request({ type: register ? "REGISTER" : "LOGIN", username, password });
+    await this._authenticated(reply);
+  }
+
+  async logout() {
+    this.token = null;
+    if (this.state === "live" || this.state === "syncing") {
+      try {
+        this._send({ type: "LOGOUT" });
+      } catch { /* gone already */ }
+    }
+    this._stopped = true;
+    this.username = null;
+    this.convs.clear();
+    this.outbox.clear();
+    this._emit("loggedout");
+  }
+
+  async _authenticated(authOk) {
+    if (this.username && this.username !== authOk.username) { // someone else on this page now
+      this.convs.clear();
+      this.outbox.clear();
+    }
+    this.username = authOk.username;
+    this.token = authOk.token;
+    this._backoff = BACKOFF_MIN_MS;
+    this._setState("syncing");
+    this._emit("authenticated", authOk.username);
+    try {
+      // Rooms first, so that a fresh page can say "up to now" for each room and load history on
+      // demand instead of being paged everything since its delivered cursor.
+      const list = await this.request({ type: "LIST_ROOMS" });
+      const joined = new Set();
+      for (const info of list.rooms) {
+        if (!info.joined) continue;
+        const state = this.conversation(room(info.name));
+        joined.add(state.key);
+        if (state.messages.size === 0 && state.lastSeq === 0) {
+          state.lastSeq = Number(info.last_seq);
+          state.oldest = state.lastSeq + 1;
+        }
+      }
+      for (const state of [...this.convs.values()]) { // left on another device meanwhile
+        if (state.conv.kind === ConvKind.ROOM && !joined.has(state.key)) this.convs.delete(state.key);
+      }
+      this._emit("conversations");
+      // Every conversation held, from its last_seq; a direct one only once it exists (spec §9.5).
+      const positions = [...this.convs.values()]
+        .filter((s) => s.conv.kind === ConvKind.ROOM || s.lastSeq > 0)
+        .map((s) => ({ conv: s.conv, last_seq: BigInt(s.lastSeq) }));
+      try {
+        await this.request({ type: "SYNC", positions: positions.slice(0, MAX_LIST_ITEMS) });
+      } catch (err) {
+        if (!(err instanceof RequestError)) throw err;
+        await this.request({ type: "SYNC", positions: [] }); // a conversation vanished meanwhile
+      }
+      this._setState("live");
+      for (const item of this.outbox.values()) this._sendOutboxItem(item); // resend, same ids (spec §9.4)
+    } catch (err) {
+      if (err instanceof RequestError) this._emit("notice", `sync refused: ${err.message}`);
+    }
+  }
+
+  _page(event) {
+    const state = this.conversation(event.conv);
+    this._added(state, state.add(event.messages), false);
+  }
+
+  _message(event) {
+    const state = this.conversation(event.conv);
+    const added = state.add([event]);
+    if (event.sender === this.username) this.outbox.delete(String(event.client_msg_id));
+    this._clearTyping(state, event.sender);
+    this._added(state, added, true);
+    if (state.messages.size && Number(event.seq) > state.lastSeq + 1 && this.state === "live") {
+      // A gap (spec §9.3): fill it from history.
+      this.loadAfter(state).catch(() => {});
+    }
+  }
+
+  _added(state, added, live) {
+    if (!added.length) return;
+    this._emit("messages", { state, added, live });
+    clearTimeout(this._deliveredTimer);
+    this._deliveredTimer = setTimeout(() => this._sendDelivered(), DELIVERED_EVERY_MS);
+  }
+
+  _sendDelivered() {
+    for (const state of this.convs.values()) {
+      if (state.lastSeq > state.deliveredSent && state.messages.has(state.lastSeq)) {
+        state.deliveredSent = state.lastSeq;
+        this._send({ type: "DELIVERED", conv: state.conv, seq: BigInt(state.lastSeq) });
+      }
+    }
+  }
+
+  markRead(state) {
+    if (!state || this.state !== "live" || state.lastSeq <= state.readSent || !state.messages.has(state.lastSeq)) return;
+    state.readSent = state.lastSeq;
+    this._send({ type: "READ", conv: state.conv, seq: BigInt(state.lastSeq) });
+  }
+
+  // -- requests the UI makes ----------------------------------------------------------------------
+  async join(name) {
+    const joined = await this.request({ type: "JOIN", room: name });
+    const state = this.conversation(room(joined.room));
+    if (state.messages.size === 0) {
+      state.lastSeq = Math.max(state.lastSeq, Number(joined.last_seq));
+      state.oldest = state.lastSeq + 1;
+    }
+    return state;
+  }
+
+  async leave(state) {
+    await this.request({ type: "LEAVE", room: state.conv.name });
+    this.convs.delete(state.key);
+    this._emit("conversations");
+  }
+
+  async members(state) {
+    const list = await this.request({ type: "MEMBERS", room: state.conv.name });
+    state.members = list.members;
+    return list.members;
+  }
+
+  /** Load the page of history before the oldest loaded message (spec §9.7). */
+  async loadOlder(state) {
+    if (state.loadingOlder || !state.hasOlder || this.state !== "live") return [];
+    state.loadingOlder = true;
+    try {
+      const before = Number.isFinite(state.oldest) ? state.oldest : 0;
+      if (before === 1) {
+        state.hasOlder = false;
+        return [];
+      }
+      const page = await this.request({
+        type: "HISTORY", conv: state.conv, direction: Direction.BEFORE, seq: BigInt(before), limit: HISTORY_PAGE,
+      });
+      state.hasOlder = page.has_more;
+      const added = state.add(page.messages);
+      if (!page.messages.length) state.hasOlder = false;
+      this._emit("history", { state, added });
+      return added;
+    } finally {
+      state.loadingOlder = false;
+    }
+  }
+
+  async loadAfter(state) {
+    const page = await this.request({
+      type: "HISTORY", conv: state.conv, direction: Direction.AFTER, seq: BigInt(state.lastSeq), limit: 0,
+    });
+    this._added(state, state.add(page.messages), false);
+  }
+
+  /** Send a message: shown as pending until its MESSAGE arrives; kept and resent until acknowledged. */
+  send(state, body) {
+    const item = { conv: state.conv, body, client_msg_id: randomU64(), sentAt: Date.now() };
+    this.outbox.set(String(item.client_msg_id), item);
+    this._emit("outbox", state);
+    if (this.state === "live") this._sendOutboxItem(item);
+    return item;
+  }
+
+  _sendOutboxItem(item) {
+    this.request({ type: "SEND", conv: item.conv, client_msg_id: item.client_msg_id, body: item.body })
+      .then(() => {
+        this.outbox.delete(String(item.client_msg_id));
+        this._emit("outbox", this.conversation(item.conv));
+      })
+      .catch((err) => {
+        if (!(err instanceof RequestError)) return; // connection lost: resent after the next SYNC
+        if (err.code === ErrorCode.RATE_LIMITED || err.code === ErrorCode.SERVER_BUSY) {
+          setTimeout(() => this.state === "live" && this._sendOutboxItem(item), err.retryAfterMs || 1000);
+          return;
+        }
+        this.outbox.delete(String(item.client_msg_id));
+        this._emit("outbox", this.conversation(item.conv));
+        this._emit("notice", `not sent: ${err.message}`);
+      });
+  }
+
+  pendingFor(state) {
+    return [...this.outbox.values()].filter((item) => convKey(item.conv) === state.key);
+  }
+
+  typing(state) {
+    const now = Date.now();
+    if (this.state !== "live" || now - (state.typingSentAt ?? 0) < TYPING_EVERY_MS) return;
+    if (state.conv.kind === ConvKind.DIRECT && !state.messages.size) return; // not a conversation yet
+    state.typingSentAt = now;
+    this._send({ type: "TYPING", conv: state.conv });
+  }
+
+  _clearTyping(state, user) {
+    if (state.typing.has(user)) {
+      clearTimeout(state.typing.get(user));
+      state.typing.delete(user);
+      this._emit("typingchanged", state);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// UI
+// ------------------------------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text; // never innerHTML: bodies are untrusted text
+  return node;
+}
+
+const timeFormat = globalThis.Intl ? new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" }) : null;
+const dayFormat = globalThis.Intl ? new Intl.DateTimeFormat(undefined, { dateStyle: "medium" }) : null;
+
+class ChatView {
+  constructor(client) {
+    this.client = client;
+    this.current = null; // ConversationState shown
+    this.app = $("app");
+    this.messagesBox = $("messages");
+    this.bind();
+  }
+
+  bind() {
+    const c = this.client;
+    c.addEventListener("state", (e) => this.showState(e.detail));
+    c.addEventListener("needlogin", () => this.showLogin());
+    c.addEventListener("authenticated", (e) => this.showChat(e.detail));
+    c.addEventListener("loggedout", () => {
+      this.current = null;
+      this.showLogin();
+      this.renderRooms();
+    });
+    c.addEventListener("conversations", () => this.renderRooms());
+    c.addEventListener("messages", (e) => this.onMessages(e.detail));
+    c.addEventListener("history", (e) => this.onHistory(e.detail));
+    c.addEventListener("outbox", (e) => e.detail === this.current && this.renderMessages(true));
+    c.addEventListener("typing", (e) => this.onTyping(e.detail));
+    c.addEventListener("typingchanged", (e) => e.detail === this.current && this.renderTyping());
+    c.addEventListener("notice", (e) => this.notice(e.detail));
+
+    $("login-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.submitLogin(false);
+    });
+    $("register").addEventListener("click", () => this.submitLogin(true));
+    $("username").addEventListener("input", (e) => { e.target.value = e.target.value.toLowerCase(); });
+    $("logout").addEventListener("click", () => this.client.logout());
+    $("back").addEventListener("click", () => this.setView("rooms"));
+    $("join-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.submitJoin();
+    });
+    $("composer").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.submitMessage();
+    });
+    const input = $("message-input");
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        this.submitMessage();
+      }
+    });
+    input.addEventListener("input", () => {
+      input.style.height = "auto";
+      input.style.height = Math.min(input.scrollHeight, 160) + "px";
+      if (this.current && input.value) this.client.typing(this.current);
+    });
+    this.messagesBox.addEventListener("scroll", () => {
+      if (!this.current) return;
+      if (this.messagesBox.scrollTop < 80) this.client.loadOlder(this.current).catch(() => {});
+      if (this.atBottom()) this.client.markRead(this.current);
+    });
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") {
+        this.client.reconnectNow();
+        if (this.current && this.atBottom()) this.client.markRead(this.current);
+      }
+    });
+    globalThis.addEventListener("online", () => this.client.reconnectNow());
+  }
+
+  setView(view) {
+    this.app.dataset.view = view;
+    $("back").hidden = view !== "conversation";
+    $("title").textContent = view === "conversation" && this.current ? convLabel(this.current.conv) : "Chorus";
+  }
+
+  showState({ state, note }) {
+    const status = $("status");
+    const labels = { offline: "offline", connecting: "connecting…", unauthenticated: "connected", syncing: "syncing…", live: "online" };
+    status.textContent = labels[state] + (note && state !== "live" ? ` · ${note}` : "");
+    status.dataset.state = state;
+    $("login").disabled = $("register").disabled = state !== "unauthenticated";
+    $("send").disabled = false; // messages written while offline wait in the outbox
+  }
+
+  showLogin() {
+    this.setView("login");
+    $("logout").hidden = true;
+    $("password").value = "";
+    if (this.client._stopped) this.client.start();
+    $("username").focus();
+  }
+
+  showChat(username) {
+    $("logout").hidden = false;
+    $("me").textContent = username;
+    $("login-error").textContent = "";
+    $("password").value = "";
+    if (this.app.dataset.view === "login") this.setView(this.current && this.isNarrow() ? "conversation" : "rooms");
+    this.renderRooms();
+  }
+
+  isNarrow() { return globalThis.matchMedia?.("(max-width: 720px)").matches; }
+
+  async submitLogin(register) {
+    const user = $("username").value.trim();
+    const password = $("password").value;
+    const error = $("login-error");
+    error.textContent = "";
+    try {
+      await this.client.login(user, password, register);
+    } catch (err) {
+      const messages = {
+        [ErrorCode.AUTH_FAILED]: "Wrong user name or password.",
+        [ErrorCode.USERNAME_TAKEN]: "That name is taken.",
+        [ErrorCode.INVALID_NAME]: "Names are 1-32 of a-z, 0-9, _ . - and start with a letter or digit.",
+        [ErrorCode.WEAK_PASSWORD]: "Passwords are 8 to 128 bytes long.",
+        [ErrorCode.RATE_LIMITED]: "Too many attempts; wait a moment.",
+      };
+      error.textContent = messages[err.code] ?? err.message;
+    }
+  }
+
+  async submitJoin() {
+    const input = $("join-input");
+    const name = input.value.trim().toLowerCase();
+    if (!name) return;
+    try {
+      let state;
+      if (name.startsWith("@")) {
+        state = this.client.conversation(direct(name.slice(1)));
+      } else {
+        state = await this.client.join(name.replace(/^#/, ""));
+      }
+      input.value = "";
+      this.open(state);
+    } catch (err) {
+      this.notice(err.message);
+    }
+  }
+
+  submitMessage() {
+    const input = $("message-input");
+    const body = input.value.trim();
+    if (!body || !this.current) return;
+    const max = this.client.welcome?.max_body_bytes ?? 4096;
+    if (utf8Encoder.encode(body).length > max) {
+      this.notice(`Messages are at most ${max} bytes.`);
+      return;
+    }
+    input.value = "";
+    input.style.height = "auto";
+    this.client.send(this.current, body);
+    this.scrollToBottom();
+  }
+
+  notice(text) {
+    const box = $("notice");
+    box.textContent = text;
+    box.hidden = false;
+    clearTimeout(this._noticeTimer);
+    this._noticeTimer = setTimeout(() => { box.hidden = true; }, 6000);
+  }
+
+  // -- rooms ----------------------------------------------------------------------------------------
+  renderRooms() {
+    const list = $("rooms");
+    list.replaceChildren();
+    const states = [...this.client.convs.values()].sort((a, b) =>
+      a.conv.kind - b.conv.kind || a.conv.name.localeCompare(b.conv.name));
+    for (const state of states) {
+      const item = element("li");
+      const button = element("button", "room" + (state === this.current ? " current" : ""));
+      button.type = "button";
+      button.dataset.conv = state.key;
+      button.append(element("span", "room-name", convLabel(state.conv)));
+      if (state.unread) button.append(element("span", "badge", String(state.unread)));
+      button.addEventListener("click", () => this.open(state));
+      item.append(button);
+      list.append(item);
+    }
+    $("empty-rooms").hidden = states.length > 0;
+  }
+
+  open(state) {
+    this.current = state;
+    state.unread = 0;
+    this.renderRooms();
+    this.setView("conversation");
+    $("composer").hidden = false;
+    $("message-input").placeholder = `Message ${convLabel(state.conv)}`;
+    this.renderMessages(false);
+    this.scrollToBottom();
+    if (state.messages.size < HISTORY_PAGE && state.hasOlder) {
+      this.client.loadOlder(state).catch(() => {});
+    }
+    this.client.markRead(state);
+    if (!this.isNarrow()) $("message-input").focus();
+  }
+
+  // -- messages -------------------------------------------------------------------------------------
+  atBottom() {
+    const box = this.messagesBox;
+    return box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  }
+
+  scrollToBottom() { this.messagesBox.scrollTop = this.messagesBox.scrollHeight; }
+
+  onMessages({ state, added, live }) {
+    if (state !== this.current) {
+      if (live) state.unread += added.filter((m) => m.sender !== this.client.username).length;
+      this.renderRooms();
+      return;
+    }
+    const stick = this.atBottom() || added.some((m) => m.sender === this.client.username);
+    this.renderMessages(true);
+    if (stick) {
+      this.scrollToBottom();
+      if (document.visibilityState !== "hidden") this.client.markRead(state);
+    }
+  }
+
+  onHistory({ state, added }) {
+    if (state !== this.current) return;
+    // Keep what the reader sees in place while older messages appear above it.
+    const box = this.messagesBox;
+    const fromBottom = box.scrollHeight - box.scrollTop;
+    this.renderMessages(true);
+    box.scrollTop = box.scrollHeight - fromBottom;
+    if (added.length && box.scrollHeight <= box.clientHeight + 80 && state.hasOlder) {
+      this.client.loadOlder(state).catch(() => {}); // the page is not full yet
+    }
+  }
+
+  renderMessages() {
+    const state = this.current;
+    const box = this.messagesBox;
+    const nodes = [];
+    if (!state) {
+      box.replaceChildren(element("p", "placeholder", "Pick a room, or join one."));
+      return;
+    }
+    nodes.push(element("p", "history-edge", state.hasOlder ? "Scroll up for older messages" : "Beginning of the conversation"));
+    let day = "";
+    let previous = null;
+    for (const msg of state.sorted()) {
+      const date = new Date(msg.ts_ms);
+      const thisDay = dayFormat ? dayFormat.format(date) : date.toDateString();
+      if (thisDay !== day) {
+        nodes.push(element("p", "day", thisDay));
+        day = thisDay;
+        previous = null;
+      }
+      nodes.push(this.messageNode(msg, previous, date));
+      previous = msg;
+    }
+    for (const item of this.client.pendingFor(state)) {
+      const node = this.messageNode({ sender: this.client.username, body: item.body, seq: "" }, previous, new Date(item.sentAt));
+      node.classList.add("pending");
+      node.title = "sending…";
+      nodes.push(node);
+      previous = { sender: this.client.username };
+    }
+    box.replaceChildren(...nodes);
+    this.renderTyping();
+  }
+
+  messageNode(msg, previous, date) {
+    const mine = msg.sender === this.client.username;
+    const node = element("article", "message" + (mine ? " mine" : ""));
+    node.dataset.seq = String(msg.seq);
+    if (!previous || previous.sender !== msg.sender) {
+      const meta = element("header", "meta");
+      meta.append(element("span", "sender", msg.sender));
+      meta.append(element("time", "time", timeFormat ? timeFormat.format(date) : date.toLocaleTimeString()));
+      node.append(meta);
+    } else {
+      node.classList.add("continued");
+    }
+    node.append(element("p", "body", msg.body));
+    return node;
+  }
+
+  onTyping({ conv, user }) {
+    const state = this.client.convs.get(convKey(conv));
+    if (!state || user === this.client.username) return;
+    clearTimeout(state.typing.get(user));
+    state.typing.set(user, setTimeout(() => {
+      state.typing.delete(user);
+      if (state === this.current) this.renderTyping();
+    }, TYPING_SHOWN_MS));
+    if (state === this.current) this.renderTyping();
+  }
+
+  renderTyping() {
+    const users = this.current ? [...this.current.typing.keys()] : [];
+    $("typing").textContent = users.length ? `${users.join(", ")} ${users.length > 1 ? "are" : "is"} typing…` : "";
+  }
+}
+
+/** Start the page: connect to /ws on the host that served it. */
+export function startApp() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const client = new ChorusClient(`${scheme}//${location.host}/ws`);
+  const view = new ChatView(client);
+  globalThis.chorus = { client, view }; // for the curious, and for tests
+  view.setView("login");
+  view.renderMessages();
+  client.start();
+  globalThis.addEventListener("pagehide", () => client.stop());
+  return client;
+}
+
+if (typeof document !== "undefined" && document.getElementById("app")) startApp();

@@ -1,0 +1,89 @@
+// The page's codec (server/static/chorus.js) against the spec's byte-exact examples.
+// Run: node --test tests/js/codec.test.mjs   (vectors: tests/js/vectors.json, from `make js-vectors`)
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+
+import {
+  ErrorCode, ProtocolError, decode, encode, lz4DecompressBlock, toPlain,
+} from "../../server/static/chorus.js";
+
+const vectors = JSON.parse(readFileSync(new URL("./vectors.json", import.meta.url), "utf8"));
+const fromHex = (hex) => Uint8Array.from(hex.match(/../g) ?? [], (b) => parseInt(b, 16));
+const toHex = (bytes) => Buffer.from(bytes).toString("hex");
+const refusedWith = (name) => (err) => err instanceof ProtocolError && err.code === ErrorCode[name];
+
+test("there are vectors for every frame type", () => {
+  const types = new Set(vectors.examples.map((v) => v.event.type));
+  assert.equal(types.size, 36);
+  assert.ok(vectors.invalid.length >= 4);
+});
+
+for (const v of vectors.examples) {
+  test(`decode: ${v.name}`, () => {
+    assert.deepEqual(toPlain(decode(fromHex(v.hex))), v.event);
+  });
+  test(`encode: ${v.name}`, () => {
+    const bytes = encode(v.event); // u64 fields given as numbers or decimal strings
+    assert.equal(toHex(bytes), v.plain_hex);
+    assert.deepEqual(toPlain(decode(bytes)), v.event);
+  });
+}
+
+for (const v of vectors.invalid) {
+  test(`refuse ${v.error}: ${v.hex.slice(0, 20)}…`, () => {
+    assert.throws(() => decode(fromHex(v.hex), 1 << 20), refusedWith(v.error));
+  });
+}
+
+test("fed one byte short or long, a frame is malformed", () => {
+  const frame = fromHex(vectors.examples[0].hex);
+  assert.throws(() => decode(frame.subarray(0, frame.length - 1)), refusedWith("MALFORMED_FRAME"));
+  const longer = new Uint8Array(frame.length + 1);
+  longer.set(frame);
+  assert.throws(() => decode(longer), refusedWith("MALFORMED_FRAME"));
+  assert.throws(() => decode(frame.subarray(0, 9)), refusedWith("MALFORMED_FRAME"));
+});
+
+test("strict fields: bad boolean, bad enum, bad UTF-8, long name, too many items", () => {
+  const ack = encode({ type: "ACK", request_id: 1, conv: { kind: 1, name: "a" }, client_msg_id: 1, seq: 2, ts_ms: 3, duplicate: false });
+  ack[ack.length - 1] = 2;
+  assert.throws(() => decode(ack), refusedWith("INVALID_FIELD"));
+  const bye = encode({ type: "BYE", reason: 1 });
+  bye[10] = 99;
+  assert.throws(() => decode(bye), refusedWith("INVALID_FIELD"));
+  const join = encode({ type: "JOIN", request_id: 1, room: "ab" });
+  join[12] = 0xff;
+  assert.throws(() => decode(join), refusedWith("INVALID_FIELD"));
+  const long = fromHex("00000022" + "10" + "00" + "00000001" + "21" + "61".repeat(33));
+  assert.throws(() => decode(long), refusedWith("FIELD_TOO_LARGE"));
+  const sync = fromHex("00000002" + "23" + "00" + "00000001" + "03e9");
+  assert.throws(() => decode(sync), refusedWith("FIELD_TOO_LARGE"));
+});
+
+test("the encoder refuses what the wire cannot carry", () => {
+  assert.throws(() => encode({ type: "JOIN", request_id: 1, room: "x".repeat(33) }), RangeError);
+  assert.throws(() => encode({ type: "PING", request_id: 1, nonce: -1 }), RangeError);
+  assert.throws(() => encode({ type: "PING", request_id: 1, nonce: 2n ** 64n }), RangeError);
+  assert.throws(() => encode({ type: "BYE", reason: 12 }), RangeError);
+  assert.throws(() => encode({ type: "SEND", request_id: 1, conv: { kind: 1, name: "a" }, client_msg_id: 1, body: "\ud800" }), TypeError);
+  assert.throws(() => encode({ type: "NOPE" }), TypeError);
+  assert.throws(() => encode({ type: "JOIN", request_id: 2 ** 32, room: "a" }), RangeError);
+});
+
+test("lz4: corrupt blocks are refused", () => {
+  const bad = [
+    [[], 1], // empty block
+    [[0x10], 1], // literal run past the end
+    [[0x10, 0x41, 0x00, 0x00], 5], // match offset 0
+    [[0x10, 0x41, 0x05, 0x00, 0x00], 6], // match offset before the start
+    [[0x10, 0x41, 0x01, 0x00], 5], // block ends after a match
+    [[0x00, 0x00], 0], // trailing bytes after the last literals... then a token with no offset
+    [[0x20, 0x41, 0x42], 3], // shorter than stated
+  ];
+  for (const [block, size] of bad) {
+    assert.throws(() => lz4DecompressBlock(Uint8Array.from(block), size), refusedWith("DECOMPRESSION_FAILED"), JSON.stringify(block));
+  }
+  assert.deepEqual([...lz4DecompressBlock(Uint8Array.from([0x12, 0x41, 0x01, 0x00, 0x10, 0x42]), 8)],
+    [0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x42]); // overlapping match "A" x 7, then "B"
+});
