@@ -5,9 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FUZZ_SECONDS ?= 60
 ARGS ?=
+# The WebSocket bridge and chat page of `make run` (http://127.0.0.1:7421/); WS_PORT= turns it off.
+WS_PORT ?= 7421
 BENCH_ARGS ?=
+# The WebSocket bridge and chat page of `make run` (http://127.0.0.1:7421/); WS_PORT= turns it off.
+WS_PORT ?= 7421
 
-.PHONY: install run test fuzz bench bench-smoke clean
+.PHONY: install run test test-js js-vectors browser screenshot fuzz bench bench-smoke clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +22,32 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/chorus-server $(ARGS)
+	$(BIN)/chorus-server $(if $(WS_PORT),--ws-port $(WS_PORT)) $(ARGS)
 
-test: $(STAMP)
+# The suite includes the JavaScript codec (node --test, via tests/test_js_codec.py) and the browser test.
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Only the page's codec against the spec's vectors (tests/js/vectors.json).
+test-js:
+	node --test tests/js/codec.test.mjs
+
+# Regenerate tests/js/vectors.json after a change to spec/PROTOCOL.md or proto/.
+js-vectors: $(STAMP)
+	$(BIN)/python tests/test_js_codec.py --write
+
+# tests/test_browser.py drives Debian's Chromium, never a downloaded browser: install it when it is missing
+# and apt is usable (root). Otherwise the test skips (and fails under CI=true).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  echo "installing Debian's chromium for tests/test_browser.py" && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; }; } || \
+	  echo "chromium is not installed: tests/test_browser.py will skip (or fail under CI=true)"
+
+# Refresh docs/screenshot.png (phone) and docs/screenshot-wide.png: the chat page after the browser test's chat.
+screenshot: $(STAMP) browser
+	CI=true CHORUS_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_browser.py
 
 # Coverage-guided fuzzing of the frame decoder; FUZZ_SECONDS=600 make fuzz for longer.
 fuzz: $(STAMP)

@@ -1,0 +1,129 @@
+"""The chat page in a real browser: headless Debian Chromium driven by Playwright, next to a TCP client.
+
+The server runs in this test's Trio loop; the browser is driven from one worker thread
+(Playwright's sync API stays on the thread that started it), which calls back into Trio
+for the TCP client's steps with ``trio.from_thread.run``. No browser is downloaded:
+``make test`` installs Debian's ``chromium`` when it is missing. Without it the test
+skips, except under CI where it fails.
+
+The screenshot goes to the test's temporary directory; ``make screenshot`` runs this test
+with ``CHORUS_SCREENSHOT_DIR=docs`` to refresh docs/screenshot.png (phone) and
+docs/screenshot-wide.png (desktop).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+import proto
+from proto import CloseReason
+from conftest import service_required
+from rawclient import RawClient
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
+LOBBY = proto.Conversation.room("lobby")
+PHONE = {"width": 390, "height": 780}
+DESKTOP = {"width": 1100, "height": 680}
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _playwright():
+    if not Path(CHROMIUM).exists():
+        service_required("chromium", f"{CHROMIUM} (Debian package chromium; `make test` installs it when apt is there)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        service_required("playwright", "the Python package playwright (setup.cfg test extra)")
+    return sync_playwright
+
+
+async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
+    sync_playwright = _playwright()
+    server = await start_server(ws_port=0)
+    bob = await RawClient.connect(server.port)
+    await bob.register("bob")
+    await bob.go_live()
+    await bob.request(proto.Join, "lobby")
+    for i, text in enumerate(["Welcome to the lobby!", "The page speaks the same frames as the terminal client."]):
+        await bob.request(proto.Send, LOBBY, i + 1, text)
+    seen = {}
+
+    async def bob_receives(body: str) -> int:
+        message = await bob.next_of(proto.Message)
+        while message.body != body:
+            message = await bob.next_of(proto.Message)
+        assert (message.sender, message.conv) == ("carol", LOBBY)
+        return message.seq
+
+    async def bob_sends(client_msg_id: int, body: str) -> int:
+        ack = await bob.request(proto.Send, LOBBY, client_msg_id, body)
+        return ack.seq
+
+    async def drop_carols_connection() -> None:
+        for conn in list(server.connections):
+            if conn.session.username == "carol":
+                conn.close(CloseReason.SLOW_CONSUMER)  # cut without BYE, as a network failure would
+
+    def browser() -> None:
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = chromium.new_page(viewport=PHONE, device_scale_factor=2)
+                page.set_default_timeout(15_000)
+                errors = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"http://127.0.0.1:{server.ws_port}/")
+                page.wait_for_selector("#login:not([disabled])")
+                page.fill("#username", "carol")
+                page.fill("#password", "correct horse")
+                page.click("#register")
+                page.wait_for_selector('#status[data-state="live"]')
+                page.fill("#join-input", "lobby")
+                page.click("#join-button")
+                page.wait_for_selector(".message .body >> text=Welcome to the lobby!")  # history on opening
+
+                page.fill("#message-input", "Hi bob, from the browser ☕")
+                page.press("#message-input", "Enter")
+                seen["carol"] = trio.from_thread.run(bob_receives, "Hi bob, from the browser ☕")
+                page.wait_for_selector(f'.message[data-seq="{seen["carol"]}"] .body >> text=from the browser')
+
+                trio.from_thread.run(bob_sends, 10, "Hello carol, from the terminal")
+                node = page.wait_for_selector(".message .body >> text=Hello carol, from the terminal")
+                seen["bob"] = int(node.evaluate("n => n.closest('.message').dataset.seq"))
+
+                # A dropped connection: the page reconnects, resumes and catches up by seq.
+                trio.from_thread.run(drop_carols_connection)
+                page.wait_for_selector('#status:not([data-state="live"])')
+                trio.from_thread.run(bob_sends, 11, "Sent while you were away")
+                page.wait_for_selector(".message .body >> text=Sent while you were away", timeout=20_000)
+                page.wait_for_selector('#status[data-state="live"]')
+                seqs = page.eval_on_selector_all(".message[data-seq]", "ns => ns.map(n => Number(n.dataset.seq))")
+                assert seqs == list(range(1, len(seqs) + 1)), seqs  # in order, no gap, no duplicate
+
+                page.screenshot(path=str(tmp_path / "screenshot.png"))
+                page.set_viewport_size(DESKTOP)
+                page.screenshot(path=str(tmp_path / "screenshot-wide.png"))
+
+                # A reload resumes with the token from localStorage: no login form.
+                page.reload()
+                page.wait_for_selector('#status[data-state="live"]')
+                assert page.get_attribute("#app", "data-view") != "login"
+                assert not errors, errors
+            finally:
+                chromium.close()
+
+    await trio.to_thread.run_sync(browser)
+    assert seen["carol"] == 3 and seen["bob"] == 4
+    for name in ("screenshot.png", "screenshot-wide.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    if target := os.environ.get("CHORUS_SCREENSHOT_DIR"):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        for name in ("screenshot.png", "screenshot-wide.png"):
+            shutil.copy(tmp_path / name, Path(target) / name)
