@@ -226,9 +226,9 @@ class Tui:
             self.client.last_seq.setdefault(conv, start)
         if mine and self.current is None:
             self.current = proto.Conversation.room(mine[0].name)
-        await self.client.sync()
         where = ", ".join(f"#{r.name}" for r in mine) or "no rooms yet (/join #room)"
         self.info(f"logged in as {self.me}; in {where}. /help lists the commands")
+        await self.client.sync()
 
     async def _finish(self) -> None:
         """Give queued lines a moment to reach the server, then record how far we have read."""
