@@ -419,13 +419,24 @@ def latency_ms(hist: HdrHistogram, prefix: str = "") -> dict:
     }
 
 
-def limit_of(server_util: float, gen_util: float, paced: bool) -> str:
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine has spent busy so far (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def limit_of(server_util: float, gen_util: float, paced: bool, others_cores: float = 0.0) -> str:
+    """Who was the limit: a process near one full core, or, when neither was, other processes on the machine."""
     if server_util >= BUSY and gen_util >= BUSY:
         return "both"
     if server_util >= BUSY:
         return "server"
     if gen_util >= BUSY:
         return "generator"
+    if others_cores >= 0.5:
+        return f"other processes ({others_cores:.1f} cores)"
     return "neither (paced)" if paced else "neither"
 
 
@@ -501,15 +512,16 @@ class Bench:
             if workers is not None:
                 workers.close()
 
-    def _fanout_rep(self, ep: Endpoint, workers: Workers, n_msgs: int, interval_ns: int, *, paced: bool) -> dict:
-        stats0 = ep.stats()
-        (u0, s0), wall0 = ep.cpu(), time.monotonic()
+    def _fanout_rep(self, ep: Endpoint, workers: Workers, n_msgs: int, interval_ns: int, *, paced: bool,
+                    stats: bool = True) -> dict:
+        stats0 = ep.stats() if stats else None
+        (u0, s0), wall0, busy0 = ep.cpu(), time.monotonic(), machine_busy_s()
         t0 = time.monotonic_ns() + 100_000_000
         replies = workers.command([{"cmd": "fanout", "n_msgs": n_msgs, "interval_ns": interval_ns, "t0_ns": t0,
                                     "timeout_s": self.sizes.timeout_s, "sender": i == 0}
                                    for i in range(len(workers))])
-        (u1, s1), wall1 = ep.cpu(), time.monotonic()
-        stats1 = ep.stats()
+        (u1, s1), wall1, busy1 = ep.cpu(), time.monotonic(), machine_busy_s()
+        stats1 = ep.stats() if stats else None
         deliveries = sum(r["received"] for r in replies)
         expected = sum(r["expected"] for r in replies)
         last = max(r["last_recv_ns"] for r in replies)
@@ -525,10 +537,11 @@ class Bench:
             "server_cpu_s": user + system, "server_util": (user + system) / active_s,
             "generator_cpu_s": gen_total, "generator_util": gen_max / active_s,
             "rss_kb": ep.rss_kb(),
+            "others_cores": max(0.0, (busy1 - busy0) - (user + system) - gen_total) / (wall1 - wall0),
             "sender_lag_max_ms": max(r["sender_lag_max_ns"] for r in replies) / 1e6,
             **latency_ms(merge_histograms(r["lat_hist"] for r in replies)),
         }
-        rep["limit"] = limit_of(rep["server_util"], rep["generator_util"], paced)
+        rep["limit"] = limit_of(rep["server_util"], rep["generator_util"], paced, rep["others_cores"])
         if stats0 and stats1:
             rep["server_counted_deliveries"] = stats1["delivered"] - stats0["delivered"]
         errors = {k: v for r in replies for k, v in r["errors"].items()}
@@ -550,7 +563,7 @@ class Bench:
             time.sleep(0.5)
             bursts = 0
             while proc.poll() is None and bursts < 1000:
-                self._fanout_rep(ep, workers, self.sizes.burst_msgs, 0, paced=False)
+                self._fanout_rep(ep, workers, self.sizes.burst_msgs, 0, paced=False, stats=False)
                 bursts += 1
             _, err = proc.communicate(timeout=60)
             if proc.returncode != 0 or not path.exists():
@@ -586,10 +599,10 @@ class Bench:
     def _durable_rep(self, ep: Endpoint, workers: Workers, window: int) -> dict:
         duration = self.sizes.durable_s
         stats0 = ep.stats()
-        u0, s0 = ep.cpu()
+        (u0, s0), wall0, busy0 = ep.cpu(), time.monotonic(), machine_busy_s()
         t0 = time.monotonic_ns() + 100_000_000
         replies = workers.command({"cmd": "durable", "t0_ns": t0, "duration_s": duration, "window": window})
-        u1, s1 = ep.cpu()
+        (u1, s1), wall1, busy1 = ep.cpu(), time.monotonic(), machine_busy_s()
         stats1 = ep.stats()
         acks = sum(r["acks"] for r in replies)
         in_window = sum(r["acks_in_window"] for r in replies)
@@ -603,9 +616,10 @@ class Bench:
             "user_us_per_ack": user * 1e6 / max(acks, 1), "sys_us_per_ack": system * 1e6 / max(acks, 1),
             "server_util": (user + system) / active_s, "generator_util": gen_max / active_s,
             "generator_cpu_s": gen_total, "rss_kb": ep.rss_kb(),
+            "others_cores": max(0.0, (busy1 - busy0) - (user + system) - gen_total) / (wall1 - wall0),
             **latency_ms(merge_histograms(r["ack_hist"] for r in replies), "ack_"),
         }
-        rep["limit"] = limit_of(rep["server_util"], rep["generator_util"], False)
+        rep["limit"] = limit_of(rep["server_util"], rep["generator_util"], False, rep["others_cores"])
         if stats0 and stats1:
             st0, st1 = stats0["store"], stats1["store"]
             commits = st1["commits"] - st0["commits"]
@@ -658,9 +672,9 @@ class Bench:
 
     def _idle_rep(self, ep: Endpoint, workers: Workers, base_kb: int) -> dict:
         duration = self.sizes.idle_s
-        u0, s0 = ep.cpu()
+        (u0, s0), wall0, busy0 = ep.cpu(), time.monotonic(), machine_busy_s()
         replies = workers.command({"cmd": "idle", "duration_s": duration})
-        u1, s1 = ep.cpu()
+        (u1, s1), wall1, busy1 = ep.cpu(), time.monotonic(), machine_busy_s()
         live = sum(r["live"] for r in replies)
         rss = ep.rss_kb()
         counts: dict[str, int] = {}
@@ -674,18 +688,19 @@ class Bench:
             "kb_per_connection": (rss - base_kb) / max(live, 1),
             "idle_cpu_pct": cpu / duration * 100, "cpu_us_per_conn_per_s": cpu * 1e6 / duration / max(live, 1),
             "user_s": u1 - u0, "sys_s": s1 - s0, "generator_util": gen_max / duration,
+            "others_cores": max(0.0, (busy1 - busy0) - cpu - gen_total) / (wall1 - wall0),
             "heartbeats": counts,
         }
 
     def _mixed_rep(self, ep: Endpoint, workers: Workers) -> dict:
         s = self.sizes
-        u0, s0 = ep.cpu()
+        (u0, s0), wall0, busy0 = ep.cpu(), time.monotonic(), machine_busy_s()
         t0 = time.monotonic_ns() + 100_000_000
         rate = s.mixed_ops_per_s / len(workers)
         replies = workers.command([{"cmd": "mixed", "t0_ns": t0, "duration_s": s.mixed_s, "rate": rate,
                                     "mix": {"send": 0.8, "typing": 0.15, "history": 0.05}, "seed": i + 1}
                                    for i in range(len(workers))])
-        u1, s1 = ep.cpu()
+        (u1, s1), wall1, busy1 = ep.cpu(), time.monotonic(), machine_busy_s()
         active_s = max((time.monotonic_ns() - t0) / 1e9, s.mixed_s)
         ops: dict[str, int] = {}
         for r in replies:
@@ -703,11 +718,12 @@ class Bench:
             "user_us_per_op": user * 1e6 / max(n_ops, 1), "sys_us_per_op": system * 1e6 / max(n_ops, 1),
             "server_util": (user + system) / active_s, "generator_util": gen_max / active_s,
             "rss_kb": ep.rss_kb(), "op_counts": ops,
+            "others_cores": max(0.0, (busy1 - busy0) - (user + system) - gen_total) / (wall1 - wall0),
             **latency_ms(merge_histograms(r["lat_hist"] for r in replies)),
             **latency_ms(merge_histograms(r["ack_hist"] for r in replies), "ack_"),
             **latency_ms(merge_histograms(r["history_hist"] for r in replies), "history_"),
         }
-        rep["limit"] = limit_of(rep["server_util"], rep["generator_util"], True)
+        rep["limit"] = limit_of(rep["server_util"], rep["generator_util"], True, rep["others_cores"])
         errors = {k: v for r in replies for k, v in r["errors"].items()}
         if errors:
             rep["errors"] = errors
@@ -771,7 +787,10 @@ def summarize_profile(path: Path, top: int = 15) -> dict:
         if not frames:
             continue
         total += n
-        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n
+        leaf = frames[-1]
+        if leaf.startswith("EpollIOManager.get_events"):
+            leaf = "(waiting in epoll_wait) " + leaf
+        self_counts[leaf] = self_counts.get(leaf, 0) + n
         for f in set(frames):
             incl_counts[f] = incl_counts.get(f, 0) + n
 
@@ -846,7 +865,11 @@ def _fmt_ratio(v):
     return "–" if v is None else f"{v:.2f}×"
 
 
-def _table(headers, lines) -> str:
+def _table(headers, lines, markdown: bool = False) -> str:
+    if markdown:
+        cell = lambda x: str(x).replace("|", "/")  # noqa: E731
+        out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(out + ["| " + " | ".join(cell(x) for x in line) + " |" for line in lines])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines)] if lines else [len(h) for h in headers]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*headers), fmt.format(*["-" * w for w in widths])]
@@ -854,8 +877,10 @@ def _table(headers, lines) -> str:
     return "\n".join(out)
 
 
-def render_tables(rows, targets, profile) -> str:
+def render_tables(rows, targets, profile, sizes: Sizes, markdown: bool = False) -> str:
     parts = []
+    md = markdown
+    nl = "\n\n" if md else "\n"  # a markdown table must not touch the paragraph above it
     fan_lines = []
     for variant in ("burst", "paced"):
         for system in FANOUT_SYSTEMS:
@@ -865,7 +890,7 @@ def render_tables(rows, targets, profile) -> str:
                 continue
             m = row["median"]
             if row["status"] not in ("ok", "incomplete"):
-                fan_lines.append([variant, system, row["status"], "", "", "", "", "", "", "", "", row["note"].splitlines()[0][:60]])
+                fan_lines.append([variant, system, row["status"], "", "", "", "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
                 continue
             ratios = []
             if system.startswith("chorus"):
@@ -883,16 +908,18 @@ def render_tables(rows, targets, profile) -> str:
                 _fmt(m["rss_kb"] / 1024, ".0f"), f"{_fmt(m['server_util'] * 100, '.0f')}%",
                 f"{_fmt(m['generator_util'] * 100, '.0f')}%", m["limit"], "; ".join(ratios)])
     if fan_lines:
-        parts.append("Fan-out: one room, 1000 members, 100-byte messages (medians)\n" + _table(
+        parts.append(f"Fan-out: one room of {sizes.fanout_members:,} members, 100-byte messages; burst = "
+                     f"{sizes.burst_msgs} messages back to back, paced = {sizes.paced_deliveries_per_s:,} deliveries/s "
+                     f"(medians of {sizes.reps}){nl}" + _table(
             ["variant", "system", "deliv/s", "CPU µs/deliv (user+sys)", "p50 ms", "p99 ms", "p99.9 ms", "RSS MB",
-             "server", "gen max", "limit", "Chorus ÷ peer"], fan_lines))
+             "server", "gen max", "limit", "Chorus ÷ peer"], fan_lines, markdown=md))
     dur_lines = []
     for row in rows:
         if row["scenario"] != "durable":
             continue
         m = row["median"]
         if row["status"] not in ("ok", "incomplete"):
-            dur_lines.append([row["variant"], row["status"], "", "", "", "", "", "", "", row["note"].splitlines()[0][:60]])
+            dur_lines.append([row["variant"], row["status"], "", "", "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
             continue
         dur_lines.append([row["variant"], _fmt(m["acked_per_s"], ",.0f"), _fmt(m["ack_p50_ms"], ".2f"),
                           _fmt(m["ack_p99_ms"], ".2f"), _fmt(m["ack_mean_ms"], ".2f"), _fmt(m.get("batch_mean"), ".1f"),
@@ -902,16 +929,17 @@ def render_tables(rows, targets, profile) -> str:
     if dur_lines:
         dur_lines.append(["design source (Go)", f"{GO_REFERENCE['acked_per_s']:,}", "", "", f"{GO_REFERENCE['avg_ms']}",
                           "", "", "", "", ""])
-        parts.append("Durable sends: Chorus TCP, SQLite synchronous=FULL, 100 clients (medians)\n" + _table(
+        parts.append(f"Durable sends: Chorus TCP, SQLite synchronous=FULL, {sizes.durable_clients} clients; "
+                     f"pipelined = {sizes.durable_window} in flight each (medians of {sizes.reps}){nl}" + _table(
             ["variant", "acked/s", "ACK p50 ms", "ACK p99 ms", "ACK mean ms", "batch mean", "CPU µs/ack", "server",
-             "limit", "÷ design source"], dur_lines))
+             "limit", "÷ design source"], dur_lines, markdown=md))
     idle_lines = []
     for row in rows:
         if row["scenario"] != "idle":
             continue
         m = row["median"]
         if row["status"] not in ("ok", "incomplete"):
-            idle_lines.append([row["system"], row["status"], "", "", "", "", row["note"].splitlines()[0][:60]])
+            idle_lines.append([row["system"], row["status"], "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
             continue
         ratios = []
         if row["system"].startswith("chorus"):
@@ -922,17 +950,20 @@ def render_tables(rows, targets, profile) -> str:
                                   f" cpu {_fmt_ratio(_ratio(m['idle_cpu_pct'], pm['idle_cpu_pct']))}")
         idle_lines.append([row["system"], _fmt(m["connections"], ",.0f"), _fmt(m["kb_per_connection"], ".2f"),
                            _fmt(m["rss_kb"] / 1024, ".0f"), _fmt(m["idle_cpu_pct"], ".1f"),
-                           _fmt(m["cpu_us_per_conn_per_s"], ".2f"), "; ".join(ratios)])
+                           _fmt(m["cpu_us_per_conn_per_s"], ".2f"), _fmt(m.get("others_cores"), ".1f"),
+                           "; ".join(ratios)])
     if idle_lines:
-        parts.append("Idle: logged-in connections with heartbeats (medians)\n" + _table(
-            ["system", "conns", "KB/conn", "RSS MB", "idle CPU %", "µs/conn/s", "Chorus ÷ peer"], idle_lines))
+        parts.append(f"Idle: {sizes.idle_conns:,} logged-in connections, heartbeat every {sizes.idle_heartbeat_s}s "
+                     f"(medians of {sizes.reps}){nl}" + _table(
+            ["system", "conns", "KB/conn", "RSS MB", "idle CPU %", "µs/conn/s", "others (cores)", "Chorus ÷ peer"],
+            idle_lines, markdown=md))
     room_lines = []
     for row in rows:
         if row["scenario"] != "rooms":
             continue
         m = row["median"]
         if row["status"] not in ("ok", "incomplete"):
-            room_lines.append([row["system"], row["status"], "", "", "", "", "", "", row["note"].splitlines()[0][:60]])
+            room_lines.append([row["system"], row["status"], "", "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
             continue
         room_lines.append([row["system"], _fmt(m["ops_per_s"], ",.0f"), _fmt(m["deliveries_per_s"], ",.0f"),
                            _fmt(m["cpu_us_per_op"], ".1f"),
@@ -940,9 +971,11 @@ def render_tables(rows, targets, profile) -> str:
                            _fmt(m["ack_p99_ms"], ".2f"), _fmt(m["history_p99_ms"], ".2f"),
                            f"{_fmt(m['server_util'] * 100, '.0f')}%", m["limit"]])
     if room_lines:
-        parts.append("Many rooms: 10,000 connections in 1,000 rooms of 10, mixed traffic (medians)\n" + _table(
+        parts.append(f"Many rooms: {sizes.idle_conns:,} connections in {sizes.idle_conns // sizes.room_size:,} rooms of "
+                     f"{sizes.room_size}, {sizes.mixed_ops_per_s:,} ops/s (80% SEND, 15% TYPING, 5% HISTORY) "
+                     f"(medians of {sizes.reps}){nl}" + _table(
             ["system", "ops/s", "deliv/s", "CPU µs/op", "deliv p50/p99/p99.9 ms", "ACK p99 ms", "HISTORY p99 ms",
-             "server", "limit"], room_lines))
+             "server", "limit"], room_lines, markdown=md))
     target_lines = []
     for t in targets:
         met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
@@ -952,11 +985,11 @@ def render_tables(rows, targets, profile) -> str:
         else:
             ratio = _fmt_ratio(ratio)
         target_lines.append([t["target"], ratio, met])
-    parts.append("Targets (issue 6)\n" + _table(["target", "ratio", "verdict"], target_lines))
+    parts.append(f"Targets (issue 6){nl}" + _table(["target", "ratio", "verdict"], target_lines, markdown=md))
     if profile and profile.get("top_self"):
         lines = [[f"{p['share'] * 100:.1f}%", p["function"]] for p in profile["top_self"][:12]]
-        parts.append(f"py-spy, Chorus server during fan-out bursts ({profile['samples']} samples): self time\n"
-                     + _table(["share", "function"], lines))
+        parts.append(f"py-spy, Chorus server during fan-out bursts ({profile['samples']} samples): self time{nl}"
+                     + _table(["share", "function"], lines, markdown=md))
     return "\n\n".join(parts)
 
 
@@ -1086,6 +1119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
     parser.add_argument("--name", help="output file stem (default: bench, or smoke with --smoke)")
     parser.add_argument("--profile", action="store_true", help="py-spy the Chorus server during fan-out bursts")
+    parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one size, e.g. --size idle_conns=2000 (names: "
+                             + ", ".join(f.name for f in dataclasses.fields(Sizes)) + ")")
     args = parser.parse_args(argv)
     args.argv = argv
     args.scenarios = [s for s in args.scenarios.split(",") if s]
@@ -1096,6 +1132,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else FULL
     if args.reps:
         sizes = dataclasses.replace(sizes, reps=args.reps)
+    for item in args.size:
+        key, _, value = item.partition("=")
+        field = {f.name: f for f in dataclasses.fields(Sizes)}.get(key)
+        if field is None:
+            parser.error(f"unknown size {key}")
+        sizes = dataclasses.replace(sizes, **{key: type(getattr(sizes, key))(value)})
     name = args.name or ("smoke" if args.smoke else "bench")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1112,6 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     png_path = out / f"{name}.png"
     make_chart(bench.rows, png_path)
-    print(render_tables(bench.rows, targets, bench.profile))
+    (out / f"{name}.md").write_text(render_tables(bench.rows, targets, bench.profile, sizes, markdown=True) + "\n")
+    print(render_tables(bench.rows, targets, bench.profile, sizes))
     print(f"\nresults: {json_path}  chart: {png_path}  ({meta['duration_s']}s)")
     return 1 if any(r["status"] == "error" for r in bench.rows) else 0
