@@ -463,6 +463,7 @@ class Bench:
         self.args = args
         self.rows: list[dict] = []
         self.profile: dict | None = None
+        self.profile_idle: dict | None = None
         self.out = Path(args.out)
 
     def log(self, message: str) -> None:
@@ -503,7 +504,8 @@ class Bench:
             self.add_row("fanout", "paced", system, "ok", paced,
                          f"{per_s:g} messages/s × {s.fanout_members} members for {s.paced_s:g}s")
             if self.args.profile and system == "chorus-tcp":
-                self.profile = self._profile(ep, workers)
+                self.profile = self._profile(ep, "fanout", lambda: self._fanout_rep(
+                    ep, workers, s.burst_msgs, 0, paced=False, stats=False))
         except Exception as exc:
             self._failed("fanout", ("burst", "paced"), system, exc)
         finally:
@@ -549,28 +551,31 @@ class Bench:
             rep["errors"] = errors
         return rep
 
-    def _profile(self, ep: Endpoint, workers: Workers) -> dict:
-        """py-spy on the Chorus server while the generator repeats fan-out bursts."""
+    def _profile(self, ep: Endpoint, name: str, drive, formats=("flamegraph", "raw")) -> dict:
+        """py-spy on the Chorus server while ``drive()`` is called again and again (the load to profile)."""
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not os.path.exists(pyspy):
             return {"status": "py-spy not installed (pip install py-spy)"}
         self.out.mkdir(parents=True, exist_ok=True)
         result = {"status": "ok", "seconds": self.sizes.profile_s}
-        for fmt, path in (("flamegraph", self.out / "profile-fanout.svg"), ("raw", self.out / "profile-fanout.txt")):
+        suffix = {"flamegraph": "svg", "raw": "txt"}
+        for fmt in formats:
+            path = self.out / f"profile-{name}.{suffix[fmt]}"
             cmd = [pyspy, "record", "--pid", str(ep.pid), "--duration", str(self.sizes.profile_s), "--rate", "250",
                    "--nonblocking", "--function", "--format", fmt, "-o", str(path)]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)
-            bursts = 0
-            while proc.poll() is None and bursts < 1000:
-                self._fanout_rep(ep, workers, self.sizes.burst_msgs, 0, paced=False, stats=False)
-                bursts += 1
+            rounds = 0
+            while proc.poll() is None and rounds < 1000:
+                drive()
+                rounds += 1
             _, err = proc.communicate(timeout=60)
             if proc.returncode != 0 or not path.exists():
                 return {"status": f"py-spy failed: {err.decode(errors='replace')[-300:]}"}
-            result[fmt] = str(path.relative_to(self.out)) if path.is_relative_to(self.out) else str(path)
-            result["bursts"] = result.get("bursts", 0) + bursts
-        result.update(summarize_profile(self.out / "profile-fanout.txt"))
+            result[fmt] = path.name
+            result["rounds"] = result.get("rounds", 0) + rounds
+        if "raw" in formats:
+            result.update(summarize_profile(self.out / f"profile-{name}.txt"))
         return result
 
     # -- scenario 3: durable sends ---------------------------------------------------------------------------------------
@@ -656,6 +661,9 @@ class Bench:
                     note += (f", each registered (argon2 cost lowered), joined to one of "
                              f"{s.idle_conns // s.room_size} rooms and synced")
                 self.add_row("idle", "idle", system, "ok", reps, note)
+                if self.args.profile and system == "chorus-tcp":
+                    self.profile_idle = self._profile(ep, "idle", lambda: workers.command(
+                        {"cmd": "idle", "duration_s": 1.0}), formats=("raw",))
             if rooms:
                 reps = [self._mixed_rep(ep, workers) for _ in range(s.reps)]
                 self.add_row("rooms", "mixed", system, "ok", reps,
@@ -877,7 +885,7 @@ def _table(headers, lines, markdown: bool = False) -> str:
     return "\n".join(out)
 
 
-def render_tables(rows, targets, profile, sizes: Sizes, markdown: bool = False) -> str:
+def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = False) -> str:
     parts = []
     md = markdown
     nl = "\n\n" if md else "\n"  # a markdown table must not touch the paragraph above it
@@ -986,10 +994,11 @@ def render_tables(rows, targets, profile, sizes: Sizes, markdown: bool = False) 
             ratio = _fmt_ratio(ratio)
         target_lines.append([t["target"], ratio, met])
     parts.append(f"Targets (issue 6){nl}" + _table(["target", "ratio", "verdict"], target_lines, markdown=md))
-    if profile and profile.get("top_self"):
-        lines = [[f"{p['share'] * 100:.1f}%", p["function"]] for p in profile["top_self"][:12]]
-        parts.append(f"py-spy, Chorus server during fan-out bursts ({profile['samples']} samples): self time{nl}"
-                     + _table(["share", "function"], lines, markdown=md))
+    for what, profile in profiles.items():
+        if profile and profile.get("top_self"):
+            lines = [[f"{p['share'] * 100:.1f}%", p["function"]] for p in profile["top_self"][:12]]
+            parts.append(f"py-spy, Chorus server during {what} ({profile['samples']} samples): self time{nl}"
+                         + _table(["share", "function"], lines, markdown=md))
     return "\n\n".join(parts)
 
 
@@ -1149,12 +1158,14 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_end"] = os.getloadavg()
     meta["duration_s"] = round(time.monotonic() - started, 1)
     targets = evaluate_targets(bench.rows)
-    results = {"meta": meta, "rows": bench.rows, "targets": targets, "profile": bench.profile}
+    results = {"meta": meta, "rows": bench.rows, "targets": targets, "profile": bench.profile,
+               "profile_idle": bench.profile_idle}
+    profiles = {"fan-out bursts": bench.profile, "idle heartbeats": bench.profile_idle}
     json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     png_path = out / f"{name}.png"
     make_chart(bench.rows, png_path)
-    (out / f"{name}.md").write_text(render_tables(bench.rows, targets, bench.profile, sizes, markdown=True) + "\n")
-    print(render_tables(bench.rows, targets, bench.profile, sizes))
+    (out / f"{name}.md").write_text(render_tables(bench.rows, targets, profiles, sizes, markdown=True) + "\n")
+    print(render_tables(bench.rows, targets, profiles, sizes))
     print(f"\nresults: {json_path}  chart: {png_path}  ({meta['duration_s']}s)")
     return 1 if any(r["status"] == "error" for r in bench.rows) else 0
