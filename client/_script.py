@@ -7,8 +7,9 @@ then starts live delivery with a SYNC that lists every joined room at its
 current last seq (so nothing but the tailed room is paged) and the tailed one
 at ``--since`` (so its history after that seq comes first, then live messages,
 with no gap and no duplicate between them, §9.5). It follows until interrupted,
-across reconnects (the library resumes by seq); connection news goes to stderr
-so that stdout holds only messages.
+across reconnects (the library resumes by seq). Connection news goes to stderr
+so that stdout holds only messages: "following #room" once the backlog is
+printed and live delivery has begun, then "reconnecting…" and "reconnected".
 """
 from __future__ import annotations
 
@@ -78,21 +79,30 @@ async def tail(client: Client, conv: proto.Conversation, *, since: int | None, a
             client.last_seq[proto.Conversation.room(room.name)] = room.last_seq
     client.last_seq[conv] = top if since is None else max(0, since)
     renderer = Renderer(client.username or "", colour=use_colour(out), gutter=False)
+    events = client.events()
 
-    async def show() -> None:
-        async for event in client.events():
-            if isinstance(event, proto.Message) and event.conv == conv:
-                out.write((json_line(event) if as_json else renderer.message(event)) + "\n")
-                out.flush()
-            elif isinstance(event, Disconnected):
-                print(f"chorus: {event.message}" + ("; reconnecting…" if event.will_reconnect else ""),
-                      file=err, flush=True)
-                if not event.will_reconnect:
-                    raise ScriptError("disconnected for good")
-            elif isinstance(event, Reconnected):
-                print("chorus: reconnected", file=err, flush=True)
-        raise ScriptError("the connection ended")
+    def show(event) -> None:
+        if isinstance(event, proto.Message) and event.conv == conv:
+            out.write((json_line(event) if as_json else renderer.message(event)) + "\n")
+            out.flush()
+        elif isinstance(event, Disconnected):
+            print(f"chorus: {event.message}" + ("; reconnecting…" if event.will_reconnect else ""),
+                  file=err, flush=True)
+            if not event.will_reconnect:
+                raise ScriptError("disconnected for good")
+        elif isinstance(event, Reconnected):
+            print("chorus: reconnected", file=err, flush=True)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(show)
-        await client.sync()
+    # The reader never waits for us (a backlog too big for the event queue is fetched again by
+    # seq), so it is fine to read the events only once the SYNC is done.
+    await client.sync()
+    while True:
+        try:
+            show(events.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    # Everything up to now is printed; from here on lines are live (and a test can start talking).
+    print(f"chorus: following {conv} (Ctrl-C to stop)", file=err, flush=True)
+    async for event in events:
+        show(event)
+    raise ScriptError("the connection ended")
