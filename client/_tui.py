@@ -434,7 +434,8 @@ class Tui:
         # What was said before we joined is history, not news for the next start.
         self.shown[conv] = max(self.shown.get(conv, 0), joined.last_seq)
         people = "1 member" if joined.members == 1 else f"{joined.members} members"
-        self.info(f"joined #{joined.room} ({people}, {joined.last_seq} messages); /history shows earlier ones")
+        said = f"{joined.last_seq} messages so far; /history shows them" if joined.last_seq else "no messages yet"
+        self.info(f"joined #{joined.room} ({people}, {said})")
 
     async def _leave(self, room: str) -> None:
         conv = proto.Conversation.room(room)
