@@ -16,6 +16,15 @@ How this works. Two threads, one owner of the state:
   never garbled. One long-lived loop (rather than one ``prompt()`` per line)
   means the printer never targets a loop that has just closed.
 
+Starting: live delivery begins with a SYNC (§9.5) that lists each joined room
+from the user's DELIVERED cursor, but at most STARTUP_BACKLOG messages back,
+so a start shows what came while away without flooding the screen. It is the
+first job of ``_worker``, so the prompt is up at once.
+
+The prompt shows where plain text goes, unread counts elsewhere and
+"[offline]"; the bottom toolbar (drawn by prompt_toolkit when the terminal
+answers cursor-position requests) numbers every conversation for /switch N.
+
 Lines are handled at once, in the Trio thread, when typed: text gets its
 client_msg_id then (so a retry after a reconnect reuses it, §9.4), and while
 offline it is printed as pending. Work that needs the server goes to a
@@ -276,6 +285,10 @@ class Tui:
         """The input line changed (in the Trio thread): say we are typing, now and then (§9.9)."""
         conv = self.current
         if conv is None or not text or text.startswith("/") or not self.connected or self._nursery is None:
+            return
+        # Only where the server knows us: a room being joined, or a direct conversation not started
+        # yet, would answer with an ERROR.
+        if (conv.name not in self.joined) if conv.kind == ConvKind.ROOM else (conv not in self.shown):
             return
         now = trio.current_time()
         if now - self._typing_sent.get(conv, -_TYPING_SEND_S) < _TYPING_SEND_S:
