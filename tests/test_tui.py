@@ -344,7 +344,7 @@ async def test_bad_commands_and_server_errors_are_one_line(spawn, server):
     await t.expect("!! /h is ambiguous: /history, /help")
     t.line("/help")
     await t.expect("/history [N]")
-    t.line("/quit")
+    t.type("\x04")  # Ctrl-D on an empty line quits
     assert await t.wait_exit() == 0
     screen = t.text()
     assert "Traceback" not in screen
@@ -384,4 +384,6 @@ async def test_direct_messages_switching_and_tab_completion(spawn, server):
         await t.expect("left #dev")
         t.line("/rooms")
         await t.expect("#lobby  2 members")
+        t.type("half a thought\x03")  # Ctrl-C quits too, cleanly
+        assert await t.wait_exit() == 0
         assert "Traceback" not in t.text()
