@@ -318,20 +318,19 @@ class Client:
 
     async def close(self) -> None:
         """Say BYE(CLIENT_QUIT), close the connection and end the event stream. Idempotent."""
-        if self._closed:
-            return
         self._closing = True
         self._ready = False
         t = self._transport
         with trio.CancelScope(shield=True):
-            if t is not None and not t.closed.is_set():
+            if t is not None and not t.closed.is_set() and not self._closed:
                 with trio.move_on_after(1.0):
                     try:
                         await t.send(proto.Bye(CloseReason.CLIENT_QUIT))
                     except (TransportClosed, proto.LocalProtocolError):
                         pass
                 await t.aclose()
-        self._shutdown(ConnectionLost("client closed"))
+        if not self._closed:
+            self._shutdown(ConnectionLost("client closed"))
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
