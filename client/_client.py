@@ -70,6 +70,7 @@ _FATAL = {
     ErrorCode.AUTH_FAILED, ErrorCode.INVALID_TOKEN, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.USERNAME_TAKEN,
     ErrorCode.INVALID_NAME, ErrorCode.WEAK_PASSWORD,
 }
+_NOT_OURS = (ErrorCode.NOT_MEMBER, ErrorCode.NOT_FOUND)
 #: What a failed connection attempt can raise; anything else is a bug and propagates.
 _ATTEMPT_ERRORS = (OSError, TransportClosed, ConnectionLost, ServerError, trio.TooSlowError, proto.ProtocolError)
 
@@ -139,7 +140,19 @@ class _Call:
 
 
 class Client:
-    """A connection to a Chorus server that survives reconnects; make one with ``open_client``."""
+    """A connection to a Chorus server that survives reconnects; make one with ``open_client``.
+
+    Options: ``token`` is preferred to ``username``/``password`` (kept to LOGIN again if the
+    token is refused); ``register`` creates the account on the first connection; ``on_token``
+    (sync or async) gets every new token. ``request_timeout_s`` bounds every request, waiting
+    for a reconnect included (``trio.TooSlowError``). ``event_buffer`` is how many messages
+    (and, separately, other events) ``events()`` holds. ``sync_on_connect=False`` skips the
+    SYNC of the first connection; the server holds back the MESSAGEs of conversations the
+    user already has until a SYNC (spec §9.1), so call ``sync()`` yourself, e.g. after
+    seeding ``last_seq`` from your own store. ``backoff_base_s``/``backoff_cap_s`` shape the
+    reconnect backoff; ``pace`` keeps frames within WELCOME's rate limit;
+    ``retry_rate_limited`` re-sends a request refused with RATE_LIMITED after its hint.
+    """
 
     def __init__(
         self,
@@ -238,9 +251,7 @@ class Client:
         if error is not None and not (isinstance(error, ServerError) and error.code == ErrorCode.NOT_MEMBER
                                       and call.attempts > 1):
             raise error
-        conv = proto.Conversation.room(name)
-        self.last_seq.pop(conv, None)
-        self._lag.pop(conv, None)
+        self._forget([proto.Conversation.room(name)])
 
     async def rooms(self) -> list[proto.RoomInfo]:
         return list((await self._request(proto.ListRooms())).rooms)
@@ -441,22 +452,40 @@ class Client:
         await self._push(event, keep=True)
 
     async def _sync(self, call) -> None:
+        """SYNC from ``last_seq`` (at most 1000 positions per SYNC, spec §9.5), with ``call`` making requests."""
         positions = [proto.Position(conv, seq) for conv, seq in self.last_seq.items()]
         chunks = [positions[i:i + proto.MAX_LIST_ITEMS] for i in range(0, len(positions), proto.MAX_LIST_ITEMS)]
         for chunk in chunks or [[]]:
             try:
                 await call(proto.Sync(tuple(chunk)))
+                continue
             except ServerError as exc:
-                if exc.code not in (ErrorCode.NOT_MEMBER, ErrorCode.NOT_FOUND):
+                if exc.code not in _NOT_OURS:
                     raise
-                # A listed room is not ours any more (left from another device): forget it, retry once.
-                joined = {r.name for r in (await call(proto.ListRooms())).rooms if r.joined}
-                keep = [p for p in chunk if p.conv.kind == proto.ConvKind.DIRECT or p.conv.name in joined]
-                for p in chunk:
-                    if p not in keep:
-                        self.last_seq.pop(p.conv, None)
-                        self._lag.pop(p.conv, None)
+            # The server refuses the whole SYNC when a listed conversation is not the user's any more
+            # (a room left from another device): drop what is not ours and try again.
+            joined = {r.name for r in (await call(proto.ListRooms())).rooms if r.joined}
+            keep = [p for p in chunk if p.conv.kind == proto.ConvKind.DIRECT or p.conv.name in joined]
+            self._forget(p.conv for p in chunk if p not in keep)
+            try:
                 await call(proto.Sync(tuple(keep)))
+                continue
+            except ServerError as exc:
+                if exc.code not in _NOT_OURS:
+                    raise
+            # Still refused (a direct conversation gone?): one position at a time.
+            for position in keep:
+                try:
+                    await call(proto.Sync((position,)))
+                except ServerError as exc:
+                    if exc.code not in _NOT_OURS:
+                        raise
+                    self._forget([position.conv])
+
+    def _forget(self, convs) -> None:
+        for conv in list(convs):
+            self.last_seq.pop(conv, None)
+            self._lag.pop(conv, None)
 
     # -- delivery ------------------------------------------------------------------
     def _offer_message(self, msg: proto.Message) -> None:

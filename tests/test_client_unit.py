@@ -566,3 +566,24 @@ async def test_sync_forgets_rooms_the_server_no_longer_lists(fake):
             assert again.positions == (proto.Position(ROOM, 2),)
             await peer.send(proto.SyncDone(request_id=again.request_id))
         assert c.last_seq == {ROOM: 2}
+
+
+async def test_sync_drops_a_refused_direct_conversation_one_position_at_a_time(fake):
+    async with connect(fake) as c:
+        peer = await fake.next_peer()
+        gone, bob = proto.Conversation.direct("gone"), proto.Conversation.direct("bob")
+        c.last_seq.update({bob: 1, gone: 3})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.sync)
+            for attempt in range(2):  # all positions, then all but the rooms we are not in (none here)
+                sync = await peer.expect(proto.Sync)
+                await peer.send(proto.Error(ErrorCode.NOT_FOUND, 0, "no user gone", request_id=sync.request_id))
+                if attempt == 0:
+                    ask = await peer.expect(proto.ListRooms)
+                    await peer.send(proto.RoomList((), request_id=ask.request_id))
+            for position, answer in [(proto.Position(bob, 1), None), (proto.Position(gone, 3), ErrorCode.NOT_FOUND)]:
+                sync = await peer.expect(proto.Sync)
+                assert sync.positions == (position,)
+                await peer.send(proto.Error(answer, 0, "", request_id=sync.request_id) if answer
+                                else proto.SyncDone(request_id=sync.request_id))
+        assert c.last_seq == {bob: 1}
