@@ -30,9 +30,10 @@ from ._const import (
     Flags,
     FrameType,
 )
+from . import _fast, _wire
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._state import Role, State, next_state
-from ._wire import FieldError, build_body, parse_body
+from ._wire import FieldError
 
 _HEADER = struct.Struct(">IBBI")  # same layout as _wire.HEADER; a test holds them equal
 _FRAME_TYPES = {int(t): t for t in FrameType}
@@ -65,9 +66,15 @@ def encode(
     larger than ``max_frame_bytes``.
     """
     try:
-        body = build_body(event)
-    except (ConstructError, TypeError, AttributeError, ValueError) as exc:
-        raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}") from None
+        body = _fast.build_body(event)
+    except (_fast.Fallback, KeyError, AttributeError):
+        try:
+            body = _wire.build_body(event)
+        except (ConstructError, TypeError, AttributeError, ValueError, KeyError) as exc:
+            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}") from None
+    if len(body) > max_frame_bytes:  # the limit binds the uncompressed body too (spec §4)
+        raise LocalProtocolError(f"{type(event).__name__} body of {len(body)} bytes > {max_frame_bytes}",
+                                 ErrorCode.FRAME_TOO_LARGE)
     flags = 0
     if compress_threshold is not None and len(body) >= compress_threshold:
         packed = lz4.block.compress(body, store_size=False)
@@ -77,7 +84,10 @@ def encode(
     if len(body) > max_frame_bytes:
         raise LocalProtocolError(f"{type(event).__name__} frame of {len(body)} bytes > {max_frame_bytes}",
                                  ErrorCode.FRAME_TOO_LARGE)
-    return _HEADER.pack(len(body), event.FRAME, flags, event.request_id) + body
+    try:
+        return _HEADER.pack(len(body), event.FRAME, flags, event.request_id) + body
+    except struct.error:
+        raise LocalProtocolError(f"request_id {event.request_id!r} is not a u32") from None
 
 
 def _decompress(body: bytes, max_frame_bytes: int) -> bytes:
@@ -109,6 +119,15 @@ def decode(data: bytes, *, max_frame_bytes: int = ABSOLUTE_MAX_FRAME_BYTES) -> e
     if isinstance(event, ev.ConnectionClosed) or conn.buffered_bytes:
         raise RemoteProtocolError("expected exactly one frame")
     return event
+
+
+def _checked_parse(ftype: FrameType, body: bytes) -> ev.Event:
+    try:
+        return _wire.parse_body(ftype, body)
+    except FieldError as exc:
+        raise RemoteProtocolError(f"{ftype.name}: {exc.args[0]}", exc.code) from None
+    except ConstructError as exc:
+        raise RemoteProtocolError(f"{ftype.name}: malformed body ({type(exc).__name__})") from None
 
 
 class Connection:
@@ -206,11 +225,9 @@ class Connection:
         if flags & Flags.COMPRESSED:
             body = _decompress(body, self.max_frame_bytes)
         try:
-            event = parse_body(ftype, body)
-        except FieldError as exc:
-            raise RemoteProtocolError(f"{ftype.name}: {exc.args[0]}", exc.code) from None
-        except ConstructError as exc:
-            raise RemoteProtocolError(f"{ftype.name}: malformed body ({type(exc).__name__})") from None
+            event = _fast.parse_body(ftype, body)
+        except _fast.Fallback:
+            event = _checked_parse(ftype, body)
         if request_id:
             object.__setattr__(event, "request_id", request_id)
         self._advance(self.their_role, ftype, after)
