@@ -65,13 +65,12 @@ class Sizes:
     burst_msgs: int = 100
     paced_deliveries_per_s: int = 20000
     paced_s: float = 3.0
-    fanout_heartbeat_s: int = 60
+    heartbeat_s: int = 15  # Chorus's default ping interval; MQTT keepalive and websockets pings match it
     durable_clients: int = 100
     durable_s: float = 3.0
     durable_window: int = 16
     idle_conns: int = 10000
     idle_s: float = 5.0
-    idle_heartbeat_s: int = 5
     room_size: int = 10
     mixed_ops_per_s: int = 2000
     mixed_s: float = 5.0
@@ -490,9 +489,9 @@ class Bench:
         s = self.sizes
         ep = workers = None
         try:
-            ep = start_system(system, s.fanout_heartbeat_s)
+            ep = start_system(system, s.heartbeat_s)
             workers = Workers(system, ep, s.fanout_members, s.conns_per_worker, room_size=s.fanout_members,
-                              room_prefix="fan", heartbeat_s=s.fanout_heartbeat_s)
+                              room_prefix="fan", heartbeat_s=s.heartbeat_s)
             setup_s = workers.setup()
             self.log(f"fanout/{system}: {s.fanout_members} members set up in {setup_s:.1f}s")
             burst = [self._fanout_rep(ep, workers, s.burst_msgs, 0, paced=False) for _ in range(s.reps)]
@@ -584,9 +583,9 @@ class Bench:
         ep = workers = None
         variants = (("closed-loop", 1), ("pipelined", s.durable_window))
         try:
-            ep = start_system("chorus-tcp", s.fanout_heartbeat_s)
+            ep = start_system("chorus-tcp", s.heartbeat_s)
             workers = Workers("chorus-tcp", ep, s.durable_clients, s.conns_per_worker, room_size=1,
-                              room_prefix="d", heartbeat_s=s.fanout_heartbeat_s)
+                              room_prefix="d", heartbeat_s=s.heartbeat_s)
             setup_s = workers.setup()
             self.log(f"durable: {s.durable_clients} clients set up in {setup_s:.1f}s")
             for variant, window in variants:
@@ -646,17 +645,17 @@ class Bench:
         ep = workers = None
         variants = (["idle"] if idle else []) + (["mixed"] if rooms else [])
         try:
-            ep = start_system(system, s.idle_heartbeat_s)
+            ep = start_system(system, s.heartbeat_s)
             time.sleep(0.3)
             base_kb = ep.rss_kb()
             workers = Workers(system, ep, s.idle_conns, s.conns_per_worker, room_size=s.room_size,
-                              room_prefix="r", heartbeat_s=s.idle_heartbeat_s)
+                              room_prefix="r", heartbeat_s=s.heartbeat_s)
             setup_s = workers.setup()
             self.log(f"idle/{system}: {s.idle_conns} connections set up in {setup_s:.1f}s")
             if idle:
                 reps = [self._idle_rep(ep, workers, base_kb) for _ in range(s.reps)]
-                note = (f"{s.idle_conns} connections, heartbeat every {s.idle_heartbeat_s}s, "
-                        f"setup {setup_s:.0f}s")
+                note = (f"{s.idle_conns} connections, heartbeat every {s.heartbeat_s}s (staggered, so each "
+                        f"{s.idle_s:g}s window sees its share), setup {setup_s:.0f}s")
                 if system == "chorus-tcp":
                     note += (f", each registered (argon2 cost lowered), joined to one of "
                              f"{s.idle_conns // s.room_size} rooms and synced")
@@ -961,7 +960,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
                            _fmt(m["cpu_us_per_conn_per_s"], ".2f"), _fmt(m.get("others_cores"), ".1f"),
                            "; ".join(ratios)])
     if idle_lines:
-        parts.append(f"Idle: {sizes.idle_conns:,} logged-in connections, heartbeat every {sizes.idle_heartbeat_s}s "
+        parts.append(f"Idle: {sizes.idle_conns:,} logged-in connections, heartbeat every {sizes.heartbeat_s}s "
                      f"(medians of {sizes.reps}){nl}" + _table(
             ["system", "conns", "KB/conn", "RSS MB", "idle CPU %", "µs/conn/s", "others (cores)", "Chorus ÷ peer"],
             idle_lines, markdown=md))
