@@ -252,3 +252,20 @@ async def test_graceful_restart_goaway_reconnect_and_outbox(make_config, nursery
         [got] = await messages(bob, 1)
         assert got.body == "after the restart"
         await next_of(alice, client.Reconnected)
+
+
+async def test_logout_revokes_the_token(server):
+    tokens = []
+    async with open_user(server.port, "alice", on_token=tokens.append) as alice:
+        await alice.logout()
+        assert alice.token is None and not alice.connected
+        with pytest.raises(client.ConnectionLost):
+            await alice.rooms()
+    with pytest.raises(client.ServerError) as info:
+        async with client.open_client("127.0.0.1", server.port, token=tokens[0]):
+            pass  # pragma: no cover
+    assert info.value.code == proto.ErrorCode.INVALID_TOKEN
+    # With the password as well, a refused token falls back to LOGIN.
+    async with client.open_client("127.0.0.1", server.port, token=tokens[0], username="alice",
+                                  password=PASSWORD, on_token=tokens.append) as alice:
+        assert alice.token == tokens[-1] != tokens[0]
