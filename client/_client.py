@@ -1,4 +1,4 @@
-"""The Chorus client library on Trio (spec/PROTOCOL.md §5 frames, §9 semantics).
+"""The Chorus client library on Trio (spec/PROTOCOL.md §5 frames; §9.3-§9.5 seq, sends, SYNC; §9.13 GOAWAY).
 
 How this works. ``open_client`` gives each client one nursery with two long-lived tasks:
 
@@ -750,7 +750,7 @@ class Client:
                     log.exception("on_token callback failed")
 
     async def _heartbeat(self, t: Transport, interval: float) -> None:
-        """PING a silent server; cut the connection if it stays silent (spec §9 "Liveness")."""
+        """PING a silent server; cut the connection if it stays silent (spec §9.10)."""
         while True:
             await trio.sleep_until(t.last_heard + interval)
             heard = t.last_heard

@@ -8,7 +8,7 @@ good. A write that can never finish is ended by closing the stream (the
 heartbeat or ``Client.close`` do), which makes it raise at once.
 
 Frames the server counts against its rate limit (everything but PONG and BYE,
-spec §9 "Limits") are paced by a token bucket a little inside the limits the
+spec §9.11) are paced by a token bucket a little inside the limits the
 server announced in WELCOME, so that a burst of requests, or the re-sending of a
 whole outbox after a reconnect, is slowed down here instead of refused there.
 """
