@@ -24,7 +24,7 @@ from proto import CloseReason, ErrorCode
 
 from ._output import Output
 from ._ratelimit import TokenBucket
-from ._session import Session
+from ._session import RequestError, Session
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -57,7 +57,8 @@ class ClientConnection:
         self.unanswered_pings = 0
         self._bucket = TokenBucket(config.rate_per_s, config.rate_burst, now)
         self._violations = 0
-        self._sends = trio.Semaphore(config.max_inflight_sends)
+        self._inflight = 0  # SENDs waiting for their commit
+        self._inflight_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         # A message-framed transport (the WebSocket bridge) wraps each Chorus frame in its own
         # framing and may want to write control frames or close us; plain TCP needs neither.
@@ -121,12 +122,16 @@ class ClientConnection:
         if self.reason is None and self.proto.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
             self.send(proto.GoAway(CloseReason.SHUTDOWN, reconnect_after_ms, message))
 
-    async def wait_sends_done(self) -> None:
-        """Wait until no SEND of this connection is waiting for its commit."""
-        for _ in range(self.config.max_inflight_sends):
-            await self._sends.acquire()
-        for _ in range(self.config.max_inflight_sends):
-            self._sends.release()
+    def send_finished(self) -> None:
+        """One SEND got its commit result (called by the session)."""
+        self._inflight -= 1
+        self._inflight_changed.set()
+        self._inflight_changed = trio.Event()
+
+    async def wait_sends_done(self, at_most: int = 0) -> None:
+        """Wait until at most ``at_most`` SENDs of this connection wait for their commit."""
+        while self._inflight > at_most:
+            await self._inflight_changed.wait()
 
     # -- tasks ------------------------------------------------------------------
     async def run(self) -> None:
@@ -180,8 +185,16 @@ class ClientConnection:
             self._violations = 0
         kind = type(event)
         if kind is proto.Send:
-            await self._sends.acquire()
-            self._nursery.start_soon(self._run_send, event)
+            # Pipelined sends join the next group commit; past the limit, stop reading until some are acked.
+            await self.wait_sends_done(self.config.max_inflight_sends - 1)
+            try:
+                queued = self.session.send_nowait(event)
+            except RequestError as exc:
+                self.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
+                return
+            self._inflight += 1
+            if not queued:
+                self._nursery.start_soon(self.session.handle_send, event)
         elif kind is proto.Ping:
             self.send(event.response())
         elif kind is proto.Bye:
@@ -190,12 +203,6 @@ class ClientConnection:
             log.info("peer=%s sent ERROR %s: %s", self.transport.peer, event.code.name, event.message)
         elif kind is not proto.Pong:
             await self.session.handle(event)
-
-    async def _run_send(self, event: proto.Send) -> None:
-        try:
-            await self.session.handle_send(event)
-        finally:
-            self._sends.release()
 
     async def _writer(self) -> None:
         await self.output.run()

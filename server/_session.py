@@ -91,12 +91,60 @@ class Session:
         except RequestError as exc:
             self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
 
-    async def handle_send(self, event: proto.Send) -> None:
-        """SEND runs in its own task so that one client can pipeline sends into a group commit."""
+    def send_nowait(self, ev: proto.Send) -> bool:
+        """Queue a SEND for the group commit without waiting; the ACK goes out from the commit callback.
+
+        Returns False when the send needs ``handle_send`` (a direct conversation not opened yet).
+        Raises ``RequestError`` for sends refused outright.
+        """
+        state = self._send_target(ev)
+        if state is None:
+            return False
+        self.server.store.append_nowait(
+            NewMessage(state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms()),
+            lambda appended, error: self._stored(ev, state.conv_id, appended, error))
+        return True
+
+    async def handle_send(self, ev: proto.Send) -> None:
+        """The slow path of SEND: open the direct conversation first, then store and wait."""
         try:
-            await self._send(event)
+            state = self._send_target(ev) or await self._open_direct(ev.conv.name)
         except RequestError as exc:
-            self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
+            self.conn.send_finished()
+            self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=ev.request_id))
+            return
+        try:
+            appended = await self.server.store.append(NewMessage(
+                state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms()))
+        except Exception as exc:
+            self._stored(ev, state.conv_id, None, exc)
+        else:
+            self._stored(ev, state.conv_id, appended, None)
+
+    def _send_target(self, ev: proto.Send) -> ConvState | None:
+        size = len(ev.body.encode("utf-8"))
+        if size == 0:
+            raise RequestError(ErrorCode.INVALID_REQUEST, "empty message")
+        if size > self.server.config.max_body_bytes:
+            raise RequestError(ErrorCode.BODY_TOO_LARGE, f"message body over {self.server.config.max_body_bytes} bytes")
+        state = self.by_view.get(ev.conv)
+        if state is None and ev.conv.kind != ConvKind.DIRECT:
+            raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.conv.name}")
+        return state
+
+    def _stored(self, ev: proto.Send, conv_id: int, appended, error: BaseException | None) -> None:
+        """Commit callback of one SEND: ACK only now that the message is durable (guarantee 2)."""
+        self.conn.send_finished()
+        if error is not None:
+            log.warning("store refused a message from %s: %r", self.username, error)
+            self.conn.send(proto.Error(ErrorCode.SERVER_BUSY, 1000, "not stored; retry with the same id",
+                                       request_id=ev.request_id))
+        elif appended.conv_id != conv_id:  # ids are unique per sender, not per conversation
+            self.conn.send(proto.Error(ErrorCode.INVALID_REQUEST, 0, "client_msg_id already used in another conversation",
+                                       request_id=ev.request_id))
+        else:
+            self.conn.send(proto.Ack(ev.conv, ev.client_msg_id, appended.seq, appended.ts_ms, appended.duplicate,
+                                     request_id=ev.request_id))
 
     # -- handshake and auth ---------------------------------------------------
     async def _hello(self, ev: proto.Hello) -> None:
@@ -282,24 +330,6 @@ class Session:
         self.conn.send(proto.MemberList(ev.room, infos, request_id=ev.request_id))
 
     # -- messages -------------------------------------------------------------
-    async def _send(self, ev: proto.Send) -> None:
-        size = len(ev.body.encode("utf-8"))
-        if size == 0:
-            raise RequestError(ErrorCode.INVALID_REQUEST, "empty message")
-        if size > self.server.config.max_body_bytes:
-            raise RequestError(ErrorCode.BODY_TOO_LARGE, f"message body over {self.server.config.max_body_bytes} bytes")
-        state = self.by_view.get(ev.conv)
-        if state is None:
-            if ev.conv.kind != ConvKind.DIRECT:
-                raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.conv.name}")
-            state = await self._open_direct(ev.conv.name)
-        appended = await self.server.store.append(NewMessage(
-            state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms()))
-        if appended.conv_id != state.conv_id:  # ids are unique per sender, not per conversation
-            raise RequestError(ErrorCode.INVALID_REQUEST, "client_msg_id already used in another conversation")
-        self.conn.send(proto.Ack(ev.conv, ev.client_msg_id, appended.seq, appended.ts_ms, appended.duplicate,
-                                 request_id=ev.request_id))
-
     async def _sync(self, ev: proto.Sync) -> None:
         listed: dict[int, tuple[ConvState, int]] = {}
         for pos in ev.positions:

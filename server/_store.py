@@ -239,15 +239,31 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
 
 
 class _Waiter:
-    """One queued append: the committer fills ``result`` or ``error``, then sets ``done``."""
+    """One queued append: the committer calls ``finish`` with its result or error.
 
-    __slots__ = ("msg", "done", "result", "error")
+    ``append`` waits on ``done``; ``append_nowait`` gives a callback instead, so a
+    connection can pipeline sends without a task per message.
+    """
 
-    def __init__(self, msg: NewMessage) -> None:
+    __slots__ = ("msg", "done", "result", "error", "callback")
+
+    def __init__(self, msg: NewMessage, callback: Callable[[Appended | None, BaseException | None], None] | None = None
+                 ) -> None:
         self.msg = msg
-        self.done = trio.Event()
+        self.callback = callback
+        self.done = trio.Event() if callback is None else None
         self.result: Appended | None = None
         self.error: BaseException | None = None
+
+    def finish(self, result: Appended | None, error: BaseException | None) -> None:
+        self.result, self.error = result, error
+        if self.callback is None:
+            self.done.set()
+            return
+        try:
+            self.callback(result, error)
+        except Exception:
+            log.exception("store: an append callback raised")
 
 
 @asynccontextmanager
@@ -532,18 +548,31 @@ class Store:
         (``sqlite3.Error``, or ``LookupError`` for an unknown conversation): then no message of that batch is
         stored.
         """
-        if not 0 <= msg.client_msg_id < _U64:
-            raise ValueError(f"client_msg_id {msg.client_msg_id} is not a u64")
-        if self._closing:
-            raise trio.ClosedResourceError("the store is closed")
-        waiter = _Waiter(msg)
-        self._pending.append(waiter)
-        self._wakeup.set()
+        waiter = self._enqueue(msg, None)
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
         assert waiter.result is not None
         return waiter.result
+
+    def append_nowait(self, msg: NewMessage,
+                      callback: Callable[[Appended | None, BaseException | None], None]) -> None:
+        """Queue ``msg`` and return at once; ``callback(result, error)`` runs in the Trio thread after the commit.
+
+        The same guarantees as ``append`` (callback after COMMIT and after ``on_commit``). Raises ``ValueError``
+        and ``trio.ClosedResourceError`` like ``append``, before queueing.
+        """
+        self._enqueue(msg, callback)
+
+    def _enqueue(self, msg: NewMessage, callback) -> _Waiter:
+        if not 0 <= msg.client_msg_id < _U64:
+            raise ValueError(f"client_msg_id {msg.client_msg_id} is not a u64")
+        if self._closing:
+            raise trio.ClosedResourceError("the store is closed")
+        waiter = _Waiter(msg, callback)
+        self._pending.append(waiter)
+        self._wakeup.set()
+        return waiter
 
     async def _commit_loop(self) -> None:
         while True:
@@ -566,8 +595,7 @@ class Store:
             self._failed_batches += 1
             log.warning("store: a batch of %d messages failed: %r", len(batch), exc)
             for waiter in batch:
-                waiter.error = _copy_error(exc)
-                waiter.done.set()
+                waiter.finish(None, _copy_error(exc))
             return
         except BaseException:
             # Cancelled while waiting for the limiter, before the thread ran: nothing was written. Put the batch
@@ -589,8 +617,7 @@ class Store:
             except Exception:
                 log.exception("store: on_commit raised; the messages are stored and their senders get an ACK")
         for waiter, result in zip(batch, results):
-            waiter.result = result
-            waiter.done.set()
+            waiter.finish(result, None)
 
     @staticmethod
     def _write_batch(conn: sqlite3.Connection, msgs: list[NewMessage]) -> list[Appended]:

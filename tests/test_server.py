@@ -354,3 +354,19 @@ async def test_slow_consumer_is_cut_off_and_others_keep_up(start_server):
             await alice.send(proto.Send(LOBBY, i, bodies[i - 1], request_id=i))
     assert server.close_reasons["SLOW_CONSUMER"] == 1
     assert len(server.connections) == 2
+
+
+async def test_pipelined_sends_share_commits_and_all_get_acked(start_server):
+    server = await start_server(rate_per_s=100_000, rate_burst=100_000, max_inflight_sends=64)
+    alice, bob = await two_in_lobby(server.port)
+    for i in range(1, 501):
+        await alice.send(proto.Send(LOBBY, i, f"p{i}", request_id=i))
+    acks = {}
+    while len(acks) < 500:
+        event = await alice.next()
+        if isinstance(event, proto.Ack):
+            acks[event.request_id] = event.seq
+    assert sorted(acks.values()) == list(range(1, 501))
+    assert [(await bob.next_of(proto.Message)).body for _ in range(500)] == [f"p{i}" for i in range(1, 501)]
+    stats = server.store.statistics()
+    assert stats["batch_max"] > 1  # several sends of one connection went into one transaction

@@ -458,3 +458,23 @@ async def test_close_commits_appends_in_flight(tmp_path, by_cancel):
     async with open_store(path) as reopened:
         page, _ = await reopened.messages_after(lobby, 0, 100)
         assert sorted(m.client_msg_id for m in page) == list(range(20))
+
+
+async def test_append_nowait_calls_back_after_commit_and_publish(store):
+    alice, bob = await make_users(store, "alice", "bob")
+    conv = await store.direct(alice.id, bob.id)
+    order = []
+    store.on_commit = lambda rows: order.extend(("published", r.seq) for r in rows)
+    done = trio.Event()
+
+    def callback(appended, error):
+        order.append(("acked", appended.seq, appended.duplicate, error))
+        if len(order) == 3:
+            done.set()
+
+    store.append_nowait(msg(conv, alice, 1), callback)
+    store.append_nowait(msg(conv, alice, 1), callback)  # a retry inside the same batch
+    await done.wait()
+    assert order == [("published", 1), ("acked", 1, False, None), ("acked", 1, True, None)]
+    with pytest.raises(ValueError):
+        store.append_nowait(msg(conv, alice, -1), callback)
