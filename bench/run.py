@@ -72,7 +72,7 @@ class Sizes:
     idle_conns: int = 10000
     idle_s: float = 5.0
     room_size: int = 10
-    mixed_ops_per_s: int = 2000
+    mixed_ops_per_s: int = 1000
     mixed_s: float = 5.0
     conns_per_worker: int = 5000
     profile_s: int = 5
