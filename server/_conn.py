@@ -62,7 +62,7 @@ class ClientConnection:
         self._nursery: trio.Nursery | None = None
         # A message-framed transport (the WebSocket bridge) wraps each Chorus frame in its own
         # framing and may want to write control frames or close us; plain TCP needs neither.
-        self._wrap = getattr(transport, "wrap", None)
+        self.wrap = getattr(transport, "wrap", None)
         attach = getattr(transport, "attach", None)
         if attach is not None:
             attach(self)
@@ -76,32 +76,23 @@ class ClientConnection:
         self.user_id = self.session.user_id
         log.info("auth peer=%s user=%s", self.transport.peer, username)
 
-    def conv_view(self, conv_id: int) -> proto.Conversation | None:
-        return self.session.conv_view(conv_id)
-
     def send(self, event: proto.Event) -> None:
         """Reply or push one event through the state machine and the output."""
         if self.reason is not None:
             return
         if not self._write(self.proto.send(event)):
-            self._output_failed()
-
-    def deliver(self, conv_id: int, seq: int, frame: bytes) -> None:
-        """A committed message, encoded once by the hub for every subscriber."""
-        if self.reason is None and self.session.accept_live(conv_id, seq):
-            if not self._write(frame):
-                self._output_failed()
+            self.output_failed()
 
     def push(self, frame: bytes) -> None:
         """An ephemeral frame: dropped rather than queued when this client is behind."""
         if self.reason is None and self.user_id is not None and self.output.buffered_bytes < 65536:
             if not self._write(frame):
-                self._output_failed()
+                self.output_failed()
 
     def _write(self, frame: bytes) -> bool:
-        return self.output.write(self._wrap(frame) if self._wrap is not None else frame)
+        return self.output.write(self.wrap(frame) if self.wrap is not None else frame)
 
-    def _output_failed(self) -> None:
+    def output_failed(self) -> None:
         self.close(CloseReason.SLOW_CONSUMER if self.output.overflowed else CloseReason.PEER_CLOSED)
 
     def close(self, reason: CloseReason) -> None:
@@ -206,7 +197,7 @@ class ClientConnection:
 
     async def _writer(self) -> None:
         await self.output.run()
-        self._output_failed()
+        self.output_failed()
 
     async def _heartbeat(self) -> None:
         interval = self.config.ping_interval_s

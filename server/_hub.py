@@ -16,16 +16,29 @@ import proto
 
 
 class Subscriber(Protocol):
-    user_id: int
+    """A connection as the hub sees it (server/_conn.py ClientConnection)."""
 
-    def conv_view(self, conv_id: int) -> proto.Conversation | None: ...
-    def deliver(self, conv_id: int, seq: int, frame: bytes) -> None: ...
+    user_id: int
+    reason: object  # not None once closing
+    output: object  # server/_output.py Output
+    wrap: object  # None, or a function framing each frame for a message-based transport
+
+    def output_failed(self) -> None: ...
     def push(self, frame: bytes) -> None: ...
+
+
+class Subscription(Protocol):
+    """What a subscriber's session keeps per conversation (server/_session.py ConvState)."""
+
+    view: proto.Conversation
+    syncing: bool
+    missed_seq: int
+    sent_seq: int
 
 
 class Hub:
     def __init__(self):
-        self._subs: dict[int, dict[Subscriber, None]] = {}
+        self._subs: dict[int, dict[Subscriber, Subscription]] = {}
         self._users: dict[int, dict[Subscriber, None]] = {}
         self.delivered = 0
 
@@ -54,8 +67,8 @@ class Hub:
         return user_id in self._users
 
     # -- subscriptions ------------------------------------------------------
-    def subscribe(self, conv_id: int, conn: Subscriber) -> None:
-        self._subs.setdefault(conv_id, {})[conn] = None
+    def subscribe(self, conv_id: int, conn: Subscriber, state: Subscription) -> None:
+        self._subs.setdefault(conv_id, {})[conn] = state
 
     def unsubscribe(self, conv_id: int, conn: Subscriber) -> None:
         subs = self._subs.get(conv_id)
@@ -68,23 +81,48 @@ class Hub:
         return list(self._subs.get(conv_id, ()))
 
     # -- delivery -----------------------------------------------------------
-    def publish(self, appended: Iterable) -> None:
-        """Deliver committed messages (store ``Appended`` rows, in seq order) to live subscribers."""
+    def publish(self, appended: list) -> None:
+        """Deliver committed messages (store ``Appended`` rows, in seq order) to live subscribers.
+
+        Per subscriber: withheld while its SYNC runs (noting the seq), skipped if already sent, else
+        written through. When a group commit publishes several messages, each output is corked for the
+        batch so that a subscriber gets one send call for all of them.
+        """
+        corked = [] if len(appended) > 1 else None
+        delivered = 0
         for msg in appended:
             subs = self._subs.get(msg.conv_id)
             if not subs:
                 continue
-            frames: dict[proto.Conversation, bytes] = {}
-            for conn in list(subs):
-                view = conn.conv_view(msg.conv_id)
-                if view is None:
+            seq = msg.seq
+            frames: dict = {}
+            for conn, state in subs.items():
+                if state.syncing:
+                    if seq > state.missed_seq:
+                        state.missed_seq = seq
                     continue
-                frame = frames.get(view)
+                if seq <= state.sent_seq or conn.reason is not None:
+                    continue
+                state.sent_seq = seq
+                key = (state.view, conn.wrap)
+                frame = frames.get(key)
                 if frame is None:
-                    frame = frames[view] = proto.encode(proto.Message(
-                        view, msg.seq, msg.ts_ms, msg.sender_name, msg.client_msg_id, msg.body))
-                conn.deliver(msg.conv_id, msg.seq, frame)
-            self.delivered += len(subs)
+                    frame = proto.encode(proto.Message(
+                        state.view, seq, msg.ts_ms, msg.sender_name, msg.client_msg_id, msg.body))
+                    if conn.wrap is not None:
+                        frame = conn.wrap(frame)
+                    frames[key] = frame
+                output = conn.output
+                if corked is not None and not output.corked:
+                    output.cork()
+                    corked.append(output)
+                if not output.write(frame):
+                    conn.output_failed()
+                delivered += 1
+        self.delivered += delivered
+        if corked:
+            for output in corked:
+                output.uncork()
 
     def push(self, conns: Iterable[Subscriber], frame: bytes) -> None:
         """Hand an ephemeral frame (presence, typing, receipt) to each connection once."""

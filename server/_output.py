@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import trio
 
+_CORK_MAX_BYTES = 16384
+
 
 class Output:
     def __init__(self, transport, limit_bytes: int):
@@ -20,6 +22,7 @@ class Output:
         self._wake = trio.Event()
         self._drained = trio.Event()
         self._drained.set()
+        self.corked = False  # while corked, writes only queue; uncork() sends them in one call
         self.failed = False  # overflowed or the peer is gone: nothing more will be written
         self.overflowed = False
         self.bytes_out = 0
@@ -36,7 +39,11 @@ class Output:
         if self.failed:
             return False
         self.bytes_out += len(data)
-        if not self._buf:
+        if self._buf or self.corked:
+            self._buf += data
+            if self.corked and self._drained.is_set() and len(self._buf) >= _CORK_MAX_BYTES:
+                self._send_buffer()  # coalescing is a hint, not a reason to hold megabytes
+        else:
             try:
                 sent = self._transport.try_send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -47,13 +54,32 @@ class Output:
             self._buf += memoryview(data)[sent:]
             self._drained = trio.Event()
             self._wake.set()
-        else:
-            self._buf += data
         if len(self._buf) > self._limit:
             self.overflowed = True
             self._fail()
             return False
         return True
+
+    def cork(self) -> None:
+        """Queue writes without sending until ``uncork`` (a hub batch: one send call per subscriber)."""
+        self.corked = True
+
+    def uncork(self) -> None:
+        self.corked = False
+        if self._buf and not self.failed and self._drained.is_set():
+            self._send_buffer()
+
+    def _send_buffer(self) -> None:
+        """Write through what was queued while corked; the writer task takes what the kernel refuses."""
+        try:
+            sent = self._transport.try_send(self._buf)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._fail()
+            return
+        del self._buf[:sent]
+        if self._buf:
+            self._drained = trio.Event()
+            self._wake.set()
 
     def _fail(self) -> None:
         self.failed = True

@@ -240,7 +240,7 @@ class Session:
             state = ConvState(row.id, view, row.peer_id, login_seq=row.last_seq, syncing=withhold)
             self.convs[row.id] = state
             self.by_view[view] = state
-            self.server.hub.subscribe(row.id, self.conn)
+            self.server.hub.subscribe(row.id, self.conn, state)
         return state
 
     def _drop_conv(self, conv_id: int) -> None:
@@ -248,23 +248,6 @@ class Session:
         if state is not None:
             del self.by_view[state.view]
             self.server.hub.unsubscribe(conv_id, self.conn)
-
-    def conv_view(self, conv_id: int) -> proto.Conversation | None:
-        state = self.convs.get(conv_id)
-        return state.view if state else None
-
-    def accept_live(self, conv_id: int, seq: int) -> bool:
-        """Whether a live message should be written now: not while syncing, never twice."""
-        state = self.convs.get(conv_id)
-        if state is None:
-            return False
-        if state.syncing:
-            state.missed_seq = max(state.missed_seq, seq)
-            return False
-        if seq <= state.sent_seq:
-            return False
-        state.sent_seq = seq
-        return True
 
     def _conv(self, conv: proto.Conversation) -> ConvState:
         state = self.by_view.get(conv)
