@@ -127,6 +127,7 @@ class ClientConnection:
     # -- tasks ------------------------------------------------------------------
     async def run(self) -> None:
         """Serve the connection until it closes; never raises for client misbehaviour."""
+        log.info("open peer=%s", self.transport.peer)
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
