@@ -51,7 +51,8 @@ screenshot: $(STAMP) browser
 
 # Coverage-guided fuzzing of the frame decoder; FUZZ_SECONDS=600 make fuzz for longer.
 fuzz: $(STAMP)
-	$(BIN)/python fuzz/fuzz_framing.py -max_total_time=$(FUZZ_SECONDS) fuzz/corpus
+	mkdir -p fuzz/corpus-new
+	$(BIN)/python fuzz/fuzz_framing.py -max_total_time=$(FUZZ_SECONDS) fuzz/corpus-new fuzz/corpus
 
 # Chorus vs Mosquitto vs websockets (issue 6): a few minutes, CPU-heavy; writes bench/results/bench.{json,png}
 # and a py-spy profile of the fan-out. BENCH_ARGS="--reps 5 --scenarios fanout" to change what runs.
