@@ -8,8 +8,6 @@ ARGS ?=
 # The WebSocket bridge and chat page of `make run` (http://127.0.0.1:7421/); WS_PORT= turns it off.
 WS_PORT ?= 7421
 BENCH_ARGS ?=
-# The WebSocket bridge and chat page of `make run` (http://127.0.0.1:7421/); WS_PORT= turns it off.
-WS_PORT ?= 7421
 
 .PHONY: install run test test-js js-vectors browser screenshot fuzz bench bench-smoke clean
 
