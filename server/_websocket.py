@@ -271,57 +271,60 @@ def _page_headers(request) -> list[tuple[str, str]]:
 
 
 async def _serve_connection(server, stream: SocketStream) -> None:
+    """One accepted socket: an HTTP request, then (for /ws) the same ClientConnection as TCP."""
     config = server.config
+    transport = None
     try:
-        http = None
-        try:
-            with trio.fail_after(config.handshake_timeout_s):
-                http, request = await _http.read_request(stream)
-            path = request.target.decode("latin-1").split("?", 1)[0]
-            head = request.method == b"HEAD"
-            if path == WS_PATH:
-                headers = _upgrade_headers(request, config)
-            elif path in _http.STATIC_FILES:
-                if request.method not in (b"GET", b"HEAD"):
-                    raise _http.HttpError(405, "use GET", [("allow", "GET, HEAD")])
-                name, content_type = _http.STATIC_FILES[path]
-                try:
-                    body = _http.static_file(name)
-                except OSError:
-                    raise _http.HttpError(404, "not found") from None
-                await stream.send_all(_http.response(http, 200, body, content_type=content_type,
-                                                     headers=_page_headers(request), head=head))
-                return
-            else:
-                raise _http.HttpError(404, "not found")
-        except _http.HttpError as exc:
-            log.info("http peer=%s %d %s", stream.peer, exc.status, exc)
-            if http is None or http.our_state is not h11.SEND_RESPONSE:
-                http = _http.fresh_connection()
-            await stream.send_all(_http.response(http, exc.status, (str(exc) + "\n").encode(), headers=exc.headers))
+        with trio.move_on_after(config.handshake_timeout_s):
+            transport = await _answer_http(stream, config)
+        if transport is None:
             return
-        except (EOFError, trio.TooSlowError, trio.BrokenResourceError):
-            return
-        try:
-            leftover = _http.switch_protocols(http, headers)
-        except h11.ProtocolError:
-            await stream.send_all(_http.response(_http.fresh_connection(), 400, b"bad upgrade request\n"))
-            return
-        await stream.send_all(leftover[0])
-        leftover = leftover[1]
-        transport = WebSocketTransport(stream, config.max_frame_bytes, leftover)
-        stream = None  # the transport owns the socket now and closes it
         async with trio.open_nursery() as nursery:
             nursery.start_soon(transport.keepalive, config.ping_interval_s, config.max_missed_pings)
             try:
-                await server.handle(transport)
+                await server.handle(transport)  # closes the transport, and so the socket
             finally:
                 nursery.cancel_scope.cancel()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
         pass
+    except Exception:  # a bug here must cost one connection, not the server
+        log.exception("bridge connection from %s failed", stream.peer)
     finally:
-        if stream is not None:
+        if transport is None:
             await stream.aclose()
+
+
+async def _answer_http(stream: SocketStream, config) -> WebSocketTransport | None:
+    """Answer one request; returns the upgraded transport for /ws, None when the response was the end.
+
+    Raises ``EOFError`` or ``trio.BrokenResourceError`` when the client goes away.
+    """
+    http = None
+    try:
+        http, request = await _http.read_request(stream)
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        if path == WS_PATH:
+            response, leftover = _http.switch_protocols(http, _upgrade_headers(request, config))
+            await stream.send_all(response)
+            return WebSocketTransport(stream, config.max_frame_bytes, leftover)
+        if path not in _http.STATIC_FILES:
+            raise _http.HttpError(404, "not found")
+        if request.method not in (b"GET", b"HEAD"):
+            raise _http.HttpError(405, "use GET", [("allow", "GET, HEAD")])
+        name, content_type = _http.STATIC_FILES[path]
+        try:
+            body = _http.static_file(name)
+        except OSError:
+            raise _http.HttpError(404, "not found") from None
+        await stream.send_all(_http.response(http, 200, body, content_type=content_type,
+                                             headers=_page_headers(request), head=request.method == b"HEAD"))
+    except (_http.HttpError, h11.ProtocolError) as exc:
+        status, headers = (exc.status, exc.headers) if isinstance(exc, _http.HttpError) else (400, [])
+        log.info("http peer=%s %d %s", stream.peer, status, exc)
+        if http is None or http.our_state is not h11.SEND_RESPONSE:
+            http = _http.fresh_connection()
+        await stream.send_all(_http.response(http, status, (str(exc) + "\n").encode(), headers=headers))
+    return None
 
 
 async def serve_websocket(server, handler_nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -46,7 +46,7 @@ def _playwright():
 
 async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
     sync_playwright = _playwright()
-    server = await start_server(ws_port=0)
+    server = await start_server(ws_port=0, rate_burst=1000)  # bob pipelines 130 sends
     bob = await RawClient.connect(server.port)
     await bob.register("bob")
     await bob.go_live()
@@ -65,6 +65,15 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
     async def bob_sends(client_msg_id: int, body: str) -> int:
         ack = await bob.request(proto.Send, LOBBY, client_msg_id, body)
         return ack.seq
+
+    async def fill_archive(count: int) -> None:
+        await bob.request(proto.Join, "archive")
+        for i in range(count):  # pipelined: one group commit for many
+            await bob.send(proto.Send(proto.Conversation.room("archive"), 1000 + i, f"archived {i + 1}",
+                                      request_id=bob.rid()))
+        acks = 0
+        while acks < count:
+            acks += isinstance(await bob.next(), proto.Ack)
 
     async def drop_carols_connection() -> None:
         for conn in list(server.connections):
@@ -110,6 +119,22 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
                 page.screenshot(path=str(tmp_path / "screenshot.png"))
                 page.set_viewport_size(DESKTOP)
                 page.screenshot(path=str(tmp_path / "screenshot-wide.png"))
+
+                # History on scroll-up: 130 messages arrive in pages of 50 as the reader scrolls to the top.
+                trio.from_thread.run(fill_archive, 130)
+                page.fill("#join-input", "archive")
+                page.click("#join-button")
+                page.wait_for_selector(".message .body >> text=archived 130")
+                assert len(page.query_selector_all(".message[data-seq]")) < 130
+                for _ in range(10):
+                    if page.text_content(".history-edge") == "Beginning of the conversation":
+                        break
+                    page.eval_on_selector("#messages", "box => { box.scrollTop = 0; }")
+                    page.wait_for_function("() => !document.querySelector('.history-edge')"
+                                           " || document.getElementById('messages').scrollTop > 0"
+                                           " || document.querySelector('.history-edge').textContent.startsWith('Beg')")
+                seqs = page.eval_on_selector_all(".message[data-seq]", "ns => ns.map(n => Number(n.dataset.seq))")
+                assert seqs == list(range(1, 131)), seqs
 
                 # A reload resumes with the token from localStorage: no login form.
                 page.reload()
