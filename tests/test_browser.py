@@ -88,6 +88,7 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
                 page.set_default_timeout(15_000)
                 errors = []
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))  # e.g. CSP
                 page.goto(f"http://127.0.0.1:{server.ws_port}/")
                 page.wait_for_selector("#login:not([disabled])")
                 page.fill("#username", "carol")
@@ -140,6 +141,12 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
                 page.reload()
                 page.wait_for_selector('#status[data-state="live"]')
                 assert page.get_attribute("#app", "data-view") != "login"
+
+                # Logging out revokes the token and brings the login form back, connected again.
+                page.click("#logout")
+                page.wait_for_selector("#login:not([disabled])")
+                assert page.evaluate("localStorage.getItem('chorus.token')") is None
+                assert page.get_attribute("#app", "data-view") == "login"
                 assert not errors, errors
             finally:
                 chromium.close()
