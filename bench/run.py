@@ -195,8 +195,19 @@ class Endpoint:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def code_fingerprint() -> str:
+    """A hash of the server and protocol sources: rows measured on different code must not be compared."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for path in sorted([*REPO.glob("server/*.py"), *REPO.glob("proto/*.py")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def start_system(name: str, heartbeat_s: int) -> Endpoint:
     """Start ``name`` on a free loopback port; raises Unavailable when it cannot run here."""
+    Bench.code_now = code_fingerprint()
     tmp = Path(tempfile.mkdtemp(prefix=f"chorus-bench-{name}-"))
     log_path = tmp / "server.log"
     try:
@@ -457,6 +468,8 @@ def median_metrics(reps: list[dict]) -> dict:
 
 
 class Bench:
+    code_now: str | None = None  # fingerprint of server/ and proto/ when the last system started
+
     def __init__(self, sizes: Sizes, args):
         self.sizes = sizes
         self.args = args
@@ -471,7 +484,11 @@ class Bench:
     def add_row(self, scenario: str, variant: str, system: str, status: str, reps: list[dict] | None = None,
                 note: str = "") -> None:
         row = {"scenario": scenario, "variant": variant, "system": system, "status": status, "note": note,
-               "reps": reps or [], "median": median_metrics(reps) if reps else {}}
+               "code": Bench.code_now, "reps": reps or [], "median": median_metrics(reps) if reps else {}}
+        if reps and "limit" in row["median"]:  # the limit of the medians, not a list of per-rep verdicts
+            m = row["median"]
+            row["median"]["limit"] = limit_of(m["server_util"], m["generator_util"], variant != "burst" and
+                                              scenario != "durable", m.get("others_cores", 0.0))
         if status == "ok" and reps and not all(r.get("complete", True) for r in reps):
             row["status"] = "incomplete"
         self.rows.append(row)
@@ -502,7 +519,7 @@ class Bench:
             paced = [self._fanout_rep(ep, workers, n_msgs, int(1e9 / per_s), paced=True) for _ in range(s.reps)]
             self.add_row("fanout", "paced", system, "ok", paced,
                          f"{per_s:g} messages/s × {s.fanout_members} members for {s.paced_s:g}s")
-            if self.args.profile and system == "chorus-tcp":
+            if self.args.profile and system == self.args.profile_system:
                 self.profile = self._profile(ep, "fanout", lambda: self._fanout_rep(
                     ep, workers, s.burst_msgs, 0, paced=False, stats=False))
         except Exception as exc:
@@ -1127,6 +1144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
     parser.add_argument("--name", help="output file stem (default: bench, or smoke with --smoke)")
     parser.add_argument("--profile", action="store_true", help="py-spy the Chorus server during fan-out bursts")
+    parser.add_argument("--profile-system", default="chorus-tcp", help="which Chorus transport --profile samples "
+                        "during the fan-out bursts (default chorus-tcp)")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
                         help="override one size, e.g. --size idle_conns=2000 (names: "
                              + ", ".join(f.name for f in dataclasses.fields(Sizes)) + ")")
@@ -1155,6 +1174,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(sizes, args)
     bench.run()
     meta["loadavg_end"] = os.getloadavg()
+    codes = sorted({r["code"] for r in bench.rows if r.get("code")})
+    meta["code_fingerprints"] = codes
+    if len(codes) > 1:
+        print(f"WARNING: server/ or proto/ changed during the run ({', '.join(codes)}): rows measured on different "
+              "code are not comparable; run again on a quiet tree.", file=sys.stderr)
     meta["duration_s"] = round(time.monotonic() - started, 1)
     targets = evaluate_targets(bench.rows)
     results = {"meta": meta, "rows": bench.rows, "targets": targets, "profile": bench.profile,
