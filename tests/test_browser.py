@@ -55,11 +55,11 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
         await bob.request(proto.Send, LOBBY, i + 1, text)
     seen = {}
 
-    async def bob_receives(body: str) -> int:
+    async def bob_receives_from(sender: str, body: str) -> int:
         message = await bob.next_of(proto.Message)
         while message.body != body:
             message = await bob.next_of(proto.Message)
-        assert (message.sender, message.conv) == ("carol", LOBBY)
+        assert (message.sender, message.conv) == (sender, LOBBY)
         return message.seq
 
     async def bob_sends(client_msg_id: int, body: str) -> int:
@@ -84,7 +84,8 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
         with sync_playwright() as playwright:
             chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
-                page = chromium.new_page(viewport=PHONE, device_scale_factor=2)
+                context = chromium.new_context(viewport=PHONE, device_scale_factor=2)  # tabs share storage
+                page = context.new_page()
                 page.set_default_timeout(15_000)
                 errors = []
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -101,7 +102,7 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
 
                 page.fill("#message-input", "Hi bob, from the browser ☕")
                 page.press("#message-input", "Enter")
-                seen["carol"] = trio.from_thread.run(bob_receives, "Hi bob, from the browser ☕")
+                seen["carol"] = trio.from_thread.run(bob_receives_from, "carol", "Hi bob, from the browser ☕")
                 page.wait_for_selector(f'.message[data-seq="{seen["carol"]}"] .body >> text=from the browser')
 
                 trio.from_thread.run(bob_sends, 10, "Hello carol, from the terminal")
@@ -136,6 +137,22 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
                                            " || document.querySelector('.history-edge').textContent.startsWith('Beg')")
                 seqs = page.eval_on_selector_all(".message[data-seq]", "ns => ns.map(n => Number(n.dataset.seq))")
                 assert seqs == list(range(1, 131)), seqs
+
+                # A second tab with its own login slot (#dave) is another user in the same browser.
+                tab = context.new_page()
+                tab.goto(f"http://127.0.0.1:{server.ws_port}/#dave")
+                tab.wait_for_selector("#login:not([disabled])")
+                tab.fill("#username", "dave")
+                tab.fill("#password", "correct horse")
+                tab.click("#register")
+                tab.wait_for_selector('#status[data-state="live"]')
+                tab.fill("#join-input", "lobby")
+                tab.click("#join-button")
+                tab.fill("#message-input", "dave here, in a second tab")
+                tab.press("#message-input", "Enter")
+                trio.from_thread.run(bob_receives_from, "dave", "dave here, in a second tab")
+                tab.close()
+                assert page.text_content("#me") == "carol"
 
                 # A reload resumes with the token from localStorage: no login form.
                 page.reload()

@@ -456,10 +456,11 @@ class ConversationState {
  * reconnect + RESUME + SYNC. It knows nothing of the DOM; the UI listens to its events.
  */
 export class ChorusClient extends EventTarget {
-  constructor(url, storage = globalThis.localStorage) {
+  constructor(url, { storage = globalThis.localStorage, tokenKey = TOKEN_KEY } = {}) {
     super();
     this.url = url;
     this.storage = storage;
+    this.tokenKey = tokenKey;
     this.ws = null;
     this.state = "offline"; // offline | connecting | unauthenticated | syncing | live
     this.username = null;
@@ -478,10 +479,10 @@ export class ChorusClient extends EventTarget {
     this._authWaiters = [];
   }
 
-  get token() { return this.storage?.getItem(TOKEN_KEY) ?? null; }
+  get token() { return this.storage?.getItem(this.tokenKey) ?? null; }
   set token(value) {
-    if (value) this.storage?.setItem(TOKEN_KEY, value);
-    else this.storage?.removeItem(TOKEN_KEY);
+    if (value) this.storage?.setItem(this.tokenKey, value);
+    else this.storage?.removeItem(this.tokenKey);
   }
 
   conversation(conv) {
@@ -1229,10 +1230,15 @@ class ChatView {
   }
 }
 
-/** Start the page: connect to /ws on the host that served it. */
+/**
+ * Start the page: connect to /ws on the host that served it. The URL's fragment names a separate
+ * login slot (http://host:7421/#bob keeps its own token), so two tabs can be two users.
+ */
 export function startApp() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const client = new ChorusClient(`${scheme}//${location.host}/ws`);
+  const slot = decodeURIComponent(location.hash.slice(1));
+  const client = new ChorusClient(`${scheme}//${location.host}/ws`,
+    { tokenKey: slot ? `${TOKEN_KEY}#${slot}` : TOKEN_KEY });
   const view = new ChatView(client);
   globalThis.chorus = { client, view }; // for the curious, and for tests
   view.setView("login");
