@@ -644,12 +644,16 @@ class Worker:
             self.poll(max(0.0, (wake - time.monotonic_ns()) / 1e9))
 
     def heartbeats(self, now: int) -> None:
+        """Client keepalives (MQTT): each connection once per period, first at a random phase so that
+        any window one period long holds exactly one heartbeat of every connection."""
         period = self.heartbeat_s * 1_000_000_000
         for conn in self.conns:
             if conn.ready and not conn.closed and conn.kind == "mqtt" and now >= conn.next_ping_ns:
                 if conn.next_ping_ns:
                     conn.heartbeat()
-                conn.next_ping_ns = now + period - random.randrange(period // 10 + 1)
+                    conn.next_ping_ns += period
+                else:
+                    conn.next_ping_ns = now + random.randrange(period)
 
     # -- commands ------------------------------------------------------------------------------------------------------
     def serve_forever(self) -> None:

@@ -70,7 +70,7 @@ class Sizes:
     durable_s: float = 3.0
     durable_window: int = 16
     idle_conns: int = 10000
-    idle_s: float = 5.0
+    idle_s: float = 15.0  # one heartbeat period: every connection's heartbeat falls in the window once
     room_size: int = 10
     mixed_ops_per_s: int = 1000
     mixed_s: float = 5.0
@@ -474,8 +474,8 @@ class Bench:
         self.sizes = sizes
         self.args = args
         self.rows: list[dict] = []
-        self.profile: dict | None = None
-        self.profile_idle: dict | None = None
+        #: py-spy summaries of the Chorus server, by what it was doing (only with --profile).
+        self.profiles: dict[str, dict] = {}
         self.out = Path(args.out)
 
     def log(self, message: str) -> None:
@@ -520,7 +520,7 @@ class Bench:
             self.add_row("fanout", "paced", system, "ok", paced,
                          f"{per_s:g} messages/s × {s.fanout_members} members for {s.paced_s:g}s")
             if self.args.profile and system == self.args.profile_system:
-                self.profile = self._profile(ep, "fanout", lambda: self._fanout_rep(
+                self.profiles["fan-out bursts"] = self._profile(ep, "fanout", lambda: self._fanout_rep(
                     ep, workers, s.burst_msgs, 0, paced=False, stats=False))
         except Exception as exc:
             self._failed("fanout", ("burst", "paced"), system, exc)
@@ -609,6 +609,9 @@ class Bench:
                 reps = [self._durable_rep(ep, workers, window) for _ in range(s.reps)]
                 self.add_row("durable", variant, "chorus-tcp", "ok", reps,
                              f"{s.durable_clients} clients, each in its own room, {window} SEND(s) in flight each")
+            if self.args.profile:
+                self.profiles["durable sends, closed loop"] = self._profile(
+                    ep, "durable", lambda: self._durable_rep(ep, workers, 1), formats=("raw",))
         except Exception as exc:
             self._failed("durable", [v for v, _ in variants], "chorus-tcp", exc)
         finally:
@@ -671,20 +674,23 @@ class Bench:
             self.log(f"idle/{system}: {s.idle_conns} connections set up in {setup_s:.1f}s")
             if idle:
                 reps = [self._idle_rep(ep, workers, base_kb) for _ in range(s.reps)]
-                note = (f"{s.idle_conns} connections, heartbeat every {s.heartbeat_s}s (staggered, so each "
-                        f"{s.idle_s:g}s window sees its share), setup {setup_s:.0f}s")
+                note = (f"{s.idle_conns} connections, heartbeat every {s.heartbeat_s}s, windows of {s.idle_s:g}s, "
+                        f"setup {setup_s:.0f}s")
                 if system == "chorus-tcp":
                     note += (f", each registered (argon2 cost lowered), joined to one of "
                              f"{s.idle_conns // s.room_size} rooms and synced")
                 self.add_row("idle", "idle", system, "ok", reps, note)
                 if self.args.profile and system == "chorus-tcp":
-                    self.profile_idle = self._profile(ep, "idle", lambda: workers.command(
+                    self.profiles["idle heartbeats"] = self._profile(ep, "idle", lambda: workers.command(
                         {"cmd": "idle", "duration_s": 1.0}), formats=("raw",))
             if rooms:
                 reps = [self._mixed_rep(ep, workers) for _ in range(s.reps)]
                 self.add_row("rooms", "mixed", system, "ok", reps,
                              f"{s.idle_conns} connections in {s.idle_conns // s.room_size} rooms of {s.room_size}; "
                              f"{s.mixed_ops_per_s} ops/s: 80% SEND, 15% TYPING, 5% HISTORY")
+                if self.args.profile and system == "chorus-tcp":
+                    self.profiles["many rooms, mixed traffic"] = self._profile(
+                        ep, "rooms", lambda: self._mixed_rep(ep, workers), formats=("raw",))
         except Exception as exc:
             for variant in variants:
                 self._failed("idle" if variant == "idle" else "rooms", [variant], system, exc)
@@ -1181,9 +1187,8 @@ def main(argv: list[str] | None = None) -> int:
               "code are not comparable; run again on a quiet tree.", file=sys.stderr)
     meta["duration_s"] = round(time.monotonic() - started, 1)
     targets = evaluate_targets(bench.rows)
-    results = {"meta": meta, "rows": bench.rows, "targets": targets, "profile": bench.profile,
-               "profile_idle": bench.profile_idle}
-    profiles = {"fan-out bursts": bench.profile, "idle heartbeats": bench.profile_idle}
+    profiles = bench.profiles
+    results = {"meta": meta, "rows": bench.rows, "targets": targets, "profiles": profiles}
     json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     png_path = out / f"{name}.png"
