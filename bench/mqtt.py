@@ -76,8 +76,3 @@ def parse_header(buf, pos: int) -> tuple[int, int, int] | None:
         return None
     return buf[pos] >> 4, i, end
 
-
-def publish_payload(buf, start: int, end: int) -> tuple[int, int]:
-    """(payload start, payload end) of a QoS 0 PUBLISH body spanning ``start:end``."""
-    (topic_len,) = _U16.unpack_from(buf, start)
-    return start + 2 + topic_len, end

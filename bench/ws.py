@@ -116,7 +116,3 @@ def parse_frame(buf, pos: int) -> tuple[int, int, int, bytes | None] | None:
         return None
     return b0, start, end, key
 
-
-def unmask(payload: bytes, key: bytes) -> bytes:
-    """The payload of a masked frame (servers should never send one; tolerated anyway)."""
-    return _mask(payload, key)
