@@ -75,6 +75,16 @@ class Server:
             self.connections.discard(conn)
             self.close_reasons[(conn.reason or CloseReason.PEER_CLOSED).name] += 1
 
+    async def watch_connections(self) -> None:
+        """The one timer task: deadlines and liveness of every connection (``ClientConnection.tick``)."""
+        config = self.config
+        period = min(1.0, config.ping_interval_s, config.handshake_timeout_s, config.auth_timeout_s) / 20
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for conn in self.connections:  # tick never awaits, so the set cannot change meanwhile
+                conn.tick(now)
+
     async def _drain(self) -> None:
         config = self.config
         deadline = trio.current_time() + config.shutdown_grace_s
@@ -94,18 +104,26 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         server = Server(config, store)
         listener = open_listener(config.host, config.port)
         server.port = listener.port
-        async with trio.open_nursery() as handlers:
-            async with trio.open_nursery() as accepting:
-                await accepting.start(partial(trio.serve_listeners, server.handle, [listener],
-                                              handler_nursery=handlers))
-                if config.ws_port is not None:
-                    from ._websocket import serve_websocket
-
-                    server.ws_port = await accepting.start(serve_websocket, server, handlers)
-                log.info("listening on %s:%d (data %s)", config.host, server.port, config.db_path)
-                task_status.started(server)
-                await server._shutdown.wait()
-                log.info("shutting down: %d connections", len(server.connections))
-                accepting.cancel_scope.cancel()
-            await server._drain()
+        async with trio.open_nursery() as timers:
+            timers.start_soon(server.watch_connections)
+            await _serve_until_shutdown(server, listener, task_status)
+            timers.cancel_scope.cancel()
     log.info("stopped")
+
+
+async def _serve_until_shutdown(server: Server, listener, task_status) -> None:
+    config = server.config
+    async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as accepting:
+            await accepting.start(partial(trio.serve_listeners, server.handle, [listener],
+                                          handler_nursery=handlers))
+            if config.ws_port is not None:
+                from ._websocket import serve_websocket
+
+                server.ws_port = await accepting.start(serve_websocket, server, handlers)
+            log.info("listening on %s:%d (data %s)", config.host, server.port, config.db_path)
+            task_status.started(server)
+            await server._shutdown.wait()
+            log.info("shutting down: %d connections", len(server.connections))
+            accepting.cancel_scope.cancel()
+        await server._drain()

@@ -1,11 +1,14 @@
-"""One client connection: one nursery with reader, writer and heartbeat (STYLE.md §7).
+"""One client connection: a nursery holding its reader and, when needed, its writer (STYLE.md §7).
 
 The reader turns bytes into events with ``proto.Connection`` and hands them to
-the ``Session``; SEND runs in its own task (bounded per connection) so a client
-can pipeline sends into one group commit. The writer is the ``Output`` flush
-task. The heartbeat PINGs a silent client and closes it as STALE when PINGs go
-unanswered (spec §9 "Liveness"); a deadline task closes connections that do
-not say HELLO and authenticate in time.
+the ``Session``; SENDs are queued into the group commit without waiting (at
+most ``max_inflight_sends`` per connection), so a client can pipeline them.
+The writer task exists only while the ``Output`` holds bytes the kernel
+refused. Liveness and deadlines are not a task per connection: the server's
+one timer task calls ``tick`` on every connection (spec §9 "Liveness"): PING
+a silent client, close it as STALE when PINGs go unanswered, close connections
+that do not say HELLO and authenticate in time. At 10,000 idle connections two
+fewer tasks and timers each is most of the memory and idle CPU (bench/).
 
 Every close goes through ``close(reason)``: it records the first reason and
 cancels the nursery; ``run`` then says ERROR/BYE where the protocol allows it,
@@ -38,18 +41,23 @@ _NO_BYE = (CloseReason.CLIENT_QUIT, CloseReason.PEER_CLOSED, CloseReason.SLOW_CO
 
 
 class ClientConnection:
+    __slots__ = (
+        "server", "config", "transport", "proto", "output", "session", "user_id", "reason", "_final",
+        "opened_at", "last_heard", "_last_ping", "unanswered_pings", "_bucket", "_violations",
+        "_inflight", "_inflight_changed", "_nursery", "wrap", "__weakref__",
+    )
+
     def __init__(self, server: "Server", transport):
         config = server.config
         self.server = server
         self.config = config
         self.transport = transport
         self.proto = proto.Connection(proto.SERVER, max_frame_bytes=config.max_frame_bytes)
-        self.output = Output(transport, config.outbound_buffer_bytes)
+        self.output = Output(transport, config.outbound_buffer_bytes, self._start_writer)
         self.session = Session(server, self)
         self.user_id: int | None = None
         self.reason: CloseReason | None = None
         self._final: list[proto.Event] = []
-        self._scope = trio.CancelScope()
         now = trio.current_time()
         self.opened_at = now
         self.last_heard = now
@@ -58,7 +66,7 @@ class ClientConnection:
         self._bucket = TokenBucket(config.rate_per_s, config.rate_burst, now)
         self._violations = 0
         self._inflight = 0  # SENDs waiting for their commit
-        self._inflight_changed = trio.Event()
+        self._inflight_changed: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         # A message-framed transport (the WebSocket bridge) wraps each Chorus frame in its own
         # framing and may want to write control frames or close us; plain TCP needs neither.
@@ -99,7 +107,8 @@ class ClientConnection:
         """Begin closing for ``reason`` (the first reason wins). Never blocks."""
         if self.reason is None:
             self.reason = reason
-            self._scope.cancel()
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
 
     def protocol_error(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
         self._final.append(proto.Error(code, 0, message[:200], request_id=request_id))
@@ -116,26 +125,61 @@ class ClientConnection:
     def send_finished(self) -> None:
         """One SEND got its commit result (called by the session)."""
         self._inflight -= 1
-        self._inflight_changed.set()
-        self._inflight_changed = trio.Event()
+        if self._inflight_changed is not None:
+            self._inflight_changed.set()
+            self._inflight_changed = None
 
     async def wait_sends_done(self, at_most: int = 0) -> None:
         """Wait until at most ``at_most`` SENDs of this connection wait for their commit."""
         while self._inflight > at_most:
+            if self._inflight_changed is None:
+                self._inflight_changed = trio.Event()
             await self._inflight_changed.wait()
+
+    def tick(self, now: float) -> None:
+        """Deadlines and liveness, called by the server's timer task every fraction of a second."""
+        if self.reason is not None:
+            return
+        config = self.config
+        if self.user_id is None:
+            if self.proto.state is proto.State.HANDSHAKE and now >= self.opened_at + config.handshake_timeout_s:
+                self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "no HELLO in time"))
+                self.close(CloseReason.AUTH_TIMEOUT)
+                return
+            if now >= self.opened_at + config.auth_timeout_s:
+                self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "not authenticated in time"))
+                self.close(CloseReason.AUTH_TIMEOUT)
+                return
+        interval = config.ping_interval_s
+        if now - self.last_heard < interval or now - self._last_ping < interval:
+            return
+        if self.unanswered_pings >= config.max_missed_pings:
+            self.close(CloseReason.STALE)
+            return
+        self._last_ping = now
+        if self.proto.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
+            self.unanswered_pings += 1
+            self.send(proto.Ping(secrets.randbits(63)))
+
+    def _start_writer(self, flush) -> None:
+        if self._nursery is not None and self.reason is None:
+            self._nursery.start_soon(self._writer, flush)
+
+    async def _writer(self, flush) -> None:
+        await flush()
+        if self.output.failed:
+            self.output_failed()
 
     # -- tasks ------------------------------------------------------------------
     async def run(self) -> None:
         """Serve the connection until it closes; never raises for client misbehaviour."""
         log.info("open peer=%s", self.transport.peer)
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._heartbeat)
-                    nursery.start_soon(self._deadlines)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.reason is None:
                     await self._reader()
+                nursery.cancel_scope.cancel()  # a writer or a pending send ends with the connection
         finally:
             await self._finish()
 
@@ -195,38 +239,6 @@ class ClientConnection:
             log.info("peer=%s sent ERROR %s: %s", self.transport.peer, event.code.name, event.message)
         elif kind is not proto.Pong:
             await self.session.handle(event)
-
-    async def _writer(self) -> None:
-        await self.output.run()
-        self.output_failed()
-
-    async def _heartbeat(self) -> None:
-        interval = self.config.ping_interval_s
-        while True:
-            await trio.sleep_until(max(self.last_heard, self._last_ping) + interval)
-            now = trio.current_time()
-            if now - self.last_heard < interval or now - self._last_ping < interval:
-                continue
-            if self.unanswered_pings >= self.config.max_missed_pings:
-                self.close(CloseReason.STALE)
-                return
-            if self.proto.state in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
-                self._last_ping = now
-                continue
-            self.unanswered_pings += 1
-            self._last_ping = now
-            self.send(proto.Ping(secrets.randbits(63)))
-
-    async def _deadlines(self) -> None:
-        await trio.sleep_until(self.opened_at + self.config.handshake_timeout_s)
-        if self.proto.state is proto.State.HANDSHAKE:
-            self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "no HELLO in time"))
-            self.close(CloseReason.AUTH_TIMEOUT)
-            return
-        await trio.sleep_until(self.opened_at + self.config.auth_timeout_s)
-        if self.user_id is None:
-            self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "not authenticated in time"))
-            self.close(CloseReason.AUTH_TIMEOUT)
 
     async def _finish(self) -> None:
         reason = self.reason or CloseReason.PEER_CLOSED

@@ -95,7 +95,11 @@ class Hub:
             if not subs:
                 continue
             seq = msg.seq
-            frames: dict = {}
+            # One encoding per view name (a room has one; a direct pair two) and per framing (TCP, or the
+            # one wrap function every WebSocket transport shares).
+            # Keyed by the name string, not the Conversation: dataclass hashing is slow Python.
+            plain: dict[str, bytes] = {}
+            wrapped: dict[str, bytes] = {}
             for conn, state in subs.items():
                 if state.syncing:
                     if seq > state.missed_seq:
@@ -104,14 +108,15 @@ class Hub:
                 if seq <= state.sent_seq or conn.reason is not None:
                     continue
                 state.sent_seq = seq
-                key = (state.view, conn.wrap)
-                frame = frames.get(key)
+                wrap = conn.wrap
+                frames = plain if wrap is None else wrapped
+                frame = frames.get(state.view.name)
                 if frame is None:
                     frame = proto.encode(proto.Message(
                         state.view, seq, msg.ts_ms, msg.sender_name, msg.client_msg_id, msg.body))
-                    if conn.wrap is not None:
-                        frame = conn.wrap(frame)
-                    frames[key] = frame
+                    if wrap is not None:
+                        frame = wrap(frame)
+                    frames[state.view.name] = frame
                 output = conn.output
                 if corked is not None and not output.corked:
                     output.cork()

@@ -1,13 +1,17 @@
 """The one place that writes to a client: write-through with a bounded buffer.
 
 ``write`` hands bytes to the kernel at once when nothing is queued; whatever the
-kernel does not take is appended to a buffer that the writer task (``run``)
-flushes, all of it in one call, whenever the socket is writable. This is the
+kernel does not take is appended to a buffer, and only then is a writer task
+started (through ``start_writer``) to flush the buffer, all of it in one call,
+whenever the socket is writable; it ends when the buffer is empty. This is the
 Mosquitto/NATS design measured in DESIGN.md "Fan-out": no task switch and no
-queue per frame. A buffer over ``limit_bytes`` means the client cannot keep up:
-``write`` returns False and the owner closes it as SLOW_CONSUMER (spec §9).
+queue per frame, and no task at all for a connection that keeps up. A buffer
+over ``limit_bytes`` means the client cannot keep up: ``write`` returns False
+and the owner closes it as SLOW_CONSUMER (spec §9.12).
 """
 from __future__ import annotations
+
+from typing import Awaitable, Callable
 
 import trio
 
@@ -15,13 +19,17 @@ _CORK_MAX_BYTES = 16384
 
 
 class Output:
-    def __init__(self, transport, limit_bytes: int):
+    __slots__ = ("_transport", "_limit", "_buf", "_start_writer", "_writing", "_drained", "corked", "failed",
+                 "overflowed", "bytes_out")
+
+    def __init__(self, transport, limit_bytes: int,
+                 start_writer: Callable[[Callable[[], Awaitable[None]]], None]):
         self._transport = transport
         self._limit = limit_bytes
         self._buf = bytearray()
-        self._wake = trio.Event()
-        self._drained = trio.Event()
-        self._drained.set()
+        self._start_writer = start_writer
+        self._writing = False
+        self._drained: trio.Event | None = None  # made only when someone waits
         self.corked = False  # while corked, writes only queue; uncork() sends them in one call
         self.failed = False  # overflowed or the peer is gone: nothing more will be written
         self.overflowed = False
@@ -41,7 +49,7 @@ class Output:
         self.bytes_out += len(data)
         if self._buf or self.corked:
             self._buf += data
-            if self.corked and self._drained.is_set() and len(self._buf) >= _CORK_MAX_BYTES:
+            if self.corked and not self._writing and len(self._buf) >= _CORK_MAX_BYTES:
                 self._send_buffer()  # coalescing is a hint, not a reason to hold megabytes
         else:
             try:
@@ -52,8 +60,7 @@ class Output:
             if sent == len(data):
                 return True
             self._buf += memoryview(data)[sent:]
-            self._drained = trio.Event()
-            self._wake.set()
+            self._need_writer()
         if len(self._buf) > self._limit:
             self.overflowed = True
             self._fail()
@@ -66,11 +73,11 @@ class Output:
 
     def uncork(self) -> None:
         self.corked = False
-        if self._buf and not self.failed and self._drained.is_set():
+        if self._buf and not self.failed and not self._writing:
             self._send_buffer()
 
     def _send_buffer(self) -> None:
-        """Write through what was queued while corked; the writer task takes what the kernel refuses."""
+        """Write through what is queued; the writer task takes what the kernel refuses."""
         try:
             sent = self._transport.try_send(self._buf)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -78,40 +85,41 @@ class Output:
             return
         del self._buf[:sent]
         if self._buf:
-            self._drained = trio.Event()
-            self._wake.set()
+            self._need_writer()
+        else:
+            self._set_drained()
+
+    def _need_writer(self) -> None:
+        if not self._writing:
+            self._writing = True
+            self._start_writer(self._flush_when_writable)
+
+    async def _flush_when_writable(self) -> None:
+        """The writer task: flush whenever the socket can take more, until the buffer is empty."""
+        try:
+            await self.flush()
+        finally:
+            self._writing = False
 
     def _fail(self) -> None:
         self.failed = True
         self._buf.clear()
-        self._wake.set()
-        self._drained.set()
+        self._set_drained()
 
-    async def run(self) -> None:
-        """Writer task: flush the buffer whenever the socket can take more.
-
-        Returns when the output has failed (the owner then closes the connection).
-        """
-        while not self.failed:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._buf and not self.failed:
-                await self._transport.wait_writable()
-                try:
-                    sent = self._transport.try_send(self._buf)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._fail()
-                    break
-                del self._buf[:sent]
-            if not self._buf:
-                self._drained.set()
+    def _set_drained(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
 
     async def wait_drained(self) -> None:
         """Wait until everything queued so far has reached the kernel (or the output failed)."""
-        await self._drained.wait()
+        while self._buf and not self.failed:
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
 
     async def flush(self) -> None:
-        """Push out what is buffered without the writer task (used while closing)."""
+        """Push out what is buffered, waiting for the socket as needed (also used while closing)."""
         while self._buf and not self.failed:
             await self._transport.wait_writable()
             try:
@@ -120,4 +128,4 @@ class Output:
                 self._fail()
                 return
             del self._buf[:sent]
-        self._drained.set()
+        self._set_drained()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 
 class TokenBucket:
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
     def __init__(self, rate_per_s: float, burst: int, now: float):
         self.rate = rate_per_s
         self.burst = burst

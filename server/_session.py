@@ -37,7 +37,7 @@ class RequestError(Exception):
         self.code = code
 
 
-@dataclass
+@dataclass(slots=True)
 class ConvState:
     conv_id: int
     view: proto.Conversation
@@ -54,6 +54,8 @@ def now_ms() -> int:
 
 
 class Session:
+    __slots__ = ("server", "conn", "user_id", "username", "token_hash", "convs", "by_view")
+
     def __init__(self, server: "Server", conn: "ClientConnection"):
         self.server = server
         self.conn = conn
@@ -62,32 +64,15 @@ class Session:
         self.token_hash: bytes | None = None
         self.convs: dict[int, ConvState] = {}
         self.by_view: dict[proto.Conversation, ConvState] = {}
-        self._handlers = {
-            proto.Hello: self._hello,
-            proto.Register: self._register,
-            proto.Login: self._login,
-            proto.Resume: self._resume,
-            proto.Logout: self._logout,
-            proto.Join: self._join,
-            proto.Leave: self._leave,
-            proto.ListRooms: self._list_rooms,
-            proto.Members: self._members,
-            proto.Sync: self._sync,
-            proto.History: self._history,
-            proto.Delivered: self._cursor,
-            proto.Read: self._cursor,
-            proto.GetCursors: self._get_cursors,
-            proto.Typing: self._typing,
-        }
 
     # -- dispatch -----------------------------------------------------------
     async def handle(self, event: proto.Event) -> None:
         """Act on one frame; request errors become ERROR replies."""
-        handler = self._handlers.get(type(event))
+        handler = _HANDLERS.get(type(event))
         if handler is None:
             return  # PONG/ERROR/BYE are the connection's business
         try:
-            await handler(event)
+            await handler(self, event)
         except RequestError as exc:
             self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
 
@@ -393,3 +378,22 @@ class Session:
             targets = [c for c in hub.subscribers(state.conv_id) if c.user_id != self.user_id]
             frame = proto.encode(proto.UserTyping(state.view, self.username))
         hub.push(targets, frame)
+
+
+_HANDLERS = {
+    proto.Hello: Session._hello,
+    proto.Register: Session._register,
+    proto.Login: Session._login,
+    proto.Resume: Session._resume,
+    proto.Logout: Session._logout,
+    proto.Join: Session._join,
+    proto.Leave: Session._leave,
+    proto.ListRooms: Session._list_rooms,
+    proto.Members: Session._members,
+    proto.Sync: Session._sync,
+    proto.History: Session._history,
+    proto.Delivered: Session._cursor,
+    proto.Read: Session._cursor,
+    proto.GetCursors: Session._get_cursors,
+    proto.Typing: Session._typing,
+}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import trio
 
 from server._output import Output
@@ -34,14 +35,14 @@ async def read_exactly(sock, n):
 
 async def test_write_through_sends_at_once_without_the_writer():
     stream, peer = pair()
-    out = Output(stream, limit_bytes=1 << 20)
+    out = Output(stream, limit_bytes=1 << 20, start_writer=pytest.fail)  # no writer task needed
     assert out.write(b"hello") and out.buffered_bytes == 0 and stream.calls == 1
     assert await read_exactly(peer, 5) == b"hello"
 
 
 async def test_cork_coalesces_a_batch_into_one_send():
     stream, peer = pair()
-    out = Output(stream, limit_bytes=1 << 20)
+    out = Output(stream, limit_bytes=1 << 20, start_writer=pytest.fail)
     out.cork()
     for i in range(50):
         assert out.write(b"frame%02d" % i)
@@ -54,22 +55,22 @@ async def test_cork_coalesces_a_batch_into_one_send():
 async def test_writer_flushes_what_the_kernel_refused_and_overflow_fails():
     stream, peer = pair()
     peer.setblocking(False)
-    out = Output(stream, limit_bytes=4 << 20)
-    chunk = b"x" * 65536
-    while out.buffered_bytes == 0:  # fill the kernel buffers until we have to queue
-        assert out.write(chunk)
-    queued = out.buffered_bytes
-    total = 0
+    started = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(out.run)
-        written = out.bytes_out
+        out = Output(stream, limit_bytes=4 << 20, start_writer=lambda flush: (started.append(1),
+                                                                              nursery.start_soon(flush)))
+        chunk = b"x" * 65536
+        while out.buffered_bytes == 0:  # fill the kernel buffers until we have to queue
+            assert out.write(chunk)
+        assert started == [1]  # the writer exists only now, once
+        assert out.write(chunk) and started == [1]
+        written, total = out.bytes_out, 0
         while total < written:
             await trio.lowlevel.wait_readable(peer)
             total += len(peer.recv(1 << 20))
         await out.wait_drained()
-        assert out.buffered_bytes == 0 and queued > 0
-        nursery.cancel_scope.cancel()
-    small = Output(pair()[0], limit_bytes=1000)
+        assert out.buffered_bytes == 0
+    small = Output(pair()[0], limit_bytes=1000, start_writer=pytest.fail)
     small.cork()
     assert not small.write(b"y" * 1001) and small.overflowed and small.failed
     assert not small.write(b"z")  # nothing more after failing

@@ -324,7 +324,7 @@ async def test_ping_pong_detects_dead_peer(start_server, autojump_clock):
         nursery.cancel_scope.cancel()
     assert [type(e) for e in events] == [proto.Ping, proto.Ping, proto.Bye, proto.ConnectionClosed]
     assert events[2].reason == CloseReason.STALE
-    assert 30 <= trio.current_time() - start < 31
+    assert 30 <= trio.current_time() - start < 32  # three steps, each within one timer period
     assert pongs >= 2 and isinstance(await live.request(proto.Ping, 1), proto.Pong)
 
 
