@@ -112,7 +112,7 @@ def decode(data: bytes, *, max_frame_bytes: int = ABSOLUTE_MAX_FRAME_BYTES) -> e
     Raises ``RemoteProtocolError`` for anything but one valid frame.
     """
     conn = Connection(Role.SERVER, max_frame_bytes=max_frame_bytes)
-    conn._check = lambda sender, ftype, error: conn.state  # stateless: every frame type is accepted
+    conn._stateless = True  # every frame type is accepted
     conn.receive_data(data)
     conn.receive_data(b"")
     event = conn.next_event()
@@ -137,6 +137,9 @@ class Connection:
     peer's limit, which a client learns from WELCOME.
     """
 
+    __slots__ = ("our_role", "their_role", "state", "max_frame_bytes", "peer_max_frame_bytes", "compress_threshold",
+                 "we_said_bye", "they_said_bye", "_buf", "_pos", "_eof", "_error", "_stateless")
+
     def __init__(
         self,
         our_role: Role,
@@ -158,6 +161,7 @@ class Connection:
         self._pos = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
+        self._stateless = False
 
     @property
     def buffered_bytes(self) -> int:
@@ -243,6 +247,8 @@ class Connection:
         return data
 
     def _check(self, sender: Role, ftype: FrameType, error: type) -> State:
+        if self._stateless:
+            return self.state
         said_bye = self.we_said_bye if sender is self.our_role else self.they_said_bye
         after = None if said_bye else next_state(self.state, sender, ftype)
         if after is None:

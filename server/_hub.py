@@ -40,6 +40,7 @@ class Hub:
     def __init__(self):
         self._subs: dict[int, dict[Subscriber, Subscription]] = {}
         self._users: dict[int, dict[Subscriber, None]] = {}
+        self._corked: list = []  # outputs holding a batch's frames until flush()
         self.delivered = 0
 
     # -- users --------------------------------------------------------------
@@ -85,10 +86,10 @@ class Hub:
         """Deliver committed messages (store ``Appended`` rows, in seq order) to live subscribers.
 
         Per subscriber: withheld while its SYNC runs (noting the seq), skipped if already sent, else
-        written through. When a group commit publishes several messages, each output is corked for the
-        batch so that a subscriber gets one send call for all of them.
+        queued on its corked output; ``flush`` (after the batch's ACKs) sends each output's share in one
+        call, so a group commit costs one send per connection, not one per message.
         """
-        corked = [] if len(appended) > 1 else None
+        corked = self._corked
         delivered = 0
         for msg in appended:
             subs = self._subs.get(msg.conv_id)
@@ -118,16 +119,19 @@ class Hub:
                         frame = wrap(frame)
                     frames[state.view.name] = frame
                 output = conn.output
-                if corked is not None and not output.corked:
+                if not output.corked:
                     output.cork()
                     corked.append(output)
                 if not output.write(frame):
                     conn.output_failed()
                 delivered += 1
         self.delivered += delivered
-        if corked:
-            for output in corked:
-                output.uncork()
+
+    def flush(self) -> None:
+        """Send what ``publish`` corked: called once the batch's ACKs are queued too."""
+        corked, self._corked = self._corked, []
+        for output in corked:
+            output.uncork()
 
     def push(self, conns: Iterable[Subscriber], frame: bytes) -> None:
         """Hand an ephemeral frame (presence, typing, receipt) to each connection once."""

@@ -310,6 +310,9 @@ class Store:
         #: Called in the Trio thread after each commit, before any ``append`` returns, with the batch's new
         #: messages in seq order. Must not block; an exception is logged and the waiters still get their results.
         self.on_commit = on_commit
+        #: Called in the Trio thread once every waiter of a committed batch got its result (the server
+        #: sends everything one batch produced for a connection, messages and ACKs, in one write).
+        self.after_batch: Callable[[], None] | None = None
         self._pending: list[_Waiter] = []
         self._wakeup = trio.Event()
         self._closing = False
@@ -618,6 +621,11 @@ class Store:
                 log.exception("store: on_commit raised; the messages are stored and their senders get an ACK")
         for waiter, result in zip(batch, results):
             waiter.finish(result, None)
+        if self.after_batch is not None:
+            try:
+                self.after_batch()
+            except Exception:
+                log.exception("store: after_batch raised")
 
     @staticmethod
     def _write_batch(conn: sqlite3.Connection, msgs: list[NewMessage]) -> list[Appended]:

@@ -20,6 +20,8 @@ _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutE
 class SocketStream(trio.abc.Stream):
     """A connected TCP socket; ``try_send`` is the write-through primitive."""
 
+    __slots__ = ("socket", "_closed", "peer")
+
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         try:
