@@ -215,12 +215,22 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+def _open_side(path: str, synchronous: str) -> sqlite3.Connection:
+    """A second connection to the same file: queries, or checkpoints, beside the writer (WAL allows both)."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     """Open (creating if needed) and prepare the database; raises ``sqlite3.Error`` or ``RuntimeError``."""
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA journal_mode = WAL")
+        # Checkpoints run beside the writer (Store._checkpoint_loop), not inside a commit that senders wait for.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         with _transaction(conn):
@@ -288,8 +298,11 @@ async def open_store(
     conn = await trio.to_thread.run_sync(_connect, os.fspath(path), synchronous, limiter=limiter)
     store = Store(conn, limiter, max_batch=max_batch, on_commit=on_commit)
     try:
+        store._reader = await trio.to_thread.run_sync(_open_side, os.fspath(path), synchronous)
+        store._checkpointer = await trio.to_thread.run_sync(_open_side, os.fspath(path), synchronous)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._commit_loop)
+            nursery.start_soon(store._checkpoint_loop)
             try:
                 yield store
             finally:
@@ -306,6 +319,11 @@ class Store:
                  on_commit: Callable[[list[Appended]], None] | None) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._limiter = limiter
+        # Queries use their own connection, so a page of history never waits behind a group commit.
+        self._reader: sqlite3.Connection | None = None
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoints = 0
         self._max_batch = max_batch
         #: Called in the Trio thread after each commit, before any ``append`` returns, with the batch's new
         #: messages in seq order. Must not block; an exception is logged and the waiters still get their results.
@@ -332,6 +350,26 @@ class Store:
             raise trio.ClosedResourceError("the store is closed")
         return await trio.to_thread.run_sync(fn, self._conn, *args, limiter=self._limiter)
 
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run the query ``fn(conn, *args)`` on the reading connection (sees every committed write)."""
+        if self._closing:
+            raise trio.ClosedResourceError("the store is closed")
+        return await trio.to_thread.run_sync(fn, self._reader, *args, limiter=self._read_limiter)
+
+    async def _checkpoint_loop(self, period_s: float = 1.0) -> None:
+        """Copy the WAL back into the database now and then (PASSIVE: never blocks the writer or readers)."""
+        commits = self._commits
+        while not self._closing:
+            await trio.sleep(period_s)
+            if self._commits != commits:
+                commits = self._commits
+                try:
+                    await trio.to_thread.run_sync(
+                        lambda: self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+                    self._checkpoints += 1
+                except sqlite3.Error as exc:
+                    log.warning("store: checkpoint failed: %r", exc)
+
     def _begin_close(self) -> None:
         self._closing = True
         self._wakeup.set()
@@ -345,6 +383,10 @@ class Store:
             conn, self._conn = self._conn, None
             if conn is not None:
                 await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+            for side in (self._reader, self._checkpointer):
+                if side is not None:
+                    await trio.to_thread.run_sync(side.close)
+            self._reader = self._checkpointer = None
 
     # -- users and sessions ------------------------------------------------------------------------------------
 
@@ -365,14 +407,14 @@ class Store:
             row = conn.execute("SELECT id, name, password_hash FROM users WHERE name = ?", (name,)).fetchone()
             return User(*row) if row else None
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def get_user_by_id(self, user_id: int) -> User | None:
         def run(conn: sqlite3.Connection) -> User | None:
             row = conn.execute("SELECT id, name, password_hash FROM users WHERE id = ?", (user_id,)).fetchone()
             return User(*row) if row else None
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -390,7 +432,7 @@ class Store:
                 " WHERE s.token_hash = ? AND s.expires_at_ms > ?", (token_hash, now_ms)).fetchone()
             return Session(*row) if row else None
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def touch_session(self, token_hash: bytes, expires_at_ms: int) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -452,13 +494,13 @@ class Store:
                                {"c": conv_id, "u": user_id}).fetchone()
             return row is not None
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def room_count(self, user_id: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
             return conn.execute("SELECT count(*) FROM memberships WHERE user_id = ?", (user_id,)).fetchone()[0]
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def members(self, conv_id: int) -> list[tuple[int, str]]:
         """(user_id, name) of a room's members or of both users of a DIRECT pair, by name; [] if unknown."""
@@ -468,7 +510,7 @@ class Store:
                                 " ORDER BY u.name", {"c": conv_id}).fetchall()
             return [(user_id, name) for user_id, name in rows]
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def direct(self, user_a_id: int, user_b_id: int) -> int:
         """The pair's conversation id, created if absent; the same for either order.
@@ -498,7 +540,7 @@ class Store:
             rows = conn.execute(f"{_CONVERSATIONS} ORDER BY 2, 3", {"u": user_id}).fetchall()
             return [_conv_row(row) for row in rows]
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def conversation(self, user_id: int, conv_id: int) -> ConvRow | None:
         """One conversation from the user's view: any room (member or not), or a DIRECT pair the user is in.
@@ -516,7 +558,7 @@ class Store:
                 return None
             return _conv_row(row)
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def list_rooms(self, user_id: int, limit: int) -> list[RoomInfo]:
         """Up to ``limit`` rooms: those the user joined first, then the others, each group by name."""
@@ -529,7 +571,7 @@ class Store:
                 (user_id, limit)).fetchall()
             return [RoomInfo(name, members, last_seq, bool(joined)) for name, members, last_seq, joined in rows]
 
-        return await self._run(run)
+        return await self._read(run)
 
     # -- messages ----------------------------------------------------------------------------------------------
 
@@ -540,7 +582,7 @@ class Store:
             row = conn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conv_id,)).fetchone()
             return row[0] if row else 0
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def append(self, msg: NewMessage) -> Appended:
         """Store ``msg`` (group-committed) and return it with its seq, or the original if it is a retry.
@@ -675,7 +717,7 @@ class Store:
                 (conv_id, after_seq, limit + 1)).fetchall()
             return [_stored(row) for row in rows[:limit]], len(rows) > limit
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
         """Up to ``limit`` messages with seq < ``before_seq`` (0: from the newest), ascending; has_more = older ones
@@ -694,7 +736,7 @@ class Store:
             page.reverse()
             return page, len(rows) > limit
 
-        return await self._run(run)
+        return await self._read(run)
 
     # -- cursors -----------------------------------------------------------------------------------------------
 
@@ -733,7 +775,7 @@ class Store:
                 {"c": conv_id}).fetchall()
             return [CursorInfo(*row) for row in rows]
 
-        return await self._run(run)
+        return await self._read(run)
 
     async def undelivered(self, user_id: int) -> list[tuple[ConvRow, int]]:
         """The user's conversations with messages after the user's DELIVERED cursor, with that cursor."""
@@ -745,7 +787,7 @@ class Store:
                 " WHERE v.last_seq > coalesce(k.delivered_seq, 0) ORDER BY 2, 3", {"u": user_id}).fetchall()
             return [(_conv_row(row[:5]), row[5]) for row in rows]
 
-        return await self._run(run)
+        return await self._read(run)
 
     # -- counters ----------------------------------------------------------------------------------------------
 
@@ -753,6 +795,7 @@ class Store:
         """Group-commit counters: ``batch_histogram`` maps a power of two n to batches of size (n/2, n]."""
         return {
             "commits": self._commits,
+            "checkpoints": self._checkpoints,
             "failed_batches": self._failed_batches,
             "appended": self._appended,
             "duplicates": self._duplicates,
