@@ -44,7 +44,7 @@ class ClientConnection:
     __slots__ = (
         "server", "config", "transport", "proto", "output", "session", "user_id", "reason", "_final",
         "opened_at", "last_heard", "_last_ping", "unanswered_pings", "_bucket", "_violations",
-        "_inflight", "_inflight_changed", "_nursery", "wrap", "__weakref__",
+        "inflight_sends", "_sends_changed", "_nursery", "wrap", "__weakref__",
     )
 
     def __init__(self, server: "Server", transport):
@@ -65,8 +65,8 @@ class ClientConnection:
         self.unanswered_pings = 0
         self._bucket = TokenBucket(config.rate_per_s, config.rate_burst, now)
         self._violations = 0
-        self._inflight = 0  # SENDs waiting for their commit
-        self._inflight_changed: trio.Event | None = None
+        self.inflight_sends = 0  # SENDs waiting for their commit
+        self._sends_changed: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         # A message-framed transport (the WebSocket bridge) wraps each Chorus frame in its own
         # framing and may want to write control frames or close us; plain TCP needs neither.
@@ -124,17 +124,17 @@ class ClientConnection:
 
     def send_finished(self) -> None:
         """One SEND got its commit result (called by the session)."""
-        self._inflight -= 1
-        if self._inflight_changed is not None:
-            self._inflight_changed.set()
-            self._inflight_changed = None
+        self.inflight_sends -= 1
+        if self._sends_changed is not None:
+            self._sends_changed.set()
+            self._sends_changed = None
 
     async def wait_sends_done(self, at_most: int = 0) -> None:
         """Wait until at most ``at_most`` SENDs of this connection wait for their commit."""
-        while self._inflight > at_most:
-            if self._inflight_changed is None:
-                self._inflight_changed = trio.Event()
-            await self._inflight_changed.wait()
+        while self.inflight_sends > at_most:
+            if self._sends_changed is None:
+                self._sends_changed = trio.Event()
+            await self._sends_changed.wait()
 
     def tick(self, now: float) -> None:
         """Deadlines and liveness, called by the server's timer task every fraction of a second."""
@@ -228,7 +228,7 @@ class ClientConnection:
             except RequestError as exc:
                 self.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
                 return
-            self._inflight += 1
+            self.inflight_sends += 1
             if not queued:
                 self._nursery.start_soon(self.session.handle_send, event)
         elif kind is proto.Ping:

@@ -20,6 +20,7 @@ class Subscriber(Protocol):
 
     user_id: int
     reason: object  # not None once closing
+    inflight_sends: int  # its SENDs waiting for their commit
     output: object  # server/_output.py Output
     wrap: object  # None, or a function framing each frame for a message-based transport
 
@@ -90,6 +91,7 @@ class Hub:
         call, so a group commit costs one send per connection, not one per message.
         """
         corked = self._corked
+        batch = len(appended) > 1
         delivered = 0
         for msg in appended:
             subs = self._subs.get(msg.conv_id)
@@ -119,7 +121,9 @@ class Hub:
                         frame = wrap(frame)
                     frames[state.view.name] = frame
                 output = conn.output
-                if not output.corked:
+                # Cork when more of this batch will follow for this connection: more messages, or the
+                # ACK of its own send. A lone message to a plain subscriber is written through at once.
+                if not output.corked and (batch or conn.inflight_sends):
                     output.cork()
                     corked.append(output)
                 if not output.write(frame):
