@@ -52,6 +52,17 @@ class Config:
     reconnect_hint_ms: int = _opt(1000, "GOAWAY's reconnect-after hint on shutdown")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
 
+    def __post_init__(self):
+        for name in ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_per_s", "rate_burst",
+                     "max_frame_bytes", "max_body_bytes", "outbound_buffer_bytes", "max_page", "max_inflight_sends",
+                     "max_connections", "max_connections_per_user", "session_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be above 0")
+        if self.max_frame_bytes > proto.ABSOLUTE_MAX_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be at most {proto.ABSOLUTE_MAX_FRAME_BYTES}")
+        if self.sqlite_synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("sqlite_synchronous must be FULL or NORMAL")
+
     @property
     def db_path(self) -> Path:
         return Path(self.data_dir) / "chorus.db"

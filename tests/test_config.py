@@ -38,3 +38,11 @@ def test_welcome_reflects_limits():
     welcome = Config(max_frame_bytes=4096, max_body_bytes=100, ping_interval_s=3, rate_per_s=10**6).welcome()
     assert (welcome.max_frame_bytes, welcome.max_body_bytes, welcome.ping_interval_ms) == (4096, 100, 3000)
     assert welcome.rate_per_s == 0xFFFF  # capped to the u16 field
+
+
+@pytest.mark.parametrize("flags", [["--ping-interval-s", "0"], ["--max-frame-bytes", "99999999"],
+                                   ["--sqlite-synchronous", "OFF"], ["--rate-per-s", "-1"]])
+def test_nonsense_values_are_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        config_from_args(flags)
+    assert "must be" in capsys.readouterr().err
