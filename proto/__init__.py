@@ -15,6 +15,7 @@ from ._const import (
     MAX_LIST_ITEMS,
     MAX_NAME_BYTES,
     MAX_PASSWORD_BYTES,
+    MAX_TEXT_BYTES,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     CloseReason,

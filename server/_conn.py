@@ -27,7 +27,7 @@ from proto import CloseReason, ErrorCode
 
 from ._output import Output
 from ._ratelimit import TokenBucket
-from ._session import RequestError, Session
+from ._session import RequestError, Session, clipped
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -111,11 +111,11 @@ class ClientConnection:
                 self._nursery.cancel_scope.cancel()
 
     def protocol_error(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
-        self._final.append(proto.Error(code, 0, message[:200], request_id=request_id))
+        self._final.append(proto.Error(code, 0, clipped(message), request_id=request_id))
         self.close(CloseReason.PROTOCOL_ERROR)
 
     def refuse(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
-        self._final.append(proto.Error(code, 0, message[:200], request_id=request_id))
+        self._final.append(proto.Error(code, 0, clipped(message), request_id=request_id))
         self.close(CloseReason.SERVER_FULL)
 
     def goaway(self, reconnect_after_ms: int, message: str) -> None:
@@ -226,7 +226,7 @@ class ClientConnection:
             try:
                 queued = self.session.send_nowait(event)
             except RequestError as exc:
-                self.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
+                self.send(exc.reply(event.request_id))
                 return
             self.inflight_sends += 1
             if not queued:

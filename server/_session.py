@@ -29,12 +29,20 @@ log = logging.getLogger("chorus.session")
 _TYPING_EVERY_S = 2.0
 
 
+def clipped(text: str) -> str:
+    """``text`` cut to what the message field of ERROR holds (spec §5: 255 bytes of UTF-8)."""
+    return text.encode("utf-8")[:proto.MAX_TEXT_BYTES].decode("utf-8", "ignore")
+
+
 class RequestError(Exception):
     """A request the server refuses; the connection stays open (spec §7)."""
 
     def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
         self.code = code
+
+    def reply(self, request_id: int) -> proto.Error:
+        return proto.Error(self.code, 0, clipped(str(self)), request_id=request_id)
 
 
 @dataclass(slots=True)
@@ -74,7 +82,7 @@ class Session:
         try:
             await handler(self, event)
         except RequestError as exc:
-            self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=event.request_id))
+            self.conn.send(exc.reply(event.request_id))
 
     def send_nowait(self, ev: proto.Send) -> bool:
         """Queue a SEND for the group commit without waiting; the ACK goes out from the commit callback.
@@ -96,7 +104,7 @@ class Session:
             state = self._send_target(ev) or await self._open_direct(ev.conv.name)
         except RequestError as exc:
             self.conn.send_finished()
-            self.conn.send(proto.Error(exc.code, 0, str(exc)[:200], request_id=ev.request_id))
+            self.conn.send(exc.reply(ev.request_id))
             return
         try:
             appended = await self.server.store.append(NewMessage(

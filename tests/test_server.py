@@ -370,3 +370,11 @@ async def test_pipelined_sends_share_commits_and_all_get_acked(start_server):
     assert [(await bob.next_of(proto.Message)).body for _ in range(500)] == [f"p{i}" for i in range(1, 501)]
     stats = server.store.statistics()
     assert stats["batch_max"] > 1  # several sends of one connection went into one transaction
+
+
+def test_error_texts_are_clipped_to_the_field_on_a_character_boundary():
+    from server._session import RequestError
+
+    reply = RequestError(ErrorCode.NOT_FOUND, "no user " + "é" * 300).reply(7)
+    assert len(reply.message.encode()) <= proto.MAX_TEXT_BYTES and reply.message.startswith("no user é")
+    assert proto.decode(proto.encode(reply)) == reply  # encodable: a long text never loses the ERROR
