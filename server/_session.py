@@ -177,9 +177,7 @@ class Session:
 
     async def _logged_in(self, user_id: int, username: str, token: str | None, request_id: int) -> None:
         server = self.server
-        if len(server.hub.connections_of(user_id)) >= server.config.max_connections_per_user:
-            self.conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS,
-                             f"at most {server.config.max_connections_per_user} connections per user", request_id)
+        if self._user_is_full(user_id, request_id):
             return
         expires = now_ms() + server.config.session_ttl_s * 1000
         if token is None:
@@ -188,7 +186,7 @@ class Session:
         else:
             await server.store.touch_session(token_hash(token), expires)
         rows = await server.store.conversations(user_id)
-        if self.conn.closing:
+        if self.conn.closing or self._user_is_full(user_id, request_id):  # again: others logged in meanwhile
             return
         # From here to AUTH_OK nothing awaits, so no live frame can precede it.
         self.user_id, self.username, self.token_hash = user_id, username, token_hash(token)
@@ -199,6 +197,13 @@ class Session:
         self.conn.send(proto.AuthOk(username, token, expires, request_id=request_id))
         if first:
             self._announce(proto.Status.ONLINE)
+
+    def _user_is_full(self, user_id: int, request_id: int) -> bool:
+        limit = self.server.config.max_connections_per_user
+        if len(self.server.hub.connections_of(user_id)) < limit:
+            return False
+        self.conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS, f"at most {limit} connections per user", request_id)
+        return True
 
     def _announce(self, status: proto.Status) -> None:
         hub = self.server.hub
