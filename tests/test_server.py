@@ -378,3 +378,27 @@ def test_error_texts_are_clipped_to_the_field_on_a_character_boundary():
     reply = RequestError(ErrorCode.NOT_FOUND, "no user " + "é" * 300).reply(7)
     assert len(reply.message.encode()) <= proto.MAX_TEXT_BYTES and reply.message.startswith("no user é")
     assert proto.decode(proto.encode(reply)) == reply  # encodable: a long text never loses the ERROR
+
+
+async def test_concurrent_logins_respect_the_per_user_limit(start_server):
+    server = await start_server(max_connections_per_user=2)
+    first = await RawClient.connect(server.port)
+    await first.register("alice")
+    await first.send(proto.Bye(CloseReason.CLIENT_QUIT))
+    assert (await first.drain_until_closed())[-1] == proto.ConnectionClosed()
+    clients = [await RawClient.connect(server.port) for _ in range(5)]
+    replies = {}
+
+    async def login(c):
+        replies[c] = await c.request(proto.Login, "alice", "correct horse")
+
+    async with trio.open_nursery() as nursery:
+        for c in clients:
+            nursery.start_soon(login, c)
+    assert sorted(type(r).__name__ for r in replies.values()) == ["AuthOk", "AuthOk", "Error", "Error", "Error"]
+    for c, reply in replies.items():
+        if isinstance(reply, proto.Error):
+            assert reply.code == ErrorCode.TOO_MANY_CONNECTIONS
+            assert (await c.drain_until_closed())[-2] == proto.Bye(CloseReason.SERVER_FULL)
+        else:
+            assert isinstance(await c.request(proto.Ping, 1), proto.Pong)
