@@ -402,3 +402,27 @@ async def test_concurrent_logins_respect_the_per_user_limit(start_server):
             assert (await c.drain_until_closed())[-2] == proto.Bye(CloseReason.SERVER_FULL)
         else:
             assert isinstance(await c.request(proto.Ping, 1), proto.Pong)
+
+
+async def test_random_bytes_never_hurt_the_server_or_other_clients(server):
+    """Garbage after a valid login: an ERROR and a close at worst; the server and a bystander carry on."""
+    import random
+
+    rng = random.Random(1234)
+    alice, bob = await two_in_lobby(server.port)
+    valid = proto.encode(proto.Send(LOBBY, 1, "x"))
+    for i in range(40):
+        junk = bytearray(valid * rng.randint(0, 3))
+        junk += rng.randbytes(rng.randint(1, 64))
+        if rng.random() < 0.5 and junk:  # flip bytes inside otherwise valid frames too
+            junk[rng.randrange(len(junk))] ^= 1 << rng.randrange(8)
+        mallory = await RawClient.connect(server.port)
+        await mallory.request(proto.Register, f"m{i}", "correct horse")
+        await mallory.send_raw(bytes(junk))
+        await mallory.stream.send_eof()
+        events = await mallory.drain_until_closed()
+        assert isinstance(events[-1], proto.ConnectionClosed)
+        errors = [e for e in events if isinstance(e, proto.Error)]
+        assert all(e.code in ErrorCode for e in errors)
+    ack = await alice.request(proto.Send, LOBBY, 99, "still here")
+    assert (await bob.next_of(proto.Message)).seq == ack.seq
