@@ -478,3 +478,17 @@ async def test_append_nowait_calls_back_after_commit_and_publish(store):
     assert order == [("published", 1), ("acked", 1, False, None), ("acked", 1, True, None)]
     with pytest.raises(ValueError):
         store.append_nowait(msg(conv, alice, -1), callback)
+
+
+async def test_wal_is_checkpointed_beside_the_writer(tmp_path, autojump_clock):
+    async with open_store(tmp_path / "chorus.db") as store:
+        alice, bob = await make_users(store, "alice", "bob")
+        conv = await store.direct(alice.id, bob.id)
+        await store.append(msg(conv, alice, 1))
+        while store.statistics()["checkpoints"] == 0:  # virtual time: the checkpointer runs once a second
+            await trio.sleep(0.5)
+        checkpoints = store.statistics()["checkpoints"]
+        await trio.sleep(5)
+        assert store.statistics()["checkpoints"] == checkpoints  # nothing new committed, nothing to copy
+        messages, _ = await store.messages_after(conv, 0, 10)
+        assert [m.seq for m in messages] == [1]
