@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
@@ -88,6 +89,14 @@ class Server:
             for conn in self.connections:  # tick never awaits, so the set cannot change meanwhile
                 conn.tick(now)
 
+    async def purge_sessions(self, period_s: float = 3600.0) -> None:
+        """Forget expired session tokens at start and then hourly, so the table does not grow forever."""
+        while True:
+            gone = await self.store.purge_sessions(time.time_ns() // 1_000_000)
+            if gone:
+                log.info("purged %d expired sessions", gone)
+            await trio.sleep(period_s)
+
     async def _drain(self) -> None:
         config = self.config
         deadline = trio.current_time() + config.shutdown_grace_s
@@ -109,6 +118,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         server.port = listener.port
         async with trio.open_nursery() as timers:
             timers.start_soon(server.watch_connections)
+            timers.start_soon(server.purge_sessions)
             await _serve_until_shutdown(server, listener, task_status)
             timers.cancel_scope.cancel()
     log.info("stopped")

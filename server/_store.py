@@ -446,6 +446,14 @@ class Store:
 
         await self._run(run)
 
+    async def purge_sessions(self, now_ms: int) -> int:
+        """Delete expired sessions (they are refused anyway); returns how many went."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM sessions WHERE expires_at_ms <= ?", (now_ms,)).rowcount
+
+        return await self._run(run)
+
     # -- rooms, pairs, membership ------------------------------------------------------------------------------
 
     async def room(self, name: str, *, create: bool) -> int | None:

@@ -88,6 +88,15 @@ async def test_sessions_expire_and_slide(store):
     assert await store.get_session(token, now_ms=0) is None
 
 
+async def test_purge_removes_only_expired_sessions(store):
+    (alice,) = await make_users(store, "alice")
+    await store.add_session(b"\x01" * 32, alice.id, expires_at_ms=10_000)
+    await store.add_session(b"\x02" * 32, alice.id, expires_at_ms=30_000)
+    assert await store.purge_sessions(now_ms=20_000) == 1
+    assert await store.get_session(b"\x02" * 32, now_ms=20_000) is not None
+    assert await store.purge_sessions(now_ms=20_000) == 0
+
+
 # -- rooms, pairs, membership ----------------------------------------------------------------------------------------
 
 async def test_rooms_and_membership(store):
