@@ -19,7 +19,7 @@ import proto
 from proto import ConvKind, ErrorCode
 
 from ._auth import MIN_PASSWORD_BYTES, new_token, token_hash, valid_name
-from ._store import NameTaken, NewMessage
+from ._store import ConvRow, NameTaken, NewMessage
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -275,17 +275,26 @@ class Session:
         store, hub = self.server.store, self.server.hub
         if not valid_name(ev.room):
             raise RequestError(ErrorCode.INVALID_NAME, "room names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
-        conv_id = await store.room(ev.room, create=True)
-        if not await store.is_member(self.user_id, conv_id):
+        conv_id = await store.room(ev.room, create=False)
+        if conv_id is None or not await store.is_member(self.user_id, conv_id):
+            # Checked before creating: a user at the limit cannot fill the database with empty rooms.
             if await store.room_count(self.user_id) >= self.server.config.max_rooms_per_user:
                 raise RequestError(ErrorCode.TOO_MANY_ROOMS,
                                    f"at most {self.server.config.max_rooms_per_user} rooms per user")
+            if conv_id is None:
+                conv_id = await store.room(ev.room, create=True)
             await store.join(self.user_id, conv_id)
-        row = await store.conversation(self.user_id, conv_id)
-        members = await store.members(conv_id)
+        # Live first, then read last_seq: every message above JOINED's last_seq is then delivered live
+        # (no gap), and one delivered while we read raises last_seq to it (so nothing looks missing).
+        row = ConvRow(conv_id, ConvKind.ROOM, ev.room, 0, None)
         for conn in hub.connections_of(self.user_id):
             conn.session._add_conv(row)
-        self.conn.send(proto.Joined(ev.room, row.last_seq, len(members), request_id=ev.request_id))
+        last_seq = await store.last_seq(conv_id)
+        members = await store.members(conv_id)
+        state = self.convs.get(conv_id)
+        if state is not None:
+            last_seq = max(last_seq, state.sent_seq)
+        self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
 
     async def _leave(self, ev: proto.Leave) -> None:
         store = self.server.store

@@ -426,3 +426,46 @@ async def test_random_bytes_never_hurt_the_server_or_other_clients(server):
         assert all(e.code in ErrorCode for e in errors)
     ack = await alice.request(proto.Send, LOBBY, 99, "still here")
     assert (await bob.next_of(proto.Message)).seq == ack.seq
+
+
+async def test_join_at_the_room_limit_creates_no_room(start_server):
+    server = await start_server(max_rooms_per_user=1)
+    c = await RawClient.connect(server.port)
+    await c.register("alice")
+    await c.request(proto.Join, "mine")
+    for i in range(5):
+        assert (await c.request(proto.Join, f"spam{i}")).code == ErrorCode.TOO_MANY_ROOMS
+    rooms = await c.request(proto.ListRooms)
+    assert [r.name for r in rooms.rooms] == ["mine"]
+
+
+async def test_join_while_others_send_leaves_no_gap(start_server):
+    server = await start_server(rate_per_s=100_000, rate_burst=100_000)
+    alice = await RawClient.connect(server.port)
+    await alice.register("alice")
+    await alice.request(proto.Join, "lobby")
+    bob = await RawClient.connect(server.port)
+    await bob.register("bob")
+    done = trio.Event()
+
+    async def sender():
+        for i in range(1, 201):
+            await alice.request(proto.Send, LOBBY, i, f"n{i}")
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        rid = bob.rid()
+        await bob.send(proto.Join("lobby", request_id=rid))
+        early = []  # live messages that beat JOINED
+        while True:
+            event = await bob.next()
+            if isinstance(event, proto.Joined):
+                break
+            early.append(event.seq)
+        last = event.last_seq
+        assert all(seq <= last for seq in early)
+        while last < 200:
+            msg = await bob.next_of(proto.Message)
+            assert msg.seq == last + 1  # the next one, every time: no gap after JOINED
+            last = msg.seq
