@@ -82,3 +82,13 @@ class RawClient:
             events.append(event)
             if isinstance(event, proto.ConnectionClosed):
                 return events
+
+
+async def alice_and_bob_in_lobby(alice: RawClient, bob: RawClient) -> tuple[RawClient, RawClient]:
+    """Register two connected clients as alice and bob, make them live and put both in #lobby."""
+    for client, name in ((alice, "alice"), (bob, "bob")):
+        await client.register(name)
+        await client.go_live()
+    for client in (alice, bob):
+        await client.request(proto.Join, "lobby")
+    return alice, bob

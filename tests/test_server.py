@@ -10,21 +10,13 @@ import trio.testing
 
 import proto
 from proto import CloseReason, ErrorCode
-from rawclient import RawClient
+from rawclient import RawClient, alice_and_bob_in_lobby
 
 LOBBY = proto.Conversation.room("lobby")
 
 
 async def two_in_lobby(port):
-    alice = await RawClient.connect(port)
-    bob = await RawClient.connect(port)
-    await alice.register("alice")
-    await bob.register("bob")
-    await alice.go_live()
-    await bob.go_live()
-    await alice.request(proto.Join, "lobby")
-    await bob.request(proto.Join, "lobby")
-    return alice, bob
+    return await alice_and_bob_in_lobby(await RawClient.connect(port), await RawClient.connect(port))
 
 
 async def test_direct_messages_both_ways(server):

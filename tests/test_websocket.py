@@ -13,7 +13,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 import proto
 from proto import CloseReason, ErrorCode
-from rawclient import RawClient
+from rawclient import RawClient, alice_and_bob_in_lobby
 from server._wsframe import NEED_DATA, BinaryMessage, Close, FrameReader, Ping, Pong, WebSocketError
 from wsclient import Rejected, WsClient
 
@@ -26,15 +26,7 @@ async def bridge(start_server):
 
 
 async def ws_and_tcp_in_lobby(server):
-    alice = await WsClient.connect(server.ws_port)
-    bob = await RawClient.connect(server.port)
-    await alice.register("alice")
-    await bob.register("bob")
-    await alice.go_live()
-    await bob.go_live()
-    await alice.request(proto.Join, "lobby")
-    await bob.request(proto.Join, "lobby")
-    return alice, bob
+    return await alice_and_bob_in_lobby(await WsClient.connect(server.ws_port), await RawClient.connect(server.port))
 
 
 async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict, bytes]:
