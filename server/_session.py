@@ -94,7 +94,7 @@ class Session:
         if state is None:
             return False
         self.server.store.append_nowait(
-            NewMessage(state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms()),
+            self._new_message(state, ev),
             lambda appended, error: self._stored(ev, state.conv_id, appended, error))
         return True
 
@@ -107,12 +107,14 @@ class Session:
             self.conn.send(exc.reply(ev.request_id))
             return
         try:
-            appended = await self.server.store.append(NewMessage(
-                state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms()))
+            appended = await self.server.store.append(self._new_message(state, ev))
         except Exception as exc:
             self._stored(ev, state.conv_id, None, exc)
         else:
             self._stored(ev, state.conv_id, appended, None)
+
+    def _new_message(self, state: ConvState, ev: proto.Send) -> NewMessage:
+        return NewMessage(state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms())
 
     def _send_target(self, ev: proto.Send) -> ConvState | None:
         size = len(ev.body.encode("utf-8"))
@@ -335,12 +337,10 @@ class Session:
             for state, last_seq in listed.values():
                 await self._sync_one(state, last_seq, ev.request_id, always=True)
             for state in withheld:
-                if state.syncing:  # a concurrent SYNC may have finished it
-                    await self._sync_one(state, cursors.get(state.conv_id, state.login_seq), ev.request_id)
-        finally:
-            for state in self.convs.values():
-                if state.syncing and (state.conv_id in listed or state in withheld):
-                    state.syncing = False
+                await self._sync_one(state, cursors.get(state.conv_id, state.login_seq), ev.request_id)
+        finally:  # cut short (the connection is closing): never leave a conversation withheld
+            for state in [state for state, _ in listed.values()] + withheld:
+                state.syncing = False
         self.conn.send(proto.SyncDone(request_id=ev.request_id))
 
     async def _sync_one(self, state: ConvState, after: int, request_id: int, *, always: bool = False) -> None:
