@@ -111,12 +111,15 @@ class ClientConnection:
                 self._nursery.cancel_scope.cancel()
 
     def protocol_error(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
-        self._final.append(proto.Error(code, 0, clipped(message), request_id=request_id))
-        self.close(CloseReason.PROTOCOL_ERROR)
+        self._close_with_error(CloseReason.PROTOCOL_ERROR, code, message, request_id)
 
     def refuse(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
+        self._close_with_error(CloseReason.SERVER_FULL, code, message, request_id)
+
+    def _close_with_error(self, reason: CloseReason, code: ErrorCode, message: str, request_id: int = 0) -> None:
+        """Close for ``reason``, saying ERROR(code, message) before the BYE."""
         self._final.append(proto.Error(code, 0, clipped(message), request_id=request_id))
-        self.close(CloseReason.SERVER_FULL)
+        self.close(reason)
 
     def goaway(self, reconnect_after_ms: int, message: str) -> None:
         if self.reason is None and self.proto.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
@@ -143,12 +146,11 @@ class ClientConnection:
         config = self.config
         if self.user_id is None:
             if self.proto.state is proto.State.HANDSHAKE and now >= self.opened_at + config.handshake_timeout_s:
-                self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "no HELLO in time"))
-                self.close(CloseReason.AUTH_TIMEOUT)
+                self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO in time")
                 return
             if now >= self.opened_at + config.auth_timeout_s:
-                self._final.append(proto.Error(ErrorCode.HANDSHAKE_TIMEOUT, 0, "not authenticated in time"))
-                self.close(CloseReason.AUTH_TIMEOUT)
+                self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT,
+                                       "not authenticated in time")
                 return
         interval = config.ping_interval_s
         if now - self.last_heard < interval or now - self._last_ping < interval:
