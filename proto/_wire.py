@@ -16,7 +16,6 @@ import enum
 
 from construct import (
     Adapter,
-    Bytes,
     ConstructError,
     Construct,
     Int8ub,
