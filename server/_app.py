@@ -2,9 +2,17 @@
 
 ``serve`` is meant for ``nursery.start``: it reports the running ``Server``
 (whose ``port`` is the real one when the config says port 0). ``shutdown()``
-stops accepting, sends GOAWAY to every client, gives in-flight sends until the
-grace deadline to commit and be acknowledged, then says BYE(SHUTDOWN) and waits
-for each connection's bounded close; the store commits what is pending last.
+stops accepting, sends GOAWAY to every client, gives every frame already read
+(SENDs above all) until the grace deadline to be acted on, committed and
+acknowledged, then says BYE(SHUTDOWN) and waits for each connection's bounded
+close; the store commits what is pending last.
+
+Every accepted socket takes a slot (``Admission``: in total and per address)
+before anything else; a bug in one connection is caught at its boundary and
+never reaches ``serve_listeners`` (whose handler exceptions would end the
+server). The timer task closes at most ``_CLOSES_PER_TICK`` connections per
+sweep and sweeps again soon, so thousands of deadlines in one tick cannot stall
+the loop.
 """
 from __future__ import annotations
 
@@ -19,14 +27,19 @@ import trio
 import proto
 from proto import CloseReason, ErrorCode
 
+from ._admission import Admission, open_file_budget
 from ._auth import Passwords
 from ._config import Config
-from ._conn import ClientConnection
+from ._conn import ClientConnection, _bugs
 from ._hub import Hub
 from ._store import open_store
 from ._transport import open_listener
 
 log = logging.getLogger("chorus.server")
+
+#: Connections the timer may begin closing in one sweep; the rest wait for the next sweep, soon after.
+_CLOSES_PER_TICK = 100
+_BACKLOG_PERIOD_S = 0.02
 
 
 class Server:
@@ -38,6 +51,7 @@ class Server:
         store.after_batch = self.hub.flush
         self.passwords = Passwords(time_cost=config.argon2_time_cost, memory_kib=config.argon2_memory_kib)
         self.connections: set[ClientConnection] = set()
+        self.admission = Admission(config.max_connections, config.max_connections_per_address)
         self.port: int | None = None
         self.ws_port: int | None = None
         self.close_reasons: collections.Counter[str] = collections.Counter()
@@ -55,24 +69,44 @@ class Server:
             "store": self.store.statistics(),
         }
 
-    async def handle(self, transport) -> None:
-        """Serve one accepted stream (TCP, or the WebSocket bridge's adapter)."""
-        if len(self.connections) >= self.config.max_connections or self._shutdown.is_set():
-            wrap = getattr(transport, "wrap", bytes)
-            frames = (wrap(proto.encode(proto.Error(ErrorCode.TOO_MANY_CONNECTIONS, self.config.reconnect_hint_ms,
-                                                    "server full")))
-                      + wrap(proto.encode(proto.Bye(CloseReason.SERVER_FULL))))
-            try:
-                transport.try_send(frames)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+    async def handle_tcp(self, stream) -> None:
+        """``serve_listeners``' handler for the Chorus port: take a slot, serve, give the slot back."""
+        refusal = self.admission.acquire(stream.address)
+        if refusal is not None:
+            await self.refuse(stream, refusal)
+            return
+        try:
+            await self.handle(stream)
+        finally:
+            self.admission.release(stream.address)
+
+    async def refuse(self, transport, message: str) -> None:
+        """ERROR TOO_MANY_CONNECTIONS + BYE SERVER_FULL, then close (no HELLO needed, spec §7.1)."""
+        wrap = getattr(transport, "wrap", bytes)
+        frames = (wrap(proto.encode(proto.Error(ErrorCode.TOO_MANY_CONNECTIONS, self.config.reconnect_hint_ms,
+                                                message)))
+                  + wrap(proto.encode(proto.Bye(CloseReason.SERVER_FULL))))
+        try:
+            transport.try_send(frames)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        with trio.move_on_after(1.0):
             await transport.aclose()
-            self.close_reasons[CloseReason.SERVER_FULL.name] += 1
+        self.close_reasons[CloseReason.SERVER_FULL.name] += 1
+
+    async def handle(self, transport) -> None:
+        """Serve one admitted stream (TCP, or the WebSocket bridge's adapter); never raises for a bug."""
+        if self._shutdown.is_set():
+            await self.refuse(transport, "server shutting down")
             return
         conn = ClientConnection(self, transport)
         self.connections.add(conn)
         try:
             await conn.run()
+        except BaseException as exc:  # conn.run catches its own; this is the last line before serve_listeners
+            if not _bugs(exc):
+                raise
+            log.error("connection from %s failed", transport.peer, exc_info=exc)
         finally:
             self.connections.discard(conn)
             self.close_reasons[(conn.reason or CloseReason.PEER_CLOSED).name] += 1
@@ -82,12 +116,20 @@ class Server:
         config = self.config
         # A twentieth of the shortest deadline (so timing is within 5%), at most once a second: at 10,000
         # connections one sweep costs a few milliseconds.
-        period = min(1.0, min(config.ping_interval_s, config.handshake_timeout_s, config.auth_timeout_s) / 20)
+        period = min(1.0, min(config.ping_interval_s, config.handshake_timeout_s, config.auth_timeout_s,
+                              config.frame_timeout_s) / 20)
+        backlog = False
         while True:
-            await trio.sleep(period)
+            await trio.sleep(_BACKLOG_PERIOD_S if backlog else period)
             now = trio.current_time()
+            budget = _CLOSES_PER_TICK
+            backlog = False
             for conn in self.connections:  # tick never awaits, so the set cannot change meanwhile
-                conn.tick(now)
+                if budget <= 0:
+                    backlog = True  # the rest are checked in a moment: closing is what costs
+                    break
+                if conn.tick(now):
+                    budget -= 1
 
     async def purge_sessions(self, period_s: float = 3600.0) -> None:
         """Forget expired session tokens at start and then hourly, so the table does not grow forever."""
@@ -104,16 +146,21 @@ class Server:
             conn.goaway(config.reconnect_hint_ms, "server shutting down")
         with trio.move_on_at(deadline):
             for conn in list(self.connections):
-                await conn.wait_sends_done()
+                await conn.wait_quiet()
         for conn in list(self.connections):
             conn.close(CloseReason.SHUTDOWN)
 
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run a Chorus server until ``shutdown()`` (graceful) or cancellation (abrupt)."""
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    Path(config.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    budget = open_file_budget()
     async with open_store(config.db_path, synchronous=config.sqlite_synchronous) as store:
         server = Server(config, store)
+        if budget < config.max_connections:
+            log.warning("max_connections %d is above what the open-file limit allows; using %d",
+                        config.max_connections, budget)
+            server.admission.total_limit = budget
         listener = open_listener(config.host, config.port)
         server.port = listener.port
         async with trio.open_nursery() as timers:
@@ -128,7 +175,7 @@ async def _serve_until_shutdown(server: Server, listener, task_status) -> None:
     config = server.config
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as accepting:
-            await accepting.start(partial(trio.serve_listeners, server.handle, [listener],
+            await accepting.start(partial(trio.serve_listeners, server.handle_tcp, [listener],
                                           handler_nursery=handlers))
             if config.ws_port is not None:
                 from ._websocket import serve_websocket

@@ -42,7 +42,19 @@ class Config:
     max_rate_violations: int = _opt(20, "refused frames in a row before the connection is closed")
     max_rooms_per_user: int = _opt(100, "rooms one user may be a member of")
     max_connections_per_user: int = _opt(8, "simultaneous connections of one user")
-    max_connections: int = _opt(10000, "simultaneous connections in total")
+    max_connections: int = _opt(10000, "simultaneous connections in total (kept below the open-file limit)")
+    max_connections_per_address: int = _opt(256, "simultaneous connections from one IP address, both ports and the "
+                                                  "HTTP phase included (a NAT hides many people behind one)")
+    frame_timeout_s: float = _opt(30.0, "time a client has to finish a frame once its first byte arrived")
+    max_pending_hashes: int = _opt(32, "password hashes waiting at once; further logins get SERVER_BUSY")
+    login_free_failures: int = _opt(5, "failed logins per user name and per address before back-off starts")
+    login_backoff_max_s: float = _opt(300.0, "longest back-off after repeated failed logins (it doubles up to this)")
+    user_send_rate_per_s: float = _opt(20.0, "SENDs per second one user may make across all its connections")
+    user_send_burst: int = _opt(40, "SENDs one user may make in a burst")
+    rooms_created_per_hour: int = _opt(30, "rooms one user may create per hour")
+    registrations_per_hour: int = _opt(20, "accounts one IP address may register per hour")
+    registration: str = _opt("open", "who may REGISTER: open (anyone) or closed (nobody)")
+    presence_offline_delay_s: float = _opt(3.0, "wait this long before announcing OFFLINE (a quick reconnect hides it)")
     max_page: int = _opt(100, "messages per history or sync page")
     max_inflight_sends: int = _opt(256, "unacknowledged sends per connection before reading pauses")
     session_ttl_s: int = _opt(30 * 86400, "lifetime of a session token; each resume renews it")
@@ -55,13 +67,19 @@ class Config:
     def __post_init__(self):
         for name in ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_per_s", "rate_burst",
                      "max_frame_bytes", "max_body_bytes", "outbound_buffer_bytes", "max_page", "max_inflight_sends",
-                     "max_connections", "max_connections_per_user", "session_ttl_s"):
+                     "max_connections", "max_connections_per_user", "session_ttl_s", "max_connections_per_address",
+                     "frame_timeout_s", "max_pending_hashes", "login_backoff_max_s", "user_send_rate_per_s",
+                     "user_send_burst", "rooms_created_per_hour", "registrations_per_hour"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be above 0")
         if self.max_frame_bytes > proto.ABSOLUTE_MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be at most {proto.ABSOLUTE_MAX_FRAME_BYTES}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
             raise ValueError("sqlite_synchronous must be FULL or NORMAL")
+        if self.registration not in ("open", "closed"):
+            raise ValueError("registration must be open or closed")
+        if self.login_free_failures < 0 or self.presence_offline_delay_s < 0:
+            raise ValueError("login_free_failures and presence_offline_delay_s must be 0 or more")
 
     @property
     def db_path(self) -> Path:

@@ -12,10 +12,20 @@ fewer tasks and timers each is most of the memory and idle CPU (bench/).
 
 Every close goes through ``close(reason)``: it records the first reason and
 cancels the nursery; ``run`` then says ERROR/BYE where the protocol allows it,
-flushes within a bounded, shielded deadline, and logs one line with the reason.
+flushes within a bounded, shielded deadline, half-closes and drains the
+client's input (so the kernel does not reset away the BYE), and logs one line
+with the reason.
+
+Failure is local (DESIGN.md): a store error inside a request becomes ERROR
+SERVER_BUSY for that request; any other exception costs this connection alone
+(logged once with its traceback, ERROR INTERNAL + BYE PROTOCOL_ERROR to the
+peer), never the server. Every frame costs budget: PONG must answer one of our
+outstanding PINGs, a frame once started must be finished within
+``frame_timeout_s``, and before AUTH_OK reads are small.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -25,9 +35,12 @@ import trio
 import proto
 from proto import CloseReason, ErrorCode
 
+from ._logs import safe
 from ._output import Output
 from ._ratelimit import TokenBucket
 from ._session import RequestError, Session, clipped
+from ._store import StoreError
+from ._transport import LINGER_S
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -35,16 +48,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("chorus.conn")
 
 _RECV_BYTES = 65536
-_CLOSE_FLUSH_S = 1.0
-_UNLIMITED = (proto.Pong, proto.Bye)  # answers to our PINGs and goodbyes are never rate limited
+#: Before AUTH_OK no legal frame is larger than a few hundred bytes (spec §10): read in small pieces.
+_RECV_BYTES_UNAUTHENTICATED = 4096
+#: Flushing the last frames and draining the client's input (LINGER_S) together, at most.
+_CLOSE_S = 3.0
+#: Our PINGs a PONG may still answer; pings go out once per ping interval, so this covers minutes.
+_OUTSTANDING_PINGS = 8
 _NO_BYE = (CloseReason.CLIENT_QUIT, CloseReason.PEER_CLOSED, CloseReason.SLOW_CONSUMER)
 
 
 class ClientConnection:
     __slots__ = (
         "server", "config", "transport", "proto", "output", "session", "user_id", "reason", "_final",
-        "opened_at", "last_heard", "_last_ping", "unanswered_pings", "_bucket", "_violations",
-        "inflight_sends", "_sends_changed", "_nursery", "wrap", "__weakref__",
+        "opened_at", "last_heard", "_last_ping", "unanswered_pings", "_pings", "_bucket", "_violations",
+        "inflight_sends", "_sends_changed", "_nursery", "wrap", "frame_started", "_idle", "_idle_changed",
+        "__weakref__",
     )
 
     def __init__(self, server: "Server", transport):
@@ -63,6 +81,10 @@ class ClientConnection:
         self.last_heard = now
         self._last_ping = now
         self.unanswered_pings = 0
+        self._pings: collections.deque[int] = collections.deque(maxlen=_OUTSTANDING_PINGS)
+        self.frame_started: float | None = None  # when the partial frame in the buffer began
+        self._idle = False  # the reader waits for bytes with no frame left to act on
+        self._idle_changed: trio.Event | None = None
         self._bucket = TokenBucket(config.rate_per_s, config.rate_burst, now)
         self._violations = 0
         self.inflight_sends = 0  # SENDs waiting for their commit
@@ -139,29 +161,72 @@ class ClientConnection:
                 self._sends_changed = trio.Event()
             await self._sends_changed.wait()
 
-    def tick(self, now: float) -> None:
-        """Deadlines and liveness, called by the server's timer task every fraction of a second."""
+    def spend(self, frames: int = 1) -> bool:
+        """Charge ``frames`` against the rate bucket (spec §9.11); False when refused.
+
+        The WebSocket bridge charges its control and continuation frames here: every frame costs budget.
+        Too many refusals in a row close the connection as RATE_LIMITED.
+        """
+        now = trio.current_time()
+        ok = True
+        for _ in range(frames):
+            ok = self._bucket.take(now) and ok
+        if ok:
+            self._violations = 0
+            return True
+        self._violations += 1
+        if self._violations > self.config.max_rate_violations:
+            self.close(CloseReason.RATE_LIMITED)
+        return False
+
+    def mark_idle(self, idle: bool) -> None:
+        self._idle = idle
+        if self._idle_changed is not None:
+            self._idle_changed.set()
+            self._idle_changed = None
+
+    async def wait_quiet(self) -> None:
+        """Wait until every frame read so far was acted on and every SEND got its reply (shutdown drain)."""
+        while not (self._idle and self.inflight_sends == 0) and self.reason is None:
+            if self._idle_changed is None:
+                self._idle_changed = trio.Event()
+            changed = self._idle_changed
+            if self.inflight_sends:
+                await self.wait_sends_done()
+            else:
+                await changed.wait()
+
+    def tick(self, now: float) -> bool:
+        """Deadlines and liveness, called by the server's timer task; True when it began closing."""
         if self.reason is not None:
-            return
+            return False
         config = self.config
         if self.user_id is None:
             if self.proto.state is proto.State.HANDSHAKE and now >= self.opened_at + config.handshake_timeout_s:
                 self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO in time")
-                return
+                return True
             if now >= self.opened_at + config.auth_timeout_s:
                 self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT,
                                        "not authenticated in time")
-                return
+                return True
+        started = self.frame_started
+        if started is not None and now >= started + config.frame_timeout_s:
+            self._close_with_error(CloseReason.PROTOCOL_ERROR, ErrorCode.MALFORMED_FRAME,
+                                   f"frame not finished within {config.frame_timeout_s:g} s")
+            return True
         interval = config.ping_interval_s
         if now - self.last_heard < interval or now - self._last_ping < interval:
-            return
+            return False
         if self.unanswered_pings >= config.max_missed_pings:
             self.close(CloseReason.STALE)
-            return
+            return True
         self._last_ping = now
         if self.proto.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
             self.unanswered_pings += 1
-            self.send(proto.Ping(secrets.randbits(63)))
+            nonce = secrets.randbits(63)
+            self._pings.append(nonce)
+            self.send(proto.Ping(nonce))
+        return False
 
     def _start_writer(self, flush) -> None:
         if self._nursery is not None and self.reason is None:
@@ -174,7 +239,7 @@ class ClientConnection:
 
     # -- tasks ------------------------------------------------------------------
     async def run(self) -> None:
-        """Serve the connection until it closes; never raises for client misbehaviour."""
+        """Serve the connection until it closes; never raises for client misbehaviour or a bug in a request."""
         log.info("open peer=%s", self.transport.peer)
         try:
             async with trio.open_nursery() as nursery:
@@ -182,19 +247,39 @@ class ClientConnection:
                 if self.reason is None:
                     await self._reader()
                 nursery.cancel_scope.cancel()  # a writer or a pending send ends with the connection
+        except BaseException as exc:
+            if not _bugs(exc):
+                raise
+            self._internal_error(exc, 0)
         finally:
             await self._finish()
 
+    def _internal_error(self, exc: BaseException, request_id: int) -> None:
+        """A bug: log it once with its traceback; this connection alone ends (ERROR INTERNAL, BYE)."""
+        if self.reason is None:
+            log.error("internal error on peer=%s user=%s", self.transport.peer, safe(self.session.username or "-"),
+                      exc_info=exc)
+            self._close_with_error(CloseReason.PROTOCOL_ERROR, ErrorCode.INTERNAL,
+                                   "internal server error; reconnect and retry", request_id)
+        else:
+            log.debug("error while closing peer=%s", self.transport.peer, exc_info=exc)
+
     async def _reader(self) -> None:
         conn = self.proto
+        transport = self.transport
         while True:
+            self.mark_idle(True)
             try:
-                data = await self.transport.receive_some(_RECV_BYTES)
+                data = await transport.receive_some(_RECV_BYTES if self.user_id is not None
+                                                    else _RECV_BYTES_UNAUTHENTICATED)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-            self.last_heard = trio.current_time()
-            self.unanswered_pings = 0
+            self.mark_idle(False)
+            now = trio.current_time()
+            self.last_heard = now
+            self.unanswered_pings = 0  # any frame counts as hearing from the client (spec §9.10)
             conn.receive_data(data)
+            events = 0
             while True:
                 try:
                     event = conn.next_event()
@@ -206,46 +291,70 @@ class ClientConnection:
                 if type(event) is proto.ConnectionClosed:
                     self.close(CloseReason.PEER_CLOSED)
                     return
+                events += 1
                 await self._dispatch(event)
                 if self.reason is not None:
                     return
+            # A frame that began in this read (or is the first one) starts its deadline now; one that was
+            # already pending keeps its start, so a byte every few seconds cannot hold a slot forever.
+            if not conn.buffered_bytes:
+                self.frame_started = None
+            elif events or self.frame_started is None:
+                self.frame_started = now
 
     async def _dispatch(self, event: proto.Event) -> None:
-        if not isinstance(event, _UNLIMITED):
-            if not self._bucket.take(trio.current_time()):
-                self._violations += 1
-                if self._violations > self.config.max_rate_violations:
-                    self.close(CloseReason.RATE_LIMITED)
-                    return
-                retry_ms = int(self._bucket.retry_after_s() * 1000) + 1
-                self.send(proto.Error(ErrorCode.RATE_LIMITED, retry_ms, "slow down", request_id=event.request_id))
-                return
-            self._violations = 0
         kind = type(event)
-        if kind is proto.Send:
-            # Pipelined sends join the next group commit; past the limit, stop reading until some are acked.
-            await self.wait_sends_done(self.config.max_inflight_sends - 1)
+        if kind is proto.Pong:
+            # Only an answer to one of our PINGs is free; anything else would be a free way to burn our CPU.
             try:
-                queued = self.session.send_nowait(event)
-            except RequestError as exc:
-                self.send(exc.reply(event.request_id))
+                self._pings.remove(event.nonce)
+            except ValueError:
+                self.protocol_error(ErrorCode.INVALID_REQUEST, "PONG does not answer an outstanding PING")
+            return
+        if kind is not proto.Bye and not self._bucket.take(trio.current_time()):
+            self._violations += 1
+            if self._violations > self.config.max_rate_violations:
+                self.close(CloseReason.RATE_LIMITED)
                 return
-            self.inflight_sends += 1
-            if not queued:
-                self._nursery.start_soon(self.session.handle_send, event)
-        elif kind is proto.Ping:
-            self.send(event.response())
-        elif kind is proto.Bye:
-            self.close(CloseReason.CLIENT_QUIT)
-        elif kind is proto.Error:
-            log.info("peer=%s sent ERROR %s: %s", self.transport.peer, event.code.name, event.message)
-        elif kind is not proto.Pong:
-            await self.session.handle(event)
+            retry_ms = int(self._bucket.retry_after_s() * 1000) + 1
+            self.send(proto.Error(ErrorCode.RATE_LIMITED, retry_ms, "slow down", request_id=event.request_id))
+            return
+        self._violations = 0
+        try:
+            if kind is proto.Send:
+                # Pipelined sends join the next group commit; past the limit, stop reading until some are acked.
+                await self.wait_sends_done(self.config.max_inflight_sends - 1)
+                try:
+                    queued = self.session.send_nowait(event)
+                except RequestError as exc:
+                    self.send(exc.reply(event.request_id))
+                    return
+                self.inflight_sends += 1
+                if not queued:
+                    self._nursery.start_soon(self._handle_send, event)
+            elif kind is proto.Ping:
+                self.send(event.response())
+            elif kind is proto.Bye:
+                self.close(CloseReason.CLIENT_QUIT)
+            elif kind is proto.Error:
+                log.info("peer=%s sent ERROR %s: %s", self.transport.peer, event.code.name, safe(event.message))
+            else:
+                await self.session.handle(event)
+        except StoreError as exc:
+            self.send(busy(exc, event.request_id))
+        except Exception as exc:
+            self._internal_error(exc, event.request_id)
+
+    async def _handle_send(self, event: proto.Send) -> None:
+        try:
+            await self.session.handle_send(event)
+        except Exception as exc:
+            self._internal_error(exc, event.request_id)
 
     async def _finish(self) -> None:
         reason = self.reason or CloseReason.PEER_CLOSED
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + _CLOSE_FLUSH_S
+            scope.deadline = trio.current_time() + _CLOSE_S
             try:
                 self.session.close()
                 if reason not in _NO_BYE and not self.proto.we_said_bye:
@@ -255,7 +364,24 @@ class ClientConnection:
                         except proto.LocalProtocolError:
                             pass
                     await self.output.flush()
+            except Exception as exc:
+                log.error("error while closing peer=%s", self.transport.peer, exc_info=exc)
             finally:
-                await self.transport.aclose()
+                # Linger only where there are last words to deliver: a peer that left or cannot keep up
+                # gets nothing more, and its slot is freed at once.
+                await self.transport.aclose(linger_s=LINGER_S if reason not in _NO_BYE else 0)
         log.info("close peer=%s user=%s reason=%s after=%.1fs", self.transport.peer,
-                 self.session.username or "-", reason.name, trio.current_time() - self.opened_at)
+                 safe(self.session.username or "-"), reason.name, trio.current_time() - self.opened_at)
+
+
+def busy(exc: StoreError, request_id: int) -> proto.Error:
+    """The reply to a request the store could not serve: retry later, nothing was done (spec §7.1)."""
+    return proto.Error(ErrorCode.SERVER_BUSY, exc.retry_after_ms, "storage unavailable; retry later",
+                       request_id=request_id)
+
+
+def _bugs(exc: BaseException) -> list[BaseException]:
+    """The exceptions in ``exc`` (a group, or one) that are bugs, not cancellation or interrupts."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _bugs(sub)]
+    return [exc] if isinstance(exc, Exception) else []

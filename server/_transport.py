@@ -5,22 +5,38 @@ bytes to the kernel *now* and fall back to a buffer only for what the kernel
 refuses. So the server accepts with its own ``trio.abc.Listener`` whose streams
 wrap a plain non-blocking socket and add ``try_send`` (never blocks) and
 ``wait_writable``. They still work with ``trio.serve_listeners``.
+
+Closing is graceful (spec §9.13): ``aclose`` half-closes (``shutdown(SHUT_WR)``)
+after the last frame and reads and discards what the client still sends, for a
+bounded time, before closing. Closing a socket with unread input makes the
+kernel send RST, and a reset can discard the final ERROR/BYE still on its way.
+
+``accept`` waits out a full file table (EMFILE/ENFILE/ENOBUFS/ENOMEM) by itself,
+logging one line per episode instead of a traceback per attempt.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 
 import trio
 
+log = logging.getLogger("chorus.server")
+
 _RECV_BYTES = 65536
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+#: How long a closing socket keeps reading (and discarding) so that its last frames are not reset away.
+LINGER_S = 2.0
+_LINGER_BYTES = 1 << 20
+_OUT_OF_FILES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_OUT_OF_FILES_WAIT_S = 0.1
 
 
 class SocketStream(trio.abc.Stream):
     """A connected TCP socket; ``try_send`` is the write-through primitive."""
 
-    __slots__ = ("socket", "_closed", "peer")
+    __slots__ = ("socket", "_closed", "peer", "address", "eof")
 
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
@@ -30,10 +46,13 @@ class SocketStream(trio.abc.Stream):
             pass
         self.socket = sock
         self._closed = False
+        self.eof = False  # the peer closed its side: nothing left to drain
         try:
-            self.peer = "%s:%s" % sock.getpeername()[:2]
-        except (OSError, TypeError):
-            self.peer = "?"
+            name = sock.getpeername()
+            self.address = str(name[0])
+            self.peer = "%s:%s" % name[:2]
+        except (OSError, TypeError, IndexError):
+            self.address = self.peer = "?"
 
     def try_send(self, data) -> int:
         """Send what the kernel takes right now; returns the byte count (0 if none).
@@ -71,31 +90,63 @@ class SocketStream(trio.abc.Stream):
                 raise trio.ClosedResourceError("stream closed")
             await trio.lowlevel.wait_readable(self.socket)
             try:
-                return self.socket.recv(max_bytes or _RECV_BYTES)
+                data = self.socket.recv(max_bytes or _RECV_BYTES)
             except BlockingIOError:
                 continue
             except _GONE as exc:
+                self.eof = True
                 raise trio.BrokenResourceError(str(exc)) from exc
+            if not data:
+                self.eof = True
+            return data
 
-    async def aclose(self) -> None:
-        if not self._closed:
+    async def aclose(self, linger_s: float = LINGER_S) -> None:
+        """Half-close, drain the client's input for up to ``linger_s`` (0: not at all), then close."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if linger_s > 0 and not self.eof:
+                with trio.move_on_after(linger_s):
+                    await self._linger()
+        finally:
             self._closed = True
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
         await trio.lowlevel.checkpoint()
+
+    async def _linger(self) -> None:
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        received = 0
+        while received < _LINGER_BYTES:
+            await trio.lowlevel.wait_readable(self.socket)
+            try:
+                data = self.socket.recv(_RECV_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            received += len(data)
 
 
 class SocketListener(trio.abc.Listener[SocketStream]):
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         self.socket = sock
+        self.out_of_files = 0  # accepts refused by a full file table, for statistics()
 
     @property
     def port(self) -> int:
         return self.socket.getsockname()[1]
 
     async def accept(self) -> SocketStream:
-        """Next connection. Raises OSError (e.g. EMFILE, which serve_listeners waits out)."""
+        """Next connection; waits out a full file table. Raises OSError for anything else."""
+        waiting = False
         while True:
             await trio.lowlevel.wait_readable(self.socket)
             try:
@@ -105,7 +156,16 @@ class SocketListener(trio.abc.Listener[SocketStream]):
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
-                raise
+                if exc.errno not in _OUT_OF_FILES:
+                    raise
+                self.out_of_files += 1
+                if not waiting:
+                    waiting = True
+                    log.warning("accept: %s; waiting for connections to close", errno.errorcode[exc.errno])
+                await trio.sleep(_OUT_OF_FILES_WAIT_S)
+                continue
+            if waiting:
+                log.info("accept: file descriptors available again")
             return SocketStream(conn)
 
     async def aclose(self) -> None:

@@ -185,7 +185,7 @@ class WebSocketTransport:
             return CloseCode.NORMAL, ""
         return _CLOSE_CODES.get(reason, CloseCode.NORMAL), reason.name
 
-    async def aclose(self) -> None:
+    async def aclose(self, linger_s: float = _LINGER_S) -> None:
         """Close frame (unless the output may have stopped mid-frame), then a bounded linger, then close."""
         if self._closed:
             return
@@ -199,11 +199,11 @@ class WebSocketTransport:
                     self._stream.try_send(close_frame(*self._close_code()))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-            if self._close_sent and not self._peer_closed:
-                with trio.move_on_after(_LINGER_S):
+            if self._close_sent and not self._peer_closed and linger_s > 0:
+                with trio.move_on_after(linger_s):
                     await self._linger()
         finally:
-            await self._stream.aclose()
+            await self._stream.aclose(linger_s=0)  # lingered above, for the close frame
 
     async def _linger(self) -> None:
         try:

@@ -76,11 +76,13 @@ class RawClient:
             reply = await self.next_of(proto.SyncDone)
 
     async def drain_until_closed(self) -> list:
+        """Every event until the server's EOF; then close our side, as a real client does."""
         events = []
         while True:
             event = await self.next()
             events.append(event)
             if isinstance(event, proto.ConnectionClosed):
+                await self.stream.aclose()
                 return events
 
 
