@@ -15,8 +15,17 @@ class RawClient:
         self._ids = itertools.count(1)
 
     @classmethod
-    async def connect(cls, port: int, *, hello: bool = True) -> "RawClient":
-        client = cls(await trio.open_tcp_stream("127.0.0.1", port))
+    async def connect(cls, port: int, *, hello: bool = True, source: str | None = None) -> "RawClient":
+        """Connect to 127.0.0.1:``port``, from the loopback address ``source`` if given (e.g. "127.0.0.2", to be
+        another address than an attacker's), and say HELLO unless ``hello`` is false."""
+        if source is None:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        else:
+            sock = trio.socket.socket()
+            await sock.bind((source, 0))
+            await sock.connect(("127.0.0.1", port))
+            stream = trio.SocketStream(sock)
+        client = cls(stream)
         if hello:
             await client.send(proto.Hello(1, 1, "raw-test"))
             assert isinstance(await client.next(), proto.Welcome)
