@@ -1,7 +1,8 @@
 """The SQLite store: users, sessions, conversations, messages, cursors (DESIGN.md "Guarantees" 1-3, 5).
 
-How this works. One ``sqlite3`` connection, used only from worker threads and only one thread at a time (a
-``CapacityLimiter(1)`` shared by every call), so SQLite never sees concurrent use and Trio never blocks on disk.
+How this works. One writing ``sqlite3`` connection, used only from worker threads and only one thread at a time (a
+``CapacityLimiter(1)`` shared by every write), so SQLite never sees concurrent use and Trio never blocks on disk;
+queries run on a second connection (their own limiter) and WAL checkpoints on a third, both beside the writer.
 Autocommit mode (``isolation_level=None``): each multi-statement operation is an explicit ``BEGIN IMMEDIATE`` ...
 ``COMMIT``. WAL journal, ``synchronous=FULL`` by default so that a committed transaction survives power loss
 (guarantee 2, "acked means durable"); ``NORMAL`` is faster and survives a process crash but not an OS crash.
@@ -17,14 +18,39 @@ index: a retry, even one inside the same batch, resolves to the stored row with 
 and a message is never seen live before it is durable. Once ``append`` has queued a message the committer owns
 it: cancelling the caller does not lose it, and closing the store commits whatever is still pending.
 
-``client_msg_id`` is a u64 on the wire and SQLite integers are signed 64-bit, so ids of 2**63 and above are
-stored as their two's complement (negative) value and mapped back when read.
+Values from the wire are u64 and SQLite integers are signed 64-bit. ``client_msg_id`` of 2**63 and above is
+stored as its two's complement (negative) value and mapped back when read; seqs and limits are clamped by
+``_clamp`` to 2**63 - 1, which no stored seq reaches, so "after 2**64 - 1" is an empty page and "before 2**64 - 1"
+the newest one. Nothing a peer sends can raise ``OverflowError`` here.
+
+Failure is local (DESIGN.md). When SQLite refuses (disk full, I/O error, busy, read-only, corrupt: ``_REFUSED``)
+every public method raises ``StoreError`` chained from the ``sqlite3`` error, from one place (``_call`` and the
+committer); the caller answers SERVER_BUSY and the store stays usable. Other errors (constraint violations, misuse)
+are bugs and stay what they are. On a full disk, writes are refused and reads served; opening does not write when
+the schema is current, so the server also starts on a full disk (as long as the ``-shm`` index exists or 32 KiB are
+free); nothing is remembered of a refusal, so writes work again as soon as space returns.
+
+The WAL stays bounded. SQLite only rewinds the WAL when a checkpoint has copied all of it and no reader uses it,
+which never happens under steady load: PASSIVE checkpoints alone let it grow without limit. So the checkpointer
+(its own connection, beside the writer) runs PASSIVE once a second after writes, copying the bulk without blocking
+anyone, and when the WAL then holds ``WAL_CHECKPOINT_BYTES`` or more, ``wal_checkpoint(TRUNCATE)`` under the
+writer's limiter: it only copies the tail PASSIVE missed, waits at most ``_CHECKPOINT_BUSY_MS`` for readers, and
+empties the file; appends meanwhile gather for the next group commit. The committer wakes it early when a batch
+leaves the WAL past the threshold, so the bound does not depend on the write rate. ``journal_size_limit``
+(``WAL_SIZE_LIMIT_BYTES``) trims the file whenever SQLite rewinds it by itself.
+
+Files are private: the database is created 0600 before SQLite opens it (SQLite gives ``-wal`` and ``-shm`` the
+main file's mode), and group and other bits are taken off files an older version left readable.
+
+JOIN's room limit is checked inside the transaction that inserts the membership (``join_room``), so concurrent
+joins cannot overshoot it; ``list_rooms`` hides rooms nobody is in, so empty rooms cannot bury real ones.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from copy import copy
@@ -40,8 +66,29 @@ log = logging.getLogger(__name__)
 #: Stored in ``PRAGMA user_version``; bump it (and migrate in ``_connect``) when the schema changes.
 SCHEMA_VERSION = 1
 
+#: When a checkpoint finds the WAL holding this much, it empties it (TRUNCATE) instead of only copying it back.
+#: The -wal file then stays under this plus what commits write during one PASSIVE pass (measured: see
+#: ``_checkpoint``). Smaller means more frequent (short) pauses of the writer; larger, more disk. 16 MiB is
+#: about a second of the heaviest load measured here, and well under the disk a server needs to keep free.
+WAL_CHECKPOINT_BYTES = 16 << 20
+#: ``PRAGMA journal_size_limit``: whenever SQLite rewinds the WAL by itself (a PASSIVE checkpoint that happened to
+#: copy everything), a file grown past this is cut back to it.
+WAL_SIZE_LIMIT_BYTES = 64 << 20
+#: How long the TRUNCATE checkpoint waits for readers while it holds the write lock (commits wait that long at
+#: worst); if a reader is still there, the WAL is emptied at a later step.
+_CHECKPOINT_BUSY_MS = 200
+
 _U64 = 1 << 64
+_I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
+
+#: SQLite result codes that mean "the database cannot do this now" (rather than "this request is wrong"):
+#: they become ``StoreError``. Constraint violations, SQL errors and misuse are bugs and stay sqlite3 errors.
+_REFUSED = frozenset({
+    sqlite3.SQLITE_PERM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOTADB,
+})
 
 _ROOM = int(ConvKind.ROOM)
 _DIRECT = int(ConvKind.DIRECT)
@@ -181,6 +228,45 @@ class NameTaken(Exception):
     """``create_user`` was given a name that already exists."""
 
 
+class TooManyRooms(Exception):
+    """``join_room``: the user is in ``limit`` rooms already."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} rooms per user")
+        self.limit = limit
+
+
+class StoreError(Exception):
+    """The database refused (disk full, I/O error, busy, read-only, corrupt); chained from the sqlite3 error.
+
+    The operation did not take effect (an I/O error during COMMIT may still leave it in the WAL, to appear after a
+    restart: appends stay idempotent by ``client_msg_id``). Retrying later is safe; ``retry_after_ms`` is the hint
+    for the client.
+    """
+
+    def __init__(self, message: str, retry_after_ms: int = 1000) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+def _refusal(exc: BaseException) -> StoreError | None:
+    """The ``StoreError`` for ``exc`` if it is a refusal by the database (see ``_REFUSED``), else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(exc, sqlite3.Error) or code is None or code & 0xFF not in _REFUSED:
+        return None
+    error = StoreError(f"the database refused: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _clamp(value: int) -> int:
+    """``value`` (a wire u64: seq or limit) in SQLite's signed 64-bit range, so binding it never overflows.
+
+    No stored seq or count comes near 2**63 - 1, so comparisons against the clamped value keep their meaning.
+    """
+    return _I64_MAX if value > _I64_MAX else _I64_MIN if value < _I64_MIN else value
+
+
 def _to_db_id(client_msg_id: int) -> int:
     return client_msg_id - _U64 if client_msg_id > _I64_MAX else client_msg_id
 
@@ -213,47 +299,100 @@ def _copy_error(exc: Exception) -> Exception:
 @contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT, rolled back if the body or the COMMIT itself raises."""
+    if conn.in_transaction:
+        # A ROLLBACK that failed (I/O error) left one open; without this every later BEGIN would fail too.
+        conn.execute("ROLLBACK")
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("store: ROLLBACK failed; retried before the next transaction", exc_info=True)
         raise
 
 
-def _open_side(path: str, synchronous: str) -> sqlite3.Connection:
+def _make_private(path: str) -> None:
+    """Create the database file 0600 if absent, and take group and other bits off it and its -wal/-shm.
+
+    SQLite creates -wal and -shm with the main file's mode, so they are private from the start too. Raises
+    ``OSError`` if the file cannot be created.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+            if mode & 0o077:
+                os.chmod(name, mode & ~0o077)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a read-only file system: still open it, reads work
+            log.warning("store: cannot make %s private: %s", name, exc)
+
+
+def _open_side(path: str, synchronous: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
     """A second connection to the same file: queries, or checkpoints, beside the writer (WAL allows both)."""
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms:d}")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
 
 
-def _connect(path: str, synchronous: str) -> sqlite3.Connection:
-    """Open (creating if needed) and prepare the database; raises ``sqlite3.Error`` or ``RuntimeError``."""
+def _connect(path: str, synchronous: str, max_page_count: int | None) -> sqlite3.Connection:
+    """Open (creating if needed) and prepare the database.
+
+    Writes only if the schema is not current: even a no-op ``CREATE TABLE IF NOT EXISTS`` transaction must
+    COMMIT, which a full disk refuses, and the server must start on a full disk. Raises ``OSError``,
+    ``sqlite3.Error`` or ``RuntimeError`` (schema newer than this code).
+    """
+    _make_private(path)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA journal_mode = WAL")  # persistent: on an existing database, a read
         # Checkpoints run beside the writer (Store._checkpoint_loop), not inside a commit that senders wait for.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES:d}")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
-        with _transaction(conn):
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{path}: schema version {version} is newer than this server's "
-                                   f"({SCHEMA_VERSION})")
-            for statement in _SCHEMA.split(";"):  # so no ';' inside the schema's comments
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if max_page_count is not None:
+            conn.execute(f"PRAGMA max_page_count = {max_page_count:d}")
+        if _schema_version(conn, path) < SCHEMA_VERSION:
+            with _transaction(conn):
+                if _schema_version(conn, path) < SCHEMA_VERSION:  # another process may have just done it
+                    for statement in _SCHEMA.split(";"):  # so no ';' inside the schema's comments
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _schema_version(conn: sqlite3.Connection, path: str) -> int:
+    """``PRAGMA user_version``; raises ``RuntimeError`` if it is newer than this code's."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"{path}: schema version {version} is newer than this server's ({SCHEMA_VERSION})")
+    return version
+
+
+def _wal_checkpoint(conn: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
+    """``PRAGMA wal_checkpoint(mode)``: (1 if it could not finish, frames in the WAL, frames copied back)."""
+    busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    return busy, frames, copied
+
+
+def _wal_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 class _Waiter:
@@ -284,6 +423,21 @@ class _Waiter:
             log.exception("store: an append callback raised")
 
 
+def _open_connections(path: str, synchronous: str, max_page_count: int | None
+                      ) -> tuple[sqlite3.Connection, sqlite3.Connection, sqlite3.Connection]:
+    """The writer, the reader and the checkpointer; raises like ``_connect``."""
+    conn = _connect(path, synchronous, max_page_count)
+    sides: list[sqlite3.Connection] = []
+    try:
+        sides.append(_open_side(path, synchronous))
+        sides.append(_open_side(path, synchronous, _CHECKPOINT_BUSY_MS))
+    except BaseException:
+        for each in (conn, *sides):
+            each.close()
+        raise
+    return conn, sides[0], sides[1]
+
+
 @asynccontextmanager
 async def open_store(
     path: str | os.PathLike[str],
@@ -291,23 +445,36 @@ async def open_store(
     synchronous: str = "FULL",
     max_batch: int = 512,
     on_commit: Callable[[list[Appended]], None] | None = None,
+    wal_checkpoint_bytes: int = WAL_CHECKPOINT_BYTES,
+    max_page_count: int | None = None,
 ) -> AsyncIterator[Store]:
-    """Open or create the database at ``path`` and run its committer until the block exits.
+    """Open or create the database at ``path`` and run its committer and checkpointer until the block exits.
 
     On exit, even by cancellation, appends already queued are committed (shielded) before the file is closed;
-    later calls raise ``trio.ClosedResourceError``. Raises ``ValueError`` for a bad ``synchronous`` or
-    ``max_batch``, ``sqlite3.Error`` if the file cannot be opened, ``RuntimeError`` if its schema is newer.
+    later calls raise ``trio.ClosedResourceError``. ``wal_checkpoint_bytes``: see ``WAL_CHECKPOINT_BYTES``.
+    ``max_page_count`` caps the database at that many pages on the writing connection, which is what a full disk
+    looks like to SQLite (for tests; see ``Store.set_max_page_count``). Raises ``ValueError`` for a bad argument,
+    ``StoreError`` (naming the path) if the file cannot be created or opened, ``RuntimeError`` if its schema is
+    newer than this code.
     """
     if synchronous not in ("FULL", "NORMAL"):
         raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
-    limiter = trio.CapacityLimiter(1)
-    conn = await trio.to_thread.run_sync(_connect, os.fspath(path), synchronous, limiter=limiter)
-    store = Store(conn, limiter, max_batch=max_batch, on_commit=on_commit)
+    if wal_checkpoint_bytes < 1:
+        raise ValueError("wal_checkpoint_bytes must be at least 1")
+    path = os.fspath(path)
     try:
-        store._reader = await trio.to_thread.run_sync(_open_side, os.fspath(path), synchronous)
-        store._checkpointer = await trio.to_thread.run_sync(_open_side, os.fspath(path), synchronous)
+        conns = await trio.to_thread.run_sync(_open_connections, path, synchronous, max_page_count)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from exc
+    except sqlite3.Error as exc:
+        if _refusal(exc) is None:
+            raise
+        raise StoreError(f"cannot open {path}: {exc}") from exc
+    store = Store(*conns, wal_path=path + "-wal", max_batch=max_batch, on_commit=on_commit,
+                  wal_checkpoint_bytes=wal_checkpoint_bytes)
+    try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._commit_loop)
             nursery.start_soon(store._checkpoint_loop)
@@ -321,17 +488,28 @@ async def open_store(
 
 
 class Store:
-    """Use ``open_store``; every method may also raise ``sqlite3.Error`` (disk full, I/O error...)."""
+    """Use ``open_store``. Every method may also raise ``StoreError`` when the database refuses (disk full...),
+    and ``trio.ClosedResourceError`` once the store is closed."""
 
-    def __init__(self, conn: sqlite3.Connection, limiter: trio.CapacityLimiter, *, max_batch: int,
-                 on_commit: Callable[[list[Appended]], None] | None) -> None:
+    def __init__(self, conn: sqlite3.Connection, reader: sqlite3.Connection, checkpointer: sqlite3.Connection, *,
+                 wal_path: str, max_batch: int, on_commit: Callable[[list[Appended]], None] | None,
+                 wal_checkpoint_bytes: int) -> None:
         self._conn: sqlite3.Connection | None = conn
-        self._limiter = limiter
+        self._limiter = trio.CapacityLimiter(1)
         # Queries use their own connection, so a page of history never waits behind a group commit.
-        self._reader: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = reader
         self._read_limiter = trio.CapacityLimiter(1)
-        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = checkpointer
+        self._wal_path = wal_path
+        self._wal_checkpoint_bytes = wal_checkpoint_bytes
+        (self._page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        self._wal_grown = trio.Event()  # set by the committer when the WAL passes the threshold
+        self._writes = 0  # successful writes of any kind: the checkpointer runs only when there are new ones
         self._checkpoints = 0
+        self._wal_resets = 0
+        self._checkpoint_failing = False
+        self._refusals = 0
+        self._refusing = False
         self._max_batch = max_batch
         #: Called in the Trio thread after each commit, before any ``append`` returns, with the batch's new
         #: messages in seq order. Must not block; an exception is logged and the waiters still get their results.
@@ -353,34 +531,96 @@ class Store:
     # -- plumbing ----------------------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(conn, *args)`` in a worker thread, alone on the connection."""
+        """Run ``fn(conn, *args)`` in a worker thread, alone on the writing connection."""
         if self._closing:
             raise trio.ClosedResourceError("the store is closed")
-        return await trio.to_thread.run_sync(fn, self._conn, *args, limiter=self._limiter)
+        result = await self._call(fn, self._conn, *args, limiter=self._limiter)
+        self._writes += 1
+        self._accepted()
+        return result
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run the query ``fn(conn, *args)`` on the reading connection (sees every committed write)."""
         if self._closing:
             raise trio.ClosedResourceError("the store is closed")
-        return await trio.to_thread.run_sync(fn, self._reader, *args, limiter=self._read_limiter)
+        return await self._call(fn, self._reader, *args, limiter=self._read_limiter)
+
+    async def _call(self, fn: Callable[..., Any], conn: sqlite3.Connection | None, *args: Any,
+                    limiter: trio.CapacityLimiter) -> Any:
+        """``fn(conn, *args)`` in a worker thread; a refusal by the database becomes ``StoreError``."""
+        try:
+            return await trio.to_thread.run_sync(fn, conn, *args, limiter=limiter)
+        except sqlite3.Error as exc:
+            error = _refusal(exc)
+            if error is None:
+                raise
+            self._refused(exc)
+            raise error from exc
+
+    def _refused(self, exc: BaseException) -> None:
+        # Logged once per episode: a full disk refuses every write, and each one is answered already.
+        self._refusals += 1
+        if not self._refusing:
+            self._refusing = True
+            log.warning("store: the database refused: %s (reads are still served; further refusals are counted, "
+                        "and logged again once a write succeeds)", exc)
+
+    def _accepted(self) -> None:
+        if self._refusing:
+            self._refusing = False
+            log.warning("store: the database accepts writes again (%d refused meanwhile)", self._refusals)
+
+    async def set_max_page_count(self, pages: int) -> int:
+        """Cap the database at ``pages`` pages, as a full disk would (a hook for tests); returns the cap in force.
+
+        SQLite never sets it below the current size. Raises ``StoreError``.
+        """
+
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(f"PRAGMA max_page_count = {int(pages):d}").fetchone()[0]
+
+        return await self._run(run)
 
     async def _checkpoint_loop(self, period_s: float = 1.0) -> None:
-        """Copy the WAL back into the database now and then (PASSIVE: never blocks the writer or readers)."""
-        commits = self._commits
+        """Checkpoint after writes, once a second or as soon as the committer finds the WAL past its threshold."""
+        writes = self._writes
         while not self._closing:
-            await trio.sleep(period_s)
-            if self._commits != commits:
-                commits = self._commits
-                try:
-                    await trio.to_thread.run_sync(
-                        lambda: self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
-                    self._checkpoints += 1
-                except sqlite3.Error as exc:
-                    log.warning("store: checkpoint failed: %r", exc)
+            with trio.move_on_after(period_s):
+                await self._wal_grown.wait()
+            self._wal_grown = trio.Event()
+            if self._writes != writes and not self._closing:
+                writes = self._writes
+                await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """One checkpoint step: PASSIVE, then TRUNCATE if the WAL still holds ``wal_checkpoint_bytes`` or more.
+
+        PASSIVE copies while commits go on, so TRUNCATE, which holds the writer's limiter (no commit can start,
+        and it need not fight the committer for SQLite's write lock), only has the tail left to copy before it
+        empties the file. Failures are logged once per episode and retried at the next step.
+        """
+        checkpointer = self._checkpointer
+        try:
+            _, frames, _ = await trio.to_thread.run_sync(_wal_checkpoint, checkpointer, "PASSIVE")
+            self._checkpoints += 1
+            if frames * self._page_size >= self._wal_checkpoint_bytes:
+                busy, _, _ = await trio.to_thread.run_sync(_wal_checkpoint, checkpointer, "TRUNCATE",
+                                                           limiter=self._limiter)
+                self._wal_resets += not busy
+        except sqlite3.Error as exc:
+            if not self._checkpoint_failing:
+                self._checkpoint_failing = True
+                log.warning("store: checkpoint failed: %s (retried after the next write; logged again once one "
+                            "succeeds)", exc)
+            return
+        if self._checkpoint_failing:
+            self._checkpoint_failing = False
+            log.warning("store: checkpoints succeed again")
 
     def _begin_close(self) -> None:
         self._closing = True
         self._wakeup.set()
+        self._wal_grown.set()
 
     async def _finish_close(self) -> None:
         # Normally the committer has drained everything; if it was cancelled, what it left is committed here.
@@ -479,8 +719,43 @@ class Store:
 
         return await self._run(run)
 
+    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True) -> tuple[int, bool]:
+        """Join the room ``name`` (created if absent and ``create``); returns (conv_id, newly_joined).
+
+        One ``BEGIN IMMEDIATE`` transaction: a member rejoins freely; anyone else is counted against ``max_rooms``
+        before the room is created or the membership inserted, so concurrent joins (any connection, any process)
+        cannot overshoot. Raises ``TooManyRooms`` when the user is in ``max_rooms`` rooms already (nothing is
+        written, no room created), ``LookupError`` if the room does not exist and not ``create``, ``StoreError``.
+        """
+
+        def run(conn: sqlite3.Connection) -> tuple[int, bool]:
+            with _transaction(conn):
+                row = conn.execute(f"SELECT id FROM conversations WHERE kind = {_ROOM} AND name = ?",
+                                   (name,)).fetchone()
+                if row is not None:
+                    if conn.execute("SELECT 1 FROM memberships WHERE user_id = ? AND conv_id = ?",
+                                    (user_id, row[0])).fetchone():
+                        return row[0], False
+                elif not create:
+                    raise LookupError(f"no room {name}")
+                (count,) = conn.execute("SELECT count(*) FROM memberships WHERE user_id = ?", (user_id,)).fetchone()
+                if count >= max_rooms:
+                    raise TooManyRooms(max_rooms)
+                if row is None:
+                    conv_id = conn.execute(f"INSERT INTO conversations(kind, name) VALUES ({_ROOM}, ?)",
+                                           (name,)).lastrowid
+                else:
+                    conv_id = row[0]
+                conn.execute("INSERT INTO memberships(user_id, conv_id) VALUES (?, ?)", (user_id, conv_id))
+                return conv_id, True
+
+        return await self._run(run)
+
     async def join(self, user_id: int, conv_id: int) -> bool:
-        """True if newly joined. Raises ``ValueError`` if ``conv_id`` is not a room."""
+        """True if newly joined. Raises ``ValueError`` if ``conv_id`` is not a room.
+
+        No room limit: JOIN uses ``join_room``, which checks it in the same transaction.
+        """
 
         def run(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
@@ -577,14 +852,19 @@ class Store:
         return await self._read(run)
 
     async def list_rooms(self, user_id: int, limit: int) -> list[RoomInfo]:
-        """Up to ``limit`` rooms: those the user joined first, then the others, each group by name."""
+        """Up to ``limit`` rooms with members: those the user joined first, then the others, each group by name.
+
+        Rooms nobody is in are left out, so rooms made by JOIN then LEAVE cannot bury the real ones.
+        """
 
         def run(conn: sqlite3.Connection) -> list[RoomInfo]:
             rows = conn.execute(
                 "SELECT c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq,"
                 "       EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id AND m.user_id = ?) AS joined"
-                f" FROM conversations c WHERE c.kind = {_ROOM} ORDER BY joined DESC, c.name LIMIT ?",
-                (user_id, limit)).fetchall()
+                f" FROM conversations c WHERE c.kind = {_ROOM}"
+                "   AND EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id)"
+                " ORDER BY joined DESC, c.name LIMIT ?",
+                (user_id, _clamp(limit))).fetchall()
             return [RoomInfo(name, members, last_seq, bool(joined)) for name, members, last_seq, joined in rows]
 
         return await self._read(run)
@@ -606,8 +886,8 @@ class Store:
         Returns only after COMMIT and after ``on_commit`` saw the message. Once called, the message is committed
         even if this call is cancelled. Raises ``ValueError`` for a ``client_msg_id`` outside u64 (before
         queueing), ``trio.ClosedResourceError`` after close, and whatever made its batch's transaction fail
-        (``sqlite3.Error``, or ``LookupError`` for an unknown conversation): then no message of that batch is
-        stored.
+        (``StoreError`` when the database refused, ``LookupError`` for an unknown conversation, a
+        ``sqlite3.Error`` for a bug such as a broken constraint): then no message of that batch is stored.
         """
         waiter = self._enqueue(msg, None)
         await waiter.done.wait()
@@ -625,7 +905,8 @@ class Store:
         """
         self._enqueue(msg, callback)
 
-    def _enqueue(self, msg: NewMessage, callback) -> _Waiter:
+    def _enqueue(self, msg: NewMessage,
+                 callback: Callable[[Appended | None, BaseException | None], None] | None) -> _Waiter:
         if not 0 <= msg.client_msg_id < _U64:
             raise ValueError(f"client_msg_id {msg.client_msg_id} is not a u64")
         if self._closing:
@@ -650,13 +931,18 @@ class Store:
         batch = self._pending[:self._max_batch]
         del self._pending[:self._max_batch]
         try:
-            results = await trio.to_thread.run_sync(self._write_batch, self._conn, [w.msg for w in batch],
-                                                    limiter=self._limiter)
+            results, wal_bytes = await trio.to_thread.run_sync(self._write_batch, self._conn, self._wal_path,
+                                                               [w.msg for w in batch], limiter=self._limiter)
         except Exception as exc:
             self._failed_batches += 1
-            log.warning("store: a batch of %d messages failed: %r", len(batch), exc)
+            error = _refusal(exc)
+            if error is None:
+                log.warning("store: a batch of %d messages failed: %r", len(batch), exc)
+                error = exc
+            else:
+                self._refused(exc)
             for waiter in batch:
-                waiter.finish(None, _copy_error(exc))
+                waiter.finish(None, _copy_error(error))
             return
         except BaseException:
             # Cancelled while waiting for the limiter, before the thread ran: nothing was written. Put the batch
@@ -666,6 +952,10 @@ class Store:
         fresh = [r for r in results if not r.duplicate]
         size = len(batch)
         self._commits += 1
+        self._writes += 1
+        self._accepted()
+        if wal_bytes >= self._wal_checkpoint_bytes:
+            self._wal_grown.set()
         self._appended += len(fresh)
         self._duplicates += size - len(fresh)
         self._batched += size
@@ -686,7 +976,8 @@ class Store:
                 log.exception("store: after_batch raised")
 
     @staticmethod
-    def _write_batch(conn: sqlite3.Connection, msgs: list[NewMessage]) -> list[Appended]:
+    def _write_batch(conn: sqlite3.Connection, wal_path: str, msgs: list[NewMessage]) -> tuple[list[Appended], int]:
+        """Store ``msgs`` in one transaction; returns their results and the WAL's size after the COMMIT."""
         results: list[Appended] = []
         last: dict[int, int] = {}  # conv_id -> last_seq as of this transaction
         with _transaction(conn):
@@ -716,12 +1007,14 @@ class Store:
                                             msg.client_msg_id, orig_body, duplicate=True))
             conn.executemany("UPDATE conversations SET last_seq = ? WHERE id = ?",
                              [(seq, conv_id) for conv_id, seq in last.items()])
-        return results
+        # One stat beside an fsync: how the checkpointer learns early that the WAL needs emptying.
+        return results, _wal_size(wal_path)
 
     async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
         """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
 
-        Raises ``ValueError`` if ``limit`` < 1.
+        Any u64 ``after_seq`` and ``limit`` are fine (2**63 and above: an empty page). Raises ``ValueError`` if
+        ``limit`` < 1.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -730,24 +1023,25 @@ class Store:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
                 " WHERE m.conv_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
-                (conv_id, after_seq, limit + 1)).fetchall()
+                (conv_id, _clamp(after_seq), _clamp(limit + 1))).fetchall()
             return [_stored(row) for row in rows[:limit]], len(rows) > limit
 
         return await self._read(run)
 
     async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
         """Up to ``limit`` messages with seq < ``before_seq`` (0: from the newest), ascending; has_more = older ones
-        exist. Raises ``ValueError`` if ``limit`` < 1.
+        exist. Any u64 ``before_seq`` and ``limit`` are fine (2**63 and above: from the newest too). Raises
+        ``ValueError`` if ``limit`` < 1.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        bound = before_seq if before_seq > 0 else _I64_MAX
+        bound = _clamp(before_seq) if before_seq > 0 else _I64_MAX
 
         def run(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
                 " WHERE m.conv_id = ? AND m.seq < ? ORDER BY m.seq DESC LIMIT ?",
-                (conv_id, bound, limit + 1)).fetchall()
+                (conv_id, bound, _clamp(limit + 1))).fetchall()
             page = [_stored(row) for row in rows[:limit]]
             page.reverse()
             return page, len(rows) > limit
@@ -757,11 +1051,12 @@ class Store:
     # -- cursors -----------------------------------------------------------------------------------------------
 
     async def advance_cursor(self, user_id: int, conv_id: int, kind: ReceiptKind, seq: int) -> int | None:
-        """Store max(old, min(seq, last_seq)) as the user's DELIVERED or READ cursor.
+        """Store max(old, min(seq, last_seq)) as the user's DELIVERED or READ cursor; ``seq`` may be any u64.
 
         Returns the new value if the cursor moved, else None (also for an unknown conversation).
         """
         column = {ReceiptKind.DELIVERED: "delivered_seq", ReceiptKind.READ: "read_seq"}[ReceiptKind(kind)]
+        seq = _clamp(seq)
 
         def run(conn: sqlite3.Connection) -> int | None:
             with _transaction(conn):
@@ -812,6 +1107,8 @@ class Store:
         return {
             "commits": self._commits,
             "checkpoints": self._checkpoints,
+            "wal_resets": self._wal_resets,
+            "refused": self._refusals,
             "failed_batches": self._failed_batches,
             "appended": self._appended,
             "duplicates": self._duplicates,
