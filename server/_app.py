@@ -40,6 +40,7 @@ log = logging.getLogger("chorus.server")
 #: Connections the timer may begin closing in one sweep; the rest wait for the next sweep, soon after.
 _CLOSES_PER_TICK = 100
 _BACKLOG_PERIOD_S = 0.02
+_REFUSE_LINGER_S = 0.5
 
 
 class Server:
@@ -64,6 +65,7 @@ class Server:
     def statistics(self) -> dict:
         return {
             "connections": len(self.connections),
+            "sockets": self.admission.total,
             "delivered": self.hub.delivered,
             "close_reasons": dict(self.close_reasons),
             "store": self.store.statistics(),
@@ -90,7 +92,7 @@ class Server:
             transport.try_send(frames)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(_REFUSE_LINGER_S):  # holds a descriptor but no slot: keep it short
             await transport.aclose()
         self.close_reasons[CloseReason.SERVER_FULL.name] += 1
 
