@@ -3,22 +3,96 @@
 Every option is a field below with its unit in its name and its help text in
 its metadata; ``chorus-server --help`` is generated from these fields, so the
 help can never miss an option. Default limits live here and in proto/_const.py.
+
+Every value is checked where the Config is built (STYLE.md §19): its type against
+the field's annotation, its range, and whether the replies it shapes can be encoded
+at all (WELCOME's field widths and the largest page, proto/_wire.py, spec §2.3 and
+§6). A mistake raises ``ConfigError``, whose text is the one line the operator sees:
+it names the option as they wrote it (``--max-page``, or ``max_page`` in the file,
+prefixed by the file's name) and the fix.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import json
+import math
 import tomllib
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import proto
 
 DEFAULT_PORT = 7420
 DEFAULT_WS_PORT = 7421
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
+REGISTRATION = ("open", "closed")
+MAX_PORT = 0xFFFF
+_U16_MAX = 0xFFFF
+_U32_MAX = 0xFFFF_FFFF
+#: A token outliving a century is a typo; the bound also keeps its expiry in ms far inside SQLite's int64.
+MAX_SESSION_TTL_S = 100 * 365 * 86400
+#: argon2 refuses fewer passes or less memory (8 KiB per lane, one lane) when it first hashes.
+MIN_ARGON2_TIME_COST = 1
+MIN_ARGON2_MEMORY_KIB = 8
 
 
-def _opt(default, help: str):
+def page_frame_bytes(max_page: int, max_body_bytes: int) -> int:
+    """Body bytes of the largest SYNC_PAGE or HISTORY_PAGE: ``max_page`` messages of ``max_body_bytes`` each.
+
+    From the wire layout (proto/_wire.py FIELDS; tests/test_config.py encodes such a page and compares):
+    the page is conversation, u16 message count, the messages, has_more (u8). Names are u8-length-prefixed.
+    """
+    name = 1 + proto.MAX_NAME_BYTES
+    conversation = 1 + name  # kind u8, name
+    message = 8 + 8 + name + 8 + 2 + max_body_bytes  # seq u64, ts_ms u64, sender, client_msg_id u64, u16-prefixed body
+    return conversation + 2 + max_page * message + 1
+
+
+class ConfigError(ValueError):
+    """An operator's mistake in an option; ``str()`` is the one line to show them.
+
+    ``option`` is the key the mistake is about (None when it is about several, or about the file);
+    ``problem`` is the text after it, or a function that builds the text given ``name(option)``, so that the
+    options it mentions read as the operator wrote them. The loaders fill in where each option came from.
+    """
+
+    def __init__(self, option: str | None, problem: str | Callable[[Callable[[str], str]], str]) -> None:
+        super().__init__(option, problem)
+        self.option = option
+        self.problem = problem
+        self.file: str | None = None  # the TOML file, when one was read
+        self.file_keys: frozenset[str] = frozenset()  # keys whose value came from that file
+        self.flag_keys: frozenset[str] = frozenset()  # keys whose value came from a command-line flag
+        self.command_line = False  # the operator gave flags (and maybe a file), so defaults are named as flags
+
+    def name(self, option: str) -> str:
+        """``option`` as the operator would write it: ``--max-page`` on a command line without a file (or for a
+        flag they gave), else ``max_page``, the key in their file or in ``Config.from_dict``."""
+        flag = option in self.flag_keys or (self.command_line and self.file is None)
+        return "--" + option.replace("_", "-") if flag else option
+
+    def __str__(self) -> str:
+        named: list[str] = []
+
+        def name(option: str) -> str:
+            named.append(option)
+            return self.name(option)
+
+        text = self.problem if isinstance(self.problem, str) else self.problem(name)
+        if self.option is not None:
+            text = f"{name(self.option)}: {text}"
+        if self.file is not None and any(option in self.file_keys for option in named):
+            text = f"{self.file}: {text}"
+        return text
+
+
+def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
@@ -30,7 +104,8 @@ class Config:
     ws_allowed_origins: tuple[str, ...] = _opt((), "Origin values the WebSocket bridge accepts (empty: same host only)")
     data_dir: str = _opt("data", "directory of the SQLite database")
     sqlite_synchronous: str = _opt("FULL", "SQLite synchronous mode: FULL (durable on power loss) or NORMAL")
-    max_frame_bytes: int = _opt(proto.DEFAULT_MAX_FRAME_BYTES, "largest frame a client may send")
+    max_frame_bytes: int = _opt(proto.DEFAULT_MAX_FRAME_BYTES, "largest frame a client may send; above 1 MiB also "
+                                                               "the largest the server sends (a full page must fit)")
     max_body_bytes: int = _opt(4096, "largest message body, in UTF-8 bytes")
     outbound_buffer_bytes: int = _opt(4 << 20, "bytes queued for a client before it is closed as a slow consumer")
     ping_interval_s: float = _opt(15.0, "send PING after this long without hearing from a client")
@@ -64,26 +139,93 @@ class Config:
     reconnect_hint_ms: int = _opt(1000, "GOAWAY's reconnect-after hint on shutdown")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
 
-    def __post_init__(self):
-        for name in ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_per_s", "rate_burst",
-                     "max_frame_bytes", "max_body_bytes", "outbound_buffer_bytes", "max_page", "max_inflight_sends",
-                     "max_connections", "max_connections_per_user", "session_ttl_s", "max_connections_per_address",
-                     "frame_timeout_s", "max_pending_hashes", "login_backoff_max_s", "user_send_rate_per_s",
-                     "user_send_burst", "rooms_created_per_hour", "registrations_per_hour"):
+    def __post_init__(self) -> None:
+        """Check every value; raises ``ConfigError`` naming the first wrong one and the fix."""
+        for f in dataclasses.fields(self):
+            value = _typed(f.name, _HINTS[f.name], getattr(self, f.name))
+            object.__setattr__(self, f.name, value)  # an int where a float goes becomes a float; a list a tuple
+        for name in _FLOAT_FIELDS:
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(name, f"must be a finite number, not {getattr(self, name)}")
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be above 0")
-        if self.max_frame_bytes > proto.ABSOLUTE_MAX_FRAME_BYTES:
-            raise ValueError(f"max_frame_bytes must be at most {proto.ABSOLUTE_MAX_FRAME_BYTES}")
-        if self.sqlite_synchronous not in ("FULL", "NORMAL"):
-            raise ValueError("sqlite_synchronous must be FULL or NORMAL")
-        if self.registration not in ("open", "closed"):
-            raise ValueError("registration must be open or closed")
-        if self.login_free_failures < 0 or self.presence_offline_delay_s < 0:
-            raise ValueError("login_free_failures and presence_offline_delay_s must be 0 or more")
+                raise ConfigError(name, f"must be above 0, not {getattr(self, name)}")
+        for name in _NOT_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be 0 or more, not {getattr(self, name)}")
+        self._check_choices()
+        self._check_ranges()
+        self._check_encodable()
+
+    def _check_choices(self) -> None:
+        if not self.host.strip():
+            raise ConfigError("host", "must not be empty; use an address such as 127.0.0.1 (0.0.0.0 for every "
+                                      "interface)")
+        if not self.data_dir.strip():
+            raise ConfigError("data_dir", "must not be empty; name the directory for the database")
+        for name, choices in (("log_level", LOG_LEVELS), ("sqlite_synchronous", SQLITE_SYNCHRONOUS)):
+            value = getattr(self, name)
+            if value.upper() not in choices:
+                raise ConfigError(name, f"must be one of {', '.join(choices)}, not {_shown(value)}")
+            object.__setattr__(self, name, value.upper())  # case does not matter to the operator
+        if self.registration not in REGISTRATION:
+            raise ConfigError("registration", f"must be one of {', '.join(REGISTRATION)}, not "
+                                              f"{_shown(self.registration)}")
+
+    def _check_ranges(self) -> None:
+        """Ranges of single values: ports, and what the WELCOME fields and the store can hold."""
+        for name in ("port", "ws_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_PORT:
+                raise ConfigError(name, f"must be 0..{MAX_PORT} (0 picks a free port), not {value}")
+        if self.ws_port is not None and self.ws_port == self.port != 0:
+            raise ConfigError(None, lambda name: f"{name('ws_port')} and {name('port')} are both {self.port}; "
+                                                 f"give the WebSocket bridge a port of its own")
+        limits = (  # name, largest value, why
+            ("max_frame_bytes", proto.ABSOLUTE_MAX_FRAME_BYTES, "the most any peer must accept, spec §2.3"),
+            ("max_body_bytes", proto.MAX_BODY_BYTES, "a body's length is a u16 on the wire"),
+            ("max_page", proto.MAX_LIST_ITEMS, "the most items a list on the wire may hold"),
+            ("max_rooms_per_user", _U16_MAX, "WELCOME carries it as a u16"),
+            ("reconnect_hint_ms", _U32_MAX, "GOAWAY carries it as a u32"),
+            ("session_ttl_s", MAX_SESSION_TTL_S, "100 years"),
+        )
+        for name, most, why in limits:
+            if getattr(self, name) > most:
+                raise ConfigError(name, f"must be at most {most} ({why}), not {getattr(self, name)}")
+        if self.ping_interval_s * 1000 > _U32_MAX:
+            raise ConfigError("ping_interval_s", f"must be at most {_U32_MAX // 1000} (WELCOME carries it in ms as "
+                                                 f"a u32), not {self.ping_interval_s}")
+        if self.argon2_time_cost < MIN_ARGON2_TIME_COST:
+            raise ConfigError("argon2_time_cost", f"must be at least {MIN_ARGON2_TIME_COST}, not "
+                                                  f"{self.argon2_time_cost}")
+        if self.argon2_memory_kib < MIN_ARGON2_MEMORY_KIB:
+            raise ConfigError("argon2_memory_kib", f"must be at least {MIN_ARGON2_MEMORY_KIB}, not "
+                                                   f"{self.argon2_memory_kib}")
+
+    def _check_encodable(self) -> None:
+        """A full history or sync page must fit in a frame the server may send (issue 9 item 1)."""
+        need = page_frame_bytes(self.max_page, self.max_body_bytes)
+        if need <= self.outbound_frame_bytes:
+            return
+
+        def problem(name: Callable[[str], str]) -> str:
+            fix = f"lower {name('max_body_bytes')} or {name('max_page')}"
+            if need <= proto.ABSOLUTE_MAX_FRAME_BYTES:
+                fix += f", or raise {name('max_frame_bytes')} to {need} or more"
+            return (f"a full history page ({self.max_page} messages of {self.max_body_bytes} bytes) needs a "
+                    f"{need}-byte frame, more than the {self.outbound_frame_bytes} allowed; {fix}")
+
+        raise ConfigError(None, problem)
 
     @property
     def db_path(self) -> Path:
         return Path(self.data_dir) / "chorus.db"
+
+    @property
+    def outbound_frame_bytes(self) -> int:
+        """Largest frame body the server may send: every client accepts 1 MiB, and more if WELCOME says so
+        (spec §2.3)."""
+        return max(proto.DEFAULT_MAX_FRAME_BYTES, self.max_frame_bytes)
 
     def welcome(self) -> proto.Welcome:
         """The limits a client learns in WELCOME (spec §6)."""
@@ -100,37 +242,145 @@ class Config:
         )
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides) -> "Config":
-        """Load a TOML file (top-level keys = field names); raises ValueError on unknown keys."""
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-        values.update(overrides)
-        return cls.from_dict(values)
+    def from_toml(cls, path: str | Path, **overrides: Any) -> Config:
+        """Load a TOML file (top-level keys = field names), with ``overrides`` (flag values) over it.
+
+        Raises ``ConfigError`` naming the file when it cannot be read or is not TOML (with the line), and the
+        key when it is unknown (with the closest known key), of the wrong type or out of range.
+        """
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(None, f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(None, f"{path}: not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict({**values, **overrides})
+        except ConfigError as exc:
+            exc.file = str(path)
+            exc.file_keys = frozenset(values) - frozenset(overrides)
+            raise
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """A Config from option names and values; raises ``ConfigError`` (a ``ValueError``) on a mistake."""
+        unknown = sorted(set(values) - _HINTS.keys())
         if unknown:
-            raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        if "ws_allowed_origins" in values:
-            values = {**values, "ws_allowed_origins": tuple(values["ws_allowed_origins"])}
+            def problem(name: Callable[[str], str]) -> str:
+                return "unknown option " + ", ".join(name(key) + _suggestion(key, _HINTS) for key in unknown)
+
+            raise ConfigError(None, problem)
         return cls(**values)
 
 
-def _parse_type(f: dataclasses.Field):
-    kind = str(f.type)
-    if "tuple" in kind:
-        return lambda s: tuple(x for x in s.split(",") if x)
-    if "int" in kind:
-        return int
-    if "float" in kind:
-        return float
-    return str
+#: Field name -> its type, resolved from the annotations (strings, given ``from __future__ import annotations``).
+_HINTS: dict[str, Any] = typing.get_type_hints(Config)
+_FLOAT_FIELDS = tuple(name for name, hint in _HINTS.items() if hint is float)
+_POSITIVE = ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_per_s", "rate_burst",
+             "max_frame_bytes", "max_body_bytes", "outbound_buffer_bytes", "max_page", "max_inflight_sends",
+             "max_connections", "max_connections_per_user", "session_ttl_s", "max_connections_per_address",
+             "frame_timeout_s", "max_pending_hashes", "login_backoff_max_s", "user_send_rate_per_s",
+             "user_send_burst", "rooms_created_per_hour", "registrations_per_hour", "max_missed_pings")
+_NOT_NEGATIVE = ("login_free_failures", "presence_offline_delay_s", "max_rate_violations", "shutdown_grace_s",
+                 "max_rooms_per_user", "reconnect_hint_ms")
+
+
+def _base(hint: Any) -> tuple[Any, bool]:
+    """``(type, optional)``: ``int | None`` is ``(int, True)``."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        (rest,) = [arg for arg in args if arg is not type(None)]
+        return rest, True
+    return hint, False
+
+
+def _expected(hint: Any) -> str:
+    base, _ = _base(hint)
+    if typing.get_origin(base) is tuple:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", str: "a string"}[base]
+
+
+def _typed(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as field ``name`` holds it, or ``ConfigError`` naming the type expected. A bool is no number."""
+    base, optional = _base(hint)
+    if value is None and optional:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int and number and isinstance(value, int):
+        return value
+    if base is float and number:
+        return float(value)
+    if base is str and isinstance(value, str):
+        return value
+    if typing.get_origin(base) is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if base not in (int, float, str) and typing.get_origin(base) is not tuple:
+        raise TypeError(f"Config.{name}: no check for {hint!r}; teach _typed and _flag_type")  # a bug, not a mistake
+    raise ConfigError(name, f"expected {_expected(hint)}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as TOML would write it, clipped: the message stays one short line whatever was given."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (str, int, float)):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, (list, tuple)):
+        text = "a list"
+    elif isinstance(value, dict):
+        text = "a table"
+    else:
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _suggestion(given: str, known: typing.Iterable[str], dash: str = "_") -> str:
+    """`` (did you mean ws_port?)`` for the known name closest to ``given``, compared with ``-`` and ``_`` alike;
+    ``dash`` is the separator the known names use."""
+    def key(name: str) -> str:  # the leading "--" of flags would make every pair look alike
+        return name.lstrip("-").replace("-", "_").lower()
+
+    by_key = {key(name): name for name in known}
+    close = difflib.get_close_matches(key(given), by_key, n=1, cutoff=0.6)
+    return f" (did you mean {by_key[close[0]]}?)" if close else ""
+
+
+def _flag_type(name: str, hint: Any) -> Callable[[str], Any]:
+    """The argparse ``type`` for a field: text to the field's type, with the same words as a TOML type error."""
+    base, _ = _base(hint)
+    if typing.get_origin(base) is tuple:
+        return lambda text: tuple(x for x in text.split(",") if x)
+    if base is str:
+        return str
+    if base not in (int, float):
+        raise TypeError(f"Config.{name}: no flag type for {hint!r}")
+
+    def parse(text: str) -> Any:
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_expected(hint)}, got {text!r}") from None
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line without the usage block, and an unknown flag gets a suggestion."""
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        message = message.strip().removeprefix("argument ")  # "--port: expected an integer", like ours
+        if message.startswith(prefix):
+            flags = [opt for action in self._actions for opt in action.option_strings if opt.startswith("--")]
+            given = [word for word in message[len(prefix):].split() if word.startswith("--")]
+            message += next((hint for word in given if (hint := _suggestion(word.split("=", 1)[0], flags))), "")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="chorus-server",
         description="Chorus chat server. Options come from defaults, then --config FILE (TOML), then flags.",
     )
@@ -139,7 +389,7 @@ def argument_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_parse_type(f),
+            type=_flag_type(f.name, _HINTS[f.name]),
             default=argparse.SUPPRESS,
             help=f.metadata["help"] + f" (default: {f.default!r})",
         )
@@ -147,11 +397,16 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> Config:
-    """Build the Config from the command line; raises SystemExit on bad flags or files."""
+    """Build the Config from the command line.
+
+    On a mistake in a flag, the file or a value, prints one line to stderr and raises ``SystemExit(2)``.
+    """
     parser = argument_parser()
     args = vars(parser.parse_args(argv))
     path = args.pop("config", None)
     try:
         return Config.from_toml(path, **args) if path else Config.from_dict(args)
-    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
+    except ConfigError as exc:
+        exc.flag_keys = frozenset(args)
+        exc.command_line = True
         parser.error(str(exc))
