@@ -1,20 +1,50 @@
-"""``chorus-server``: run the server until SIGINT/SIGTERM, then shut down gracefully (exit code 0)."""
+"""``chorus-server``: run the server until SIGINT/SIGTERM, then shut down gracefully (exit code 0).
+
+An operator's mistake is one line on stderr, ``chorus-server: error: <what>; <fix>``, never a traceback:
+exit status 2 for a usage error (flag, config file, value: ``config_from_args``) and 1 for what the
+machine refuses. Those runtime refusals are checked before the event loop starts, where each check
+knows what it was checking (the data directory, the host, each port); a failure inside ``serve`` before
+it reports started (a race with those checks, or the database) is matched by type and errno. Anything
+else keeps its traceback: it is a bug, and hiding it would cost its diagnosis.
+"""
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
+import sqlite3
 import sys
+import tempfile
+from pathlib import Path
 
 import trio
 
 from ._app import serve
-from ._config import config_from_args
+from ._config import Config, config_from_args
+from ._store import StoreError
+from ._transport import open_listener
+
+PROG = "chorus-server"
+#: SQLite result codes that describe the file or the machine, not our SQL (``sqlite3.Error.sqlite_errorname``).
+_SQLITE_ENVIRONMENT = ("SQLITE_CANTOPEN", "SQLITE_NOTADB", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY",
+                       "SQLITE_PERM", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CORRUPT", "SQLITE_AUTH")
 
 
-async def _run(config) -> None:
+class StartupError(Exception):
+    """The server could not start for a reason outside it; ``str()`` is the one line for the operator."""
+
+
+async def _run(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve, config)
+            try:
+                server = await nursery.start(serve, config)
+            except Exception as exc:  # only before it started: afterwards an escaping error is a bug
+                problem = startup_problem(exc, config)
+                if problem is None:
+                    raise
+                raise StartupError(problem) from exc
             ws = f", chat page on http://{config.host}:{server.ws_port}/" if server.ws_port else ""
             print(f"Chorus listening on {config.host}:{server.port}{ws} (data in {config.db_path})", flush=True)
             async for signum in signals:
@@ -24,11 +54,124 @@ async def _run(config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_args(argv)
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+    config = config_from_args(argv)  # a usage error prints its line and exits 2
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trio.run(_run, config)
-    return 0
+    try:
+        problem = preflight(config)
+        if problem is None:
+            trio.run(_run, config)
+            return 0
+    except BaseException as exc:
+        failure = only_exception(exc)
+        if not isinstance(failure, StartupError):
+            raise  # a bug (or Ctrl-C): its traceback is how it gets found
+        problem = str(failure)
+    print(f"{PROG}: error: {problem}", file=sys.stderr)
+    return 1
+
+
+def only_exception(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) groups of one: trio nurseries wrap what crosses them
+    (``strict_exception_groups``); a group of several is returned as it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def preflight(config: Config) -> str | None:
+    """What would stop ``serve`` from starting, as one line (None if nothing): checked here, where it is
+    clear which thing failed, rather than guessed from an exception out of the event loop."""
+    return _check_data_dir(config) or _check_host(config) or _check_ports(config)
+
+
+def _check_data_dir(config: Config) -> str | None:
+    """The data directory exists (created 0700, as ``serve`` would) and this user can create files in it."""
+    path = Path(config.data_dir)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return data_dir_problem(exc, config)
+    if config.db_path.exists() and not config.db_path.is_file():
+        return f"{config.db_path} is not a file; move it away or choose another --data-dir"
+    return None
+
+
+def _check_host(config: Config) -> str | None:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # as open_listener chooses
+    try:
+        socket.getaddrinfo(config.host, None, family, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return host_problem(exc, config)
+    return None
+
+
+def _check_ports(config: Config) -> str | None:
+    """Bind each configured port once and let it go, with the listener's own code and options."""
+    for port, what in ((config.port, "port"), (config.ws_port, "ws_port")):
+        if not port:  # None (no bridge) or 0 (the kernel picks a free one): nothing to check
+            continue
+        try:
+            listener = open_listener(config.host, port)
+        except OSError as exc:
+            return bind_problem(exc, config, [(port, what)])
+        listener.socket.close()
+    return None
+
+
+def startup_problem(exc: BaseException, config: Config) -> str | None:
+    """The one line for a failure of ``serve`` before it started, or None when it is not the machine's or
+    the operator's doing (then it is a bug and keeps its traceback)."""
+    exc = only_exception(exc)
+    if isinstance(exc, socket.gaierror):
+        return host_problem(exc, config)
+    if isinstance(exc, OSError) and exc.filename is not None:  # mkdir, open: a path was refused
+        return data_dir_problem(exc, config)
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        # From a bind that passed the preflight, so freshly taken since; which listener's is unknown here.
+        listeners = [(config.port, "port")] + ([(config.ws_port, "ws_port")] if config.ws_port is not None else [])
+        return bind_problem(exc, config, listeners)
+    if isinstance(exc, StoreError):  # the store's word for "the database refused", naming the file
+        return f"{exc}; check the file and the disk, or choose another --data-dir"
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorname", "").startswith(_SQLITE_ENVIRONMENT):
+        return (f"cannot open {config.db_path}: {exc}; check the file and the disk, or choose another "
+                f"--data-dir")
+    if isinstance(exc, RuntimeError) and "is newer than this server" in str(exc):  # _store._connect's refusal
+        return f"{exc}; run a newer chorus-server, or choose another --data-dir"
+    return None
+
+
+def data_dir_problem(exc: OSError, config: Config) -> str:
+    where = f"data dir {config.data_dir}"
+    if isinstance(exc, FileExistsError):
+        return f"{where} is a file, not a directory; choose another --data-dir"
+    if isinstance(exc, NotADirectoryError):
+        return f"{where} lies under a file, not a directory; choose another --data-dir"
+    if isinstance(exc, PermissionError):
+        return f"{where} is not writable by this user; fix its permissions or choose another --data-dir"
+    return f"{where}: {exc.strerror or exc}; choose another --data-dir"
+
+
+def host_problem(exc: socket.gaierror, config: Config) -> str:
+    return (f"host {config.host} cannot be resolved ({exc.strerror or exc}); give --host an IP address or a "
+            f"name this machine resolves")
+
+
+def bind_problem(exc: OSError, config: Config, listeners: list[tuple[int, str]]) -> str:
+    """``listeners``: (port, option) of the bind that failed, or of each that may have."""
+    thing = " or ".join(f"{'WebSocket port' if what == 'ws_port' else 'port'} {port}" for port, what in listeners)
+    flag = " or ".join("--" + what.replace("_", "-") for _, what in listeners)
+    if exc.errno == errno.EADDRINUSE:
+        return f"{thing} is in use (another chorus-server?); pick another with {flag}"
+    if exc.errno == errno.EACCES:
+        return (f"{thing} needs privileges this user lacks (ports below 1024 need root or CAP_NET_BIND_SERVICE); "
+                f"pick another with {flag}")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"host {config.host} is not an address of this machine; give --host one of its addresses, or "
+                f"0.0.0.0 for every interface")
+    return f"cannot listen on {config.host} ({thing}): {exc.strerror or exc}; check --host and {flag}"
 
 
 if __name__ == "__main__":
