@@ -71,6 +71,8 @@ class ClientConnection:
         self.config = config
         self.transport = transport
         self.proto = proto.Connection(proto.SERVER, max_frame_bytes=config.max_frame_bytes)
+        # Clients accept 1 MiB, and more when WELCOME announces more (spec §2.3): pages may use that.
+        self.proto.peer_max_frame_bytes = config.outbound_frame_bytes
         self.output = Output(transport, config.outbound_buffer_bytes, self._start_writer)
         self.session = Session(server, self)
         self.user_id: int | None = None
