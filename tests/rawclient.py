@@ -11,7 +11,7 @@ import proto
 class RawClient:
     def __init__(self, stream: trio.SocketStream):
         self.stream = stream
-        self.conn = proto.Connection(proto.CLIENT)
+        self.conn = proto.Connection(proto.CLIENT, max_frame_bytes=proto.ABSOLUTE_MAX_FRAME_BYTES)  # as the library
         self._ids = itertools.count(1)
 
     @classmethod

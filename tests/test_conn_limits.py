@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import resource
+import secrets
 import socket
 
 import pytest
@@ -262,3 +263,18 @@ async def test_client_text_cannot_forge_log_lines(server, caplog):
     assert isinstance(await client.request(proto.Ping, 1), proto.Pong)
     lines = [r.getMessage() for r in caplog.records if "sent ERROR" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0] and "\\x0a" in lines[0]
+
+
+# -- replies the config allows are sent -------------------------------------------------------------------
+
+async def test_a_page_larger_than_one_mib_goes_out_when_the_config_allows_it(start_server):
+    server = await start_server(max_body_bytes=20000, max_frame_bytes=2_005_937, rate_per_s=10_000,
+                                rate_burst=10_000, user_send_rate_per_s=10_000, user_send_burst=10_000)
+    alice, bob = await honest_pair(server.port)
+    for i in range(1, 101):
+        ack = await alice.request(proto.Send, LOBBY, i, secrets.token_hex(9990))  # incompressible, 19980 bytes
+        assert isinstance(ack, proto.Ack), ack
+        assert (await bob.next_of(proto.Message)).seq == ack.seq
+    page = await alice.request(proto.History, LOBBY, proto.Direction.BEFORE, 0, 100)
+    assert isinstance(page, proto.HistoryPage) and len(page.messages) == 100
+    await still_chatting(alice, bob, 101)
