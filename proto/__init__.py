@@ -4,6 +4,10 @@
     sock.send(conn.send(proto.Hello(1, 1, "me")))
     conn.receive_data(sock.recv(65536))
     event = conn.next_event()   # an event, proto.NEED_DATA or proto.ConnectionClosed
+
+``LARGEST_BODY_BYTES[frame_type]`` is the largest legal body of each frame type,
+derived from the wire declarations; ``Connection.max_pending_bytes`` is the most
+one frame from the peer can take in the current state (spec §2.3, §10).
 """
 from ._connection import NEED_DATA, Connection, decode, encode
 from ._const import (
@@ -76,5 +80,6 @@ from ._events import (
     Welcome,
 )
 from ._state import CLIENT, SERVER, Role, State
+from ._wire import LARGEST_BODY_BYTES
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -4,12 +4,16 @@ A ``Connection`` never touches a socket. Feed it what the transport received
 with ``receive_data`` (``b""`` for EOF), pull events with ``next_event`` until it
 returns ``NEED_DATA``, and turn events into bytes with ``send``.
 
-The header is read first and judged before the body is buffered: a declared
-length over ``max_frame_bytes``, an unknown type, unknown flag bits or a frame
-illegal in the current state raise ``RemoteProtocolError`` at once. So once
-``next_event`` has returned ``NEED_DATA`` the buffer holds less than one header
-plus one maximum frame; a transport that reads at most ``read_size`` bytes
-between calls therefore bounds a connection's memory.
+The header is read first and judged before the body is buffered (spec §2.3):
+a declared length over ``max_frame_bytes``, an unknown type, unknown flag bits,
+a frame illegal in the current state, or a length over the largest body that
+frame type can legally have (``_wire.LARGEST_BODY_BYTES``, or lz4's worst case of
+it for a compressed frame) raise ``RemoteProtocolError`` at once. So once
+``next_event`` has returned ``NEED_DATA`` the buffer holds less than
+``max_pending_bytes``: one header plus the largest frame the peer may send in the
+current state. Before AUTH_OK that is a few hundred bytes, whatever
+``max_frame_bytes`` says; a transport that reads at most that many bytes (or a
+fixed ``read_size``) between calls therefore bounds a connection's memory.
 """
 from __future__ import annotations
 
@@ -32,11 +36,28 @@ from ._const import (
 )
 from . import _fast, _wire
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._state import Role, State, next_state
-from ._wire import FieldError
+from ._state import TRANSITIONS, Role, State, next_state
+from ._wire import LARGEST_BODY_BYTES, FieldError, largest_compressed_length
 
 _HEADER = struct.Struct(">IBBI")  # same layout as _wire.HEADER; a test holds them equal
-_FRAME_TYPES = {int(t): t for t in FrameType}
+_COMPRESSED = int(Flags.COMPRESSED)
+
+#: type byte → (frame type, largest body, largest ``length`` when compressed): one lookup per header.
+_FRAMES: dict[int, tuple[FrameType, int, int]] = {
+    int(t): (t, LARGEST_BODY_BYTES[t], largest_compressed_length(LARGEST_BODY_BYTES[t])) for t in FrameType
+}
+
+
+def _largest_length(frames) -> int:
+    """The largest ``length`` any of ``frames`` may have on the wire, compressed or not (0 for none)."""
+    return max((max(_FRAMES[t][1], _FRAMES[t][2]) for t in frames), default=0)
+
+
+#: (state, sender) → the largest ``length`` of a frame that sender may send in that state.
+_LARGEST_LENGTH_IN: dict[tuple[State, Role], int] = {
+    key: _largest_length(moves) for key, moves in TRANSITIONS.items()
+}
+_LARGEST_LENGTH_ANY = _largest_length(FrameType)
 
 
 class _Sentinel:
@@ -90,13 +111,22 @@ def encode(
         raise LocalProtocolError(f"request_id {event.request_id!r} is not a u32") from None
 
 
-def _decompress(body: bytes, max_frame_bytes: int) -> bytes:
+def _decompress(body: bytes, ftype: FrameType, largest: int, max_frame_bytes: int) -> bytes:
+    """The uncompressed body of a COMPRESSED ``ftype`` frame (spec §4).
+
+    Raises ``RemoteProtocolError`` ``DECOMPRESSION_FAILED`` when the declared size
+    is over ``max_frame_bytes`` or over ``largest`` (the largest ``ftype`` body),
+    both checked before decompressing, or when the block is corrupt.
+    """
     if len(body) < COMPRESSED_PREFIX_BYTES:
         raise RemoteProtocolError("compressed frame without its length", ErrorCode.DECOMPRESSION_FAILED)
     size = int.from_bytes(body[:COMPRESSED_PREFIX_BYTES], "big")
     if size > max_frame_bytes:
         raise RemoteProtocolError(f"compressed body would expand to {size} bytes > {max_frame_bytes}",
                                   ErrorCode.DECOMPRESSION_FAILED)
+    if size > largest:
+        raise RemoteProtocolError(f"compressed {ftype.name} body would expand to {size} bytes > {largest}, "
+                                  f"the largest {ftype.name}", ErrorCode.DECOMPRESSION_FAILED)
     try:
         raw = lz4.block.decompress(body[COMPRESSED_PREFIX_BYTES:], uncompressed_size=size)
     except lz4.block.LZ4BlockError:
@@ -119,6 +149,16 @@ def decode(data: bytes, *, max_frame_bytes: int = ABSOLUTE_MAX_FRAME_BYTES) -> e
     if isinstance(event, ev.ConnectionClosed) or conn.buffered_bytes:
         raise RemoteProtocolError("expected exactly one frame")
     return event
+
+
+def _too_large(ftype: FrameType, length: int, compressed: int) -> RemoteProtocolError:
+    name = ftype.name
+    if compressed:
+        return RemoteProtocolError(
+            f"compressed {name} body of {length} bytes > {_FRAMES[ftype][2]}, the largest compressed {name} "
+            f"(4 + lz4's worst case for {_FRAMES[ftype][1]} bytes)", ErrorCode.FRAME_TOO_LARGE)
+    return RemoteProtocolError(f"{name} body of {length} bytes > {_FRAMES[ftype][1]}, the largest {name}",
+                               ErrorCode.FRAME_TOO_LARGE)
 
 
 def _checked_parse(ftype: FrameType, body: bytes) -> ev.Event:
@@ -168,6 +208,25 @@ class Connection:
         """Received bytes not yet turned into events."""
         return len(self._buf) - self._pos
 
+    @property
+    def max_pending_bytes(self) -> int:
+        """The most bytes one frame from the peer can take now, header included (spec §2.3, §10).
+
+        ``HEADER_BYTES`` plus the largest ``length`` (compressed or not) of any
+        frame type the peer may send in the current state, capped by
+        ``max_frame_bytes``; just ``HEADER_BYTES`` once the peer has said BYE.
+        Whenever ``next_event`` returns ``NEED_DATA``, ``buffered_bytes`` is below
+        this, so a transport can size its reads by it: before AUTH_OK it is a
+        few hundred bytes.
+        """
+        if self._stateless:
+            largest = _LARGEST_LENGTH_ANY
+        elif self.they_said_bye:
+            largest = 0
+        else:
+            largest = _LARGEST_LENGTH_IN.get((self.state, self.their_role), 0)
+        return HEADER_BYTES + min(largest, self.max_frame_bytes)
+
     def receive_data(self, data: bytes) -> None:
         """Add received bytes; ``b""`` means the peer closed its side.
 
@@ -206,12 +265,16 @@ class Connection:
         length, type_byte, flags, request_id = _HEADER.unpack_from(buf, pos)
         if length > self.max_frame_bytes:
             raise RemoteProtocolError(f"frame length {length} > {self.max_frame_bytes}", ErrorCode.FRAME_TOO_LARGE)
-        ftype = _FRAME_TYPES.get(type_byte)
-        if ftype is None:
+        frame = _FRAMES.get(type_byte)
+        if frame is None:
             raise RemoteProtocolError(f"unknown frame type 0x{type_byte:02x}", ErrorCode.UNKNOWN_FRAME_TYPE)
         if flags & ~KNOWN_FLAGS:
             raise RemoteProtocolError(f"unknown flag bits 0x{flags:02x}", ErrorCode.INVALID_FIELD)
+        ftype, largest, largest_compressed = frame
         after = self._check(self.their_role, ftype, RemoteProtocolError)
+        compressed = flags & _COMPRESSED
+        if length > (largest_compressed if compressed else largest):
+            raise _too_large(ftype, length, compressed)
         end = pos + HEADER_BYTES + length
         if len(buf) < end:
             if self._eof:
@@ -226,8 +289,8 @@ class Connection:
             self._pos = 0
         else:
             self._pos = end
-        if flags & Flags.COMPRESSED:
-            body = _decompress(body, self.max_frame_bytes)
+        if compressed:
+            body = _decompress(body, ftype, largest, self.max_frame_bytes)
         try:
             event = _fast.parse_body(ftype, body)
         except _fast.Fallback:

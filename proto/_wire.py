@@ -8,22 +8,32 @@ errors, raised as ``FieldError`` with the ``ErrorCode`` to send back.
 
 Parsing always goes through these checked (interpreted) constructs: construct's
 compiled mode is not meant for untrusted input (STYLE.md §5).
+
+``LARGEST_BODY_BYTES`` is derived from the same declarations: the walk in
+``largest_bytes`` adds up each field's largest encoding (a string's prefix plus
+its maximum, an array's count plus its maximum items), so the receiver can refuse
+a frame from its header alone when the header announces more than that frame
+type can ever hold (spec/PROTOCOL.md §2.3, §10).
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from construct import (
     Adapter,
     ConstructError,
     Construct,
+    FormatField,
     Int8ub,
     Int16ub,
     Int32ub,
     Int64ub,
     Prefixed,
     GreedyBytes,
+    Renamed,
     Struct,
     Terminated,
     stream_read,
@@ -31,6 +41,7 @@ from construct import (
 
 from . import _events as ev
 from ._const import (
+    COMPRESSED_PREFIX_BYTES,
     MAX_BODY_BYTES,
     MAX_CLIENT_NAME_BYTES,
     MAX_LIST_ITEMS,
@@ -287,3 +298,47 @@ def parse_body(ftype: FrameType, body: bytes) -> ev.Event:
 def build_body(event: ev.Event) -> bytes:
     """Build the body bytes of ``event``; raises ``ConstructError`` when a field is out of range."""
     return BODIES[event.FRAME].build(event)
+
+
+# --- the largest legal body of each frame type (spec §2.3, §10) -------------
+
+def largest_bytes(con: Construct) -> int:
+    """The most bytes a value of ``con`` (one of the field constructs above) can take on the wire.
+
+    Raises ``TypeError`` for a construct this walk does not know: a new kind of
+    field must teach it its bound rather than get a guessed one.
+    """
+    if isinstance(con, Renamed):
+        return largest_bytes(con.subcon)
+    if isinstance(con, FormatField):
+        return con.length
+    if isinstance(con, (_Bool, _Enum)):
+        return largest_bytes(con.subcon)
+    if isinstance(con, _Text):
+        prefix = con.subcon.lengthfield
+        if not isinstance(prefix, FormatField):
+            raise TypeError(f"no size bound for a string prefixed by {prefix!r}")
+        return prefix.length + min(con.max_bytes, 2 ** (8 * prefix.length) - 1)
+    if isinstance(con, _Array):
+        return 2 + min(con.max_items, 0xFFFF) * largest_bytes(con.subcon)
+    if isinstance(con, _Record):
+        return largest_bytes(con.subcon)
+    if type(con) is Struct:
+        return sum(largest_bytes(sub) for sub in con.subcons)
+    if con is Terminated:
+        return 0
+    raise TypeError(f"no size bound for {con!r}: teach proto._wire.largest_bytes this construct")
+
+
+def largest_compressed_length(body_bytes: int) -> int:
+    """The largest ``length`` of a COMPRESSED frame whose body is at most ``body_bytes`` (spec §4).
+
+    The 4-byte uncompressed length, then lz4's worst case for a block of that
+    many bytes (``LZ4_COMPRESSBOUND``: n + n/255 + 16, for input lz4 cannot shrink).
+    """
+    return COMPRESSED_PREFIX_BYTES + body_bytes + body_bytes // 255 + 16
+
+
+#: Frame type → the largest body it can legally have, in bytes (uncompressed), walked from ``FIELDS``.
+LARGEST_BODY_BYTES: Mapping[FrameType, int] = MappingProxyType(
+    {ftype: largest_bytes(body) for ftype, body in BODIES.items()})

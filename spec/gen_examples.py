@@ -7,8 +7,9 @@ scope, encodes it with ``proto.encode`` and lays the bytes out so that the
 header fields (§2) and each body field (§3, §5) are visible: header on one
 line, then one line per body field, one line per array item, long strings and
 lz4 blocks wrapped at 32 bytes. It also writes the §5 "Legal in" rows and the
-§8 state table from ``proto._state.TRANSITIONS``, and the Type/Size cells of
-the field tables from ``proto._wire``.
+§8 state table from ``proto._state.TRANSITIONS``, the Type/Size cells of
+the field tables from ``proto._wire``, and the §10 table of each client frame's
+largest legal body from ``proto.LARGEST_BODY_BYTES``.
 
     .venv/bin/python spec/gen_examples.py           # print every example block
     .venv/bin/python spec/gen_examples.py --write   # refresh spec/PROTOCOL.md in place
@@ -31,6 +32,7 @@ import proto  # noqa: E402
 from construct import FormatField, Renamed  # noqa: E402
 from proto import _state, _wire  # noqa: E402
 from proto._const import COMPRESSED_PREFIX_BYTES, HEADER_BYTES, Flags, FrameType  # noqa: E402
+from proto._wire import largest_compressed_length  # noqa: E402
 
 SPEC = ROOT / "spec" / "PROTOCOL.md"
 WRAP_BYTES = 32
@@ -38,6 +40,8 @@ WRAP_BYTES = 32
 EXAMPLE_RE = re.compile(r"<!-- example: (?P<expr>.*?) -->\n```hex\n(?P<hex>.*?)```", re.S)
 STATE_TABLE_RE = re.compile(
     r"(?P<open><!-- generated: state-table .*?-->\n)(?P<body>.*?)(?P<close><!-- end generated -->)", re.S)
+LARGEST_TABLE_RE = re.compile(
+    r"(?P<open><!-- generated: largest-bodies .*?-->\n)(?P<body>.*?)(?P<close><!-- end generated -->)", re.S)
 FRAME_HEADING_RE = re.compile(r"^### 5\.\d+ (?P<name>[A-Z_]+) \(0x(?P<code>[0-9A-F]{2})\)$", re.M)
 RECORD_HEADING_RE = re.compile(r"^### 3\.\d+ (?P<name>[A-Za-z]+)$", re.M)
 FIELD_ROW_RE = re.compile(r"^\| `(?P<field>[a-z_]+)` \| (?P<type>[^|]*?) \| (?P<size>[^|]*?) \|(?P<rest>.*)$", re.M)
@@ -227,12 +231,49 @@ def after_order(after: _state.State, state: _state.State) -> tuple[int, str]:
     return (0 if after is not state else 1, after.name)
 
 
+# --- largest legal bodies (§2.3, §10) ----------------------------------------------
+
+PRE_AUTH_STATES = (_state.State.HANDSHAKE, _state.State.NEGOTIATING, _state.State.UNAUTHENTICATED)
+
+
+def client_frames() -> list[FrameType]:
+    """Every frame type a client may send in some state, in type order."""
+    sent = set()
+    for (state, role), moves in _state.TRANSITIONS.items():
+        if role is _state.CLIENT:
+            sent |= set(moves)
+    return sorted(sent)
+
+
+def pre_auth_client_frames() -> set[FrameType]:
+    """The frame types a client may send before AUTH_OK."""
+    return {f for state in PRE_AUTH_STATES for f in _state.TRANSITIONS.get((state, _state.CLIENT), {})}
+
+
+def largest_table() -> str:
+    """§10 table: each client→server frame's largest body, its largest compressed ``length``, pre-auth or not."""
+    rows = ["| Frame | Largest body (bytes) | Largest `length` if compressed | Legal before AUTH_OK |",
+            "|---|---|---|---|"]
+    early = pre_auth_client_frames()
+    for ftype in client_frames():
+        largest = proto.LARGEST_BODY_BYTES[ftype]
+        rows.append(f"| {ftype.name} | {largest} | {largest_compressed_length(largest)} | "
+                    f"{'yes' if ftype in early else 'no'} |")
+    pre_auth = max(max(proto.LARGEST_BODY_BYTES[f], largest_compressed_length(proto.LARGEST_BODY_BYTES[f]))
+                   for f in early)
+    rows.append("")
+    rows.append(f"So before AUTH_OK no client frame is longer than {HEADER_BYTES} + {pre_auth} = "
+                f"{HEADER_BYTES + pre_auth} bytes on the wire, header included.")
+    return "\n".join(rows) + "\n"
+
+
 # --- rewriting the spec ------------------------------------------------------------
 
 def refresh(text: str) -> str:
     """``text`` with every generated part recomputed."""
     text = EXAMPLE_RE.sub(lambda m: example_block(m["expr"]), text)
     text = STATE_TABLE_RE.sub(lambda m: m["open"] + state_table() + m["close"], text)
+    text = LARGEST_TABLE_RE.sub(lambda m: m["open"] + largest_table() + m["close"], text)
     return _refresh_tables(text)
 
 
@@ -292,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in EXAMPLE_RE.finditer(text):
         print(example_block(m["expr"]), end="\n\n")
     print(state_table())
+    print(largest_table())
     return 0
 
 

@@ -132,7 +132,7 @@ def frame(ftype: int, body: bytes, *, flags: int = 0, request_id: int = 0, lengt
 
 
 def feed(conn: Connection, chunks) -> list:
-    """Feed chunks, draining events after each; checks the buffer bound at every NEED_DATA."""
+    """Feed chunks, draining events after each; checks the buffer bounds at every NEED_DATA."""
     out = []
     for chunk in chunks:
         conn.receive_data(chunk)
@@ -140,7 +140,8 @@ def feed(conn: Connection, chunks) -> list:
             out.append(event)
             if isinstance(event, ConnectionClosed):  # returned again on every later call
                 return out
-        assert conn.buffered_bytes <= HEADER_BYTES + conn.max_frame_bytes
+        # the state's largest legal frame bounds what waits (spec §2.3), never more than max_frame_bytes
+        assert conn.buffered_bytes < conn.max_pending_bytes <= HEADER_BYTES + conn.max_frame_bytes
     return out
 
 
@@ -399,14 +400,19 @@ def test_bad_bodies_cover_every_kind_of_rule():
 
 @pytest.mark.parametrize("label, ftype, body, code", BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
 def test_bad_field_raises_its_code(label, ftype, body, code):
+    # A body longer than its type can ever be is refused from the header (spec §2.3) before any field is read.
+    largest = proto.LARGEST_BODY_BYTES[ftype]
     with pytest.raises(RemoteProtocolError) as info:
         decode(frame(ftype, body))
-    assert info.value.code is code
+    assert info.value.code is (code if len(body) <= largest else ErrorCode.FRAME_TOO_LARGE)
     # the same bytes compressed are judged the same way after decompression
+    packed = len(body).to_bytes(4, "big") + lz4.block.compress(body, store_size=False)
     with pytest.raises(RemoteProtocolError) as info:
-        decode(frame(ftype, len(body).to_bytes(4, "big") + lz4.block.compress(body, store_size=False),
-                     flags=proto.Flags.COMPRESSED))
-    assert info.value.code is code
+        decode(frame(ftype, packed, flags=proto.Flags.COMPRESSED))
+    if len(body) <= largest:
+        assert info.value.code is code
+    else:  # the header's length may still be within lz4's worst case: then the declared size is refused
+        assert info.value.code in (ErrorCode.FRAME_TOO_LARGE, ErrorCode.DECOMPRESSION_FAILED)
 
 
 def _expect(data: bytes, code: ErrorCode, *, max_frame_bytes: int = proto.DEFAULT_MAX_FRAME_BYTES):
@@ -416,8 +422,9 @@ def _expect(data: bytes, code: ErrorCode, *, max_frame_bytes: int = proto.DEFAUL
 
 
 def test_oversize_length_is_refused_from_the_header_alone():
+    # ERROR is legal from the client at once, and its largest body (262) is over this max_frame_bytes
     conn = Connection(SERVER, max_frame_bytes=100)
-    header = frame(FrameType.HELLO, b"", length=101)
+    header = frame(FrameType.ERROR, b"", length=101)
     assert feed(conn, [header[:9]]) == []
     conn.receive_data(header[9:])
     with pytest.raises(RemoteProtocolError) as info:
@@ -426,7 +433,7 @@ def test_oversize_length_is_refused_from_the_header_alone():
     with pytest.raises(RemoteProtocolError):  # the error sticks
         conn.next_event()
     at_limit = Connection(SERVER, max_frame_bytes=100)
-    assert feed(at_limit, [frame(FrameType.HELLO, b"", length=100)]) == []  # exactly the max: wait for the body
+    assert feed(at_limit, [frame(FrameType.ERROR, b"", length=100)]) == []  # exactly the max: wait for the body
     _expect(frame(FrameType.PING, b"", length=U32_MAX), ErrorCode.FRAME_TOO_LARGE)
 
 
@@ -451,10 +458,12 @@ def test_trailing_and_truncated_bodies_are_malformed():
     _expect(frame(FrameType.SEND, good + b"\x00"), ErrorCode.MALFORMED_FRAME)
     _expect(frame(FrameType.SEND, good[:-1]), ErrorCode.MALFORMED_FRAME)
     _expect(frame(FrameType.PING, bytes(7)), ErrorCode.MALFORMED_FRAME)
-    _expect(frame(FrameType.OK, b"\x00"), ErrorCode.MALFORMED_FRAME)
+    _expect(frame(FrameType.JOIN, b"\x01a\x00"), ErrorCode.MALFORMED_FRAME)
     for ftype in FrameType:  # every body must end exactly at the frame end
         body = _wire.build_body(example(ftype))
-        _expect(frame(ftype, body + b"\x00"), ErrorCode.MALFORMED_FRAME)
+        # one byte more than a fixed-size body can ever be is refused from the header (spec §2.3)
+        longer = ErrorCode.MALFORMED_FRAME if len(body) < proto.LARGEST_BODY_BYTES[ftype] else ErrorCode.FRAME_TOO_LARGE
+        _expect(frame(ftype, body + b"\x00"), longer)
         if body:
             _expect(frame(ftype, body[:-1]), ErrorCode.MALFORMED_FRAME)
 
@@ -480,14 +489,18 @@ def test_decompression_bombs_and_corrupt_lz4():
     packed = lz4.block.compress(bomb, store_size=False)
     assert len(packed) < limit
     compressed = proto.Flags.COMPRESSED
-    _expect(frame(FrameType.PING, len(bomb).to_bytes(4, "big") + packed, flags=compressed),
+    big = FrameType.SYNC  # a type whose largest body (42002) leaves room for the packed bomb
+    _expect(frame(big, len(bomb).to_bytes(4, "big") + packed, flags=compressed),
             ErrorCode.DECOMPRESSION_FAILED, max_frame_bytes=limit)
     # declared size within the limit, real size beyond it: lz4 stops at the declared size
-    _expect(frame(FrameType.PING, (100).to_bytes(4, "big") + packed, flags=compressed),
+    _expect(frame(big, (100).to_bytes(4, "big") + packed, flags=compressed),
             ErrorCode.DECOMPRESSION_FAILED, max_frame_bytes=limit)
     # a declared size over the max is refused without decompressing (the block here is junk)
-    _expect(frame(FrameType.PING, (limit + 1).to_bytes(4, "big") + b"\xff" * 8, flags=compressed),
+    _expect(frame(big, (limit + 1).to_bytes(4, "big") + b"\xff" * 8, flags=compressed),
             ErrorCode.DECOMPRESSION_FAILED, max_frame_bytes=limit)
+    # a PING cannot even carry the packed bomb: refused from its header (tests/test_proto_limits.py)
+    _expect(frame(FrameType.PING, len(bomb).to_bytes(4, "big") + packed, flags=compressed),
+            ErrorCode.FRAME_TOO_LARGE, max_frame_bytes=limit)
     body = _wire.build_body(proto.Ping(5))
     good = lz4.block.compress(body, store_size=False)
     assert decode(frame(FrameType.PING, len(body).to_bytes(4, "big") + good, flags=compressed)) == proto.Ping(5)

@@ -5,8 +5,9 @@ with ``from proto import *``) followed by a ```` ```hex ```` block. Each must
 decode to its event and the event must encode to exactly those bytes. The
 tables are parsed from the markdown and compared with the code: the enums of
 §2, §3, §5 and §7, the field tables of §3 and §5, the "Legal in" lines of §5,
-the §8 state table (against ``proto._state.TRANSITIONS``) and the constants of
-§10. The §11 exchanges are replayed through a client and a server
+the §8 state table (against ``proto._state.TRANSITIONS``), the constants of
+§10 and its table of each client frame's largest legal body (against
+``proto.LARGEST_BODY_BYTES``). The §11 exchanges are replayed through a client and a server
 ``Connection``. ``spec/gen_examples.py --write`` regenerates the generated parts.
 """
 from __future__ import annotations
@@ -337,6 +338,52 @@ def test_state_table_matches_transitions():
 
 
 # --- limits (§10) -----------------------------------------------------------------------------
+
+PRE_AUTH = (State.HANDSHAKE, State.NEGOTIATING, State.UNAUTHENTICATED)
+
+
+def _client_frames() -> set[proto.FrameType]:
+    return {f for (state, role), moves in TRANSITIONS.items() if role is CLIENT for f in moves}
+
+
+def _pre_auth_client_frames() -> set[proto.FrameType]:
+    return {f for state in PRE_AUTH for f in TRANSITIONS.get((state, CLIENT), {})}
+
+
+def _compressed_bound(n: int) -> int:
+    return 4 + n + n // 255 + 16  # §4's prefix, then LZ4_COMPRESSBOUND
+
+
+def test_largest_body_table_matches_proto():
+    """§10's generated table, checked against proto without the generator."""
+    tables = [t for t in _tables(_section("10")) if t[0][:2] == ["Frame", "Largest body (bytes)"]]
+    assert len(tables) == 1
+    rows = {proto.FrameType[row[0]]: (int(row[1]), int(row[2]), row[3]) for row in tables[0][1:]}
+    early = _pre_auth_client_frames()
+    assert rows == {
+        ftype: (proto.LARGEST_BODY_BYTES[ftype], _compressed_bound(proto.LARGEST_BODY_BYTES[ftype]),
+                "yes" if ftype in early else "no")
+        for ftype in _client_frames()
+    }
+
+
+def test_pre_auth_bound_in_the_spec_is_what_a_server_connection_holds():
+    m = re.search(r"before AUTH_OK no client frame is longer than (\d+) \+ (\d+) = (\d+) bytes", _section("10"))
+    assert m and int(m[1]) + int(m[2]) == int(m[3]) and int(m[1]) == proto.HEADER_BYTES
+    pending = []
+    for state in PRE_AUTH:
+        server = proto.Connection(SERVER)
+        server.state = state
+        pending.append(server.max_pending_bytes)
+    assert max(pending) == int(m[3])
+
+
+def test_pre_auth_frames_named_in_2_3_match_the_state_table():
+    m = re.search(r"Before AUTH_OK a client may send only\s+(.*?)\s+\(§8\)", _section("2.3"), re.S)
+    assert m
+    names = re.split(r",\s*|\s+and\s+", m[1])
+    assert {proto.FrameType[name] for name in names} == _pre_auth_client_frames()
+
 
 def test_limits_table_values_match_the_constants():
     rows = [row for table in _tables(_section("10")) for row in table if len(row) >= 3]
