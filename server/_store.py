@@ -217,14 +217,6 @@ class Appended:
     duplicate: bool
 
 
-class StoreError(Exception):
-    """The database refused an operation (disk full, I/O error, locked); retry after ``retry_after_ms``."""
-
-    def __init__(self, message: str, retry_after_ms: int = 1000):
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
-
-
 class NameTaken(Exception):
     """``create_user`` was given a name that already exists."""
 
