@@ -13,7 +13,8 @@ Scenarios: ``fanout`` (one room of 1000, a burst and a paced 20,000 deliveries/s
 WebSocket, Mosquitto, websockets), ``durable`` (100 clients sending and waiting for each ACK, and a
 pipelined variant; Chorus only, next to the design source's 13,891 msg/s), ``idle`` (10,000 logged-in
 connections with heartbeats), ``rooms`` (the same 10,000 Chorus connections in 1,000 rooms of 10, mixed
-SEND/TYPING/HISTORY traffic). Output: a table on stdout, ``<out>/<name>.json`` and ``<out>/<name>.png``
+SEND/TYPING/HISTORY traffic), ``attack`` (the honest client's round trip during five attacks, issue 9:
+``bench/attack.py``). Output: a table on stdout, ``<out>/<name>.json`` and ``<out>/<name>.png``
 (and, with ``--profile``, a py-spy flame graph and a text summary of the Chorus fan-out burst).
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ ISSUE_FIGURES = {"mosquitto_us_per_delivery": 5.4, "websockets_us_per_delivery":
 FANOUT_SYSTEMS = ("chorus-tcp", "chorus-ws", "mosquitto", "websockets")
 IDLE_SYSTEMS = ("chorus-tcp", "mosquitto", "websockets")
 PEERS = ("mosquitto", "websockets")
-SCENARIOS = ("fanout", "durable", "idle", "rooms")
+SCENARIOS = ("fanout", "durable", "idle", "rooms", "attack")
 BUSY = 0.85  # a process using this share of one core (or more) was the limit (threads waiting on fsync
 # or on the event loop keep a saturated Chorus server just under 100%)
 
@@ -478,6 +479,7 @@ class Bench:
         #: py-spy summaries of the Chorus server, by what it was doing (only with --profile).
         self.profiles: dict[str, dict] = {}
         self.out = Path(args.out)
+        self.attack: dict | None = None  # the ``attack`` scenario's own rows and targets (bench/attack.py)
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -780,6 +782,10 @@ class Bench:
                 if idle or rooms:
                     self.log(f"idle/rooms {system} ...")
                     self.run_idle(system, idle=idle, rooms=rooms)
+        if "attack" in scenarios and "chorus-tcp" in systems:
+            from . import attack
+
+            self.attack = attack.run_scenario(attack.SMOKE if self.args.smoke else attack.FULL, self.log)
 
 
 # -- profile summary ----------------------------------------------------------------------------------------------------
@@ -1152,6 +1158,8 @@ def _relimit(rows) -> None:
 
 def report(path: Path) -> int:
     """Re-render an earlier results file next to it (same stem)."""
+    from . import attack
+
     results = json.loads(path.read_text())
     sizes = Sizes(**results["meta"]["sizes"])
     _relimit(results["rows"])
@@ -1159,9 +1167,9 @@ def report(path: Path) -> int:
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     profiles = results.get("profiles") or {}
     path.with_suffix(".md").write_text(render_tables(results["rows"], results["targets"], profiles, sizes,
-                                                     markdown=True) + "\n")
+                                                     markdown=True) + attack.render(results, markdown=True) + "\n")
     make_chart(results["rows"], path.with_suffix(".png"))
-    print(render_tables(results["rows"], results["targets"], profiles, sizes))
+    print(render_tables(results["rows"], results["targets"], profiles, sizes) + attack.render(results))
     return 0
 
 
@@ -1198,7 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         if field is None:
             parser.error(f"unknown size {key}")
         sizes = dataclasses.replace(sizes, **{key: type(getattr(sizes, key))(value)})
-    name = args.name or ("smoke" if args.smoke else "bench")
+    name = args.name or ("smoke" if args.smoke else "attack" if args.scenarios == ["attack"] else "bench")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
@@ -1218,11 +1226,20 @@ def main(argv: list[str] | None = None) -> int:
     targets = evaluate_targets(bench.rows)
     profiles = bench.profiles
     results = {"meta": meta, "rows": bench.rows, "targets": targets, "profiles": profiles}
+    if bench.attack is not None:
+        results["attack"] = bench.attack
     json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     png_path = out / f"{name}.png"
-    make_chart(bench.rows, png_path)
-    (out / f"{name}.md").write_text(render_tables(bench.rows, targets, profiles, sizes, markdown=True) + "\n")
-    print(render_tables(bench.rows, targets, profiles, sizes))
+    from . import attack
+
+    def tables(md: bool = False) -> str:  # an attack-only run has no issue-6 tables or chart
+        return ((render_tables(bench.rows, targets, profiles, sizes, markdown=md) if bench.rows else "")
+                + attack.render(results, markdown=md)).lstrip()
+
+    if bench.rows:
+        make_chart(bench.rows, png_path)
+    (out / f"{name}.md").write_text(tables(True) + "\n")
+    print(tables())
     print(f"\nresults: {json_path}  chart: {png_path}  ({meta['duration_s']}s)")
-    return 1 if any(r["status"] == "error" for r in bench.rows) else 0
+    return 1 if any(r["status"] == "error" for r in bench.rows + (bench.attack or {}).get("rows", [])) else 0

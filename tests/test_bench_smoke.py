@@ -1,7 +1,7 @@
 """`make bench-smoke` inside the suite: the benchmark harness runs end to end at tiny sizes.
 
 It asserts only that every scenario ran and that the results are well formed (JSON with the machine
-recorded, rows with their repetitions and medians, a PNG chart), never a speed: speeds depend on the
+recorded, rows with their repetitions and medians, a PNG chart, the under-attack rows), never a speed: speeds depend on the
 machine and on whatever else runs on it. A system that cannot run here is reported as "skipped" or
 "not available" by the bench itself; under CI a missing Mosquitto is an "error" and fails this test.
 """
@@ -66,4 +66,15 @@ def test_bench_smoke_runs_and_writes_well_formed_results(tmp_path):
 
     assert len(results["targets"]) == 5
     assert all(t["met"] in (True, False, None) for t in results["targets"])
+
+    # Under attack (issue 9, bench/attack.py): every attack ran against a live server, with numbers to judge.
+    attack = results["attack"]
+    assert [r["attack"] for r in attack["rows"]] == ["pong", "bigframe", "login", "slots", "timeouts"]
+    for row in attack["rows"]:
+        assert row["status"] == "ok", (row["attack"], row["note"])
+        for window in ("baseline", "attack", "after"):
+            assert math.isfinite(row["windows"][window]["p99_ms"]), (row["attack"], window)
+        assert math.isfinite(row["ratio"]) and math.isfinite(row["rss_mb_per_1000"]), row["attack"]
+        assert row["verdict"] in ("PASS", "FAIL")
+    assert len(attack["targets"]) == 3 and "Targets (issue 9)" in proc.stdout
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
