@@ -7,12 +7,25 @@ Delivering never waits: a subscriber that cannot take the bytes is closed as a
 slow consumer by its own output, so nobody else is held up (spec §9).
 The hub runs in one process; a multi-node hub would publish through Redis behind
 the same methods.
+
+Presence (spec §9.8): ONLINE when a user's first connection authenticates,
+OFFLINE a delay after its last one closes, unless the user is back by then (then
+neither goes out, so a flaky network or a reconnect loop makes no noise). The
+pending OFFLINEs wait in arrival order, which is deadline order (one delay for
+all), and ``run_presence_timer`` (one task, started by the server) sends them.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Protocol
 
+import trio
+
 import proto
+
+log = logging.getLogger("chorus.hub")
+#: OFFLINEs sent in one go before the timer lets other tasks run.
+_OFFLINES_PER_STEP = 100
 
 
 class Subscriber(Protocol):
@@ -43,13 +56,21 @@ class Hub:
         self._users: dict[int, dict[Subscriber, None]] = {}
         self._corked: list = []  # outputs holding a batch's frames until flush()
         self.delivered = 0
+        # user id -> (when, name, room ids): OFFLINE to announce unless the user is back by then
+        self._offline: dict[int, tuple[float, str, tuple[int, ...]]] = {}
+        self._offline_added: trio.Event | None = None
+        self._presence_timer = False
 
     # -- users --------------------------------------------------------------
     def add_user(self, conn: Subscriber) -> bool:
-        """Register an authenticated connection; True if it is the user's first."""
+        """Register an authenticated connection; True if the user came online (announce ONLINE).
+
+        False for a further connection, and for a first one that cancels a pending OFFLINE: the others
+        never learnt the user was gone.
+        """
         conns = self._users.setdefault(conn.user_id, {})
         conns[conn] = None
-        return len(conns) == 1
+        return len(conns) == 1 and self._offline.pop(conn.user_id, None) is None
 
     def remove_user(self, conn: Subscriber) -> bool:
         """Forget a connection; True if it was the user's last."""
@@ -66,7 +87,68 @@ class Hub:
         return list(self._users.get(user_id, ()))
 
     def online(self, user_id: int) -> bool:
-        return user_id in self._users
+        """As announced: a user whose OFFLINE is still pending counts as online."""
+        return user_id in self._users or user_id in self._offline
+
+    # -- presence -------------------------------------------------------------
+    def announce(self, user_id: int, username: str, rooms: Iterable[int], status: proto.Status) -> None:
+        """PRESENCE to the other members' connections in ``rooms`` (never to the user's own)."""
+        targets: dict = {}
+        for conv_id in rooms:
+            subs = self._subs.get(conv_id)
+            if subs:
+                targets.update(dict.fromkeys(subs))
+        for conn in self._users.get(user_id, ()):
+            targets.pop(conn, None)
+        if targets:
+            self.push(targets, proto.encode(proto.Presence(username, status)))
+
+    def went_offline(self, user_id: int, username: str, rooms: tuple[int, ...], delay_s: float) -> None:
+        """The user's last connection closed: OFFLINE after ``delay_s`` unless it is back by then.
+
+        At once when ``delay_s`` is 0 or no presence timer runs.
+        """
+        if delay_s <= 0 or not self._presence_timer:
+            self.announce(user_id, username, rooms, proto.Status.OFFLINE)
+            return
+        self._offline[user_id] = (trio.current_time() + delay_s, username, rooms)
+        if self._offline_added is not None:
+            self._offline_added.set()
+            self._offline_added = None
+
+    async def run_presence_timer(self) -> None:
+        """Send each pending OFFLINE when its delay is over; runs until cancelled (the server starts it)."""
+        pending = self._offline
+        self._presence_timer = True
+        try:
+            while True:
+                if not pending:
+                    self._offline_added = trio.Event()
+                    await self._offline_added.wait()
+                    continue
+                user_id = next(iter(pending))
+                when = pending[user_id][0]
+                if when > trio.current_time():
+                    await trio.sleep_until(when)  # a later entry is never due earlier: one delay for all
+                    continue
+                for _ in range(_OFFLINES_PER_STEP):
+                    user_id = next(iter(pending), None)
+                    if user_id is None or pending[user_id][0] > trio.current_time():
+                        break
+                    _, username, rooms = pending.pop(user_id)
+                    self._announce_safely(user_id, username, rooms)
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._presence_timer = False
+            while pending:  # stopping: whoever is still pending is gone
+                user_id, (_, username, rooms) = pending.popitem()
+                self._announce_safely(user_id, username, rooms)
+
+    def _announce_safely(self, user_id: int, username: str, rooms: tuple[int, ...]) -> None:
+        try:
+            self.announce(user_id, username, rooms, proto.Status.OFFLINE)
+        except Exception:  # a bug here must not end the timer (and with it every later OFFLINE)
+            log.exception("OFFLINE of %s failed", username)
 
     # -- subscriptions ------------------------------------------------------
     def subscribe(self, conv_id: int, conn: Subscriber, state: Subscription) -> None:

@@ -3,8 +3,15 @@
 A ``Session`` belongs to one connection. It keeps, per conversation the user is
 in, the view (how this user names it), the highest seq already written to this
 connection, and whether a SYNC is catching it up. Live messages are withheld
-while a conversation syncs and filtered by seq afterwards, which is what makes
-"no gap, no duplicate" hold between catch-up pages and the live stream.
+while a conversation syncs (or a JOIN reads where it stands) and filtered by seq
+afterwards, which is what makes "no gap, no duplicate" hold between catch-up
+pages and the live stream.
+
+Budgets that span connections (login throttling, the hashing queue, SENDs per
+user, rooms created, registrations) live in ``Budgets`` (server/_budgets.py).
+A request the store fails (``StoreError``, answered SERVER_BUSY by the
+connection) leaves no half-done state: everything a request changes in memory is
+changed after its last store call, or undone when that call fails.
 """
 from __future__ import annotations
 
@@ -18,8 +25,11 @@ import trio
 import proto
 from proto import ConvKind, ErrorCode
 
-from ._auth import MIN_PASSWORD_BYTES, new_token, token_hash, valid_name
-from ._store import ConvRow, NameTaken, NewMessage
+from ._auth import MIN_PASSWORD_BYTES, Busy, new_token, token_hash, valid_name
+from ._budgets import budgets_of
+from ._logs import safe
+from ._ratelimit import retry_ms
+from ._store import ConvRow, NameTaken, NewMessage, StoreError, TooManyRooms
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -37,12 +47,13 @@ def clipped(text: str) -> str:
 class RequestError(Exception):
     """A request the server refuses; the connection stays open (spec §7)."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, retry_after_ms: int = 0):
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms
 
     def reply(self, request_id: int) -> proto.Error:
-        return proto.Error(self.code, 0, clipped(str(self)), request_id=request_id)
+        return proto.Error(self.code, self.retry_after_ms, clipped(str(self)), request_id=request_id)
 
 
 @dataclass(slots=True)
@@ -62,10 +73,11 @@ def now_ms() -> int:
 
 
 class Session:
-    __slots__ = ("server", "conn", "user_id", "username", "token_hash", "convs", "by_view")
+    __slots__ = ("server", "budgets", "conn", "user_id", "username", "token_hash", "convs", "by_view")
 
     def __init__(self, server: "Server", conn: "ClientConnection"):
         self.server = server
+        self.budgets = budgets_of(server)
         self.conn = conn
         self.user_id: int | None = None
         self.username: str | None = None
@@ -88,9 +100,13 @@ class Session:
         """Queue a SEND for the group commit without waiting; the ACK goes out from the commit callback.
 
         Returns False when the send needs ``handle_send`` (a direct conversation not opened yet).
-        Raises ``RequestError`` for sends refused outright.
+        Raises ``RequestError`` for sends refused outright, and for the user's SEND budget spent (its
+        bucket is shared by all its connections, spec §9.11).
         """
         state = self._send_target(ev)
+        wait = self.budgets.sends.take(self.user_id, trio.current_time())
+        if wait:
+            raise RequestError(ErrorCode.RATE_LIMITED, "too many messages from this user; slow down", retry_ms(wait))
         if state is None:
             return False
         self.server.store.append_nowait(
@@ -102,8 +118,11 @@ class Session:
         """The slow path of SEND: open the direct conversation first, then store and wait."""
         try:
             state = self._send_target(ev) or await self._open_direct(ev.conv.name)
-        except RequestError as exc:
+        except (RequestError, StoreError) as exc:
             self.conn.send_finished()
+            if isinstance(exc, StoreError):
+                exc = RequestError(ErrorCode.SERVER_BUSY, "storage unavailable; retry with the same id",
+                                   exc.retry_after_ms)
             self.conn.send(exc.reply(ev.request_id))
             return
         try:
@@ -151,24 +170,72 @@ class Session:
         self.conn.send(proto.Welcome(**{f: getattr(welcome, f) for f in welcome.__dataclass_fields__
                                         if f != "request_id"}, request_id=ev.request_id))
 
+    def _address(self) -> str:
+        """The peer's IP address: the key of per-address budgets."""
+        transport = self.conn.transport
+        return getattr(transport, "address", None) or transport.peer.rpartition(":")[0] or transport.peer
+
     async def _register(self, ev: proto.Register) -> None:
+        config, store = self.server.config, self.server.store
+        if config.registration == "closed":
+            raise RequestError(ErrorCode.INVALID_REQUEST, "registration is closed on this server")
         if not valid_name(ev.username):
             raise RequestError(ErrorCode.INVALID_NAME, "names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
         if len(ev.password.encode()) < MIN_PASSWORD_BYTES:
             raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords need at least {MIN_PASSWORD_BYTES} bytes")
-        hashed = await self.server.passwords.hash(ev.password)
+        address = self._address()
+        registrations = self.budgets.registrations
+        wait = registrations.take(address, trio.current_time())
+        if wait:
+            raise RequestError(ErrorCode.RATE_LIMITED,
+                               f"at most {config.registrations_per_hour} registrations per hour from one address",
+                               retry_ms(wait))
         try:
-            user = await self.server.store.create_user(ev.username, hashed)
-        except NameTaken:
-            raise RequestError(ErrorCode.USERNAME_TAKEN, f"{ev.username} is taken") from None
+            if await store.get_user(ev.username) is not None:  # no hash spent on a name that is taken
+                raise NameTaken(ev.username)
+            hashed = await self._hashed(address, self.server.passwords.hash, ev.password)
+            user = await store.create_user(ev.username, hashed)
+        except BaseException as exc:
+            registrations.give_back(address)  # no account, no charge
+            if isinstance(exc, NameTaken):
+                raise RequestError(ErrorCode.USERNAME_TAKEN, f"{ev.username} is taken") from None
+            raise
+        log.info("registered peer=%s user=%s", self.conn.transport.peer, user.name)
         await self._logged_in(user.id, user.name, None, ev.request_id)
 
     async def _login(self, ev: proto.Login) -> None:
-        user = await self.server.store.get_user(ev.username)
-        ok = await self.server.passwords.verify(user.password_hash if user else None, ev.password)
+        budgets, name = self.budgets, ev.username
+        address = self._address()
+        now = trio.current_time()
+        wait = budgets.login_wait_s(address, name, now)
+        if wait:  # refused without hashing: guessing costs the guesser time, not us CPU
+            raise RequestError(ErrorCode.RATE_LIMITED, "too many failed logins; wait before trying again",
+                               retry_ms(wait))
+        failures = budgets.login_started(address, name, now)
+        try:
+            # A name that cannot exist costs no hash: the naming rule is public, so this tells nothing.
+            user = await self.server.store.get_user(name) if valid_name(name) else None
+            ok = False
+            if valid_name(name):
+                ok = await self._hashed(address, self.server.passwords.verify,
+                                        user.password_hash if user else None, ev.password)
+        except BaseException:
+            budgets.login_undone(address, name)
+            raise
         if not ok or user is None:
+            log.warning("login failed peer=%s user=%s failures=%d,%d", self.conn.transport.peer, safe(name),
+                        *failures)
             raise RequestError(ErrorCode.AUTH_FAILED, "wrong user name or password")
+        budgets.login_succeeded(address, name)
         await self._logged_in(user.id, user.name, None, ev.request_id)
+
+    async def _hashed(self, address: str, fn, *args):
+        """``await fn(*args)`` (a password hash) in a slot of the hashing queue; SERVER_BUSY when it is full."""
+        try:
+            async with self.budgets.hashes.slot(address):
+                return await fn(*args)
+        except Busy as exc:
+            raise RequestError(ErrorCode.SERVER_BUSY, str(exc), retry_ms(exc.retry_after_s)) from None
 
     async def _resume(self, ev: proto.Resume) -> None:
         hashed = token_hash(ev.token)
@@ -195,10 +262,10 @@ class Session:
         for row in rows:
             self._add_conv(row, withhold=True)  # live delivery starts with the client's SYNC (spec §9)
         self.conn.authenticated(username)
-        first = server.hub.add_user(self.conn)
+        came_online = server.hub.add_user(self.conn)
         self.conn.send(proto.AuthOk(username, token, expires, request_id=request_id))
-        if first:
-            self._announce(proto.Status.ONLINE)
+        if came_online:
+            server.hub.announce(user_id, username, self._rooms(), proto.Status.ONLINE)
 
     def _user_is_full(self, user_id: int, request_id: int) -> bool:
         limit = self.server.config.max_connections_per_user
@@ -207,16 +274,8 @@ class Session:
         self.conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS, f"at most {limit} connections per user", request_id)
         return True
 
-    def _announce(self, status: proto.Status) -> None:
-        hub = self.server.hub
-        targets: dict = {}
-        for state in self.convs.values():
-            if state.view.kind == ConvKind.ROOM:
-                targets.update(dict.fromkeys(hub.subscribers(state.conv_id)))
-        for conn in hub.connections_of(self.user_id):
-            targets.pop(conn, None)
-        if targets:
-            hub.push(targets, proto.encode(proto.Presence(self.username, status)))
+    def _rooms(self) -> tuple[int, ...]:
+        return tuple(state.conv_id for state in self.convs.values() if state.view.kind == ConvKind.ROOM)
 
     def close(self) -> None:
         """Forget this connection everywhere (called once, when it closes)."""
@@ -226,21 +285,26 @@ class Session:
         for conv_id in self.convs:
             hub.unsubscribe(conv_id, self.conn)
         if hub.remove_user(self.conn):
-            self._announce(proto.Status.OFFLINE)
+            hub.went_offline(self.user_id, self.username, self._rooms(), self.server.config.presence_offline_delay_s)
 
     async def _logout(self, ev: proto.Logout) -> None:
+        """Revoke the token and end every connection that uses it (spec §9.1), this one included."""
         await self.server.store.delete_session(self.token_hash)
+        for conn in self.server.hub.connections_of(self.user_id):
+            if conn.session.token_hash == self.token_hash:
+                conn.close(proto.CloseReason.LOGGED_OUT)
         self.conn.close(proto.CloseReason.LOGGED_OUT)
 
     # -- conversations --------------------------------------------------------
-    def _add_conv(self, row, *, withhold: bool = False) -> ConvState:
-        state = self.convs.get(row.id)
-        if state is None:
-            view = proto.Conversation(ConvKind(row.kind), row.name)
-            state = ConvState(row.id, view, row.peer_id, login_seq=row.last_seq, syncing=withhold)
-            self.convs[row.id] = state
-            self.by_view[view] = state
-            self.server.hub.subscribe(row.id, self.conn, state)
+    def _add_conv(self, row, *, withhold: bool = False) -> ConvState | None:
+        """Subscribe to ``row``'s conversation; returns the new state, or None if it was there already."""
+        if row.id in self.convs:
+            return None
+        view = proto.Conversation(ConvKind(row.kind), row.name)
+        state = ConvState(row.id, view, row.peer_id, login_seq=row.last_seq, syncing=withhold)
+        self.convs[row.id] = state
+        self.by_view[view] = state
+        self.server.hub.subscribe(row.id, self.conn, state)
         return state
 
     def _drop_conv(self, conv_id: int) -> None:
@@ -265,38 +329,71 @@ class Session:
         if peer.id == self.user_id:
             raise RequestError(ErrorCode.INVALID_REQUEST, "cannot message yourself")
         conv_id = await store.direct(self.user_id, peer.id)
-        for user_id in (self.user_id, peer.id):
-            conns = hub.connections_of(user_id)
-            if conns:
-                row = await store.conversation(user_id, conv_id)
-                for conn in hub.connections_of(user_id):
-                    conn.session._add_conv(row)
-        return self.convs[conv_id]
+        # Both views read first, then both sides subscribed with no await between: a store error leaves
+        # nobody subscribed (the conversation row exists; the next SEND finds it).
+        rows = {user_id: await store.conversation(user_id, conv_id)
+                for user_id in (self.user_id, peer.id) if hub.connections_of(user_id)}
+        for user_id, row in rows.items():
+            for conn in hub.connections_of(user_id):
+                conn.session._add_conv(row)
+        state = self.convs.get(conv_id)
+        if state is None:  # our own connection closed meanwhile
+            raise RequestError(ErrorCode.NOT_FOUND, f"no conversation with {peer_name}")
+        return state
 
     async def _join(self, ev: proto.Join) -> None:
-        store, hub = self.server.store, self.server.hub
+        store, hub, config = self.server.store, self.server.hub, self.server.config
         if not valid_name(ev.room):
             raise RequestError(ErrorCode.INVALID_NAME, "room names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
-        conv_id = await store.room(ev.room, create=False)
-        if conv_id is None or not await store.is_member(self.user_id, conv_id):
-            # Checked before creating: a user at the limit cannot fill the database with empty rooms.
-            if await store.room_count(self.user_id) >= self.server.config.max_rooms_per_user:
-                raise RequestError(ErrorCode.TOO_MANY_ROOMS,
-                                   f"at most {self.server.config.max_rooms_per_user} rooms per user")
-            if conv_id is None:
-                conv_id = await store.room(ev.room, create=True)
-            await store.join(self.user_id, conv_id)
-        # Live first, then read last_seq: every message above JOINED's last_seq is then delivered live
-        # (no gap), and one delivered while we read raises last_seq to it (so nothing looks missing).
+        try:
+            try:
+                conv_id, _ = await store.join_room(self.user_id, ev.room, max_rooms=config.max_rooms_per_user,
+                                                   create=False)
+            except LookupError:
+                conv_id = await self._create_room(ev.room)
+        except TooManyRooms as exc:  # checked in the store's transaction: concurrent JOINs cannot overshoot
+            raise RequestError(ErrorCode.TOO_MANY_ROOMS, str(exc)) from None
+        members = await store.members(conv_id)
+        # Subscribed before reading last_seq, so every message above it is delivered live (no gap); on
+        # this connection withheld until JOINED is queued, so nothing at or below it comes first (§9.2).
+        # The user's other connections are live at once.
         row = ConvRow(conv_id, ConvKind.ROOM, ev.room, 0, None)
         for conn in hub.connections_of(self.user_id):
-            conn.session._add_conv(row)
-        last_seq = await store.last_seq(conv_id)
-        members = await store.members(conv_id)
-        state = self.convs.get(conv_id)
-        if state is not None:
-            last_seq = max(last_seq, state.sent_seq)
+            if conn is not self.conn:
+                conn.session._add_conv(row)
+        state = self._add_conv(row, withhold=True)
+        try:
+            last_seq = await store.last_seq(conv_id)
+        except BaseException:
+            if state is not None:
+                self._drop_conv(conv_id)  # the membership is stored; a retried JOIN subscribes again
+            raise
+        if state is None:  # already subscribed: rejoining changes nothing (a withheld room stays withheld)
+            state = self.convs.get(conv_id)
+            if state is not None:
+                last_seq = max(last_seq, state.sent_seq)
+        else:  # a message committed while we read is at or below last_seq: not pushed, JOINED covers it
+            last_seq = max(last_seq, state.missed_seq)
+            state.sent_seq, state.syncing = last_seq, False
         self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
+
+    async def _create_room(self, name: str) -> int:
+        """Create room ``name`` and join it, charged to this user's hourly budget of new rooms.
+
+        Raises ``TooManyRooms`` (then nothing is created or charged), ``RequestError`` RATE_LIMITED.
+        """
+        config = self.server.config
+        rooms_created = self.budgets.rooms_created
+        wait = rooms_created.take(self.user_id, trio.current_time())
+        if wait:
+            raise RequestError(ErrorCode.RATE_LIMITED, f"at most {config.rooms_created_per_hour} new rooms per hour",
+                               retry_ms(wait))
+        try:
+            conv_id, _ = await self.server.store.join_room(self.user_id, name, max_rooms=config.max_rooms_per_user)
+        except BaseException:
+            rooms_created.give_back(self.user_id)
+            raise
+        return conv_id
 
     async def _leave(self, ev: proto.Leave) -> None:
         store = self.server.store
