@@ -32,7 +32,7 @@ from ._auth import Passwords
 from ._config import Config
 from ._conn import ClientConnection, _bugs
 from ._hub import Hub
-from ._store import open_store
+from ._store import StoreError, open_store
 from ._transport import open_listener
 
 log = logging.getLogger("chorus.server")
@@ -136,9 +136,13 @@ class Server:
     async def purge_sessions(self, period_s: float = 3600.0) -> None:
         """Forget expired session tokens at start and then hourly, so the table does not grow forever."""
         while True:
-            gone = await self.store.purge_sessions(time.time_ns() // 1_000_000)
-            if gone:
-                log.info("purged %d expired sessions", gone)
+            try:
+                gone = await self.store.purge_sessions(time.time_ns() // 1_000_000)
+            except StoreError as exc:  # a full disk: expired tokens are refused anyway; try again later
+                log.warning("session purge postponed: %s", exc)
+            else:
+                if gone:
+                    log.info("purged %d expired sessions", gone)
             await trio.sleep(period_s)
 
     async def _drain(self) -> None:
@@ -155,7 +159,11 @@ class Server:
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run a Chorus server until ``shutdown()`` (graceful) or cancellation (abrupt)."""
-    Path(config.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o077:  # not ours to change (it may be any directory), but say so
+        log.warning("data dir %s is readable by other users (mode %o); chmod 700 it", data_dir,
+                    data_dir.stat().st_mode & 0o777)
     budget = open_file_budget()
     async with open_store(config.db_path, synchronous=config.sqlite_synchronous) as store:
         server = Server(config, store)

@@ -278,3 +278,22 @@ async def test_a_page_larger_than_one_mib_goes_out_when_the_config_allows_it(sta
     page = await alice.request(proto.History, LOBBY, proto.Direction.BEFORE, 0, 100)
     assert isinstance(page, proto.HistoryPage) and len(page.messages) == 100
     await still_chatting(alice, bob, 101)
+
+
+async def test_the_data_dir_and_database_are_private(server, make_config):
+    config = server.config
+    assert (os.stat(config.data_dir).st_mode & 0o777) == 0o700
+    assert (os.stat(config.db_path).st_mode & 0o777) == 0o600
+
+
+async def test_a_full_disk_at_start_does_not_stop_the_session_purge(start_server, monkeypatch, caplog):
+    from server import _store
+
+    async def full(self, now_ms):
+        raise _store.StoreError("database or disk is full")
+
+    monkeypatch.setattr(_store.Store, "purge_sessions", full)  # the purge runs first thing at start
+    server = await start_server()
+    alice, bob = await honest_pair(server.port)
+    await still_chatting(alice, bob, 1)
+    assert any("purge postponed" in r.getMessage() for r in caplog.records)
