@@ -208,7 +208,8 @@ async def test_rate_limited_clients_get_their_bye_despite_unread_input(start_ser
 
 
 async def test_shutdown_acts_on_every_send_already_read(start_server):
-    server = await start_server(max_inflight_sends=2)  # the reader stops with SENDs left in its buffer
+    server = await start_server(max_inflight_sends=2,  # the reader stops with SENDs left in its buffer
+                                rate_burst=1000, user_send_burst=1000)
     alice, bob = await honest_pair(server.port)
     sends = b"".join(alice.conn.send(proto.Send(LOBBY, i, f"m{i}", request_id=i)) for i in range(1, 101))
     await alice.send_raw(sends)
