@@ -195,8 +195,8 @@ class Session:
                 raise NameTaken(ev.username)
             hashed = await self._hashed(address, self.server.passwords.hash, ev.password)
             user = await store.create_user(ev.username, hashed)
-        except BaseException as exc:
-            registrations.give_back(address)  # no account, no charge
+        except (NameTaken, RequestError, StoreError) as exc:  # no account, no charge (cancelled: charged)
+            registrations.give_back(address)
             if isinstance(exc, NameTaken):
                 raise RequestError(ErrorCode.USERNAME_TAKEN, f"{ev.username} is taken") from None
             raise
@@ -219,7 +219,7 @@ class Session:
             if valid_name(name):
                 ok = await self._hashed(address, self.server.passwords.verify,
                                         user.password_hash if user else None, ev.password)
-        except BaseException:
+        except (RequestError, StoreError):  # busy, or no user lookup: no verdict (cancelled: a failure)
             budgets.login_undone(address, name)
             raise
         if not ok or user is None:
@@ -390,7 +390,7 @@ class Session:
                                retry_ms(wait))
         try:
             conv_id, _ = await self.server.store.join_room(self.user_id, name, max_rooms=config.max_rooms_per_user)
-        except BaseException:
+        except (TooManyRooms, StoreError):  # nothing created, nothing charged
             rooms_created.give_back(self.user_id)
             raise
         return conv_id
