@@ -22,7 +22,7 @@ import trio
 
 from ._app import serve
 from ._config import Config, config_from_args
-from ._store import StoreError
+from ._store import SchemaTooNew, StoreError
 from ._transport import open_listener
 
 PROG = "chorus-server"
@@ -138,7 +138,7 @@ def startup_problem(exc: BaseException, config: Config) -> str | None:
     if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorname", "").startswith(_SQLITE_ENVIRONMENT):
         return (f"cannot open {config.db_path}: {exc}; check the file and the disk, or choose another "
                 f"--data-dir")
-    if isinstance(exc, RuntimeError) and "is newer than this server" in str(exc):  # _store._connect's refusal
+    if isinstance(exc, SchemaTooNew):
         return f"{exc}; run a newer chorus-server, or choose another --data-dir"
     return None
 

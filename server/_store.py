@@ -217,6 +217,10 @@ class Appended:
     duplicate: bool
 
 
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer Chorus (its ``user_version`` is above ``SCHEMA_VERSION``)."""
+
+
 class NameTaken(Exception):
     """``create_user`` was given a name that already exists."""
 
@@ -368,10 +372,10 @@ def _connect(path: str, synchronous: str, max_page_count: int | None) -> sqlite3
 
 
 def _schema_version(conn: sqlite3.Connection, path: str) -> int:
-    """``PRAGMA user_version``; raises ``RuntimeError`` if it is newer than this code's."""
+    """``PRAGMA user_version``; raises ``SchemaTooNew`` if it is newer than this code's."""
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
-        raise RuntimeError(f"{path}: schema version {version} is newer than this server's ({SCHEMA_VERSION})")
+        raise SchemaTooNew(f"{path}: schema version {version} is newer than this server's ({SCHEMA_VERSION})")
     return version
 
 
