@@ -139,7 +139,7 @@ def test_host_of_another_machine(tmp_path):
 
 
 def test_database_newer_than_the_server(tmp_path):
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data").mkdir(mode=0o700)
     with sqlite3.connect(tmp_path / "data" / "chorus.db") as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
@@ -149,7 +149,7 @@ def test_database_newer_than_the_server(tmp_path):
 
 
 def test_database_that_is_not_a_database(tmp_path):
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data").mkdir(mode=0o700)
     (tmp_path / "data" / "chorus.db").write_bytes(b"this is not SQLite " * 100)
     line = error_line(chorus_server(tmp_path, "--port", "0", "--data-dir", "data"), 1)
     assert "data/chorus.db" in line and "not a database" in line and line.endswith("--data-dir")
