@@ -29,6 +29,7 @@ from proto import CloseReason, ErrorCode
 
 from ._admission import Admission, open_file_budget
 from ._auth import Passwords
+from ._budgets import Budgets
 from ._config import Config
 from ._conn import ClientConnection, _bugs
 from ._hub import Hub
@@ -48,6 +49,7 @@ class Server:
         self.config = config
         self.store = store
         self.hub = Hub()
+        self.budgets = Budgets(config)  # what one user or address may spend across its connections
         store.on_commit = self.hub.publish
         store.after_batch = self.hub.flush
         self.passwords = Passwords(time_cost=config.argon2_time_cost, memory_kib=config.argon2_memory_kib)
@@ -67,6 +69,8 @@ class Server:
             "connections": len(self.connections),
             "sockets": self.admission.total,
             "delivered": self.hub.delivered,
+            "budgets": self.budgets.statistics(),
+            "hashed": self.passwords.hashed,
             "close_reasons": dict(self.close_reasons),
             "store": self.store.statistics(),
         }
@@ -176,6 +180,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         async with trio.open_nursery() as timers:
             timers.start_soon(server.watch_connections)
             timers.start_soon(server.purge_sessions)
+            timers.start_soon(server.hub.run_presence_timer)
             await _serve_until_shutdown(server, listener, task_status)
             timers.cancel_scope.cancel()
     log.info("stopped")
