@@ -2,9 +2,10 @@
 
 The bridge port answers three kinds of request: GET of the chat page's static
 files, GET /ws with an RFC 6455 upgrade, and errors for everything else. h11
-parses the request (sans-IO, with a cap on its size); every response says
-``Connection: close``, so there is no keep-alive state to manage, and the
-browser simply opens a new connection for the next file or the WebSocket.
+parses the request (sans-IO); the request head may take ``MAX_REQUEST_BYTES``,
+counted here as it is read (431 beyond). Every response says ``Connection:
+close``, so there is no keep-alive state to manage, and the browser simply
+opens a new connection for the next file or the WebSocket.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import importlib.resources
 
 import h11
 
-__all__ = ["HttpError", "STATIC_FILES", "header", "read_request", "fresh_connection", "response", "static_file",
-           "switch_protocols", "tokens"]
+__all__ = ["HttpError", "MAX_REQUEST_BYTES", "STATIC_FILES", "error_response", "header", "read_request",
+           "fresh_connection", "response", "static_file", "switch_protocols", "tokens"]
 
 #: Largest request head accepted (request line + headers); browsers send far less.
 MAX_REQUEST_BYTES = 16384
@@ -39,24 +40,41 @@ class HttpError(Exception):
 async def read_request(stream) -> tuple[h11.Connection, h11.Request]:
     """Read one request head from ``stream`` (a ``SocketStream``).
 
-    Raises ``HttpError`` (400) for malformed or oversize requests, ``EOFError`` when the
-    client closes first, and ``trio.BrokenResourceError`` on a reset.
+    The head (request line and headers) may take at most ``MAX_REQUEST_BYTES``. h11's own
+    ``max_incomplete_event_size`` only limits what it buffers while the head is incomplete, so a
+    larger head arriving in one piece would pass: the bytes are counted here, and never more than
+    one byte past the cap is read.
+
+    Raises ``HttpError`` (400 malformed, 431 over the cap), ``EOFError`` when the client closes
+    first, and ``trio.BrokenResourceError`` on a reset.
     """
     http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    received = 0
     while True:
         try:
             event = http.next_event()
         except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise _too_large() from None
             raise HttpError(400, f"bad request: {exc}") from None
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(MAX_REQUEST_BYTES)
+            if received > MAX_REQUEST_BYTES:
+                raise _too_large()
+            data = await stream.receive_some(MAX_REQUEST_BYTES + 1 - received)
             if not data:
                 raise EOFError("client closed before its request was complete")
+            received += len(data)
             http.receive_data(data)
         elif isinstance(event, h11.Request):
+            if received - len(http.trailing_data[0]) > MAX_REQUEST_BYTES:
+                raise _too_large()
             return http, event
         else:  # ConnectionClosed before a request
             raise EOFError("client closed before sending a request")
+
+
+def _too_large() -> HttpError:
+    return HttpError(431, f"request head over {MAX_REQUEST_BYTES} bytes")
 
 
 def header(request: h11.Request, name: bytes) -> str | None:
@@ -97,6 +115,11 @@ def switch_protocols(http: h11.Connection, headers: list[tuple[str, str]]) -> tu
     data = http.send(h11.InformationalResponse(status_code=101, headers=headers, reason=b"Switching Protocols"))
     leftover, _ = http.trailing_data
     return data, bytes(leftover)
+
+
+def error_response(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> bytes:
+    """A complete plain-text response to a request that was not (or could not be) parsed."""
+    return response(fresh_connection(), status, (message + "\n").encode(), headers=headers)
 
 
 def fresh_connection() -> h11.Connection:

@@ -1,20 +1,38 @@
 """The WebSocket bridge: the chat page and Chorus over WebSocket on one port (spec/PROTOCOL.md §1).
 
-Each accepted socket first speaks HTTP (``_http``): GET / and the page's files
-are served from server/static/, GET /ws is upgraded to a WebSocket after its
-``Origin`` is checked (RFC 6455 §4.2, §10.2). The upgraded socket then runs the
-very same ``ClientConnection`` as TCP, through ``WebSocketTransport``:
+Each accepted socket takes a connection slot first (``server.admission``, shared
+with the TCP port, per address and in total) and holds it until the socket is
+closed, HTTP phase included; without one it gets 503 with ``Retry-After``. It
+then speaks HTTP (``_http``): GET / and the page's files are served from
+server/static/, GET /ws is upgraded to a WebSocket when its ``Origin`` is on the
+allow-list (RFC 6455 §4.2, §10.2). The allow-list is ``ws_allowed_origins``, or
+by default the configured listen address and the bound port (with the loopback
+names when that address is loopback): never anything derived from the
+request's Host header, which DNS rebinding lets an attacker choose. The page's
+Content-Security-Policy is built from the same list. The upgraded socket then
+runs the very same ``ClientConnection`` as TCP, through ``WebSocketTransport``:
 
 - outgoing: ``try_send``/``wait_writable`` are the socket's own, so the bridge
   is on the write-through path of DESIGN.md "Fan-out". ``wrap`` puts the
   2-10 byte header of a binary message in front of each Chorus frame; server
   frames are unmasked, so a broadcast's WebSocket frame is built once and the
   same bytes go to every subscriber (a one-entry cache keyed by the frame object).
-- incoming: ``receive_some`` feeds the ``FrameReader`` and returns only the
-  payloads of complete binary messages, each checked to be exactly one Chorus
-  frame (its length field = message length - 10). Pings are answered, close
-  frames echoed, and every violation becomes the ClientConnection's protocol
-  error (ERROR + BYE PROTOCOL_ERROR), then a close frame with the RFC code.
+- incoming: ``receive_some`` feeds the ``FrameReader`` and returns one complete
+  binary message at a time, so that the size limit of the next one is the
+  connection's state at that moment (before AUTH_OK only a few hundred bytes
+  are legal). Each message must be exactly one Chorus frame: a message whose
+  frame length disagrees with its size first shows the ClientConnection its
+  header, which is judged as on TCP (so an oversize or unknown header gets the
+  same ERROR code on both transports), and is MALFORMED_FRAME after that.
+- every frame costs budget: a ping, an unsolicited pong and each frame of a
+  fragmented message beyond the first are charged to the ClientConnection's
+  rate bucket (``spend``); a refused ping is not answered, and too many
+  refusals close the connection as RATE_LIMITED (close code 1008). A message
+  in one frame costs only the Chorus frame the ClientConnection charges itself.
+- a frame or fragmented message once begun must end within ``frame_timeout_s``
+  (the ClientConnection's frame deadline, checked by the server's timer).
+- every violation becomes the ClientConnection's protocol error (ERROR + BYE
+  PROTOCOL_ERROR), then a close frame with the RFC code (``_CLOSE_CODES``).
 - liveness: a WebSocket ping every ``ping_interval_s``; ``max_missed_pings``
   pings in a row without a pong close the connection as STALE, on top of the
   protocol's own PING (spec §9.10). Browsers answer them without any script.
@@ -26,7 +44,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import logging
+import math
 import socket
 from functools import partial
 
@@ -60,9 +80,10 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _RECV_BYTES = 65536
 _LINGER_S = 1.0  # how long a closing socket waits for the client's close frame
 _LINGER_BYTES = 1 << 20
+_REFUSE_S = 1.0  # a refused socket's 503 and close, at most (like Server.refuse on TCP)
 _PING = control_frame(Opcode.PING, b"chorus")
 
-#: The close code that follows a Chorus BYE; anything not listed is a normal close.
+#: The close code that follows a Chorus BYE; anything not listed is a normal close (1000).
 _CLOSE_CODES = {
     CloseReason.SHUTDOWN: CloseCode.GOING_AWAY,
     CloseReason.PROTOCOL_ERROR: CloseCode.PROTOCOL_ERROR,
@@ -96,14 +117,19 @@ class WebSocketTransport:
         self.try_send = stream.try_send
         self.wait_writable = stream.wait_writable
         self.peer = stream.peer
+        self.address = stream.address
+        self._max_frame_bytes = max_frame_bytes
         self._reader = FrameReader(max_frame_bytes + proto.HEADER_BYTES)
         self._reader.receive_data(leftover)
         self._conn = None
         self._eof = False
-        self._error: WebSocketError | None = None
+        self._error: WebSocketError | None = None  # the violation that ends the connection
+        self._not_one_frame: WebSocketError | None = None  # raised once the conn has judged the header
         self._close_sent = False
         self._peer_closed = False
         self._closed = False
+        self._partial_since: float | None = None  # when the unfinished frame or message in the reader began
+        self._completed = False  # the reader finished something since we last waited for bytes
         self.unanswered_pings = 0
 
     def attach(self, conn) -> None:
@@ -113,30 +139,53 @@ class WebSocketTransport:
         if self._conn is not None:
             self._conn.output.write(frame)
 
+    def _spend(self, frames: int = 1) -> bool:
+        return self._conn.spend(frames) if self._conn is not None else True
+
+    def _closing(self) -> bool:
+        return self._conn is not None and self._conn.closing
+
+    def _message_limit(self) -> int:
+        # A message larger than any frame the peer may send in the connection's present state (before
+        # AUTH_OK: a few hundred bytes) is refused from its WebSocket header, before it is buffered.
+        limit = self._max_frame_bytes + proto.HEADER_BYTES
+        pending = getattr(self._conn.proto, "max_pending_bytes", None) if self._conn is not None else None
+        return min(limit, pending) if pending else limit
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """The Chorus frames of the next complete binary message(s); ``b""`` at the end.
+        """The Chorus frame of the next complete binary message; ``b""`` at the end.
 
         Raises ``trio.BrokenResourceError`` on a reset. A protocol violation closes the
         connection through ``ClientConnection.protocol_error`` (so this raises ``trio.Cancelled``).
         """
-        while True:
-            frames = []
-            try:
+        reader = self._reader
+        try:
+            if self._not_one_frame is not None:
+                raise self._not_one_frame
+            while True:
                 while True:
-                    event = self._reader.next_event()
+                    reader.max_message_bytes = self._message_limit()
+                    event = reader.next_event()
                     if event is NEED_DATA:
                         break
+                    self._completed = True
                     kind = type(event)
                     if kind is BinaryMessage:
-                        data = event.data
-                        if (len(data) < proto.HEADER_BYTES
-                                or int.from_bytes(data[:4], "big") != len(data) - proto.HEADER_BYTES):
-                            raise WebSocketError("a binary message must hold exactly one Chorus frame")
-                        frames.append(data)
+                        # Frames after the first are charged here; when refused, the bucket is empty and the
+                        # ClientConnection refuses the Chorus frame too (ERROR RATE_LIMITED), so it still goes on.
+                        if event.frames > 1:
+                            self._spend(event.frames - 1)
+                        if self._closing():
+                            break
+                        return self._one_frame(event.data)
                     elif kind is Pong:
-                        self.unanswered_pings = 0
+                        if self.unanswered_pings:  # the answer to our ping is free, anything else is not
+                            self.unanswered_pings = 0
+                        else:
+                            self._spend()
                     elif kind is Ping:
-                        self._write(control_frame(Opcode.PONG, event.payload))
+                        if self._spend():
+                            self._write(control_frame(Opcode.PONG, event.payload))
                     elif kind is Close:
                         self._peer_closed = True
                         self._eof = True
@@ -144,25 +193,57 @@ class WebSocketTransport:
                             self._close_sent = True
                             code = CloseCode.NORMAL if event.code == CloseCode.NO_STATUS else event.code
                             self._write(close_frame(code))
+                        return b""
+                    if self._closing():
                         break
-            except WebSocketError as exc:
-                if frames:  # the reader raises it again next time
-                    return b"".join(frames)
-                self._error = exc
-                code = ErrorCode.FRAME_TOO_LARGE if exc.code == CloseCode.MESSAGE_TOO_BIG else ErrorCode.MALFORMED_FRAME
-                if self._conn is not None:
-                    self._conn.protocol_error(code, f"WebSocket: {exc}")
-                await trio.lowlevel.checkpoint()  # raises Cancelled: the connection is closing
-                return b""
-            if frames:
-                return b"".join(frames)
-            if self._eof:
-                return b""
-            data = await self._stream.receive_some(_RECV_BYTES)
-            if not data:
-                self._eof = True
-                return b""
-            self._reader.receive_data(data)
+                if self._closing():
+                    await trio.lowlevel.checkpoint()  # raises Cancelled: the connection is closing
+                    return b""
+                if self._eof:
+                    return b""
+                self._frame_deadline()
+                data = await self._stream.receive_some(max_bytes or _RECV_BYTES)
+                if not data:
+                    self._eof = True
+                    return b""
+                reader.receive_data(data)
+        except WebSocketError as exc:
+            self._error = exc
+            code = ErrorCode.FRAME_TOO_LARGE if exc.code == CloseCode.MESSAGE_TOO_BIG else ErrorCode.MALFORMED_FRAME
+            if self._conn is not None:
+                self._conn.protocol_error(code, f"WebSocket: {exc}")
+            await trio.lowlevel.checkpoint()  # raises Cancelled: the connection is closing
+            return b""
+
+    def _one_frame(self, data: bytes | bytearray) -> bytes:
+        """A message's bytes when they are exactly one Chorus frame; raises ``WebSocketError`` otherwise."""
+        size = len(data)
+        if size >= 4:
+            length = int.from_bytes(data[:4], "big")
+            if length > self._max_frame_bytes:  # as on TCP: judged from the length alone (spec §2.3 step 2)
+                raise WebSocketError(f"frame length {length} > {self._max_frame_bytes}", CloseCode.MESSAGE_TOO_BIG)
+            if size == length + proto.HEADER_BYTES:
+                return bytes(data)
+            if size >= proto.HEADER_BYTES and length:
+                # Let the ClientConnection judge the header as TCP would (type, state, size for its type); it
+                # then waits for a body that is not coming, and the next call says why.
+                self._not_one_frame = WebSocketError("a binary message must hold exactly one Chorus frame")
+                return bytes(data[:proto.HEADER_BYTES])
+        raise WebSocketError("a binary message must hold exactly one Chorus frame")
+
+    def _frame_deadline(self) -> None:
+        """Give the unfinished frame or message in the reader the ClientConnection's frame deadline.
+
+        One that began after the last completed event starts it now; one that was pending keeps its start,
+        so a byte every few seconds cannot hold a slot forever.
+        """
+        if not self._reader.partial:
+            self._partial_since = None
+        elif self._completed or self._partial_since is None:
+            self._partial_since = trio.current_time()
+        self._completed = False
+        if self._conn is not None and self._partial_since is not None:
+            self._conn.frame_started = self._partial_since
 
     async def keepalive(self, interval_s: float, max_missed: int) -> None:
         """Ping every ``interval_s``; close as STALE when ``max_missed`` pings in a row got no pong."""
@@ -228,19 +309,85 @@ def accept_token(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+# -- origins: who may open a WebSocket from a browser ----------------------------------------------
+
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origins_of(host: str, port: int) -> list[str]:
+    """How a browser writes the origin of a page at ``host``:``port``, over http and https (RFC 6454 §6.2)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    host = host.lower()
+    out = []
+    for scheme, default_port in (("http", 80), ("https", 443)):
+        out.append(f"{scheme}://{host}" if port == default_port else f"{scheme}://{host}:{port}")
+    return out
+
+
+def allowed_origins(config, port: int) -> frozenset[str]:
+    """The Origin values the bridge accepts: ``ws_allowed_origins``, else the configured listen address.
+
+    The default is ``http(s)://{config.host}:{port}`` (``port`` being the bound WebSocket port), plus
+    localhost, 127.0.0.1 and [::1] when that host is a loopback address; a wildcard host (0.0.0.0, ::)
+    gives only the loopback names. Nothing here comes from a request: the Host header is the attacker's
+    to choose with DNS rebinding. ``"*"`` in the list allows every origin.
+    """
+    if config.ws_allowed_origins:
+        return frozenset(o.strip().rstrip("/").lower() for o in config.ws_allowed_origins if o.strip())
+    host = config.host.strip("[]")
+    hosts = [] if host in _WILDCARD_HOSTS else [host]
+    if host in _WILDCARD_HOSTS or _is_loopback(host):
+        hosts += _LOOPBACK_NAMES
+    return frozenset(origin for h in hosts for origin in _origins_of(h, port))
+
+
+def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
     """Browsers always send Origin on a WebSocket request; it is what stops other sites from using
     a visitor's browser against this server. Non-browser clients send none and are allowed."""
     if origin is None:
         return True
-    if allowed:
-        return "*" in allowed or origin in allowed
-    if not host:
-        return False
-    return origin.lower() in (f"http://{host}".lower(), f"https://{host}".lower())
+    return "*" in allowed or origin.strip().lower() in allowed
 
 
-def _upgrade_headers(request, config) -> list[tuple[str, str]]:
+def page_headers(allowed: frozenset[str]) -> list[tuple[str, str]]:
+    """The chat page's security headers; its WebSocket may go to the allowed origins only.
+
+    ``'self'`` covers ws:/wss: to the page's own host in CSP Level 3 browsers; the explicit
+    ws://, wss:// sources are for the older ones. CSP's host grammar has no IPv6 literals
+    (Chromium reports ``ws://[::1]:port`` as invalid), so those rely on ``'self'``.
+    """
+    sockets = sorted({("wss://" if o.startswith("https://") else "ws://") + o.split("://", 1)[1]
+                      for o in allowed if o.startswith(("http://", "https://")) and "://[" not in o})
+    connect = " ".join(["'self'"] + sockets)
+    return [("content-security-policy", f"default-src 'self'; connect-src {connect}; img-src 'self' data:; "
+                                        "base-uri 'none'; frame-ancestors 'none'; form-action 'none'"),
+            ("referrer-policy", "no-referrer")]
+
+
+class _Site:
+    """What every connection of one bridge shares: the config, the allowed origins, the page's headers."""
+
+    __slots__ = ("config", "origins", "page_headers", "retry_after_s")
+
+    def __init__(self, config, port: int):
+        self.config = config
+        self.origins = allowed_origins(config, port)
+        self.page_headers = page_headers(self.origins)
+        self.retry_after_s = max(1, math.ceil(config.reconnect_hint_ms / 1000))
+
+
+def _upgrade_headers(request, site: _Site) -> list[tuple[str, str]]:
     """The 101 response's headers; raises ``HttpError`` when the request may not upgrade."""
     if request.method != b"GET":
         raise _http.HttpError(405, "use GET", [("allow", "GET")])
@@ -256,27 +403,45 @@ def _upgrade_headers(request, config) -> list[tuple[str, str]]:
     except ValueError:
         raise _http.HttpError(400, "bad Sec-WebSocket-Key") from None
     origin = _http.header(request, b"origin")
-    if not origin_allowed(origin, _http.header(request, b"host"), config.ws_allowed_origins):
+    if not origin_allowed(origin, site.origins):
         raise _http.HttpError(403, f"origin {origin} not allowed")
     return [("upgrade", "websocket"), ("connection", "Upgrade"), ("sec-websocket-accept", accept_token(key))]
 
 
-def _page_headers(request) -> list[tuple[str, str]]:
-    host = _http.header(request, b"host") or ""
-    safe_host = host if all(c.isalnum() or c in ".:-[]" for c in host) else ""
-    connect = f" ws://{safe_host} wss://{safe_host}" if safe_host else ""
-    return [("content-security-policy", f"default-src 'self'; connect-src 'self'{connect}; img-src 'self' data:; "
-                                        "base-uri 'none'; frame-ancestors 'none'; form-action 'none'"),
-            ("referrer-policy", "no-referrer")]
+# -- one accepted socket ---------------------------------------------------------------------------
+
+async def _serve_connection(server, site: _Site, stream: SocketStream) -> None:
+    """One accepted socket: a slot, an HTTP request, then (for /ws) the same ClientConnection as TCP."""
+    address = stream.address
+    refusal = server.admission.acquire(address)
+    if refusal is not None:
+        await _refuse(server, site, stream, refusal)
+        return
+    try:
+        await _serve_admitted(server, site, stream)
+    finally:
+        server.admission.release(address)  # the socket is closed by now, whatever happened
 
 
-async def _serve_connection(server, stream: SocketStream) -> None:
-    """One accepted socket: an HTTP request, then (for /ws) the same ClientConnection as TCP."""
-    config = server.config
+async def _refuse(server, site: _Site, stream: SocketStream, refusal: str) -> None:
+    """503 at once, before reading the request: a refused socket must cost as little as it can."""
+    log.info("http peer=%s 503 %s", stream.peer, refusal)
+    server.close_reasons[CloseReason.SERVER_FULL.name] += 1
+    try:
+        stream.try_send(_http.error_response(503, f"{refusal}; retry later",
+                                             [("retry-after", str(site.retry_after_s))]))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    with trio.move_on_after(_REFUSE_S):
+        await stream.aclose()  # half-close and drain, so the request still arriving cannot reset the 503
+
+
+async def _serve_admitted(server, site: _Site, stream: SocketStream) -> None:
+    config = site.config
     transport = None
     try:
         with trio.move_on_after(config.handshake_timeout_s):
-            transport = await _answer_http(stream, config)
+            transport = await _answer_http(stream, site)
         if transport is None:
             return
         async with trio.open_nursery() as nursery:
@@ -292,9 +457,11 @@ async def _serve_connection(server, stream: SocketStream) -> None:
     finally:
         if transport is None:
             await stream.aclose()
+        else:
+            await transport.aclose(linger_s=0)  # (done already unless handle failed)
 
 
-async def _answer_http(stream: SocketStream, config) -> WebSocketTransport | None:
+async def _answer_http(stream: SocketStream, site: _Site) -> WebSocketTransport | None:
     """Answer one request; returns the upgraded transport for /ws, None when the response was the end.
 
     Raises ``EOFError`` or ``trio.BrokenResourceError`` when the client goes away.
@@ -304,9 +471,9 @@ async def _answer_http(stream: SocketStream, config) -> WebSocketTransport | Non
         http, request = await _http.read_request(stream)
         path = request.target.decode("latin-1").split("?", 1)[0]
         if path == WS_PATH:
-            response, leftover = _http.switch_protocols(http, _upgrade_headers(request, config))
+            response, leftover = _http.switch_protocols(http, _upgrade_headers(request, site))
             await stream.send_all(response)
-            return WebSocketTransport(stream, config.max_frame_bytes, leftover)
+            return WebSocketTransport(stream, site.config.max_frame_bytes, leftover)
         if path not in _http.STATIC_FILES:
             raise _http.HttpError(404, "not found")
         if request.method not in (b"GET", b"HEAD"):
@@ -317,13 +484,14 @@ async def _answer_http(stream: SocketStream, config) -> WebSocketTransport | Non
         except OSError:
             raise _http.HttpError(404, "not found") from None
         await stream.send_all(_http.response(http, 200, body, content_type=content_type,
-                                             headers=_page_headers(request), head=request.method == b"HEAD"))
+                                             headers=site.page_headers, head=request.method == b"HEAD"))
     except (_http.HttpError, h11.ProtocolError) as exc:
         status, headers = (exc.status, exc.headers) if isinstance(exc, _http.HttpError) else (400, [])
         log.info("http peer=%s %d %s", stream.peer, status, exc)
         if http is None or http.our_state is not h11.SEND_RESPONSE:
-            http = _http.fresh_connection()
-        await stream.send_all(_http.response(http, status, (str(exc) + "\n").encode(), headers=headers))
+            await stream.send_all(_http.error_response(status, str(exc), headers))
+        else:
+            await stream.send_all(_http.response(http, status, (str(exc) + "\n").encode(), headers=headers))
     return None
 
 
@@ -331,6 +499,11 @@ async def serve_websocket(server, handler_nursery: trio.Nursery, *, task_status=
     """Accept on ``config.ws_port`` until cancelled; reports the bound port (real even for port 0)."""
     config = server.config
     listener = open_listener(config.host, config.ws_port)
-    log.info("chat page and WebSocket bridge on http://%s:%d/ (WebSocket at %s)", config.host, listener.port, WS_PATH)
+    site = _Site(config, listener.port)
+    log.info("chat page and WebSocket bridge on http://%s:%d/ (WebSocket at %s; origins allowed: %s)",
+             config.host, listener.port, WS_PATH, " ".join(sorted(site.origins)))
+    if not config.ws_allowed_origins and config.host.strip("[]") in _WILDCARD_HOSTS:
+        log.warning("listening on every address: only pages at localhost may use the WebSocket; "
+                    "set ws_allowed_origins to the address people open (e.g. https://chat.example.org)")
     task_status.started(listener.port)
-    await trio.serve_listeners(partial(_serve_connection, server), [listener], handler_nursery=handler_nursery)
+    await trio.serve_listeners(partial(_serve_connection, server, site), [listener], handler_nursery=handler_nursery)

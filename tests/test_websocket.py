@@ -14,6 +14,7 @@ from wsproto.frame_protocol import FrameProtocol
 import proto
 from proto import CloseReason, ErrorCode
 from rawclient import RawClient, alice_and_bob_in_lobby
+from server._websocket import allowed_origins, origin_allowed, page_headers
 from server._wsframe import NEED_DATA, BinaryMessage, Close, FrameReader, Ping, Pong, WebSocketError
 from wsclient import Rejected, WsClient
 
@@ -149,17 +150,51 @@ async def test_bad_origin_is_refused_and_same_origin_accepted(bridge):
     assert info.value.status == 403
     client = await WsClient.connect(port, origin=f"http://127.0.0.1:{port}")
     assert isinstance(await client.request(proto.Ping, 1), proto.Pong)
+    client = await WsClient.connect(port, origin=f"http://localhost:{port}")  # the host is loopback
+    assert isinstance(await client.request(proto.Ping, 1), proto.Pong)
     client = await WsClient.connect(port)  # no Origin: not a browser
     assert isinstance(await client.request(proto.Ping, 1), proto.Pong)
 
 
-async def test_origin_allow_list(start_server):
-    server = await start_server(ws_port=0, ws_allowed_origins=["https://chat.example.org"])
-    client = await WsClient.connect(server.ws_port, origin="https://chat.example.org")
-    assert isinstance(await client.request(proto.Ping, 1), proto.Pong)
+async def test_origin_matching_host_is_not_enough_dns_rebinding(bridge):
+    # evil.example resolves to 127.0.0.1 after the page loaded (DNS rebinding): the browser then sends
+    # Host and Origin both saying evil.example. The allow-list comes from the configuration, not from Host.
+    port = bridge.ws_port
     with pytest.raises(Rejected) as info:
-        await WsClient.connect(server.ws_port, origin=f"http://127.0.0.1:{server.ws_port}")
+        await WsClient.connect(port, origin=f"http://evil.example:{port}", host=f"evil.example:{port}")
     assert info.value.status == 403
+    client = await WsClient.connect(port, origin=f"http://127.0.0.1:{port}", host=f"evil.example:{port}")
+    assert isinstance(await client.request(proto.Ping, 1), proto.Pong)
+
+
+async def test_page_policy_comes_from_the_configuration_not_the_host_header(bridge):
+    port = bridge.ws_port
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode())
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    policy = next(line for line in head.split("\r\n") if line.startswith("content-security-policy:"))
+    assert "evil" not in policy
+    assert f"ws://127.0.0.1:{port}" in policy and f"ws://localhost:{port}" in policy
+
+
+def test_default_origins_are_the_configured_address(make_config):
+    local = allowed_origins(make_config(host="127.0.0.1"), 7421)
+    assert {"http://127.0.0.1:7421", "https://127.0.0.1:7421", "http://localhost:7421", "http://[::1]:7421"} <= local
+    assert not origin_allowed("http://127.0.0.1:7422", local) and origin_allowed("HTTP://LOCALHOST:7421", local)
+    public = allowed_origins(make_config(host="chat.example.org"), 80)
+    assert public == {"http://chat.example.org", "https://chat.example.org:80"}
+    ipv6 = allowed_origins(make_config(host="::1"), 8080)
+    assert ipv6 >= {"http://[::1]:8080", "http://127.0.0.1:8080"}
+    assert "[" not in dict(page_headers(ipv6))["content-security-policy"]  # not in CSP's grammar: 'self' covers it
+    every = allowed_origins(make_config(host="0.0.0.0"), 7421)  # no single address: loopback names only
+    assert every and all("localhost" in o or "127.0.0.1" in o or "[::1]" in o for o in every)
+    assert origin_allowed(None, public)  # not a browser
+    listed = allowed_origins(make_config(ws_allowed_origins=["https://Chat.Example.org/"]), 7421)
+    assert listed == {"https://chat.example.org"}
+    assert "wss://chat.example.org" in dict(page_headers(listed))["content-security-policy"]
 
 
 async def test_shutdown_is_graceful_goaway_bye_then_close_frame(start_server):
@@ -250,13 +285,25 @@ async def test_http_request_must_arrive_in_time(start_server, autojump_clock):
     assert 5 <= trio.current_time() - start < 6
 
 
-async def test_handle_refuses_over_ws_when_full(start_server):
-    server = await start_server(ws_port=0, max_connections=1)
+async def test_full_server_refuses_websocket_with_503_before_the_upgrade(start_server):
+    server = await start_server(ws_port=0, max_connections=1, reconnect_hint_ms=2500)
     first = await WsClient.connect(server.ws_port)
-    second = await WsClient.connect(server.ws_port, hello=False)
-    events = await second.drain_until_closed()
+    with pytest.raises(Rejected) as info:
+        await WsClient.connect(server.ws_port, hello=False)
+    # The honest client learns why and when to come back, without spending a slot on an upgrade.
+    assert info.value.status == 503 and b"server full" in info.value.body
+    assert info.value.headers["retry-after"] == "3" and info.value.headers["connection"] == "close"
+    tcp = await RawClient.connect(server.port, hello=False)  # the slots are shared with the TCP port
+    events = await tcp.drain_until_closed()
     assert events[0].code == ErrorCode.TOO_MANY_CONNECTIONS and events[1] == proto.Bye(CloseReason.SERVER_FULL)
     assert isinstance(await first.request(proto.Ping, 1), proto.Pong)
+    await first.send(proto.Bye(CloseReason.CLIENT_QUIT))
+    await first.drain_until_closed()
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.admission.total == 0  # the slot came back exactly once
+    again = await WsClient.connect(server.ws_port)
+    assert isinstance(await again.request(proto.Ping, 2), proto.Pong)
+    assert server.close_reasons["SERVER_FULL"] == 2
 
 
 # -- the frame reader against wsproto's client-side encoder ---------------------------------------
