@@ -385,6 +385,26 @@ def test_pre_auth_frames_named_in_2_3_match_the_state_table():
     assert {proto.FrameType[name] for name in names} == _pre_auth_client_frames()
 
 
+def test_an_invalid_example_shows_the_per_type_bound():
+    """A header one byte over its type's largest body, far under max_frame_bytes, refused from the header alone."""
+    shown = []
+    for param in INVALID:
+        code, block = param.values
+        data = _unhex(block)
+        if code != "FRAME_TOO_LARGE" or len(data) != proto.HEADER_BYTES or data[5]:
+            continue
+        length, ftype = int.from_bytes(data[:4], "big"), proto.FrameType(data[4])
+        if length == proto.LARGEST_BODY_BYTES[ftype] + 1 < proto.DEFAULT_MAX_FRAME_BYTES:
+            shown.append(ftype)
+            server = proto.Connection(SERVER)  # in a state where the type is legal, the state check passes
+            server.state = next(state for state in State if ftype in TRANSITIONS.get((state, CLIENT), {}))
+            server.receive_data(data)
+            with pytest.raises(proto.RemoteProtocolError) as info:
+                server.next_event()
+            assert info.value.code is proto.ErrorCode.FRAME_TOO_LARGE
+    assert proto.FrameType.LOGIN in shown
+
+
 def test_limits_table_values_match_the_constants():
     rows = [row for table in _tables(_section("10")) for row in table if len(row) >= 3]
     checked = 0
