@@ -44,7 +44,8 @@ def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: in
     if not masked:
         return bytes(head + payload)
     key = os.urandom(4) if key is None else key
-    return bytes(head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload)))
+    mask = (key * (n // 4 + 1))[:n]
+    return bytes(head + key + (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big"))
 
 
 class Rejected(Exception):
