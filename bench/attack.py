@@ -56,6 +56,7 @@ import argparse
 import collections
 import dataclasses
 import errno
+import hashlib
 import heapq
 import json
 import math
@@ -82,7 +83,7 @@ import proto
 from proto import FrameType
 
 from .loadgen import probe_body
-from .run import REPO, Endpoint, _read_first_line, code_fingerprint, machine_busy_s
+from .run import REPO, Endpoint, _read_first_line, machine_busy_s
 
 ATTACKS = ("pong", "bigframe", "login", "slots", "timeouts")
 TITLES = {"pong": "PONG flood", "bigframe": "pre-auth big frames", "login": "login flood",
@@ -797,23 +798,34 @@ class _Child:
             self.proc.join()
 
 
-_SERVER_FLAGS: set[str] | None = None
+class _Code:
+    """The server's code as it is when the scenario starts: a copy of server/, proto/ and the bench's entry point,
+    so that every attack of a run measures the same code while people edit the checkout."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="chorus-bench-attack-code-"))
+        for package in ("server", "proto"):
+            shutil.copytree(REPO / package, self.root / package, ignore=shutil.ignore_patterns("__pycache__"))
+        (self.root / "bench").mkdir()
+        for name in ("__init__.py", "chorus_server.py"):
+            shutil.copy2(REPO / "bench" / name, self.root / "bench" / name)
+        digest = hashlib.sha1()  # as run.code_fingerprint, over the copy
+        for path in sorted([*self.root.glob("server/*.py"), *self.root.glob("proto/*.py")]):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        self.fingerprint = digest.hexdigest()[:12]
+        self.env = {**os.environ, "PYTHONPATH": str(self.root)}
+        out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=self.root, capture_output=True,
+                             text=True, env=self.env).stdout
+        self.flags = set(re.findall(r"(--[a-z0-9-]+)", out))  # options come and go while the server is worked on
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _server_flags() -> set[str]:
-    """The options this checkout's server has (other engineers are adding some right now)."""
-    global _SERVER_FLAGS
-    if _SERVER_FLAGS is None:
-        out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=REPO, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
-        _SERVER_FLAGS = set(re.findall(r"(--[a-z0-9-]+)", out))
-    return _SERVER_FLAGS
-
-
-def _start_server(attack: str, sizes: AttackSizes) -> tuple[Endpoint, list[str]]:
+def _start_server(attack: str, sizes: AttackSizes, code: _Code) -> tuple[Endpoint, list[str]]:
     tmp = Path(tempfile.mkdtemp(prefix=f"chorus-bench-attack-{attack}-"))
     flags = ["--log-level", "WARNING"]
-    if "--user-send-rate-per-s" in _server_flags():
+    if "--user-send-rate-per-s" in code.flags:
         flags += ["--user-send-rate-per-s", "1000", "--user-send-burst", "1000"]  # the prober's 50 SENDs/s
     if attack == "timeouts":
         flags += ["--handshake-timeout-s", str(sizes.handshake_timeout_s)]
@@ -821,9 +833,9 @@ def _start_server(attack: str, sizes: AttackSizes) -> tuple[Endpoint, list[str]]
            str(tmp / "data"), *flags]
     log_path = tmp / "server.log"
     stats_path = tmp / "stats.json"
-    env = {**os.environ, "CHORUS_BENCH_STATS": str(stats_path), "PYTHONPATH": str(REPO)}
+    env = {**code.env, "CHORUS_BENCH_STATS": str(stats_path)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
+        proc = subprocess.Popen(cmd, cwd=code.root, stdout=subprocess.PIPE, stderr=log, env=env)
     try:
         line = _read_first_line(proc, 30)
         match = re.search(r"listening on [^\s:]+:(\d+)", line)
@@ -937,14 +949,14 @@ def _window(result: dict, t0: int, t1: int) -> dict:
     return out
 
 
-def _run_one(attack: str, sizes: AttackSizes, prober: _Child, attacker: _Child, log) -> dict:
+def _run_one(attack: str, sizes: AttackSizes, code: _Code, prober: _Child, attacker: _Child, log) -> dict:
     """Baseline, attack and after windows of one attack on a fresh server; returns the row."""
     row: dict = {"attack": attack, "title": TITLES[attack], "status": "ok", "note": ""}
     ep = None
     try:
-        ep, flags = _start_server(attack, sizes)
+        ep, flags = _start_server(attack, sizes, code)
         row["server_flags"] = flags
-        row["code"] = code_fingerprint()
+        row["code"] = code.fingerprint
         watch = _Watch(ep)
         meter = _Meter(ep, [prober.proc.pid, attacker.proc.pid])
         prober.send({"cmd": "start", "port": ep.port, "probe_interval_s": sizes.probe_interval_s,
@@ -1060,13 +1072,14 @@ def run_scenario(sizes: AttackSizes, log, attacks=ATTACKS) -> dict:
     """Run every attack in ``attacks``; returns ``{"sizes", "rows", "targets", ...}`` for the results file."""
     ctx = multiprocessing.get_context("spawn")
     started = time.monotonic()
+    code = _Code()
     prober = _Child(ctx, "prober", _serve_probe)
     attacker = _Child(ctx, "attacker", _serve_attack)
     rows = []
     try:
         for attack in attacks:
             log(f"attack/{attack} ...")
-            row = _run_one(attack, sizes, prober, attacker, log)
+            row = _run_one(attack, sizes, code, prober, attacker, log)
             rows.append(row)
             log(f"attack/{attack}: {row['verdict']} ratio {_fmt(row.get('ratio'), '.2f')}, RSS "
                 f"{_fmt(row.get('rss_mb_per_1000'), '.0f')} MB/1000 ({row.get('attack_conns')} conns), logins "
@@ -1074,12 +1087,9 @@ def run_scenario(sizes: AttackSizes, log, attacks=ATTACKS) -> dict:
     finally:
         prober.close()
         attacker.close()
-    codes = sorted({r["code"] for r in rows if r.get("code")})
-    if len(codes) > 1:
-        log(f"WARNING: server/ or proto/ changed between attacks ({', '.join(codes)}): rows measured on different "
-            "code are not comparable")
+        code.remove()
     return {"sizes": dataclasses.asdict(sizes), "rows": rows, "targets": evaluate(rows),
-            "code_fingerprints": codes, "duration_s": round(time.monotonic() - started, 1),
+            "code_fingerprint": code.fingerprint, "duration_s": round(time.monotonic() - started, 1),
             "loadavg_end": os.getloadavg()}
 
 
@@ -1170,7 +1180,8 @@ def render(results: dict, markdown: bool = False) -> str:
                 else ""]))])
     head = (f"Under attack (issue 9): the honest client (127.0.0.2) SENDs every {sizes.probe_interval_s * 1000:g} ms and "
             f"times its own MESSAGE; windows of {sizes.baseline_s:g} s without attack, {sizes.attack_s:g} s under "
-            f"attack, {sizes.after_s:g} s after; a fresh server per attack, default limits (one run, no repetitions)")
+            f"attack, {sizes.after_s:g} s after; a fresh server per attack, default limits (one run, no repetitions); "
+            f"server code {attack.get('code_fingerprint', '?')} (copied from the checkout when the scenario began)")
     parts = [head + nl + _table(
         ["attack", "attacker conns (peak open)", "baseline p50/p99/max ms", "under attack p50/p99/max ms",
          "p99 ratio", "after p50/p99/max ms", "RSS growth MB (per 1,000)", "verdict", "why"], lines,

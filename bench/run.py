@@ -1241,5 +1241,5 @@ def main(argv: list[str] | None = None) -> int:
         make_chart(bench.rows, png_path)
     (out / f"{name}.md").write_text(tables(True) + "\n")
     print(tables())
-    print(f"\nresults: {json_path}  chart: {png_path}  ({meta['duration_s']}s)")
+    print(f"\nresults: {json_path}" + (f"  chart: {png_path}" if bench.rows else "") + f"  ({meta['duration_s']}s)")
     return 1 if any(r["status"] == "error" for r in bench.rows + (bench.attack or {}).get("rows", [])) else 0
