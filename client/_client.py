@@ -71,6 +71,12 @@ _FATAL = {
     ErrorCode.INVALID_NAME, ErrorCode.WEAK_PASSWORD,
 }
 _NOT_OURS = (ErrorCode.NOT_MEMBER, ErrorCode.NOT_FOUND)
+#: When a refusal gives no retry hint (retry_after_ms 0), wait this long before asking again.
+_DEFAULT_RETRY_S = 1.0
+
+
+def _retry_delay_s(error: ServerError) -> float:
+    return error.retry_after_ms / 1000 if error.retry_after_ms else _DEFAULT_RETRY_S
 #: What a failed connection attempt can raise; anything else is a bug and propagates.
 _ATTEMPT_ERRORS = (OSError, TransportClosed, ConnectionLost, ServerError, trio.TooSlowError, proto.ProtocolError)
 
@@ -151,7 +157,9 @@ class Client:
     user already has until a SYNC (spec §9.1), so call ``sync()`` yourself, e.g. after
     seeding ``last_seq`` from your own store. ``backoff_base_s``/``backoff_cap_s`` shape the
     reconnect backoff; ``pace`` keeps frames within WELCOME's rate limit;
-    ``retry_rate_limited`` re-sends a request refused with RATE_LIMITED after its hint.
+    ``retry_rate_limited`` re-sends a request refused with RATE_LIMITED after its hint; one refused
+    with SERVER_BUSY (nothing was done) is always re-sent after its hint, and logging in waits out
+    both.
     """
 
     def __init__(
@@ -380,10 +388,13 @@ class Client:
                         # else: the supervisor sends it once a new connection is up
                     await call.done.wait()
                     error = call.error
-                    if (isinstance(error, ServerError) and error.code == ErrorCode.RATE_LIMITED
-                            and self._retry_rate_limited):
+                    if isinstance(error, ServerError) and (
+                            error.code == ErrorCode.SERVER_BUSY
+                            or error.code == ErrorCode.RATE_LIMITED and self._retry_rate_limited):
+                        # Not acted on (spec §7.1): the same request again after the hint is safe,
+                        # a SEND included (same client_msg_id).
                         call.rearm()
-                        await trio.sleep(error.retry_after_ms / 1000)
+                        await trio.sleep(_retry_delay_s(error))
                         continue
                     break
         finally:
@@ -725,18 +736,33 @@ class Client:
         if t.goaway is None or not self._reconnect:
             self._ready = True
 
+    async def _auth_request(self, t: Transport, event: proto.Event) -> proto.AuthOk:
+        """REGISTER, LOGIN or RESUME; waits out SERVER_BUSY and login back-off (RATE_LIMITED) by their hint.
+
+        The caller's deadline (the request timeout) bounds the waiting.
+        """
+        while True:
+            try:
+                return await self._internal(t, event)
+            except ServerError as exc:
+                if exc.code not in (ErrorCode.SERVER_BUSY, ErrorCode.RATE_LIMITED):
+                    raise
+                log.info("%s refused (%s); retrying in %d ms", type(event).__name__.upper(), exc.code.name,
+                         exc.retry_after_ms)
+                await trio.sleep(_retry_delay_s(exc))
+
     async def _authenticate(self, t: Transport) -> None:
         if self.token is not None:
             try:
-                auth = await self._internal(t, proto.Resume(self.token))
+                auth = await self._auth_request(t, proto.Resume(self.token))
             except ServerError as exc:
                 if exc.code != ErrorCode.INVALID_TOKEN or self._username is None or self._password is None:
                     raise
-                auth = await self._internal(t, proto.Login(self._username, self._password))
+                auth = await self._auth_request(t, proto.Login(self._username, self._password))
         elif self._register:
-            auth = await self._internal(t, proto.Register(self._username, self._password))
+            auth = await self._auth_request(t, proto.Register(self._username, self._password))
         else:
-            auth = await self._internal(t, proto.Login(self._username, self._password))
+            auth = await self._auth_request(t, proto.Login(self._username, self._password))
         self._register = False  # the account exists now; later connections resume or log in
         self.username = auth.username
         if auth.token != self.token:

@@ -46,7 +46,7 @@ def _playwright():
 
 async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
     sync_playwright = _playwright()
-    server = await start_server(ws_port=0, rate_burst=1000)  # bob pipelines 130 sends
+    server = await start_server(ws_port=0, rate_burst=1000, user_send_burst=1000)  # bob pipelines 130 sends
     bob = await RawClient.connect(server.port)
     await bob.register("bob")
     await bob.go_live()

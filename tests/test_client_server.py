@@ -13,6 +13,7 @@ import trio.testing
 
 import client
 import proto
+from rawclient import RawClient
 from server import serve
 
 PASSWORD = "password-1"
@@ -210,7 +211,9 @@ async def test_slow_consumer_misses_nothing(server):
 
 
 async def test_pacing_keeps_a_burst_of_sends_within_the_rate_limit(start_server):
-    server = await start_server(rate_per_s=200, rate_burst=20)
+    # The per-connection rate is what WELCOME announces and the client paces by; the per-user send
+    # budget is not announced (the client retries on RATE_LIMITED, off here), so it is out of the way.
+    server = await start_server(rate_per_s=200, rate_burst=20, user_send_burst=1000)
     async with open_user(server.port, "alice", retry_rate_limited=False) as alice:
         await alice.join("lobby")
         async with trio.open_nursery() as nursery:
@@ -269,3 +272,16 @@ async def test_logout_revokes_the_token(server):
     async with client.open_client("127.0.0.1", server.port, token=tokens[0], username="alice",
                                   password=PASSWORD, on_token=tokens.append) as alice:
         assert alice.token == tokens[-1] != tokens[0]
+
+
+async def test_login_waits_out_the_back_off_a_guesser_caused(start_server, caplog):
+    caplog.set_level("INFO", logger="chorus.client")
+    server = await start_server(login_free_failures=0)
+    async with open_user(server.port, "alice"):
+        pass
+    guesser = await RawClient.connect(server.port, source="127.0.0.2")
+    refusal = await guesser.request(proto.Login, "alice", "wrong password")
+    assert refusal.code == proto.ErrorCode.AUTH_FAILED  # alice's name now waits a second
+    async with open_user(server.port, "alice", register=False) as alice:  # the real alice gets in anyway
+        assert alice.connected and alice.username == "alice"
+    assert any("LOGIN refused (RATE_LIMITED)" in r.getMessage() for r in caplog.records)

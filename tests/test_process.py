@@ -18,7 +18,7 @@ async def start_process(data_dir, nursery):
     """Start ``python -m server`` on a free port; returns (process, port)."""
     cmd = [sys.executable, "-m", "server", "--port", "0", "--data-dir", str(data_dir),
            "--argon2-time-cost", "1", "--argon2-memory-kib", "1024", "--rate-per-s", "100000",
-           "--rate-burst", "100000"]
+           "--rate-burst", "100000", "--user-send-rate-per-s", "100000", "--user-send-burst", "100000"]
     proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     buf = b""
     while b"\n" not in buf:
