@@ -129,15 +129,16 @@ class WebSocketTransport:
         self._peer_closed = False
         self._closed = False
         self._partial_since: float | None = None  # when the unfinished frame or message in the reader began
-        self._completed = False  # the reader finished something since we last waited for bytes
+        self._completed = False  # a message was finished since we last waited for bytes
         self.unanswered_pings = 0
 
     def attach(self, conn) -> None:
         self._conn = conn
 
     def _write(self, frame: bytes) -> None:
-        if self._conn is not None:
-            self._conn.output.write(frame)
+        conn = self._conn
+        if conn is not None and not conn.output.write(frame):
+            conn.output_failed()
 
     def _spend(self, frames: int = 1) -> bool:
         return self._conn.spend(frames) if self._conn is not None else True
@@ -148,9 +149,9 @@ class WebSocketTransport:
     def _message_limit(self) -> int:
         # A message larger than any frame the peer may send in the connection's present state (before
         # AUTH_OK: a few hundred bytes) is refused from its WebSocket header, before it is buffered.
-        limit = self._max_frame_bytes + proto.HEADER_BYTES
-        pending = getattr(self._conn.proto, "max_pending_bytes", None) if self._conn is not None else None
-        return min(limit, pending) if pending else limit
+        if self._conn is None:
+            return self._max_frame_bytes + proto.HEADER_BYTES
+        return self._conn.proto.max_pending_bytes  # (at most max_frame_bytes + HEADER_BYTES)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """The Chorus frame of the next complete binary message; ``b""`` at the end.
@@ -168,9 +169,9 @@ class WebSocketTransport:
                     event = reader.next_event()
                     if event is NEED_DATA:
                         break
-                    self._completed = True
                     kind = type(event)
                     if kind is BinaryMessage:
+                        self._completed = True
                         # Frames after the first are charged here; when refused, the bucket is empty and the
                         # ClientConnection refuses the Chorus frame too (ERROR RATE_LIMITED), so it still goes on.
                         if event.frames > 1:
@@ -234,15 +235,16 @@ class WebSocketTransport:
     def _frame_deadline(self) -> None:
         """Give the unfinished frame or message in the reader the ClientConnection's frame deadline.
 
-        One that began after the last completed event starts it now; one that was pending keeps its start,
-        so a byte every few seconds cannot hold a slot forever.
+        One that began after the last finished message starts it now; one that was pending keeps its start
+        (control frames between its fragments do not move it), so a byte every few seconds cannot hold a
+        slot forever.
         """
         if not self._reader.partial:
             self._partial_since = None
         elif self._completed or self._partial_since is None:
             self._partial_since = trio.current_time()
         self._completed = False
-        if self._conn is not None and self._partial_since is not None:
+        if self._conn is not None:  # (its own buffer is empty while we wait: a message holds whole frames)
             self._conn.frame_started = self._partial_since
 
     async def keepalive(self, interval_s: float, max_missed: int) -> None:
@@ -256,7 +258,7 @@ class WebSocketTransport:
                 conn.close(CloseReason.STALE)
                 return
             self.unanswered_pings += 1
-            conn.output.write(_PING)
+            self._write(_PING)
 
     def _close_code(self) -> tuple[int, str]:
         if self._error is not None:
