@@ -125,6 +125,7 @@ function checkedInt(value, max, what) {
 const uint = (bits) => {
   const max = 2 ** bits - 1;
   return {
+    maxBytes: bits / 8,
     read: (r) => r[`u${bits}`](),
     write: (w, v, path) => w[`u${bits}`](checkedInt(v, max, path)),
   };
@@ -132,6 +133,7 @@ const uint = (bits) => {
 const U8 = uint(8), U16 = uint(16), U32 = uint(32);
 const U64_MAX = (1n << 64n) - 1n;
 const U64 = {
+  maxBytes: 8,
   read: (r) => r.u64(),
   write: (w, v, path) => {
     const big = BigInt(v); // numbers and decimal strings are accepted too
@@ -140,6 +142,7 @@ const U64 = {
   },
 };
 const BOOL = {
+  maxBytes: 1,
   read: (r) => {
     const b = r.u8();
     if (b > 1) fail(ErrorCode.INVALID_FIELD, `boolean byte ${b}`);
@@ -151,6 +154,7 @@ const BOOL = {
   },
 };
 const text = (prefix, maxBytes) => ({
+  maxBytes: prefix.maxBytes + Math.min(maxBytes, 2 ** (8 * prefix.maxBytes) - 1),
   read: (r, path) => {
     const raw = r.take(prefix.read(r));
     if (raw.length > maxBytes) fail(ErrorCode.FIELD_TOO_LARGE, `${path}: ${raw.length} bytes > ${maxBytes}`);
@@ -172,6 +176,7 @@ const text = (prefix, maxBytes) => ({
 const enumOf = (int, enumObject) => {
   const values = new Set(Object.values(enumObject));
   return {
+    maxBytes: int.maxBytes,
     read: (r, path) => {
       const v = int.read(r);
       if (!values.has(v)) fail(ErrorCode.INVALID_FIELD, `${path}: ${v} is not a valid value`);
@@ -185,6 +190,7 @@ const enumOf = (int, enumObject) => {
 };
 const record = (fields) => ({
   fields,
+  maxBytes: fields.reduce((sum, [, type]) => sum + type.maxBytes, 0), // the largest legal body (spec §10)
   read: (r, path = "") => {
     const out = {};
     for (const [name, type] of fields) out[name] = type.read(r, path + "." + name);
@@ -199,6 +205,7 @@ const record = (fields) => ({
   },
 });
 const array = (item) => ({
+  maxBytes: 2 + MAX_LIST_ITEMS * item.maxBytes,
   read: (r, path) => {
     const count = r.u16();
     if (count > MAX_LIST_ITEMS) fail(ErrorCode.FIELD_TOO_LARGE, `${path}: ${count} items > ${MAX_LIST_ITEMS}`);
@@ -340,12 +347,20 @@ export function decode(bytes, maxFrameBytes = ABSOLUTE_MAX_FRAME_BYTES) {
   const type = FRAME_NAMES.get(code);
   if (type === undefined) fail(ErrorCode.UNKNOWN_FRAME_TYPE, `unknown frame type 0x${code.toString(16).padStart(2, "0")}`);
   if (flags & ~Flags.COMPRESSED) fail(ErrorCode.INVALID_FIELD, `unknown flag bits 0x${flags.toString(16)}`);
+  const largest = BODIES[type].maxBytes; // §2.3 step 6: no longer than the type can ever be
+  if (flags & Flags.COMPRESSED) {
+    const bound = COMPRESSED_PREFIX_BYTES + largest + Math.floor(largest / 255) + 16; // 4 + lz4's worst case
+    if (length > bound) fail(ErrorCode.FRAME_TOO_LARGE, `compressed ${type} body of ${length} bytes > ${bound}`);
+  } else if (length > largest) {
+    fail(ErrorCode.FRAME_TOO_LARGE, `${type} body of ${length} bytes > ${largest}, the largest ${type}`);
+  }
   if (bytes.length !== HEADER_BYTES + length) fail(ErrorCode.MALFORMED_FRAME, "message is not exactly one frame");
   let body = bytes.subarray(HEADER_BYTES);
   if (flags & Flags.COMPRESSED) {
     if (body.length < COMPRESSED_PREFIX_BYTES) fail(ErrorCode.DECOMPRESSION_FAILED, "compressed frame without its length");
     const size = view.getUint32(HEADER_BYTES);
     if (size > maxFrameBytes) fail(ErrorCode.DECOMPRESSION_FAILED, `compressed body would expand to ${size} bytes`);
+    if (size > largest) fail(ErrorCode.DECOMPRESSION_FAILED, `compressed ${type} body would expand to ${size} bytes > ${largest}`);
     body = lz4DecompressBlock(body.subarray(COMPRESSED_PREFIX_BYTES), size);
   }
   const reader = new Reader(body);

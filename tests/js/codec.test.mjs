@@ -55,8 +55,12 @@ test("strict fields: bad boolean, bad enum, bad UTF-8, long name, too many items
   const join = encode({ type: "JOIN", request_id: 1, room: "ab" });
   join[12] = 0xff;
   assert.throws(() => decode(join), refusedWith("INVALID_FIELD"));
-  const long = fromHex("00000022" + "10" + "00" + "00000001" + "21" + "61".repeat(33));
+  // a LOGIN whose username is 33 bytes (the body, 36 bytes, is within the largest LOGIN, so the field is judged)
+  const long = fromHex("00000024" + "04" + "00" + "00000001" + "21" + "61".repeat(33) + "01" + "78");
   assert.throws(() => decode(long), refusedWith("FIELD_TOO_LARGE"));
+  // a JOIN one byte longer than any JOIN can be is refused from its header (spec §2.3 step 6)
+  const over = fromHex("00000022" + "10" + "00" + "00000001" + "21" + "61".repeat(33));
+  assert.throws(() => decode(over), refusedWith("FRAME_TOO_LARGE"));
   const sync = fromHex("00000002" + "23" + "00" + "00000001" + "03e9");
   assert.throws(() => decode(sync), refusedWith("FIELD_TOO_LARGE"));
 });
