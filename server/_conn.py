@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("chorus.conn")
 
 _RECV_BYTES = 65536
-#: Before AUTH_OK no legal frame is larger than a few hundred bytes (spec §10): read in small pieces.
-_RECV_BYTES_UNAUTHENTICATED = 4096
 #: Flushing the last frames and draining the client's input (LINGER_S) together, at most.
 _CLOSE_S = 3.0
 #: Our PINGs a PONG may still answer; pings go out once per ping interval, so this covers minutes.
@@ -272,8 +270,9 @@ class ClientConnection:
         while True:
             self.mark_idle(True)
             try:
-                data = await transport.receive_some(_RECV_BYTES if self.user_id is not None
-                                                    else _RECV_BYTES_UNAUTHENTICATED)
+                # No more than one legal frame can need (293 bytes before AUTH_OK, spec §2.3): a connection
+                # that never logs in costs a few hundred bytes, whatever it sends.
+                data = await transport.receive_some(min(_RECV_BYTES, conn.max_pending_bytes))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             self.mark_idle(False)
