@@ -101,7 +101,8 @@ class Config:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _opt(DEFAULT_PORT, "TCP port for the Chorus protocol (0 picks a free one)")
     ws_port: int | None = _opt(None, "port for the WebSocket bridge and chat page (off when unset)")
-    ws_allowed_origins: tuple[str, ...] = _opt((), "Origin values the WebSocket bridge accepts (empty: same host only)")
+    ws_allowed_origins: tuple[str, ...] = _opt((), "Origin values the WebSocket bridge accepts (empty: the configured "
+                                                   "host and WebSocket port, plus localhost names if it is loopback)")
     data_dir: str = _opt("data", "directory of the SQLite database")
     sqlite_synchronous: str = _opt("FULL", "SQLite synchronous mode: FULL (durable on power loss) or NORMAL")
     max_frame_bytes: int = _opt(proto.DEFAULT_MAX_FRAME_BYTES, "largest frame a client may send; above 1 MiB also "
