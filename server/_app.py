@@ -38,9 +38,10 @@ from ._transport import open_listener
 
 log = logging.getLogger("chorus.server")
 
-#: Connections the timer may begin closing in one sweep; the rest wait for the next sweep, soon after.
-_CLOSES_PER_TICK = 100
+#: Connections the timer may begin closing in one step of a sweep; then the loop runs for a moment.
+_CLOSES_PER_TICK = 20
 _BACKLOG_PERIOD_S = 0.02
+_TICKS_PER_STEP = 2000
 _REFUSE_LINGER_S = 0.5
 
 
@@ -118,22 +119,30 @@ class Server:
             self.close_reasons[(conn.reason or CloseReason.PEER_CLOSED).name] += 1
 
     async def watch_connections(self) -> None:
-        """The one timer task: deadlines and liveness of every connection (``ClientConnection.tick``)."""
+        """The one timer task: deadlines and liveness of every connection (``ClientConnection.tick``).
+
+        Each sweep ticks every connection once. Closing is what costs (a task woken, frames written, a
+        linger), so a sweep begins at most ``_CLOSES_PER_TICK`` closes and then lets the loop run for
+        ``_BACKLOG_PERIOD_S`` before it goes on where it stopped: thousands of deadlines falling in one
+        tick are spread over seconds instead of stalling everyone. Long sweeps also yield every
+        ``_TICKS_PER_STEP`` connections.
+        """
         config = self.config
         # A twentieth of the shortest deadline (so timing is within 5%), at most once a second: at 10,000
         # connections one sweep costs a few milliseconds.
         period = min(1.0, min(config.ping_interval_s, config.handshake_timeout_s, config.auth_timeout_s,
                               config.frame_timeout_s) / 20)
-        backlog = False
         while True:
-            await trio.sleep(_BACKLOG_PERIOD_S if backlog else period)
+            await trio.sleep(period)
+            conns = list(self.connections)
             now = trio.current_time()
-            budget = _CLOSES_PER_TICK
-            backlog = False
-            for conn in self.connections:  # tick never awaits, so the set cannot change meanwhile
-                if budget <= 0:
-                    backlog = True  # the rest are checked in a moment: closing is what costs
-                    break
+            budget, ticked = _CLOSES_PER_TICK, 0
+            for conn in conns:
+                if budget <= 0 or ticked >= _TICKS_PER_STEP:
+                    await trio.sleep(_BACKLOG_PERIOD_S if budget <= 0 else 0)
+                    now = trio.current_time()
+                    budget, ticked = _CLOSES_PER_TICK, 0
+                ticked += 1
                 if conn.tick(now):
                     budget -= 1
 

@@ -17,6 +17,7 @@ for at most ``max_pending`` hashes.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
@@ -25,6 +26,10 @@ from typing import AsyncIterator
 
 import argon2
 import trio
+
+#: Hashing threads: every core but one, so a login flood can never take the event loop's core (argon2
+#: releases the GIL, so each thread is a whole core while it hashes).
+_HASH_THREADS = max(1, len(os.sched_getaffinity(0)) - 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2) - 1)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 MIN_PASSWORD_BYTES = 8
@@ -45,7 +50,7 @@ def token_hash(token: str) -> bytes:
 
 
 class Passwords:
-    def __init__(self, *, time_cost: int, memory_kib: int, concurrency: int = 2):
+    def __init__(self, *, time_cost: int, memory_kib: int, concurrency: int = _HASH_THREADS):
         self._hasher = argon2.PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1,
                                              type=argon2.Type.ID)
         self._limiter = trio.CapacityLimiter(concurrency)

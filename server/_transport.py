@@ -28,7 +28,9 @@ _RECV_BYTES = 65536
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 #: How long a closing socket keeps reading (and discarding) so that its last frames are not reset away.
 LINGER_S = 2.0
-_LINGER_BYTES = 1 << 20
+#: What a closing socket reads and discards at most: an honest client has a few frames in flight, while a
+#: flooding one would otherwise make us read its flood for the whole linger.
+_LINGER_BYTES = 64 << 10
 _OUT_OF_FILES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _OUT_OF_FILES_WAIT_S = 0.1
 

@@ -79,7 +79,7 @@ WS_PATH = "/ws"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _RECV_BYTES = 65536
 _LINGER_S = 1.0  # how long a closing socket waits for the client's close frame
-_LINGER_BYTES = 1 << 20
+_LINGER_BYTES = 64 << 10  # read and discarded at most while waiting: a flood is not worth reading
 _REFUSE_S = 1.0  # a refused socket's 503 and close, at most (like Server.refuse on TCP)
 _PING = control_frame(Opcode.PING, b"chorus")
 

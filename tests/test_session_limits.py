@@ -132,10 +132,10 @@ async def test_one_address_holds_one_hashing_slot_and_others_go_first(start_serv
     attackers = [await connect_from(server.port, "127.0.0.3") for _ in range(20)]
     honest = await connect_from(server.port, "127.0.0.2")
     hashes = server.budgets.hashes
-    # Both hashing threads busy (a fault injected on the private limiter: no cheap real way to hold them),
+    # Every hashing thread busy (a fault injected on the private limiter: no cheap real way to hold them),
     # so the queue's order is visible.
     limiter = server.passwords._limiter
-    holders = [object(), object()]
+    holders = [object() for _ in range(int(limiter.total_tokens))]  # every hashing thread
     for holder in holders:
         await limiter.acquire_on_behalf_of(holder)
     replies: list[str] = []
@@ -164,7 +164,7 @@ async def test_one_address_holds_one_hashing_slot_and_others_go_first(start_serv
 async def test_hashing_queue_is_bounded_and_answers_busy_at_once(start_server):
     server = await start_server(max_pending_hashes=2, login_free_failures=1000)
     limiter = server.passwords._limiter  # both hashing threads held, as above
-    holders = [object(), object()]
+    holders = [object() for _ in range(int(limiter.total_tokens))]  # every hashing thread
     for holder in holders:
         await limiter.acquire_on_behalf_of(holder)
     first = await connect_from(server.port, "127.0.0.3")
