@@ -1,0 +1,283 @@
+"""Client frames for fuzzing a server, generated from proto's tables, and what the spec says answers them.
+
+How this works. ``CLIENT_FRAMES`` is every frame type the state table (``proto._state``, spec §8) lets a client
+send. For each, ``frames`` walks the construct declaration in ``proto._wire.BODIES`` (the one source of truth for
+every body) and builds a hypothesis strategy: integers often at their boundaries (0, 1, 2**31, 2**63 - 1, 2**63,
+2**64 - 1 within the field's width), strings empty, at their maximum in bytes (1- to 4-byte UTF-8 characters) or
+short and random, arrays empty or of 1000 items, and often the ``Hints`` (an existing room or user, the right
+password, a live token) so that requests get past the checks and reach the store. ``boundary_events`` lists, for
+a deterministic sweep, a plain valid event and every variant of it with one field at a boundary. A construct the
+walk does not know raises ``NotImplementedError``: a new frame type is fuzzed as soon as it is declared, or a
+test says what to teach this file.
+
+What answers each frame comes from spec/PROTOCOL.md: ``REPLIES`` from the "Reply / kind" column of §5's frame
+table, ``PUSHES`` from the same column, ``ERROR_CLOSES`` (which ERROR codes end the connection, with which BYE)
+from §7.1. Every frame built here is well-formed: tests/test_session_fuzz.py encodes and decodes each.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from construct import FormatField
+from hypothesis import strategies as st
+
+import proto
+from proto import CloseReason, ErrorCode, FrameType, _wire
+from proto._state import TRANSITIONS
+
+SPEC = Path(__file__).resolve().parent.parent / "spec" / "PROTOCOL.md"
+
+#: Every frame type a client may send in some state (spec §8), straight from the state table.
+CLIENT_FRAMES: tuple[FrameType, ...] = tuple(sorted(
+    {frame for (_, sender), frames in TRANSITIONS.items() if sender is proto.CLIENT for frame in frames}))
+
+
+# --- what spec/PROTOCOL.md says answers a frame ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """What answers a client frame on success (spec §5 "Frame types"): ``final`` ends it, ``partial`` may precede."""
+
+    final: FrameType | None
+    partial: frozenset[FrameType] = frozenset()
+
+
+_FRAME_ROW = re.compile(r"^\| 0x[0-9A-Fa-f]{2} \| `(\w+)` \| (C→S|S→C|both) \| (.*) \|$", re.M)
+_ERROR_ROW = re.compile(r"^\| (\d{3}) \| `(\w+)` \| .* \| (.*) \|$", re.M)
+
+
+def _spec_section(title: str) -> str:
+    text = SPEC.read_text(encoding="utf-8")
+    start = text.index(title)
+    return text[start:text.index("\n### ", start + 1)]
+
+
+def spec_frame_table() -> dict[FrameType, tuple[str, str]]:
+    """FrameType → (direction, "Reply / kind" text), from the table opening spec §5."""
+    return {FrameType[name]: (direction, kind) for name, direction, kind in
+            _FRAME_ROW.findall(_spec_section("## 5. Frames"))}
+
+
+def _reply(kind: str) -> Reply:
+    if kind.startswith(("reply to", "push", "last frame", "none")):
+        return Reply(None)
+    names = [FrameType[name] for name in re.findall(r"\b[A-Z][A-Z_]+\b", re.sub(r"\(.*?\)", "", kind))]
+    return Reply(names[-1], frozenset(names[:-1]))
+
+
+def _closes(action: str) -> CloseReason | None:
+    """The BYE reason an ERROR code ends the connection with (spec §7.1 "What the server does"), None if it does not."""
+    if action.startswith("Request-level"):
+        return None
+    named = re.search(r"BYE `(\w+)`", action)
+    return CloseReason[named.group(1)] if named else CloseReason.PROTOCOL_ERROR
+
+
+_TABLE = spec_frame_table()
+#: Client frame → what completes it on success (SYNC: SYNC_PAGE... then SYNC_DONE; LOGOUT: the BYE).
+REPLIES: dict[FrameType, Reply] = {f: _reply(kind) for f, (direction, kind) in _TABLE.items() if direction != "S→C"}
+#: Server frames that are pushes: always request_id 0 (spec §2.2). BYE is one too.
+PUSHES = frozenset({f for f, (_, kind) in _TABLE.items() if kind == "push"} | {FrameType.BYE})
+#: ErrorCode → the BYE reason it closes the connection with, or None for a request-level error (spec §7.1).
+ERROR_CLOSES: dict[ErrorCode, CloseReason | None] = {
+    ErrorCode(int(code)): _closes(action) for code, _, action in _ERROR_ROW.findall(_spec_section("### 7.1"))}
+#: The closing ERRORs a frame legal in its state may still get (spec §5.1, §5.3-§5.5, §5.33); any other is a bug.
+ALLOWED_CLOSES: dict[FrameType, frozenset[ErrorCode]] = {
+    FrameType.HELLO: frozenset({ErrorCode.UNSUPPORTED_VERSION}),
+    FrameType.REGISTER: frozenset({ErrorCode.TOO_MANY_CONNECTIONS}),
+    FrameType.LOGIN: frozenset({ErrorCode.TOO_MANY_CONNECTIONS}),
+    FrameType.RESUME: frozenset({ErrorCode.TOO_MANY_CONNECTIONS}),
+    FrameType.PONG: frozenset({ErrorCode.INVALID_REQUEST}),  # a PONG that answers none of the server's PINGs
+}
+
+
+# --- values ------------------------------------------------------------------------------------------------------
+
+_WIDTHS = ("a", "é", "€", "😀")  # 1, 2, 3 and 4 bytes of UTF-8
+_EDGES = (0, 1, 2, 1 << 31, (1 << 32) - 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
+_UNKNOWN_TOKEN = "x" * 43  # well-formed, and nobody was given it
+
+
+def exactly(size: int, char: str = "a") -> str:
+    """Text of exactly ``size`` UTF-8 bytes, mostly ``char`` (padded with "a" where ``char`` does not fit)."""
+    width = len(char.encode("utf-8"))
+    return char * (size // width) + "a" * (size % width)
+
+
+def edges(bits: int) -> list[int]:
+    """The boundary values of an unsigned ``bits``-wide integer: 0, 1, 2, 2**31, 2**63 - 1, 2**63, its top..."""
+    top = (1 << bits) - 1
+    return sorted({v for v in (*_EDGES, 1 << (bits - 1), top) if v <= top})
+
+
+def _no_tokens() -> tuple[str, ...]:
+    return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Hints:
+    """Values that make requests reach the store: names that exist, the right password, live tokens.
+
+    ``tokens`` is called when a frame is drawn (tokens change with every login), so one Hints, and the strategies
+    built from it, serve a whole run. ``body_bytes`` are sizes worth trying for message bodies (around the
+    server's ``max_body_bytes``).
+    """
+
+    users: tuple[str, ...] = ()
+    rooms: tuple[str, ...] = ()
+    password: str = "x" * 8
+    tokens: Callable[[], Sequence[str]] = _no_tokens
+    body_bytes: tuple[int, ...] = (1, 4096, 4097)
+
+    def known(self, name: str | None) -> tuple[str, ...]:
+        """Values of the string field ``name`` that mean something to the server (the first one is valid)."""
+        if name == "room":
+            return self.rooms
+        if name in ("username", "user", "sender"):
+            return self.users
+        if name == "name":
+            return self.users + self.rooms
+        if name == "password":
+            return (self.password, "", "short", exactly(8), exactly(proto.MAX_PASSWORD_BYTES, "€"))
+        return ()
+
+    def plain(self, name: str | None) -> str:
+        """A valid value of the string field ``name``."""
+        known = self.known(name)
+        return known[0] if known else _UNKNOWN_TOKEN if name == "token" else "x"
+
+    def strategy(self, name: str | None) -> st.SearchStrategy[str] | None:
+        if name == "token":
+            return st.integers(0, 3).map(self._token)
+        known = self.known(name)
+        return st.sampled_from(known) if known else None
+
+    def _token(self, i: int) -> str:
+        tokens = tuple(self.tokens()) + (_UNKNOWN_TOKEN,)
+        return tokens[i % len(tokens)]
+
+
+# --- random frames -------------------------------------------------------------------------------------------------
+
+def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
+    """``st.one_of`` where a (weight, strategy) pair is drawn weight times as often as one of weight 1.
+
+    one_of drops a branch it already has (by identity), so each copy is a distinct ``map``. Put the choice that
+    should win shrinking first.
+    """
+    return st.one_of(*[strategy.map(_same) for weight, strategy in choices for _ in range(weight)])
+
+
+def _same(value):
+    return value
+
+
+def texts(max_bytes: int, hints: st.SearchStrategy[str] | None = None, *,
+          sizes: tuple[int, ...] = ()) -> st.SearchStrategy[str]:
+    """Text of at most ``max_bytes``: often a hint, else empty, short (any Unicode), exactly at the limit or at one
+    of ``sizes`` (in 1- to 4-byte characters), or (for names) one the naming rule takes."""
+    choices = [(8, hints)] if hints is not None else []
+    choices += [
+        (1, st.just("")),
+        (3 if sizes else 1, st.text(min_size=1, max_size=min(max_bytes // 4, 24))),
+        (2 if sizes else 1, st.tuples(st.sampled_from((max_bytes,) + tuple(s for s in sizes if s <= max_bytes)),
+                                      st.sampled_from(_WIDTHS)).map(lambda t: exactly(*t))),
+    ]
+    if max_bytes == proto.MAX_NAME_BYTES:  # names that pass the naming rule, so that requests get past it
+        choices.append((1, st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,31}", fullmatch=True)))
+    return weighted(*choices)
+
+
+def _fields(record: _wire._Record) -> list[tuple[str, object]]:
+    return [(sub.name, sub.subcon) for sub in record.subcon.subcons if sub.name is not None]
+
+
+def _request_ids() -> st.SearchStrategy[int]:
+    """Nonzero (spec §2.2): a reply with request_id 0 could not be told from a push."""
+    return st.one_of(st.sampled_from((1, 1 << 31, (1 << 32) - 1)), st.integers(1, (1 << 32) - 1))
+
+
+def values(con, hints: Hints, name: str | None = None) -> st.SearchStrategy:
+    """A strategy for what ``con`` (a construct of ``proto._wire``) builds; raises NotImplementedError for a new one."""
+    if isinstance(con, _wire._Record):
+        if con.cls is proto.Conversation:  # mostly one that exists: a room of the hints, or a direct one
+            name_texts = texts(proto.MAX_NAME_BYTES)
+            return weighted(
+                (4, st.sampled_from(hints.rooms or ("x",)).map(proto.Conversation.room)),
+                (2, st.sampled_from(hints.users or ("x",)).map(proto.Conversation.direct)),
+                (1, name_texts.map(proto.Conversation.room)),
+                (1, name_texts.map(proto.Conversation.direct)))
+        kwargs = {field: values(sub, hints, field) for field, sub in _fields(con)}
+        if issubclass(con.cls, proto.Event):
+            kwargs["request_id"] = _request_ids()
+        return st.builds(con.cls, **kwargs)
+    if isinstance(con, _wire._Text):
+        return texts(con.max_bytes, hints.strategy(name), sizes=hints.body_bytes if name == "body" else ())
+    if isinstance(con, _wire._Enum):
+        return st.sampled_from(list(con.enum_cls))
+    if isinstance(con, _wire._Bool):
+        return st.booleans()
+    if isinstance(con, _wire._Array):  # a few drawn items repeated to the maximum: cheap to draw, full on the wire
+        few = st.lists(values(con.subcon, hints, name), min_size=1, max_size=3)
+        return st.one_of(st.just(()), few.map(tuple),
+                         few.map(lambda items: tuple(itertools.islice(itertools.cycle(items), con.max_items))))
+    if isinstance(con, FormatField):
+        bits = 8 * con.length
+        return st.one_of(st.integers(0, 5), st.sampled_from(edges(bits)), st.integers(0, (1 << bits) - 1))
+    raise NotImplementedError(f"no strategy for {con!r} (field {name}): teach tests/fuzzframes.py the new construct")
+
+
+# --- boundary variants of a plain frame ------------------------------------------------------------------------------
+
+def variants(con, hints: Hints, name: str | None = None) -> tuple[object, list]:
+    """(a plain valid value of ``con``, the values that differ from it in one place by a boundary value).
+
+    The plain value uses the hints (an existing room, a user, the password), so that each variant reaches as far
+    into the server as its one odd value lets it.
+    """
+    if isinstance(con, _wire._Record):
+        fields = {field: variants(sub, hints, field) for field, sub in _fields(con)}
+        extra: list = []
+        if con.cls is proto.Conversation:  # a room of the hints; the other room and a user as alternatives
+            fields["name"] = (hints.plain("room"), fields["name"][1])
+            extra = [proto.Conversation.room(room) for room in hints.rooms[1:2]] + [
+                proto.Conversation.direct(user) for user in hints.users[1:2]]
+        if issubclass(con.cls, proto.Event):
+            fields["request_id"] = (1, [1 << 31, (1 << 32) - 1])
+        base = {field: value for field, (value, _) in fields.items()}
+        return con.cls(**base), extra + [con.cls(**{**base, field: value})
+                                         for field, (_, others) in fields.items() for value in others]
+    if isinstance(con, _wire._Text):
+        sizes = [size for size in hints.body_bytes[1:] if size <= con.max_bytes] if name == "body" else []
+        return hints.plain(name), ["", exactly(con.max_bytes), exactly(con.max_bytes, "😀")] + [
+            exactly(size, "é") for size in sizes]
+    if isinstance(con, _wire._Enum):
+        first, *others = list(con.enum_cls)
+        return first, others
+    if isinstance(con, _wire._Bool):
+        return False, [True]
+    if isinstance(con, _wire._Array):
+        item, others = variants(con.subcon, hints, name)
+        return (item,), [(), (item,) * con.max_items] + [(other,) for other in others]
+    if isinstance(con, FormatField):
+        return 1, [v for v in edges(8 * con.length) if v != 1]
+    raise NotImplementedError(f"no boundary values for {con!r} (field {name}): teach tests/fuzzframes.py")
+
+
+def boundary_events(ftype: FrameType, hints: Hints = Hints()) -> list[proto.Event]:
+    """The plain event of ``ftype``, then every variant of it with one field at a boundary: u64s at 0, 2**31,
+    2**63 - 1, 2**63, 2**64 - 1..., strings empty and at their maximum, arrays empty and of 1000 items."""
+    base, others = variants(_wire.BODIES[ftype], hints)
+    return [base] + others
+
+
+@functools.lru_cache(maxsize=64)  # built once per (type, hints): from_regex is not cheap
+def frames(ftype: FrameType, hints: Hints = Hints()) -> st.SearchStrategy[proto.Event]:
+    """Well-formed events of ``ftype``: one time in three a boundary variant of a plain event (it reaches the
+    store), else random in every field."""
+    return weighted((1, st.sampled_from(boundary_events(ftype, hints))), (2, values(_wire.BODIES[ftype], hints)))
