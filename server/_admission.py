@@ -7,11 +7,18 @@ client (or one attacker) cannot take the whole server; a NAT puts many people
 behind one address, hence a generous default. The total stays below the
 process's open-file limit (``open_file_budget``): past it ``accept`` would fail
 with EMFILE instead of the client getting a clear TOO_MANY_CONNECTIONS.
+
+New connections per address are rate limited too (a token bucket): a client that
+reconnects in a loop would otherwise make the server pay a whole connection setup
+and teardown every few milliseconds, refused or not.
 """
 from __future__ import annotations
 
 import logging
 import resource
+import time
+
+from ._ratelimit import BucketTable
 
 log = logging.getLogger("chorus.server")
 
@@ -35,21 +42,28 @@ def open_file_budget() -> int:
 class Admission:
     """Counts open sockets; ``acquire`` says whether one more from ``address`` may stay."""
 
-    __slots__ = ("total_limit", "per_address", "total", "_by_address")
+    __slots__ = ("total_limit", "per_address", "total", "_by_address", "_rates", "refused")
 
-    def __init__(self, total_limit: int, per_address: int):
+    def __init__(self, total_limit: int, per_address: int, rate_per_s: float = 1e9, burst: int = 1 << 30):
         self.total_limit = total_limit
         self.per_address = per_address
         self.total = 0
         self._by_address: dict[str, int] = {}
+        self._rates = BucketTable(rate_per_s, burst)
+        self.refused = 0
 
     def acquire(self, address: str) -> str | None:
         """Take a slot for ``address``; None on success, else why not (a short text for the ERROR)."""
         if self.total >= self.total_limit:
+            self.refused += 1
             return "server full"
         held = self._by_address.get(address, 0)
         if held >= self.per_address:
+            self.refused += 1
             return f"at most {self.per_address} connections per address"
+        if self._rates.take(address, time.monotonic()):
+            self.refused += 1
+            return "too many new connections from this address; retry later"
         self._by_address[address] = held + 1
         self.total += 1
         return None

@@ -55,7 +55,8 @@ class Server:
         store.after_batch = self.hub.flush
         self.passwords = Passwords(time_cost=config.argon2_time_cost, memory_kib=config.argon2_memory_kib)
         self.connections: set[ClientConnection] = set()
-        self.admission = Admission(config.max_connections, config.max_connections_per_address)
+        self.admission = Admission(config.max_connections, config.max_connections_per_address,
+                                   config.connections_per_s_per_address, config.connection_burst_per_address)
         self.port: int | None = None
         self.ws_port: int | None = None
         self.close_reasons: collections.Counter[str] = collections.Counter()
@@ -69,6 +70,7 @@ class Server:
         return {
             "connections": len(self.connections),
             "sockets": self.admission.total,
+            "refused_sockets": self.admission.refused,
             "delivered": self.hub.delivered,
             "budgets": self.budgets.statistics(),
             "hashed": self.passwords.hashed,

@@ -121,8 +121,12 @@ class Config:
     max_connections: int = _opt(10000, "simultaneous connections in total (kept below the open-file limit)")
     max_connections_per_address: int = _opt(256, "simultaneous connections from one IP address, both ports and the "
                                                   "HTTP phase included (a NAT hides many people behind one)")
+    connections_per_s_per_address: float = _opt(20.0, "new connections per second from one IP address, sustained")
+    connection_burst_per_address: int = _opt(100, "new connections from one IP address in a burst")
     frame_timeout_s: float = _opt(30.0, "time a client has to finish a frame once its first byte arrived")
     max_pending_hashes: int = _opt(32, "password hashes waiting at once; further logins get SERVER_BUSY")
+    throttle_delay_s: float = _opt(1.0, "a throttled LOGIN or REGISTER is refused after at most this long, so a "
+                                        "guesser cannot make the server answer thousands of refusals a second")
     login_free_failures: int = _opt(5, "failed logins per user name and per address before back-off starts")
     login_backoff_max_s: float = _opt(300.0, "longest back-off after repeated failed logins (it doubles up to this)")
     user_send_rate_per_s: float = _opt(20.0, "SENDs per second one user may make across all its connections")
@@ -282,8 +286,9 @@ _POSITIVE = ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_p
              "max_frame_bytes", "max_body_bytes", "outbound_buffer_bytes", "max_page", "max_inflight_sends",
              "max_connections", "max_connections_per_user", "session_ttl_s", "max_connections_per_address",
              "frame_timeout_s", "max_pending_hashes", "login_backoff_max_s", "user_send_rate_per_s",
-             "user_send_burst", "rooms_created_per_hour", "registrations_per_hour", "max_missed_pings")
-_NOT_NEGATIVE = ("login_free_failures", "presence_offline_delay_s", "max_rate_violations", "shutdown_grace_s",
+             "user_send_burst", "rooms_created_per_hour", "registrations_per_hour", "max_missed_pings",
+             "connections_per_s_per_address", "connection_burst_per_address")
+_NOT_NEGATIVE = ("login_free_failures", "throttle_delay_s", "presence_offline_delay_s", "max_rate_violations", "shutdown_grace_s",
                  "max_rooms_per_user", "reconnect_hint_ms")
 
 

@@ -187,6 +187,7 @@ class Session:
         registrations = self.budgets.registrations
         wait = registrations.take(address, trio.current_time())
         if wait:
+            await trio.sleep(min(wait, config.throttle_delay_s))  # as for logins: a refusal a second at most
             raise RequestError(ErrorCode.RATE_LIMITED,
                                f"at most {config.registrations_per_hour} registrations per hour from one address",
                                retry_ms(wait))
@@ -209,6 +210,10 @@ class Session:
         now = trio.current_time()
         wait = budgets.login_wait_s(address, name, now)
         if wait:  # refused without hashing: guessing costs the guesser time, not us CPU
+            # ...and the refusal itself comes late (this connection reads nothing meanwhile), so a guesser
+            # cannot make us answer thousands of refusals a second: a sleeping task costs nothing.
+            await trio.sleep(min(wait, self.server.config.throttle_delay_s))
+            wait = budgets.login_wait_s(address, name, trio.current_time())
             raise RequestError(ErrorCode.RATE_LIMITED, "too many failed logins; wait before trying again",
                                retry_ms(wait))
         failures = budgets.login_started(address, name, now)

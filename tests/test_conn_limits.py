@@ -298,3 +298,16 @@ async def test_a_full_disk_at_start_does_not_stop_the_session_purge(start_server
     alice, bob = await honest_pair(server.port)
     await still_chatting(alice, bob, 1)
     assert any("purge postponed" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_address_reconnecting_in_a_loop_is_turned_away_at_the_door(start_server):
+    server = await start_server(connection_burst_per_address=3, connections_per_s_per_address=0.01)
+    for _ in range(3):
+        client = await RawClient.connect(server.port)  # each closes at once: slots are not what runs out
+        await client.stream.aclose()
+    refused = await RawClient.connect(server.port, hello=False)
+    events = await refused.drain_until_closed()
+    assert events[0].code == ErrorCode.TOO_MANY_CONNECTIONS and "new connections" in events[0].message
+    assert server.statistics()["refused_sockets"] == 1
+    alice, bob = await honest_pair(server.port, source="127.0.0.2")
+    await still_chatting(alice, bob, 1)

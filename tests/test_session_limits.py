@@ -25,7 +25,7 @@ LOBBY = proto.Conversation.room("lobby")
 PASSWORD = "correct horse"
 #: Nothing times out or PINGs while a test holds the mock clock still or jumps it by hand.
 NO_DEADLINES = {"ping_interval_s": 10_000, "handshake_timeout_s": 10_000, "auth_timeout_s": 10_000,
-                "frame_timeout_s": 10_000}
+                "frame_timeout_s": 10_000, "throttle_delay_s": 0}  # refusals come at once: no sleep to jump
 UNLIMITED = {"rate_per_s": 100_000, "rate_burst": 100_000, "user_send_rate_per_s": 100_000, "user_send_burst": 100_000}
 
 
@@ -525,3 +525,22 @@ async def test_hash_queue_one_per_address_refusing_long_waits():
         assert (entered, busy, queue.pending) == (["a1", "b1"], ["a4", "c1"], 2)
         release.set()
     assert entered == ["a1", "b1", "a2", "a3"] and queue.pending == 0 and not queue.statistics()["addresses"]
+
+
+async def test_a_throttled_guesser_gets_at_most_one_refusal_a_second(start_server, autojump_clock):
+    # The clock jumps whenever every task waits (threads hashing included): no deadline may fire meanwhile.
+    server = await start_server(**{**NO_DEADLINES, "throttle_delay_s": 1.0})
+    guesser = await connect_from(server.port, "127.0.0.3")
+    for _ in range(12):  # an address that has guessed wrong many times: back-off at its 300 s cap
+        server.budgets.login_by_address.failed("127.0.0.3", trio.current_time())
+    honest = await connect_from(server.port, "127.0.0.2")
+    start = trio.current_time()
+    rids = [guesser.rid() for _ in range(5)]
+    await guesser.send_raw(b"".join(guesser.conn.send(proto.Login("alice", "guess", request_id=r)) for r in rids))
+    assert isinstance(await honest.request(proto.Ping, 1), proto.Pong)  # an honest user is served meanwhile
+    for _ in rids:
+        refused = await guesser.next_of(proto.Error)
+        assert refused.code == ErrorCode.RATE_LIMITED and refused.retry_after_ms > 1000
+    # Virtual seconds: the guesser waited a second per refusal, on its own connection, costing us nothing.
+    assert trio.current_time() - start >= 5 * server.config.throttle_delay_s
+    assert server.passwords.hashed == 0
