@@ -10,6 +10,7 @@ else keeps its traceback: it is a bug, and hiding it would cost its diagnosis.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -45,6 +46,9 @@ async def _run(config: Config) -> None:
                 if problem is None:
                     raise
                 raise StartupError(problem) from exc
+            # Everything made so far (modules, construct's declarations, Trio) lives as long as the process,
+            # yet every full garbage collection walked it: about 32 ms of stall each time, under load.
+            gc.freeze()
             ws = f", chat page on http://{config.host}:{server.ws_port}/" if server.ws_port else ""
             print(f"Chorus listening on {config.host}:{server.port}{ws} (data in {config.db_path})", flush=True)
             async for signum in signals:
