@@ -164,17 +164,18 @@ class Hints:
 
 # --- random frames -------------------------------------------------------------------------------------------------
 
-def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
-    """``st.one_of`` where a (weight, strategy) pair is drawn weight times as often as one of weight 1.
+@st.composite
+def weighted(draw, *choices: tuple[int, st.SearchStrategy]):
+    """A value of one of the strategies, each (weight, strategy) chosen weight times as often as one of weight 1.
 
-    one_of drops a branch it already has (by identity), so each copy is a distinct ``map``. Put the choice that
-    should win shrinking first.
+    (``st.one_of`` cannot weigh: it drops a branch it already has.) Shrinking goes to the first choice.
     """
-    return st.one_of(*[strategy.map(_same) for weight, strategy in choices for _ in range(weight)])
-
-
-def _same(value):
-    return value
+    pick = draw(st.integers(0, sum(weight for weight, _ in choices) - 1))
+    for weight, strategy in choices:
+        if pick < weight:
+            return draw(strategy)
+        pick -= weight
+    raise AssertionError("unreachable")
 
 
 def texts(max_bytes: int, hints: st.SearchStrategy[str] | None = None, *,

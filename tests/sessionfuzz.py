@@ -40,7 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import trio
-from hypothesis import HealthCheck, event as hypothesis_event, note, settings
+from hypothesis import HealthCheck, Phase, event as hypothesis_event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -214,7 +214,7 @@ class LiveServer:
             self.check(wait_s=30)
 
     async def _answers_hello(self) -> bool:
-        with trio.move_on_after(2):
+        with trio.move_on_after(0.5):  # a healthy server answers in milliseconds, even a loaded one well within
             try:
                 peer = await Peer.connect("probe", self.port, set())
                 welcome = await peer.reply_to(proto.Hello(1, 1, "probe", request_id=1))
@@ -647,10 +647,14 @@ class SessionMachine(RuleBasedStateMachine):
             self.live.remove()
 
 
-def fuzz_settings(examples: int, steps: int, *, reproducible: bool) -> settings:
-    """Hypothesis settings for ``SessionMachine``: ``reproducible`` (CI) is derandomized and keeps no example
-    database; otherwise each run explores anew and failures are kept in .hypothesis/ to replay first."""
-    extra = {"derandomize": True, "database": None} if reproducible else {}
+def fuzz_settings(examples: int, steps: int, *, reproducible: bool, shrink: bool = True) -> settings:
+    """Hypothesis settings for ``SessionMachine``. ``reproducible`` (CI): derandomized, no example database.
+    Otherwise each run explores anew and keeps failures in .hypothesis/ to replay first. Without ``shrink`` a
+    failure is reported at once with every step it took (shrinking one replays hundreds of examples, each
+    with its own server: minutes)."""
+    extra: dict = {"derandomize": True, "database": None} if reproducible else {}
+    if not shrink:
+        extra["phases"] = [Phase.explicit, Phase.reuse, Phase.generate]
     return settings(max_examples=examples, stateful_step_count=steps, deadline=None,
                     suppress_health_check=list(HealthCheck), **extra)
 

@@ -6,8 +6,9 @@ what the spec and DESIGN.md "Failure is local" promise (its docstring lists it).
 
 - every client frame type has a strategy and a row in the spec, and every frame drawn is well-formed;
 - ``test_session_fuzz``: the hypothesis state machine, a bounded run (derandomized, no example database, so a run
-  is reproducible). ``CHORUS_FUZZ_EXAMPLES=2000`` (and ``CHORUS_FUZZ_STEPS``, default 50) runs longer with fresh
-  randomness each time and keeps failures in .hypothesis/ to replay; so does fuzz/fuzz_session.py;
+  is reproducible; a failure is reported at once with all its steps, ``CHORUS_FUZZ_SHRINK=1`` shrinks it first,
+  which takes minutes). ``CHORUS_FUZZ_EXAMPLES=2000`` (and ``CHORUS_FUZZ_STEPS``, default 50) runs longer with
+  fresh randomness each time, shrinks, and keeps failures in .hypothesis/ to replay; so does fuzz/fuzz_session.py;
 - ``test_boundary_sweep``: deterministic, every boundary variant of every client frame (fuzzframes.boundary_events);
 - issue 9 item 1 as a plain regression test: seqs of 2**63 and 2**64 - 1 in HISTORY, SYNC, DELIVERED and READ.
 """
@@ -29,6 +30,7 @@ from sessionfuzz import LOBBY, LiveServer, Peer, ServerBug, SessionMachine, answ
 
 EXAMPLES = int(os.environ.get("CHORUS_FUZZ_EXAMPLES", "0"))
 STEPS = int(os.environ.get("CHORUS_FUZZ_STEPS", "50"))
+SHRINK = os.environ.get("CHORUS_FUZZ_SHRINK") == "1"  # the default run reports a failure unshrunk, at once
 #: The default run: about 15 s on two shared cores. More examples find more, slower (see fuzz/fuzz_session.py).
 DEFAULT_EXAMPLES = 20
 REPLY_NAMES = {f: proto.EVENT_TYPES[reply.final].__name__ for f, reply in REPLIES.items() if reply.final}
@@ -72,14 +74,14 @@ def test_boundary_events_are_well_formed():
 
 # --- the session fuzzer ------------------------------------------------------------------------------------------
 
-@pytest.mark.timeout(900)  # a failure is shrunk, which takes up to a few minutes
+@pytest.mark.timeout(900 + 3 * EXAMPLES)  # shrinking a failure (CHORUS_FUZZ_SHRINK=1, long runs) takes minutes
 def test_session_fuzz():
     """Random frames in random states from three clients; the server, the replies, the bystanders and the stored
     data hold (tests/sessionfuzz.py)."""
     if EXAMPLES:
         config = fuzz_settings(EXAMPLES, STEPS, reproducible=False)
     else:
-        config = fuzz_settings(DEFAULT_EXAMPLES, STEPS, reproducible=True)
+        config = fuzz_settings(DEFAULT_EXAMPLES, STEPS, reproducible=True, shrink=SHRINK)
     run_state_machine_as_test(SessionMachine, settings=config)
 
 
@@ -151,26 +153,35 @@ def _one_frame_beside_bystanders(event: proto.Event) -> None:
 
 
 async def _one_frame(live: LiveServer, event: proto.Event, acks: list) -> None:
-    revoked: set[str] = set()
-    peers = []
-    with trio.fail_after(30):
-        for name in ("alice", "bob", "mallory"):
-            peer = await Peer.connect(name, live.port, revoked)
-            for request in (proto.Hello(1, 1, "item1"), proto.Register(name, "correct horse battery"),
-                            proto.Sync(()), proto.Join(LOBBY.name)):
-                reply = await peer.reply_to(dataclasses.replace(request, request_id=peer.rid()))
-                assert type(reply) is proto.EVENT_TYPES[REPLIES[request.FRAME].final], reply
-            peers.append(peer)
-        alice, bob, mallory = peers
+    peers: list[Peer] = []
+    try:
+        with trio.fail_after(30):
+            await _mallory_beside_alice_and_bob(live, event, acks, peers)
+    finally:
+        for peer in peers:  # else the server lingers at shutdown, waiting for their side of the close
+            if not peer.closed:
+                await peer.aclose()
 
-        async def send(peer, event):
-            return await answer(peer, dataclasses.replace(event, request_id=peer.rid()), acks)
 
-        assert await send(mallory, proto.Send(LOBBY, 1, "some history")) == "Ack"
-        outcome = await send(mallory, event)
-        assert "closed" not in outcome, outcome
-        live.check()
-        assert await send(mallory, proto.Ping(7)) == "Pong"
-        assert await send(alice, proto.Send(LOBBY, 2, "still here?")) == "Ack"
-        while not isinstance(got := await bob.next(), proto.Message) or got.body != "still here?":
-            assert not isinstance(got, proto.ConnectionClosed)
+async def _mallory_beside_alice_and_bob(live: LiveServer, event: proto.Event, acks: list, peers: list) -> None:
+    for name in ("alice", "bob", "mallory"):
+        peer = await Peer.connect(name, live.port, set())
+        peer.check_gaps = name != "mallory"
+        peers.append(peer)
+        for request in (proto.Hello(1, 1, "item1"), proto.Register(name, "correct horse battery"),
+                        proto.Sync(()), proto.Join(LOBBY.name)):
+            reply = await peer.reply_to(dataclasses.replace(request, request_id=peer.rid()))
+            assert type(reply) is proto.EVENT_TYPES[REPLIES[request.FRAME].final], reply
+    alice, bob, mallory = peers
+
+    async def send(peer, event):
+        return await answer(peer, dataclasses.replace(event, request_id=peer.rid()), acks)
+
+    assert await send(mallory, proto.Send(LOBBY, 1, "some history")) == "Ack"
+    outcome = await send(mallory, event)
+    assert "closed" not in outcome, outcome
+    live.check()
+    assert await send(mallory, proto.Ping(7)) == "Pong"
+    assert await send(alice, proto.Send(LOBBY, 2, "still here?")) == "Ack"
+    while not isinstance(got := await bob.next(), proto.Message) or got.body != "still here?":
+        assert not isinstance(got, proto.ConnectionClosed)
