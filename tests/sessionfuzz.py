@@ -265,7 +265,8 @@ class Peer:
         self.token: str | None = None  # this connection's session token, once authenticated
         self.revoked = revoked  # tokens a LOGOUT revoked: a connection resumed with one may be closed any time
         self._ids = itertools.count(1)
-        self.seen_seq: dict[proto.Conversation, int] = {}  # last MESSAGE seq per conversation (checked: bystanders)
+        self.seen_seq: dict[proto.Conversation, int] = {}  # highest seq pushed or paged, per conversation
+        self.max_page = 0  # from WELCOME
 
     @classmethod
     async def connect(cls, name: str, port: int, revoked: set[str]) -> "Peer":
@@ -292,8 +293,8 @@ class Peer:
     async def next(self):
         """The next event from the server (``ConnectionClosed`` at the end); answers the server's PINGs.
 
-        Raises ``ServerBug`` for a frame the state machine forbids, a push with a request_id, a gap in a
-        conversation's seqs seen live (if ``check_gaps``).
+        Raises ``ServerBug`` for a frame the state machine forbids, a push with a request_id, a MESSAGE whose seq
+        this connection already got (pushed or paged), a gap in a conversation's seqs seen live (if ``check_gaps``).
         """
         while True:
             try:
@@ -314,13 +315,19 @@ class Peer:
             raise ServerBug(f"{self.name}: push {brief(event)} carries request_id {event.request_id}, not 0")
         if isinstance(event, proto.Ping) and event.request_id == 0 and self.legal(FrameType.PONG):
             await self.send(event.response())
+        elif isinstance(event, proto.Welcome):
+            self.max_page = event.max_page
         elif isinstance(event, proto.AuthOk):
             self.user, self.token = event.username, event.token
         elif isinstance(event, proto.Message):
-            last = self.seen_seq.get(event.conv)
-            if last is not None and event.seq != last + 1 and self.check_gaps:
-                raise ServerBug(f"{self.name}: MESSAGE seq {event.seq} in {event.conv} after {last}: a gap or a repeat")
+            last = self.seen_seq.get(event.conv, 0)
+            if event.seq <= last:  # spec §9.5: after a conversation's pages, only later messages are pushed
+                raise ServerBug(f"{self.name}: MESSAGE {event.conv} seq {event.seq} again: {last} already came")
+            if self.check_gaps and last and event.seq != last + 1:
+                raise ServerBug(f"{self.name}: MESSAGE {event.conv} seq {event.seq} after {last}: a gap")
             self.seen_seq[event.conv] = event.seq
+        elif isinstance(event, proto.SyncPage) and event.messages:
+            self.seen_seq[event.conv] = max(self.seen_seq.get(event.conv, 0), event.messages[-1].seq)
         return event
 
     def logged_out_elsewhere(self, event) -> bool:
@@ -369,6 +376,51 @@ class Peer:
         await self.stream.aclose()
 
 
+class PageCheck:
+    """What the pages answering one HISTORY or SYNC must look like (spec §9.5, §9.7): seqs ascending without gap,
+    at most the limit (0 or over ``max_page`` means ``max_page``), after or below the cursor; HISTORY AFTER starts
+    right after it, and each listed conversation of a SYNC gets pages from its position on, the last with
+    ``has_more`` false, before SYNC_DONE."""
+
+    def __init__(self, request: proto.Event, max_page: int):
+        self.request = request
+        self.max_page = max_page
+        self.next: dict[proto.Conversation, int | None] = {}  # SYNC: the seq each listed conversation goes on with
+        if isinstance(request, proto.Sync):
+            for position in request.positions:  # a conversation listed twice pages from its last position
+                self.next[position.conv] = position.last_seq + 1
+        self.done: set[proto.Conversation] = set()
+
+    def check(self, reply: proto.Event) -> None:
+        request = self.request
+        if isinstance(reply, (proto.HistoryPage, proto.SyncPage)):
+            seqs = [m.seq for m in reply.messages]
+            if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+                self._bug(reply, "seqs not ascending one by one")
+            if len(seqs) > self.max_page:
+                self._bug(reply, f"more than max_page {self.max_page}")
+        if isinstance(reply, proto.HistoryPage):
+            limit = request.limit if 0 < request.limit <= self.max_page else self.max_page
+            if reply.conv != request.conv or len(seqs) > limit or (len(seqs) < limit and reply.has_more):
+                self._bug(reply, f"not a page of {request.conv} with at most {limit} (has_more only when full)")
+            if request.direction is proto.Direction.AFTER and seqs and seqs[0] != request.seq + 1:
+                self._bug(reply, f"AFTER {request.seq} does not start at {request.seq + 1}")
+            if request.direction is proto.Direction.BEFORE and request.seq and seqs and seqs[-1] >= request.seq:
+                self._bug(reply, f"BEFORE {request.seq} reaches {seqs[-1]}")
+        elif isinstance(reply, proto.SyncPage) and reply.conv in self.next:
+            expected = self.next[reply.conv]
+            if reply.conv in self.done or (seqs and expected is not None and seqs[0] != expected):
+                self._bug(reply, f"{reply.conv} should go on at seq {expected}, once")
+            self.next[reply.conv] = seqs[-1] + 1 if seqs else expected
+            if not reply.has_more:
+                self.done.add(reply.conv)
+        elif isinstance(reply, proto.SyncDone) and self.done != set(self.next):
+            self._bug(reply, f"no last page for {set(self.next) - self.done}")
+
+    def _bug(self, reply: proto.Event, what: str) -> None:
+        raise ServerBug(f"{brief(reply)} answering {brief(self.request)}: {what}")
+
+
 async def answer(peer: Peer, event: proto.Event, acks: list) -> str:
     """Send ``event`` (legal in ``peer``'s state or not) and check the server's answer against the spec.
 
@@ -408,7 +460,7 @@ async def _answer(peer: Peer, event: proto.Event):
     if not peer.legal(FrameType.PING):
         return "no reply expected, none checked"  # an ERROR before HELLO: no request may follow it
     # No reply on success: the PING sent next is answered after it (a connection handles its frames in order).
-    ping = proto.Ping(0x5EED, request_id=event.request_id % 0xFFFFFFFF + 1)
+    ping = proto.Ping(0x5EED, request_id=fresh_id(event.request_id, {event.request_id}))
     await peer.send(ping)
     return await _until(peer, event, Reply(FrameType.PONG), ping.request_id, refusable=ftype is not FrameType.ERROR)
 
@@ -418,6 +470,7 @@ async def _until(peer: Peer, event: proto.Event, reply: Reply, rid: int, *, refu
     refusing ``event`` may come first when ``refusable``."""
     final, partial = proto.EVENT_TYPES[reply.final], {proto.EVENT_TYPES[f] for f in reply.partial}
     refused = None
+    pages = PageCheck(event, peer.max_page)
     while True:
         got = await peer.next()
         if isinstance(got, proto.ConnectionClosed):
@@ -448,10 +501,82 @@ async def _until(peer: Peer, event: proto.Event, reply: Reply, rid: int, *, refu
             continue  # a push
         if got.request_id != rid:
             raise ServerBug(f"{peer.name}: {brief(got)} answers no request in flight (sent {brief(event)})")
+        pages.check(got)
         if type(got) is final:
             return refused or got
         if type(got) not in partial:
             raise ServerBug(f"{peer.name}: {brief(event)} answered by {brief(got)}")
+
+
+def fresh_id(after: int, taken) -> int:
+    """The first nonzero u32 request id after ``after`` (wrapping) that is not in ``taken``."""
+    rid = after % 0xFFFFFFFF + 1
+    while rid in taken:
+        rid = rid % 0xFFFFFFFF + 1
+    return rid
+
+
+def pipelinable(peer: Peer) -> list[FrameType]:
+    """The frames ``peer`` may send back to back: legal now, and neither they nor their reply change the state
+    (no LOGIN, LOGOUT, BYE...), and none that may end the connection (ALLOWED_CLOSES: a PONG). None before HELLO."""
+    state = peer.state
+    if not peer.legal(FrameType.PING):  # the PING that closes a burst
+        return []
+    return [f for f in CLIENT_FRAMES if peer.legal(f) and f is not FrameType.BYE and f not in ALLOWED_CLOSES
+            and next_state(state, proto.CLIENT, f) is state
+            and (REPLIES[f].final is None or next_state(state, proto.SERVER, REPLIES[f].final) is state)]
+
+
+async def answer_many(peer: Peer, events: list[proto.Event], acks: list) -> list[str]:
+    """Send ``events`` (``pipelinable``, distinct request ids) back to back, then a PING, and check that each gets
+    its answer, in whatever order they come (spec §2.2: match replies by request_id). Returns the outcomes."""
+    by_id = {e.request_id: e for e in events}
+    assert len(by_id) == len(events), "request ids must be distinct"
+    ping = proto.Ping(0x5EED, request_id=fresh_id(events[-1].request_id, by_id))
+    pending = {e.request_id: REPLIES[e.FRAME] for e in events if REPLIES[e.FRAME].final is not None}
+    pages = {e.request_id: PageCheck(e, peer.max_page) for e in events}
+    outcomes: dict[int, str] = {}
+    try:
+        with trio.fail_after(STEP_TIMEOUT_S):
+            for event in events + [ping]:
+                await peer.send(event)
+            pending[ping.request_id] = REPLIES[FrameType.PING]
+            by_id[ping.request_id] = ping
+            while pending:
+                got = await peer.next()
+                if isinstance(got, proto.ConnectionClosed):
+                    raise ServerBug(f"{peer.name}: closed while {len(pending)} of a burst waited for their answers")
+                if peer.logged_out_elsewhere(got):
+                    await peer.expect_close(got, code=None, bye=None)
+                    return [f"BYE {got.reason.name}, closed"]
+                rid = got.request_id
+                if rid == 0 and not isinstance(got, (proto.Error, proto.Bye)):
+                    continue  # a push
+                sent = by_id.get(rid)
+                if sent is None or rid in outcomes or isinstance(got, proto.Bye):
+                    raise ServerBug(f"{peer.name}: {brief(got)} in a burst of {[brief(e, 80) for e in events]}")
+                if isinstance(got, proto.Error):
+                    if got.code is ErrorCode.INTERNAL or ERROR_CLOSES.get(got.code) or sent.FRAME is FrameType.ERROR:
+                        raise ServerBug(f"{peer.name}: {brief(sent)}, sent in a burst, got {got!r}")
+                    outcomes[rid] = got.code.name
+                    pending.pop(rid, None)
+                    continue
+                reply = pending.get(rid)
+                if reply is None or type(got) not in {proto.EVENT_TYPES[f] for f in reply.partial | {reply.final}}:
+                    raise ServerBug(f"{peer.name}: {brief(sent)}, sent in a burst, answered by {brief(got)}")
+                if rid in pages:
+                    pages[rid].check(got)
+                if type(got) is proto.EVENT_TYPES[reply.final]:
+                    outcomes[rid] = type(got).__name__
+                    del pending[rid]
+                    if isinstance(got, proto.Ack):
+                        if (got.conv, got.client_msg_id) != (sent.conv, sent.client_msg_id):
+                            raise ServerBug(f"{peer.name}: {brief(sent)} acknowledged by {got!r}")
+                        acks.append((peer.user, got, sent.body))
+    except trio.TooSlowError:
+        raise ServerBug(f"{peer.name}: no answer within {STEP_TIMEOUT_S} s to "
+                        f"{[brief(by_id[rid], 80) for rid in pending]} of a burst") from None
+    return [outcomes.get(e.request_id, "ok") for e in events]
 
 
 # --- the state machine ------------------------------------------------------------------------------------------
@@ -565,6 +690,46 @@ class SessionMachine(RuleBasedStateMachine):
         outcome = self._call(answer, peer, event, self.acks)
         hypothesis_event(f"{ftype.name} in {state}: {outcome}")
         note(f"  -> {outcome}")
+
+    @rule(data=st.data())
+    def burst(self, data):
+        """Some clients each send a few frames back to back, all at the same time; every answer is checked."""
+        plans = []
+        for i in data.draw(st.lists(st.integers(0, len(self.clients) - 1), min_size=1, unique=True), label="clients"):
+            peer = self.clients[i]
+            kinds = [] if peer.closed else pipelinable(peer)
+            if not kinds:
+                continue
+            drawn = data.draw(st.lists(st.sampled_from(kinds).flatmap(lambda f: frames(f, self.hints)),
+                                       min_size=1, max_size=4), label=f"{peer.name} burst")
+            events: list[proto.Event] = []
+            for event in drawn:  # distinct request ids, so that every answer has one owner
+                taken = {e.request_id for e in events}
+                events.append(dataclasses.replace(event, request_id=fresh_id(event.request_id - 1, taken)))
+            note(f"{peer.name} [{peer.state.name}] sends at once: {[brief(e, 160) for e in events]}")
+            plans.append((peer, events))
+        if plans:
+            for (peer, _), outcomes in zip(plans, self._call(self._bursts, plans)):
+                note(f"  {peer.name} -> {outcomes}")
+
+    async def _bursts(self, plans) -> list[list[str]]:
+        results: list[list[str]] = [[] for _ in plans]
+
+        async def run(i, peer, events):
+            results[i] = await answer_many(peer, events, self.acks)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, (peer, events) in enumerate(plans):
+                    nursery.start_soon(run, i, peer, events)
+        except BaseExceptionGroup as group:  # report the first bug as itself, as a single client would
+            bugs = group.subgroup(lambda exc: isinstance(exc, ServerBug))
+            if bugs is None:
+                raise
+            while isinstance(bugs, BaseExceptionGroup):
+                bugs = bugs.exceptions[0]
+            raise bugs from group
+        return results
 
     @staticmethod
     def _frame_types(peer: Peer) -> st.SearchStrategy[FrameType]:

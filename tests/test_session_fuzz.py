@@ -26,7 +26,8 @@ from hypothesis.stateful import run_state_machine_as_test
 import proto
 from fuzzframes import CLIENT_FRAMES, REPLIES, Hints, boundary_events, frames, spec_frame_table
 from proto import Direction, FrameType
-from sessionfuzz import LOBBY, LiveServer, Peer, ServerBug, SessionMachine, answer, check_store, fuzz_settings
+from sessionfuzz import (LOBBY, LiveServer, PageCheck, Peer, ServerBug, SessionMachine, answer, check_store,
+                        fuzz_settings)
 
 EXAMPLES = int(os.environ.get("CHORUS_FUZZ_EXAMPLES", "0"))
 STEPS = int(os.environ.get("CHORUS_FUZZ_STEPS", "50"))
@@ -70,6 +71,40 @@ def test_boundary_events_are_well_formed():
     for ftype in CLIENT_FRAMES:
         for event in boundary_events(ftype):
             _well_formed(event)
+
+
+# --- the checks catch what they should -------------------------------------------------------------------------
+
+def _stored(*seqs):
+    return tuple(proto.StoredMessage(seq, 0, "f0", seq, "x") for seq in seqs)
+
+
+FUZZ = proto.Conversation.room("fuzz")
+
+
+@pytest.mark.parametrize("request_, replies", [
+    (proto.History(FUZZ, Direction.AFTER, 3, 10), [proto.HistoryPage(FUZZ, _stored(4, 6), False)]),  # a gap
+    (proto.History(FUZZ, Direction.AFTER, 3, 10), [proto.HistoryPage(FUZZ, _stored(5, 6), False)]),  # not after 3
+    (proto.History(FUZZ, Direction.BEFORE, 3, 10), [proto.HistoryPage(FUZZ, _stored(2, 3), False)]),  # not below
+    (proto.History(FUZZ, Direction.AFTER, 0, 2), [proto.HistoryPage(FUZZ, _stored(1, 2, 3), False)]),  # over limit
+    (proto.History(FUZZ, Direction.AFTER, 0, 5), [proto.HistoryPage(FUZZ, _stored(1, 2), True)]),  # has_more?
+    (proto.Sync((proto.Position(FUZZ, 2),)), [proto.SyncPage(FUZZ, _stored(4), False)]),  # skips 3
+    (proto.Sync((proto.Position(FUZZ, 2),)), [proto.SyncPage(FUZZ, _stored(3), True), proto.SyncDone()]),  # unfinished
+    (proto.Sync((proto.Position(FUZZ, 2),)), [proto.SyncDone()]),  # no page at all
+], ids=["gap", "after", "before", "limit", "has_more", "sync-skips", "sync-unfinished", "sync-no-page"])
+def test_page_checks_catch_bad_pages(request_, replies):
+    check = PageCheck(request_, max_page=100)
+    with pytest.raises(ServerBug):
+        for reply in replies:
+            check.check(reply)
+
+
+def test_page_checks_pass_good_pages():
+    check = PageCheck(proto.Sync((proto.Position(FUZZ, 2), proto.Position(LOBBY, 0))), max_page=2)
+    for reply in [proto.SyncPage(FUZZ, _stored(3, 4), True), proto.SyncPage(FUZZ, _stored(5), False),
+                  proto.SyncPage(LOBBY, (), False), proto.SyncDone()]:
+        check.check(reply)
+    PageCheck(proto.History(FUZZ, Direction.BEFORE, 0, 0), max_page=2).check(proto.HistoryPage(FUZZ, _stored(8, 9), True))
 
 
 # --- the session fuzzer ------------------------------------------------------------------------------------------
