@@ -214,15 +214,17 @@ class LiveServer:
             self.check(wait_s=30)
 
     async def _answers_hello(self) -> bool:
-        with trio.move_on_after(0.5):  # a healthy server answers in milliseconds, even a loaded one well within
-            try:
+        peer = None
+        try:
+            with trio.move_on_after(0.5):  # a healthy server answers in milliseconds, even a loaded one well within
                 peer = await Peer.connect("probe", self.port, set())
-                welcome = await peer.reply_to(proto.Hello(1, 1, "probe", request_id=1))
+                return isinstance(await peer.reply_to(proto.Hello(1, 1, "probe", request_id=1)), proto.Welcome)
+            return False
+        except (OSError, ServerBug):
+            return False
+        finally:
+            if peer is not None and not peer.closed:
                 await peer.aclose()
-                return isinstance(welcome, proto.Welcome)
-            except (OSError, ServerBug):
-                return False
-        return False
 
     def close(self) -> None:
         """Stop the server (gracefully unless it died) and wait for its thread; keeps the files (``remove``)."""

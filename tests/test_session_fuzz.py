@@ -178,7 +178,11 @@ def _one_frame_beside_bystanders(event: proto.Event) -> None:
     live = LiveServer()
     acks: list = []
     try:
-        live.call(_one_frame, live, event, acks)
+        try:
+            live.call(_one_frame, live, event, acks)
+        except ServerBug:
+            live.diagnose()  # ServerDied, if the server is going down
+            raise
         live.check()
         live.close()
         check_store(live.db_path, acks)
