@@ -79,8 +79,8 @@ from pathlib import Path
 
 import trio
 
-import proto
-from proto import FrameType
+from chorus import proto
+from chorus.proto import FrameType
 
 from .loadgen import probe_body
 from .run import REPO, Endpoint, _read_first_line, machine_busy_s
@@ -814,7 +814,7 @@ class _Code:
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
         self.fingerprint = digest.hexdigest()[:12]
         self.env = {**os.environ, "PYTHONPATH": str(self.root)}
-        out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=self.root, capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "chorus.server", "--help"], cwd=self.root, capture_output=True,
                              text=True, env=self.env).stdout
         self.flags = set(re.findall(r"(--[a-z0-9-]+)", out))  # options come and go while the server is worked on
 

@@ -1,4 +1,4 @@
-"""``python -m bench.chorus_server ARGS``: the Chorus server exactly as ``python -m server ARGS`` runs it,
+"""``python -m bench.chorus_server ARGS``: the Chorus server exactly as ``python -m chorus.server ARGS`` runs it,
 plus one thing the bench needs: on SIGUSR1 it writes ``Server.statistics()`` (connections, deliveries,
 the store's group-commit counters) as JSON to the file named by ``$CHORUS_BENCH_STATS``.
 
@@ -16,7 +16,7 @@ import sys
 
 import trio
 
-import server.__main__ as entry
+import chorus.server.__main__ as entry
 
 _serve = entry.serve
 

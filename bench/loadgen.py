@@ -36,8 +36,8 @@ import traceback
 
 from hdrh.histogram import HdrHistogram
 
-import proto
-from proto import FrameType
+from chorus import proto
+from chorus.proto import FrameType
 
 from . import mqtt, ws
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a bare checkout
 
-import proto  # noqa: E402
-from proto import _wire  # noqa: E402
+from chorus import proto  # noqa: E402
+from chorus.proto import _wire  # noqa: E402
 
 ROOM = proto.Conversation.room("general")
 BODY = ("Hey team, the deploy finished at 14:05 and the dashboards look healthy. "

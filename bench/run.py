@@ -2,7 +2,7 @@
 
 How a run works (issue 6; DESIGN.md "Fan-out"): for each scenario and system, the controller starts the
 server process on a free loopback port (Chorus through ``bench.chorus_server``, which is
-``python -m server`` plus a statistics dump on SIGUSR1; Mosquitto from ``/usr/sbin/mosquitto`` with its
+``python -m chorus.server`` plus a statistics dump on SIGUSR1; Mosquitto from ``/usr/sbin/mosquitto`` with its
 own config; the ``websockets`` reference from ``bench/peers``), starts load-generator processes
 (``bench/loadgen.py``) that open and set up every connection, then runs measured windows. Around each
 window it reads the server's CPU time (utime/stime from ``/proc/PID/stat``) and RSS (``/proc/PID/status``);
@@ -236,7 +236,7 @@ _LIFTED_BUDGETS = [
 
 def _start_chorus(name: str, heartbeat_s: int, tmp: Path, log_path: Path) -> Endpoint:
     ws = name == "chorus-ws"
-    if ws and importlib.util.find_spec("server._websocket") is None:
+    if ws and importlib.util.find_spec("chorus.server._websocket") is None:
         raise Unavailable("the WebSocket bridge (server/_websocket.py) is not there yet")
     cmd = [sys.executable, "-m", "bench.chorus_server", "--host", "127.0.0.1", "--port", "0",
            "--data-dir", str(tmp / "data"),

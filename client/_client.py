@@ -38,8 +38,8 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 
 from ._errors import ConnectionLost, ServerError
 from ._events import Disconnected, Reconnected

@@ -7,7 +7,7 @@ longer) reconnect.
 """
 from __future__ import annotations
 
-import proto
+from chorus import proto
 
 
 class ServerError(Exception):

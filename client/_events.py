@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import proto
+from chorus import proto
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,8 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-import proto
-from proto import ErrorCode
+from chorus import proto
+from chorus.proto import ErrorCode
 
 from ._client import Client, open_client
 from ._config_dir import SessionStore

@@ -15,7 +15,7 @@ import collections
 
 import trio
 
-import proto
+from chorus import proto
 
 
 class EventQueue:

@@ -22,7 +22,7 @@ import json
 import os
 import zlib
 
-import proto
+from chorus import proto
 
 _RESET = "\x1b[0m"
 _DIM, _BOLD, _RED, _GREEN, _YELLOW, _CYAN = "\x1b[2m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[36m"

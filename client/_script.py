@@ -17,8 +17,8 @@ import sys
 
 import trio
 
-import proto
-from proto import ConvKind, ErrorCode
+from chorus import proto
+from chorus.proto import ConvKind, ErrorCode
 
 from ._client import Client, parse_conv
 from ._errors import ServerError

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import trio
 
-import proto
+from chorus import proto
 
 _READ_BYTES = 65536
 # The server's bucket starts at the same time as ours but sees our frames later and

@@ -50,8 +50,8 @@ from typing import Awaitable, Callable
 
 import trio
 
-import proto
-from proto import ConvKind, ErrorCode
+from chorus import proto
+from chorus.proto import ConvKind, ErrorCode
 
 from ._client import Client
 from ._commands import COMMANDS, Command, Text, UsageError, completions, help_lines, history_count, msg_args, parse, \

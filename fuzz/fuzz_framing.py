@@ -39,13 +39,13 @@ if __name__ == "__main__":
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a bare checkout
     with atheris.instrument_imports(include=["proto", "construct"]):
-        import proto
-        from proto import _wire
+        from chorus import proto
+        from chorus.proto import _wire
 else:
-    import proto
-    from proto import _wire
+    from chorus import proto
+    from chorus.proto import _wire
 
-from proto import (
+from chorus.proto import (
     CLIENT,
     HEADER_BYTES,
     NEED_DATA,
@@ -56,7 +56,7 @@ from proto import (
     FrameType,
     RemoteProtocolError,
 )
-from proto._state import next_state
+from chorus.proto._state import next_state
 
 #: Receive limit of the stateful connections: small, so that inputs of a few KB test the buffer bound,
 #: yet above 512 so that a compressed frame (its body >= 512 bytes uncompressed) can get through.

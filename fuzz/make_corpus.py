@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable from a bare checkout
 
-import proto  # noqa: E402
-from proto import Conversation, FrameType  # noqa: E402
+from chorus import proto  # noqa: E402
+from chorus.proto import Conversation, FrameType  # noqa: E402
 
 CORPUS = ROOT / "fuzz" / "corpus"
 SPEC = ROOT / "spec" / "PROTOCOL.md"

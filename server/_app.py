@@ -24,8 +24,8 @@ from pathlib import Path
 
 import trio
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 
 from ._admission import Admission, open_file_budget
 from ._auth import Passwords

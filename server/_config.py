@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import proto
+import chorus
+from chorus import proto
 
 DEFAULT_PORT = 7420
 DEFAULT_WS_PORT = 7421
@@ -236,7 +237,7 @@ class Config:
         """The limits a client learns in WELCOME (spec §6)."""
         return proto.Welcome(
             version=proto.PROTOCOL_VERSION,
-            server="chorus/0.1",
+            server=f"chorus/{chorus.__version__}",
             max_frame_bytes=self.max_frame_bytes,
             max_body_bytes=self.max_body_bytes,
             ping_interval_ms=int(self.ping_interval_s * 1000),

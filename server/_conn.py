@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 
 from ._logs import safe
 from ._output import Output

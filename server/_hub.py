@@ -21,7 +21,7 @@ from typing import Iterable, Protocol
 
 import trio
 
-import proto
+from chorus import proto
 
 log = logging.getLogger("chorus.hub")
 #: OFFLINEs sent in one go before the timer lets other tasks run.

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-import proto
-from proto import ConvKind, ErrorCode
+from chorus import proto
+from chorus.proto import ConvKind, ErrorCode
 
 from ._auth import MIN_PASSWORD_BYTES, Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of

@@ -61,7 +61,7 @@ from typing import Any
 
 import trio
 
-from proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
+from chorus.proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
 
 log = logging.getLogger(__name__)
 

@@ -53,8 +53,8 @@ from functools import partial
 import h11
 import trio
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 
 from . import _http
 from ._transport import SocketStream, open_listener

@@ -37,7 +37,7 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-from proto import NEED_DATA
+from chorus.proto import NEED_DATA
 
 __all__ = [
     "MAX_FRAGMENTS", "NEED_DATA", "BinaryMessage", "Close", "CloseCode", "FrameReader", "Opcode", "Ping", "Pong",

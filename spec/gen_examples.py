@@ -2,7 +2,7 @@
 
 The spec holds, for each example, an HTML comment with a Python expression
 (``<!-- example: Ping(nonce=1, request_id=7) -->``) followed by a ```` ```hex ````
-block. This script evaluates the expression with ``from proto import *`` in
+block. This script evaluates the expression with ``from chorus.proto import *`` in
 scope, encodes it with ``proto.encode`` and lays the bytes out so that the
 header fields (§2) and each body field (§3, §5) are visible: header on one
 line, then one line per body field, one line per array item, long strings and
@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-import proto  # noqa: E402
+from chorus import proto  # noqa: E402
 from construct import FormatField, Renamed  # noqa: E402
-from proto import _state, _wire  # noqa: E402
-from proto._const import COMPRESSED_PREFIX_BYTES, HEADER_BYTES, Flags, FrameType  # noqa: E402
-from proto._wire import largest_compressed_length  # noqa: E402
+from chorus.proto import _state, _wire  # noqa: E402
+from chorus.proto._const import COMPRESSED_PREFIX_BYTES, HEADER_BYTES, Flags, FrameType  # noqa: E402
+from chorus.proto._wire import largest_compressed_length  # noqa: E402
 
 SPEC = ROOT / "spec" / "PROTOCOL.md"
 WRAP_BYTES = 32
@@ -54,9 +54,9 @@ RECORDS = {
 
 
 def namespace() -> dict:
-    """The names an example expression may use: everything ``from proto import *`` gives."""
+    """The names an example expression may use: everything ``from chorus.proto import *`` gives."""
     ns: dict = {}
-    exec("from proto import *", ns)
+    exec("from chorus.proto import *", ns)
     return ns
 
 

@@ -1,8 +1,8 @@
-"""Real processes for the terminal-client tests: a ``python -m server`` and ``chorus`` in a pseudo-terminal.
+"""Real processes for the terminal-client tests: a ``python -m chorus.server`` and ``chorus`` in a pseudo-terminal.
 
 The server runs on a free port with its data in the test's tmp_path and can be
 killed (SIGKILL) and started again on the same port and data. ``Terminal``
-drives ``python -m client`` with pexpect; its blocking ``expect`` runs in a
+drives ``python -m chorus.client`` with pexpect; its blocking ``expect`` runs in a
 worker thread so that a library client in the same Trio test keeps running.
 Everything the program printed is kept (``text()`` without escape sequences)
 for assertions about the whole screen history, e.g. "no Traceback".
@@ -33,7 +33,7 @@ class ServerProcess:
 
     def start(self) -> None:
         """Start (or start again, on the same port); returns once it listens."""
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "chorus.server", "--port", str(self.port), "--data-dir", str(self.data_dir),
                "--argon2-time-cost", "1", "--argon2-memory-kib", "1024"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
@@ -63,7 +63,7 @@ class Terminal:
 
     def __init__(self, args: list[str], env: dict[str, str]):
         self.log = io.StringIO()
-        self.child = pexpect.spawn(sys.executable, ["-m", "client", *args], cwd=str(REPO), env=env,
+        self.child = pexpect.spawn(sys.executable, ["-m", "chorus.client", *args], cwd=str(REPO), env=env,
                                    encoding="utf-8", dimensions=(40, 200), timeout=EXPECT_TIMEOUT_S)
         self.child.logfile_read = self.log
 

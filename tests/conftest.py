@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from server import Config, serve
+from chorus.server import Config, serve
 
 #: argon2 at its default cost takes ~30 ms a hash; tests register hundreds of users.
 FAST_HASH = {"argon2_time_cost": 1, "argon2_memory_kib": 1024}

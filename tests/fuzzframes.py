@@ -26,9 +26,9 @@ from pathlib import Path
 from construct import FormatField
 from hypothesis import strategies as st
 
-import proto
-from proto import CloseReason, ErrorCode, FrameType, _wire
-from proto._state import TRANSITIONS
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode, FrameType, _wire
+from chorus.proto._state import TRANSITIONS
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "PROTOCOL.md"
 

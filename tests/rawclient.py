@@ -5,7 +5,7 @@ import itertools
 
 import trio
 
-import proto
+from chorus import proto
 
 
 class RawClient:

@@ -45,11 +45,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import conftest
-import proto
+from chorus import proto
 from fuzzframes import ALLOWED_CLOSES, CLIENT_FRAMES, ERROR_CLOSES, PUSHES, REPLIES, Hints, Reply, frames, weighted
-from proto import CloseReason, ErrorCode, FrameType, State
-from proto._state import next_state
-from server import Config, serve
+from chorus.proto import CloseReason, ErrorCode, FrameType, State
+from chorus.proto._state import next_state
+from chorus.server import Config, serve
 
 #: How long any one exchange (a frame and its reply, the bystanders' round) may take before it counts as a hang.
 STEP_TIMEOUT_S = 5.0

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
-import proto
-from proto import CloseReason
+from chorus import proto
+from chorus.proto import CloseReason
 from conftest import service_required
 from rawclient import RawClient
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from chorusproc import REPO
-from server._store import SCHEMA_VERSION
+from chorus.server._store import SCHEMA_VERSION
 
 #: The server must refuse before it serves, in well under a second; generous for two shared cores.
 TIMEOUT_S = 30
 
 
 def chorus_server(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script (``python -m server`` if it is not installed) in ``cwd``."""
+    """Run the installed console script (``python -m chorus.server`` if it is not installed) in ``cwd``."""
     script = Path(sys.executable).parent / "chorus-server"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "server"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "chorus.server"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
@@ -162,7 +162,7 @@ def run_with_serve(tmp_path: Path, body: str, *args: str) -> subprocess.Complete
     program = f"""
 import errno, sys, types
 import trio
-import server.__main__ as entry
+import chorus.server.__main__ as entry
 
 async def serve(config, *, task_status=trio.TASK_STATUS_IGNORED):
     async with trio.open_nursery():  # serve's nurseries wrap what crosses them in groups

@@ -28,7 +28,7 @@ def chorus(tmp_path, server):
     """``chorus(*args, input=..., **env)`` → CompletedProcess, as carol on the test server."""
 
     def run(*args: str, input: str | None = None, user: str = "carol", **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "client", "--server", server.address, "--user", user, *args],
+        return subprocess.run([sys.executable, "-m", "chorus.client", "--server", server.address, "--user", user, *args],
                               cwd=REPO, env=chorus_env(tmp_path / "config", **env), input=input or "",
                               capture_output=True, text=True, timeout=60)
 
@@ -41,7 +41,7 @@ def tails(tmp_path, server):
 
     def start(*args: str, **env: str) -> PopenSpawn:
         # Pipes, not a terminal: what a script sees.
-        p = PopenSpawn([sys.executable, "-m", "client", "--server", server.address, "--user", "carol", "tail", *args],
+        p = PopenSpawn([sys.executable, "-m", "chorus.client", "--server", server.address, "--user", "carol", "tail", *args],
                        cwd=str(REPO), env=chorus_env(tmp_path / "config", NO_COLOR="", **env),
                        encoding="utf-8", timeout=EXPECT_TIMEOUT_S)
         started.append(p)
@@ -133,7 +133,7 @@ def test_errors_are_one_line_on_stderr(chorus, tmp_path):
 
 def test_register_of_a_taken_name_and_an_unreachable_server(tmp_path, server):
     env = chorus_env(tmp_path / "config-a", CHORUS_PASSWORD=PASSWORD)
-    base = [sys.executable, "-m", "client", "--user", "erin"]
+    base = [sys.executable, "-m", "chorus.client", "--user", "erin"]
     ok = subprocess.run([*base, "--server", server.address, "--register", "send", "#a", "hi"], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0
@@ -150,7 +150,7 @@ def test_register_of_a_taken_name_and_an_unreachable_server(tmp_path, server):
 
 
 def test_entry_points():
-    help_text = subprocess.run([sys.executable, "-m", "client", "--help"], cwd=REPO, capture_output=True, text=True)
+    help_text = subprocess.run([sys.executable, "-m", "chorus.client", "--help"], cwd=REPO, capture_output=True, text=True)
     assert help_text.returncode == 0 and "CHORUS_PASSWORD" in help_text.stdout and "tail" in help_text.stdout
     script = Path(sys.executable).parent / "chorus"
     if not script.exists():
@@ -164,7 +164,7 @@ def test_entry_points():
 def test_interactive_client_reads_lines_from_a_pipe(tmp_path, server, chorus):
     assert chorus("--register", "send", "#pipe", "already here", CHORUS_PASSWORD=PASSWORD).returncode == 0
     # A terminal is covered in test_tui.py; this is the path without one (no prompt, no status bar).
-    result = subprocess.run([sys.executable, "-m", "client", "--server", server.address, "--user", "carol"],
+    result = subprocess.run([sys.executable, "-m", "chorus.client", "--server", server.address, "--user", "carol"],
                             input="/join #pipe\nfrom a pipe\n/who\n", env=chorus_env(tmp_path / "config"),
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -11,10 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-import client
-import proto
+from chorus import client
+from chorus import proto
 from rawclient import RawClient
-from server import serve
+from chorus.server import serve
 
 PASSWORD = "password-1"
 ROOM = proto.Conversation.room("lobby")

@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-import client
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import client
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 
 ROOM = proto.Conversation.room("a")
 PASSWORD = "password1"

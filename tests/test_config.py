@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-import proto
-from server import Config, config_from_args
-from server._config import ConfigError, argument_parser, page_frame_bytes
+from chorus import proto
+from chorus.server import Config, config_from_args
+from chorus.server._config import ConfigError, argument_parser, page_frame_bytes
 
 
 def test_defaults_toml_and_flags_layer(tmp_path):

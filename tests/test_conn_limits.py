@@ -15,12 +15,12 @@ import pytest
 import trio
 import trio.testing
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 from rawclient import RawClient, alice_and_bob_in_lobby
-from server import _admission, _app
-from server._store import StoreError
-from server._transport import open_listener
+from chorus.server import _admission, _app
+from chorus.server._store import StoreError
+from chorus.server._transport import open_listener
 
 LOBBY = proto.Conversation.room("lobby")
 
@@ -288,7 +288,7 @@ async def test_the_data_dir_and_database_are_private(server, make_config):
 
 
 async def test_a_full_disk_at_start_does_not_stop_the_session_purge(start_server, monkeypatch, caplog):
-    from server import _store
+    from chorus.server import _store
 
     async def full(self, now_ms):
         raise _store.StoreError("database or disk is full")

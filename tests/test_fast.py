@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import proto
-from proto import FrameType, _fast, _wire
+from chorus import proto
+from chorus.proto import FrameType, _fast, _wire
 from test_proto import any_event, events_of
 
 

@@ -20,8 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import proto
-from proto import Conversation, StoredMessage
+from chorus import proto
+from chorus.proto import Conversation, StoredMessage
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "spec" / "PROTOCOL.md"
@@ -71,7 +71,7 @@ def _extra_events() -> dict[str, proto.Event]:
 def build_vectors() -> dict:
     text = SPEC.read_text(encoding="utf-8")
     namespace: dict = {}
-    exec("from proto import *", namespace)
+    exec("from chorus.proto import *", namespace)
     examples, seen = [], set()
     for m in EXAMPLE_RE.finditer(text):
         data = bytes.fromhex("".join(m["hex"].split()))

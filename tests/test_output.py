@@ -6,8 +6,8 @@ import socket
 import pytest
 import trio
 
-from server._output import Output
-from server._transport import SocketStream
+from chorus.server._output import Output
+from chorus.server._transport import SocketStream
 
 
 class CountingStream(SocketStream):

@@ -7,16 +7,16 @@ import sys
 
 import trio
 
-import proto
-from proto import CloseReason
+from chorus import proto
+from chorus.proto import CloseReason
 from rawclient import RawClient
 
 LOBBY = proto.Conversation.room("lobby")
 
 
 async def start_process(data_dir, nursery):
-    """Start ``python -m server`` on a free port; returns (process, port)."""
-    cmd = [sys.executable, "-m", "server", "--port", "0", "--data-dir", str(data_dir),
+    """Start ``python -m chorus.server`` on a free port; returns (process, port)."""
+    cmd = [sys.executable, "-m", "chorus.server", "--port", "0", "--data-dir", str(data_dir),
            "--argon2-time-cost", "1", "--argon2-memory-kib", "1024", "--rate-per-s", "100000",
            "--rate-burst", "100000", "--user-send-rate-per-s", "100000", "--user-send-burst", "100000"]
     proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

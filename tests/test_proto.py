@@ -25,8 +25,8 @@ import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import proto
-from proto import (
+from chorus import proto
+from chorus.proto import (
     CLIENT,
     HEADER_BYTES,
     MAX_LIST_ITEMS,
@@ -42,10 +42,10 @@ from proto import (
     decode,
     encode,
 )
-from proto import _wire
-from proto._connection import _HEADER
-from proto._const import MAX_TEXT_BYTES
-from proto._state import next_state
+from chorus.proto import _wire
+from chorus.proto._connection import _HEADER
+from chorus.proto._const import MAX_TEXT_BYTES
+from chorus.proto._state import next_state
 
 REPO = Path(__file__).resolve().parent.parent
 U32_MAX = 2**32 - 1

@@ -26,8 +26,8 @@ from construct import Bytes, FormatField, GreedyBytes, Int8ub, Optional, Pass, S
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import proto
-from proto import (
+from chorus import proto
+from chorus.proto import (
     ABSOLUTE_MAX_FRAME_BYTES,
     CLIENT,
     HEADER_BYTES,
@@ -43,8 +43,8 @@ from proto import (
     decode,
     encode,
 )
-from proto import _fast, _wire
-from proto._state import TRANSITIONS
+from chorus.proto import _fast, _wire
+from chorus.proto._state import TRANSITIONS
 
 PRE_AUTH = (State.HANDSHAKE, State.NEGOTIATING, State.UNAUTHENTICATED)
 COMPRESSED = int(Flags.COMPRESSED)

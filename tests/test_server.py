@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 from rawclient import RawClient, alice_and_bob_in_lobby
 
 LOBBY = proto.Conversation.room("lobby")
@@ -368,7 +368,7 @@ async def test_pipelined_sends_share_commits_and_all_get_acked(start_server):
 
 
 def test_error_texts_are_clipped_to_the_field_on_a_character_boundary():
-    from server._session import RequestError
+    from chorus.server._session import RequestError
 
     reply = RequestError(ErrorCode.NOT_FOUND, "no user " + "é" * 300).reply(7)
     assert len(reply.message.encode()) <= proto.MAX_TEXT_BYTES and reply.message.startswith("no user é")

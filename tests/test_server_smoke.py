@@ -1,4 +1,4 @@
-import proto
+from chorus import proto
 from rawclient import RawClient
 
 

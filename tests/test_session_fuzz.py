@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
 
-import proto
+from chorus import proto
 from fuzzframes import CLIENT_FRAMES, REPLIES, Hints, boundary_events, frames, spec_frame_table
-from proto import Direction, FrameType
+from chorus.proto import Direction, FrameType
 from sessionfuzz import (LOBBY, LiveServer, PageCheck, Peer, ServerBug, SessionMachine, answer, check_store,
                         fuzz_settings)
 
@@ -163,7 +163,7 @@ def test_seq_beyond_sqlite_integers_gets_an_answer_and_the_server_stays_up(which
 
 def test_a_server_bug_is_caught(monkeypatch):
     """The checks really fail: a server whose HISTORY handler raises is reported, not passed."""
-    from server import _session
+    from chorus.server import _session
 
     async def broken(self, ev):
         raise RuntimeError("planted bug")

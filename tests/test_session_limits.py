@@ -14,12 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 from rawclient import RawClient
-from server._auth import Busy, HashQueue
-from server._ratelimit import Backoff, BucketTable
-from server._store import StoreError
+from chorus.server._auth import Busy, HashQueue
+from chorus.server._ratelimit import Backoff, BucketTable
+from chorus.server._store import StoreError
 
 LOBBY = proto.Conversation.room("lobby")
 PASSWORD = "correct horse"

@@ -1,7 +1,7 @@
 """spec/PROTOCOL.md checked against proto/, so the document a client author reads cannot drift from the code.
 
 The spec's examples are HTML comments holding a Python expression (evaluated
-with ``from proto import *``) followed by a ```` ```hex ```` block. Each must
+with ``from chorus.proto import *``) followed by a ```` ```hex ```` block. Each must
 decode to its event and the event must encode to exactly those bytes. The
 tables are parsed from the markdown and compared with the code: the enums of
 §2, §3, §5 and §7, the field tables of §3 and §5, the "Legal in" lines of §5,
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import proto
-from proto import _const
-from proto._state import CLIENT, SERVER, Role, State, TRANSITIONS
+from chorus import proto
+from chorus.proto import _const
+from chorus.proto._state import CLIENT, SERVER, Role, State, TRANSITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "spec" / "PROTOCOL.md"
@@ -53,7 +53,7 @@ def _line(pos: int) -> int:
 
 def _evaluate(expr: str):
     namespace: dict = {}
-    exec("from proto import *", namespace)
+    exec("from chorus.proto import *", namespace)
     return eval(expr, namespace)
 
 
@@ -409,7 +409,7 @@ def test_limits_table_values_match_the_constants():
     rows = [row for table in _tables(_section("10")) for row in table if len(row) >= 3]
     checked = 0
     for row in rows:
-        m = re.fullmatch(r"`proto\.(?:_const\.)?([A-Z_]+)`", row[2])
+        m = re.fullmatch(r"`chorus\.proto\.(?:_const\.)?([A-Z_]+)`", row[2])
         if m:
             assert int(re.match(r"\d+", row[1])[0]) == getattr(_const, m[1]), row
             checked += 1

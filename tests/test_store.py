@@ -8,8 +8,8 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo
-from server._store import Appended, ConvRow, NameTaken, NewMessage, open_store
+from chorus.proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo
+from chorus.server._store import Appended, ConvRow, NameTaken, NewMessage, open_store
 
 
 @pytest.fixture

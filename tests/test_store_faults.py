@@ -15,8 +15,8 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from proto import ReceiptKind, RoomInfo
-from server._store import (
+from chorus.proto import ReceiptKind, RoomInfo
+from chorus.server._store import (
     WAL_CHECKPOINT_BYTES, WAL_MAX_BYTES, NewMessage, StoreError, TooManyRooms, open_store,
 )
 

@@ -12,13 +12,13 @@ import pytest
 import trio
 import trio.testing
 
-import proto
-from client import open_client
-from client._commands import Command, Text, UsageError, completions, help_lines, history_count, parse
-from client._config_dir import SessionStore, config_dir
-from client._login import parse_server
-from client._render import Renderer, one_line, use_colour
-from client._tui import Tui
+from chorus import proto
+from chorus.client import open_client
+from chorus.client._commands import Command, Text, UsageError, completions, help_lines, history_count, parse
+from chorus.client._config_dir import SessionStore, config_dir
+from chorus.client._login import parse_server
+from chorus.client._render import Renderer, one_line, use_colour
+from chorus.client._tui import Tui
 from chorusproc import ServerProcess, Terminal, chorus_env
 
 PASSWORD = "alice-secret-pw"

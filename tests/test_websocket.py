@@ -11,11 +11,11 @@ import wsproto
 from hypothesis import given, settings, strategies as st
 from wsproto.frame_protocol import FrameProtocol
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 from rawclient import RawClient, alice_and_bob_in_lobby
-from server._websocket import allowed_origins, origin_allowed, page_headers
-from server._wsframe import NEED_DATA, BinaryMessage, Close, FrameReader, Ping, Pong, WebSocketError
+from chorus.server._websocket import allowed_origins, origin_allowed, page_headers
+from chorus.server._wsframe import NEED_DATA, BinaryMessage, Close, FrameReader, Ping, Pong, WebSocketError
 from wsclient import Rejected, WsClient
 
 LOBBY = proto.Conversation.room("lobby")

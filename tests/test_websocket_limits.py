@@ -15,13 +15,13 @@ import pytest
 import trio
 import trio.testing
 
-import proto
-from proto import CloseReason, ErrorCode
+from chorus import proto
+from chorus.proto import CloseReason, ErrorCode
 from rawclient import RawClient, alice_and_bob_in_lobby
-from server._http import MAX_REQUEST_BYTES
-from server._transport import SocketStream
-from server._websocket import WebSocketTransport
-from server._wsframe import MAX_FRAGMENTS, NEED_DATA, BinaryMessage, FrameReader, WebSocketError
+from chorus.server._http import MAX_REQUEST_BYTES
+from chorus.server._transport import SocketStream
+from chorus.server._websocket import WebSocketTransport
+from chorus.server._wsframe import MAX_FRAGMENTS, NEED_DATA, BinaryMessage, FrameReader, WebSocketError
 from wsclient import Rejected, WsClient, client_frame
 
 LOBBY = proto.Conversation.room("lobby")

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode as WsOpcode, ParseFailed
 
-from server._wsframe import NEED_DATA, BinaryMessage, Close, FrameReader, Ping, Pong, WebSocketError
+from chorus.server._wsframe import NEED_DATA, BinaryMessage, Close, FrameReader, Ping, Pong, WebSocketError
 from wsclient import client_frame
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA

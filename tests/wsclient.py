@@ -22,7 +22,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-import proto
+from chorus import proto
 from rawclient import RawClient
 
 
