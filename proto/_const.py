@@ -33,6 +33,21 @@ MAX_TEXT_BYTES = 255  # error and goaway texts
 MAX_BODY_BYTES = 65535  # wire ceiling; the server's own limit is lower
 MAX_LIST_ITEMS = 1000  # any array in any frame
 
+# Rules every side applies (spec §9.1, §9.9): one definition, and every message about them built from it.
+#: User and room names: 1..MAX_NAME_BYTES of these characters, the first a letter or a digit (a regex).
+NAME_PATTERN = rf"[a-z0-9][a-z0-9_.-]{{0,{MAX_NAME_BYTES - 1}}}"
+#: The same rule in words, for error messages and prompts.
+NAME_RULE = f"1-{MAX_NAME_BYTES} of a-z 0-9 _ . - starting with a letter or digit"
+MIN_PASSWORD_BYTES = 8
+#: The password rule in words.
+PASSWORD_RULE = f"{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes"
+#: A client sends TYPING at most this often per conversation; the server coalesces faster ones.
+TYPING_INTERVAL_S = 3.0
+#: How long a client shows "... is typing" after the last USER_TYPING.
+TYPING_SHOW_S = 5.0
+#: Ports are u16 everywhere (TCP, the WebSocket bridge, HOST:PORT arguments).
+MAX_PORT = 65535
+
 
 class FrameType(enum.IntEnum):
     """The ``type`` byte of the header (spec §5)."""
