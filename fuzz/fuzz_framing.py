@@ -38,7 +38,7 @@ if __name__ == "__main__":
     import atheris
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a bare checkout
-    with atheris.instrument_imports(include=["proto", "construct"]):
+    with atheris.instrument_imports(include=["chorus", "construct"]):  # atheris matches top-level packages
         from chorus import proto
         from chorus.proto import _wire
 else:
@@ -48,15 +48,18 @@ else:
 from chorus.proto import (
     CLIENT,
     HEADER_BYTES,
+    MIN_PROTOCOL_VERSION,
     NEED_DATA,
+    PROTOCOL_VERSION,
     SERVER,
     Connection,
     ConnectionClosed,
     ErrorCode,
     FrameType,
     RemoteProtocolError,
+    State,
 )
-from chorus.proto._state import next_state
+from chorus.proto._state import TRANSITIONS, next_state
 
 #: Receive limit of the stateful connections: small, so that inputs of a few KB test the buffer bound,
 #: yet above 512 so that a compressed frame (its body >= 512 bytes uncompressed) can get through.
@@ -64,8 +67,9 @@ MAX_FRAME_BYTES = 600
 #: Receive limit of the stateless decode: larger, so big seeds (1000-item arrays) still parse.
 DECODE_MAX_FRAME_BYTES = 1 << 16
 
-_WELCOME = proto.Welcome(1, "fuzz", MAX_FRAME_BYTES, 4096, 15000, 50, 100, 100, 100)
-_AUTH = {FrameType.LOGIN, FrameType.REGISTER, FrameType.RESUME}
+_WELCOME = proto.Welcome(PROTOCOL_VERSION, "fuzz", MAX_FRAME_BYTES, 4096, 15000, 50, 100, 100, 100)
+#: What AUTH_OK answers: the frames a client may send before it is authenticated and never after (spec §8).
+_AUTH = set(TRANSITIONS[(State.UNAUTHENTICATED, CLIENT)]) - set(TRANSITIONS[(State.AUTHENTICATED, CLIENT)])
 
 
 def _chunks(payload: bytes, control: int) -> list[bytes]:
@@ -98,7 +102,7 @@ def _server() -> Connection:
 
 def _client() -> Connection:
     conn = Connection(CLIENT, max_frame_bytes=MAX_FRAME_BYTES)
-    conn.send(proto.Hello(1, 1, "fuzz"))
+    conn.send(proto.Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "fuzz"))
     return conn
 
 
@@ -107,7 +111,10 @@ def _answer(conn: Connection, event) -> None:
     if conn.our_role is not SERVER:
         return
     if event.FRAME is FrameType.HELLO:
-        reply = dataclasses.replace(_WELCOME, request_id=event.request_id)
+        version = min(event.max_version, PROTOCOL_VERSION)  # the newest both speak (spec §6)
+        if version < max(event.min_version, MIN_PROTOCOL_VERSION):
+            return  # none: a real server refuses; this one leaves the input to walk into WRONG_STATE
+        reply = dataclasses.replace(_WELCOME, version=version, request_id=event.request_id)
     elif event.FRAME in _AUTH:
         reply = proto.AuthOk("fuzz", "t" * 43, 0, request_id=event.request_id)
     elif event.FRAME is FrameType.PING:

@@ -8,7 +8,14 @@ spec/PROTOCOL.md exists, the bytes of every ```hex and ```hex-invalid block in
 it. Files are named after what they hold, so rerunning rewrites the same
 names; files the fuzzer added (named by their SHA-1) are left alone.
 
-    python fuzz/make_corpus.py
+Nothing here lists frame types (STYLE.md §20): the frame types come from
+``FrameType`` (a type without a hand-picked example below gets the plain event
+tests/fuzzframes.py builds from its declaration in ``proto._wire``), and the
+frames of each session are those the state table (``proto._state``, spec §8)
+lets that side send once authenticated, at the newest protocol version.
+tests/test_fuzz_short.py fails when a frame type has no seed or a seed is stale.
+
+    python fuzz/make_corpus.py     # or: make corpus
 """
 from __future__ import annotations
 
@@ -17,10 +24,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # runnable from a bare checkout
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # runnable from a bare checkout; tests/ has fuzzframes
 
 from chorus import proto  # noqa: E402
-from chorus.proto import Conversation, FrameType  # noqa: E402
+from chorus.proto import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Conversation, FrameType, State  # noqa: E402
+from chorus.proto._state import CLIENT, SERVER, TRANSITIONS  # noqa: E402
+from fuzzframes import boundary_events  # noqa: E402
 
 CORPUS = ROOT / "fuzz" / "corpus"
 SPEC = ROOT / "spec" / "PROTOCOL.md"
@@ -31,9 +40,10 @@ bob = Conversation.direct("bøb")
 text = "Hello, wörld! 👋 Ça va? 日本語のテキスト"
 msg = proto.StoredMessage(41, 1766842000000, "alice", 9001, text)
 
-EXAMPLES: list[proto.Event] = [
-    proto.Hello(1, 1, "chorus-cli/0.1", request_id=1),
-    proto.Welcome(1, "chorus/0.1", 1 << 20, 4096, 15000, 50, 100, 100, 100, request_id=1),
+#: Hand-picked values (non-ASCII text, arrays of two) for the frame types of version 1.
+HAND_PICKED: list[proto.Event] = [
+    proto.Hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, "chorus-cli/0.1", request_id=1),
+    proto.Welcome(PROTOCOL_VERSION, "chorus/0.1", 1 << 20, 4096, 15000, 50, 100, 100, 100, request_id=1),
     proto.Register("alice", "correct horse battery", request_id=2),
     proto.Login("alice", "correct horse battery", request_id=2),
     proto.Resume("Kw2AhMODDTcFYCJdT6o4GZYLOQ6-YNSmcPWgMFto9ng", request_id=2),
@@ -70,7 +80,15 @@ EXAMPLES: list[proto.Event] = [
     proto.GoAway(proto.CloseReason.SHUTDOWN, 5000, "restarting"),
     proto.Bye(proto.CloseReason.CLIENT_QUIT),
 ]
-assert {e.FRAME for e in EXAMPLES} == set(FrameType), "one example per frame type"
+
+
+def _examples() -> dict[FrameType, proto.Event]:
+    """One event of every frame type: the hand-picked one, else the plain one built from proto's declaration."""
+    picked = {event.FRAME: event for event in HAND_PICKED}
+    return {ftype: picked.get(ftype) or boundary_events(ftype)[0] for ftype in FrameType}
+
+
+EXAMPLES = _examples()
 
 COMPRESSED = {
     "MESSAGE": proto.Message(general, 43, 1766842001000, "alice", 9002,
@@ -79,23 +97,21 @@ COMPRESSED = {
                                                for i in range(1, 30)), False, request_id=9),
 }
 
+
+def _authenticated_frames(sender) -> list[proto.Event]:
+    """The examples of every frame ``sender`` may send once authenticated without leaving that state (LOGOUT
+    and BYE end a session, so the sessions below put them last), in frame type order."""
+    moves = TRANSITIONS[(State.AUTHENTICATED, sender)]
+    return [EXAMPLES[f] for f in sorted(moves) if moves[f] is State.AUTHENTICATED and f is not FrameType.BYE]
+
+
 # What a client sends in one legal session, given a server that answers HELLO and LOGIN (as the harness does).
-CLIENT_SESSION = [proto.Hello(1, 1, "chorus-cli/0.1", request_id=1),
-                  proto.Login("alice", "correct horse battery", request_id=2)] + [
-    e for e in EXAMPLES if e.FRAME in {
-        FrameType.JOIN, FrameType.LIST_ROOMS, FrameType.MEMBERS, FrameType.SEND, FrameType.SYNC,
-        FrameType.HISTORY, FrameType.DELIVERED, FrameType.READ, FrameType.GET_CURSORS, FrameType.TYPING,
-        FrameType.PING, FrameType.PONG, FrameType.LEAVE, FrameType.ERROR}
-] + [proto.Logout(request_id=20), proto.Bye(proto.CloseReason.CLIENT_QUIT)]
+CLIENT_SESSION = [EXAMPLES[FrameType.HELLO], EXAMPLES[FrameType.LOGIN]] + _authenticated_frames(CLIENT) + [
+    proto.Logout(request_id=20), proto.Bye(proto.CloseReason.CLIENT_QUIT)]
 
 # What a server sends to a client that has sent HELLO.
-SERVER_SESSION = [EXAMPLES[1], EXAMPLES[5]] + [
-    e for e in EXAMPLES if e.FRAME in {
-        FrameType.OK, FrameType.JOINED, FrameType.ROOM_LIST, FrameType.MEMBER_LIST, FrameType.ACK,
-        FrameType.MESSAGE, FrameType.SYNC_PAGE, FrameType.SYNC_DONE, FrameType.HISTORY_PAGE, FrameType.RECEIPT,
-        FrameType.CURSORS, FrameType.PRESENCE, FrameType.USER_TYPING, FrameType.PING, FrameType.PONG,
-        FrameType.ERROR, FrameType.GOAWAY}
-] + [COMPRESSED["MESSAGE"], proto.Bye(proto.CloseReason.SHUTDOWN)]
+SERVER_SESSION = [EXAMPLES[FrameType.WELCOME], EXAMPLES[FrameType.AUTH_OK]] + _authenticated_frames(SERVER) + [
+    COMPRESSED["MESSAGE"], proto.Bye(proto.CloseReason.SHUTDOWN)]
 
 
 def spec_blocks(path: Path = SPEC) -> list[tuple[str, bytes]]:
@@ -114,8 +130,8 @@ def spec_blocks(path: Path = SPEC) -> list[tuple[str, bytes]]:
 def seeds() -> dict[str, bytes]:
     """File name → fuzz input."""
     out = {}
-    for event in EXAMPLES:
-        out[f"frame-{event.FRAME.name}"] = WHOLE + proto.encode(event)
+    for ftype, event in EXAMPLES.items():
+        out[f"frame-{ftype.name}"] = WHOLE + proto.encode(event)
     for name, event in COMPRESSED.items():
         frame = proto.encode(event)
         assert frame[5] & proto.Flags.COMPRESSED, name

@@ -6,6 +6,9 @@ raw bytes and with mutations of the seed corpus (a rewritten length, flipped
 bits, overwritten, inserted, padded and deleted bytes, truncations, splices), for a few hundred inputs;
 then every file in fuzz/corpus/ -- the seeds and whatever the fuzzer kept --
 is replayed whole, byte at a time and in uneven pieces. Neither needs atheris.
+The corpus's named seeds are what fuzz/make_corpus.py makes from proto and the
+spec today (one per frame type, so a new frame type is seeded): a stale or
+missing seed fails ``test_corpus_has_the_seeds`` until ``make corpus`` runs.
 """
 from __future__ import annotations
 
@@ -16,14 +19,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chorus.proto import FrameType
+
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("fuzz_framing", FUZZ / "fuzz_framing.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, FUZZ / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_harness():
+    return _load("fuzz_framing")
 
 
 check = _load_harness().check
@@ -32,9 +41,15 @@ SEEDS = [p.read_bytes()[1:] for p in CORPUS]
 
 
 def test_corpus_has_the_seeds():
-    names = {p.name for p in CORPUS}
-    assert len(CORPUS) >= 36
-    assert {"frame-MESSAGE-compressed", "stream-client-session", "stream-server-session"} <= names
+    """Every seed make_corpus.py makes is there as it makes it today (one per frame type, the sessions, the spec's
+    examples), and no spec seed is left over from an older spec."""
+    seeds = _load("make_corpus").seeds()
+    assert {f"frame-{ftype.name}" for ftype in FrameType} <= set(seeds)
+    assert {"frame-MESSAGE-compressed", "stream-client-session", "stream-server-session"} <= set(seeds)
+    on_disk = {p.name: p for p in CORPUS}
+    stale = sorted(name for name, data in seeds.items() if name not in on_disk or on_disk[name].read_bytes() != data)
+    left_over = sorted(name for name in on_disk if name.startswith("spec-") and name not in seeds)
+    assert not stale and not left_over, f"fuzz/corpus is stale ({stale + left_over}): run `make corpus`"
 
 
 _mutation = st.one_of(
