@@ -9,7 +9,7 @@ ARGS ?=
 WS_PORT ?= 7421
 BENCH_ARGS ?=
 
-.PHONY: install run test test-js js-vectors browser screenshot fuzz bench bench-smoke clean
+.PHONY: install run test test-js js-tables js-vectors corpus browser screenshot fuzz bench bench-smoke clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ test: $(STAMP) browser
 test-js:
 	node --test tests/js/codec.test.mjs
 
-# Regenerate tests/js/vectors.json after a change to spec/PROTOCOL.md or proto/.
-js-vectors: $(STAMP)
+# Regenerate the page codec's constants, enums and field tables (the GENERATED block of server/static/chorus.js)
+# from proto/; tests/test_js_codec.py fails while the block is stale.
+js-tables: $(STAMP)
+	$(BIN)/python spec/gen_js.py --write
+
+# Regenerate the page's tables and tests/js/vectors.json after a change to spec/PROTOCOL.md or proto/.
+js-vectors: js-tables
 	$(BIN)/python tests/test_js_codec.py --write
 
 # tests/test_browser.py drives Debian's Chromium, never a downloaded browser: install it when it is missing
@@ -46,6 +51,11 @@ browser:
 # Refresh docs/screenshot.png (phone) and docs/screenshot-wide.png: the chat page after the browser test's chat.
 screenshot: $(STAMP) browser
 	CI=true CHORUS_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_browser.py
+
+# Rewrite fuzz/corpus/'s seeds (one per frame type, sessions, the spec's examples) after a change to proto/ or the
+# spec; tests/test_fuzz_short.py fails while a frame type has no seed or a seed is stale.
+corpus: $(STAMP)
+	$(BIN)/python fuzz/make_corpus.py
 
 # Coverage-guided fuzzing of the frame decoder; FUZZ_SECONDS=600 make fuzz for longer.
 fuzz: $(STAMP)

@@ -7,11 +7,16 @@ encoding. ``node --test tests/js/codec.test.mjs`` decodes each hex to the event 
 the event to the uncompressed bytes (the page never compresses); the invalid examples must
 be refused with their error code. This test keeps the vector file current and runs node.
 
-Regenerate the vectors with ``make js-vectors`` (``python tests/test_js_codec.py --write``).
+The codec's constants, enums and field tables are generated from proto into a block of chorus.js by
+spec/gen_js.py; ``test_generated_block_is_current`` fails when that block is stale. The vectors also carry
+names judged by ``proto.NAME_PATTERN``, which the page must judge alike with the generated pattern.
+
+Regenerate both with ``make js-vectors`` (``make js-tables``, then ``python tests/test_js_codec.py --write``).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import random
 import re
@@ -27,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "spec" / "PROTOCOL.md"
 VECTORS = ROOT / "tests" / "js" / "vectors.json"
 NODE_TEST = ROOT / "tests" / "js" / "codec.test.mjs"
+PAGE = ROOT / "server" / "static" / "chorus.js"
 
 EXAMPLE_RE = re.compile(r"<!-- example: (?P<expr>.*?) -->\n```hex\n(?P<hex>.*?)```", re.S)
 INVALID_RE = re.compile(r"<!-- invalid: (?P<code>[A-Z_]+) -->\n```hex-invalid\n(?P<hex>.*?)```", re.S)
@@ -37,7 +43,10 @@ def to_plain(value):
     """An event as JSON: {"type": FRAME_NAME, "request_id": ..., fields...}, as the JS codec's toPlain gives it."""
     if dataclasses.is_dataclass(value):
         out = {"type": value.FRAME.name} if isinstance(value, proto.Event) else {}
-        out.update({f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        names = [f.name for f in dataclasses.fields(value) if f.name != "request_id"]  # body fields, wire order
+        out.update({name: to_plain(getattr(value, name)) for name in names})
+        if isinstance(value, proto.Event):
+            out["request_id"] = value.request_id
         return out
     if isinstance(value, bool) or isinstance(value, str):
         return value
@@ -68,6 +77,13 @@ def _extra_events() -> dict[str, proto.Event]:
     }
 
 
+def _names() -> list[str]:
+    """Names on both sides of ``proto.NAME_PATTERN``: lengths, first characters, every allowed symbol, non-ASCII."""
+    top = proto.MAX_NAME_BYTES
+    return ["a", "7", "alice", "bob.smith-2", "x_", "a" * top, "a" * (top + 1), "9" + "z" * (top - 1), "",
+            "_a", ".a", "-a", "A", "Alice", "a b", "a\n", "\na", "é", "aé", "a/b", "a:b", "a@b", "ａ", "a\u0000"]
+
+
 def build_vectors() -> dict:
     text = SPEC.read_text(encoding="utf-8")
     namespace: dict = {}
@@ -91,6 +107,7 @@ def build_vectors() -> dict:
         "invalid": [
             {"error": m["code"], "hex": "".join(m["hex"].split())} for m in INVALID_RE.finditer(text)
         ],
+        "names": [{"name": name, "valid": re.fullmatch(proto.NAME_PATTERN, name) is not None} for name in _names()],
     }
 
 
@@ -104,6 +121,19 @@ def test_vectors_match_spec_and_proto():
         assert to_plain(proto.decode(bytes.fromhex(example["hex"]))) == example["event"]
     assert any(bytes.fromhex(e["hex"])[5] & 1 for e in vectors["examples"][-3:]), "extra frames must be compressed"
     assert VECTORS.read_text(encoding="utf-8") == render(vectors), "stale: run `make js-vectors`"
+
+
+def _gen_js():
+    spec = importlib.util.spec_from_file_location("gen_js", ROOT / "spec" / "gen_js.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_block_is_current():
+    """chorus.js's constants, enums and FIELDS are proto's, as spec/gen_js.py writes them."""
+    text = PAGE.read_text(encoding="utf-8")
+    assert _gen_js().refresh(text) == text, "server/static/chorus.js is stale: run `make js-tables`"
 
 
 def test_javascript_codec_agrees_with_the_vectors():

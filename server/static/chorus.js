@@ -1,12 +1,14 @@
 // Chorus in the browser: the frame codec of spec/PROTOCOL.md and a small chat app, in one module.
 //
-// How this works. The first half is the codec, a JavaScript twin of proto/: every frame type's body
-// fields (spec §5) are declared once in FIELDS with the field types of §3, and the same declaration
-// encodes and decodes. decode() judges the header first as §2.3 says (length, type, flags), then
-// decompresses lz4 bodies (§4; the block decoder is below, ~40 lines) and parses strictly: unknown
-// enum values, booleans other than 0/1, invalid UTF-8, over-long strings and arrays and trailing
-// bytes are all errors carrying the ErrorCode to report. encode() never compresses (§4 lets a
-// sender choose). u64 fields are BigInt. tests/js/codec.test.mjs checks both directions against every
+// How this works. The first half is the codec, a JavaScript twin of proto/: the field types of §3 are
+// written here; every constant, enum, frame type's version (§6) and body fields (§5, FIELDS) are
+// generated from proto into the block marked GENERATED (spec/gen_js.py, `make js-tables`; a test fails
+// when it is stale, so never edit it by hand). The same declaration encodes and decodes. decode()
+// judges the header first as §2.3 says (length, type and its version, flags), then decompresses lz4
+// bodies (§4; the block decoder is below, ~40 lines) and parses strictly: unknown enum values,
+// booleans other than 0/1, invalid UTF-8, over-long strings and arrays and trailing bytes are all
+// errors carrying the ErrorCode to report. encode() never compresses (§4 lets a sender choose).
+// u64 fields are BigInt. tests/js/codec.test.mjs checks both directions against every
 // hex example of the spec (tests/js/vectors.json, generated from the spec by tests/test_js_codec.py).
 //
 // The second half is the app (it starts only in a browser): WebSocket to /ws where one binary message
@@ -20,43 +22,6 @@
 // ------------------------------------------------------------------------------------------------
 // Codec
 // ------------------------------------------------------------------------------------------------
-
-export const PROTOCOL_VERSION = 1;
-export const HEADER_BYTES = 10;
-export const DEFAULT_MAX_FRAME_BYTES = 1 << 20;
-export const ABSOLUTE_MAX_FRAME_BYTES = 16 << 20;
-export const MAX_LIST_ITEMS = 1000;
-const COMPRESSED_PREFIX_BYTES = 4;
-
-export const FrameType = Object.freeze({
-  HELLO: 0x01, WELCOME: 0x02, REGISTER: 0x03, LOGIN: 0x04, RESUME: 0x05, AUTH_OK: 0x06, LOGOUT: 0x07, OK: 0x08,
-  JOIN: 0x10, JOINED: 0x11, LEAVE: 0x12, LIST_ROOMS: 0x13, ROOM_LIST: 0x14, MEMBERS: 0x15, MEMBER_LIST: 0x16,
-  SEND: 0x20, ACK: 0x21, MESSAGE: 0x22, SYNC: 0x23, SYNC_PAGE: 0x24, SYNC_DONE: 0x25, HISTORY: 0x26,
-  HISTORY_PAGE: 0x27, DELIVERED: 0x28, READ: 0x29, RECEIPT: 0x2a, GET_CURSORS: 0x2b, CURSORS: 0x2c,
-  PRESENCE: 0x30, TYPING: 0x31, USER_TYPING: 0x32, PING: 0x40, PONG: 0x41, ERROR: 0x42, GOAWAY: 0x43, BYE: 0x44,
-});
-
-export const Flags = Object.freeze({ COMPRESSED: 0x01 });
-
-export const ErrorCode = Object.freeze({
-  MALFORMED_FRAME: 100, FRAME_TOO_LARGE: 101, UNKNOWN_FRAME_TYPE: 102, INVALID_FIELD: 103, FIELD_TOO_LARGE: 104,
-  DECOMPRESSION_FAILED: 105, WRONG_STATE: 106, UNSUPPORTED_VERSION: 107, HANDSHAKE_TIMEOUT: 108,
-  AUTH_FAILED: 200, USERNAME_TAKEN: 201, INVALID_TOKEN: 202, INVALID_NAME: 203, WEAK_PASSWORD: 204,
-  TOO_MANY_CONNECTIONS: 205, NOT_FOUND: 300, NOT_MEMBER: 301, TOO_MANY_ROOMS: 302, BODY_TOO_LARGE: 303,
-  RATE_LIMITED: 304, INVALID_REQUEST: 305, SERVER_BUSY: 306, INTERNAL: 399,
-});
-
-export const CloseReason = Object.freeze({
-  CLIENT_QUIT: 1, SHUTDOWN: 2, STALE: 3, SLOW_CONSUMER: 4, PROTOCOL_ERROR: 5, IDLE_TIMEOUT: 6, RATE_LIMITED: 7,
-  LOGGED_OUT: 8, SERVER_FULL: 9, AUTH_TIMEOUT: 10, PEER_CLOSED: 11,
-});
-
-export const ConvKind = Object.freeze({ ROOM: 1, DIRECT: 2 });
-export const Direction = Object.freeze({ BEFORE: 1, AFTER: 2 });
-export const ReceiptKind = Object.freeze({ DELIVERED: 1, READ: 2 });
-export const Status = Object.freeze({ OFFLINE: 0, ONLINE: 1 });
-
-const FRAME_NAMES = new Map(Object.entries(FrameType).map(([name, code]) => [code, name]));
 
 /** The name of an enum value (e.g. nameOf(ErrorCode, 301) === "NOT_MEMBER"), or String(value). */
 export function nameOf(enumObject, value) {
@@ -204,83 +169,147 @@ const record = (fields) => ({
     }
   },
 });
-const array = (item) => ({
-  maxBytes: 2 + MAX_LIST_ITEMS * item.maxBytes,
+const array = (item, maxItems) => ({
+  maxBytes: 2 + Math.min(maxItems, 0xffff) * item.maxBytes,
   read: (r, path) => {
     const count = r.u16();
-    if (count > MAX_LIST_ITEMS) fail(ErrorCode.FIELD_TOO_LARGE, `${path}: ${count} items > ${MAX_LIST_ITEMS}`);
+    if (count > maxItems) fail(ErrorCode.FIELD_TOO_LARGE, `${path}: ${count} items > ${maxItems}`);
     const out = [];
     for (let i = 0; i < count; i++) out.push(item.read(r, `${path}[${i}]`));
     return out;
   },
   write: (w, v, path) => {
     if (!Array.isArray(v)) throw new TypeError(`${path}: expected an array`);
-    if (v.length > MAX_LIST_ITEMS) throw new RangeError(`${path}: ${v.length} items > ${MAX_LIST_ITEMS}`);
+    if (v.length > maxItems) throw new RangeError(`${path}: ${v.length} items > ${maxItems}`);
     w.u16(v.length);
     v.forEach((x, i) => item.write(w, x, `${path}[${i}]`));
   },
 });
 
-const NAME = text(U8, 32);
-const PASSWORD = text(U8, 128);
-const TOKEN = text(U8, 64);
-const SOFTWARE = text(U8, 64);
-const MESSAGE_TEXT = text(U8, 255);
-const BODY = text(U16, 65535);
+// BEGIN GENERATED by spec/gen_js.py from chorus.proto: do not edit, run `make js-tables`
+// Every number, enum and field table of the wire protocol, from proto/_const.py and proto/_wire.py
+// (see those files for what each means). The field types are the codec's own, declared above.
+export const PROTOCOL_VERSION = 1;
+export const MIN_PROTOCOL_VERSION = 1;
+export const HEADER_BYTES = 10;
+export const COMPRESSED_PREFIX_BYTES = 4;
+export const DEFAULT_MAX_FRAME_BYTES = 1048576;
+export const ABSOLUTE_MAX_FRAME_BYTES = 16777216;
+export const COMPRESS_THRESHOLD_BYTES = 512;
+export const MAX_NAME_BYTES = 32;
+export const MAX_PASSWORD_BYTES = 128;
+export const MAX_TOKEN_BYTES = 64;
+export const MAX_CLIENT_NAME_BYTES = 64;
+export const MAX_TEXT_BYTES = 255;
+export const MAX_BODY_BYTES = 65535;
+export const MAX_LIST_ITEMS = 1000;
+export const NAME_PATTERN = "[a-z0-9][a-z0-9_.-]{0,31}";
+export const NAME_RULE = "1-32 of a-z 0-9 _ . - starting with a letter or digit";
+export const MIN_PASSWORD_BYTES = 8;
+export const PASSWORD_RULE = "8 to 128 bytes";
+export const TYPING_INTERVAL_S = 3;
+export const TYPING_SHOW_S = 5;
+export const MAX_PORT = 65535;
+export const KNOWN_FLAGS = 1;
 
-const CONVERSATION = record([["kind", enumOf(U8, ConvKind)], ["name", NAME]]);
-const STORED_MESSAGE = record([
-  ["seq", U64], ["ts_ms", U64], ["sender", NAME], ["client_msg_id", U64], ["body", BODY],
-]);
-const ROOM_INFO = record([["name", NAME], ["members", U32], ["last_seq", U64], ["joined", BOOL]]);
-const MEMBER_INFO = record([["user", NAME], ["status", enumOf(U8, Status)]]);
+export const FrameType = Object.freeze({
+  HELLO: 0x01, WELCOME: 0x02, REGISTER: 0x03, LOGIN: 0x04, RESUME: 0x05, AUTH_OK: 0x06, LOGOUT: 0x07, OK: 0x08,
+  JOIN: 0x10, JOINED: 0x11, LEAVE: 0x12, LIST_ROOMS: 0x13, ROOM_LIST: 0x14, MEMBERS: 0x15, MEMBER_LIST: 0x16,
+  SEND: 0x20, ACK: 0x21, MESSAGE: 0x22, SYNC: 0x23, SYNC_PAGE: 0x24, SYNC_DONE: 0x25, HISTORY: 0x26,
+  HISTORY_PAGE: 0x27, DELIVERED: 0x28, READ: 0x29, RECEIPT: 0x2a, GET_CURSORS: 0x2b, CURSORS: 0x2c, PRESENCE: 0x30,
+  TYPING: 0x31, USER_TYPING: 0x32, PING: 0x40, PONG: 0x41, ERROR: 0x42, GOAWAY: 0x43, BYE: 0x44,
+});
+export const Flags = Object.freeze({ COMPRESSED: 0x01 });
+export const ErrorCode = Object.freeze({
+  MALFORMED_FRAME: 100, FRAME_TOO_LARGE: 101, UNKNOWN_FRAME_TYPE: 102, INVALID_FIELD: 103, FIELD_TOO_LARGE: 104,
+  DECOMPRESSION_FAILED: 105, WRONG_STATE: 106, UNSUPPORTED_VERSION: 107, HANDSHAKE_TIMEOUT: 108, AUTH_FAILED: 200,
+  USERNAME_TAKEN: 201, INVALID_TOKEN: 202, INVALID_NAME: 203, WEAK_PASSWORD: 204, TOO_MANY_CONNECTIONS: 205,
+  NOT_FOUND: 300, NOT_MEMBER: 301, TOO_MANY_ROOMS: 302, BODY_TOO_LARGE: 303, RATE_LIMITED: 304, INVALID_REQUEST: 305,
+  SERVER_BUSY: 306, INTERNAL: 399,
+});
+export const CloseReason = Object.freeze({
+  CLIENT_QUIT: 1, SHUTDOWN: 2, STALE: 3, SLOW_CONSUMER: 4, PROTOCOL_ERROR: 5, IDLE_TIMEOUT: 6, RATE_LIMITED: 7,
+  LOGGED_OUT: 8, SERVER_FULL: 9, AUTH_TIMEOUT: 10, PEER_CLOSED: 11,
+});
+export const ConvKind = Object.freeze({ ROOM: 1, DIRECT: 2 });
+export const Direction = Object.freeze({ BEFORE: 1, AFTER: 2 });
+export const ReceiptKind = Object.freeze({ DELIVERED: 1, READ: 2 });
+export const Status = Object.freeze({ OFFLINE: 0, ONLINE: 1 });
+
+/** Frame type name → the protocol version that introduced it (spec §6). */
+export const FRAME_VERSION = Object.freeze({
+  HELLO: 1, WELCOME: 1, REGISTER: 1, LOGIN: 1, RESUME: 1, AUTH_OK: 1, LOGOUT: 1, OK: 1, JOIN: 1, JOINED: 1, LEAVE: 1,
+  LIST_ROOMS: 1, ROOM_LIST: 1, MEMBERS: 1, MEMBER_LIST: 1, SEND: 1, ACK: 1, MESSAGE: 1, SYNC: 1, SYNC_PAGE: 1,
+  SYNC_DONE: 1, HISTORY: 1, HISTORY_PAGE: 1, DELIVERED: 1, READ: 1, RECEIPT: 1, GET_CURSORS: 1, CURSORS: 1,
+  PRESENCE: 1, TYPING: 1, USER_TYPING: 1, PING: 1, PONG: 1, ERROR: 1, GOAWAY: 1, BYE: 1,
+});
+
+const ROOM_INFO = record([["name", text(U8, 32)], ["members", U32], ["last_seq", U64], ["joined", BOOL]]);
+const MEMBER_INFO = record([["user", text(U8, 32)], ["status", enumOf(U8, Status)]]);
+const CONVERSATION = record([["kind", enumOf(U8, ConvKind)], ["name", text(U8, 32)]]);
 const POSITION = record([["conv", CONVERSATION], ["last_seq", U64]]);
-const CURSOR_INFO = record([["user", NAME], ["delivered_seq", U64], ["read_seq", U64]]);
+const STORED_MESSAGE = record([
+  ["seq", U64], ["ts_ms", U64], ["sender", text(U8, 32)], ["client_msg_id", U64], ["body", text(U16, 65535)],
+]);
+const CURSOR_INFO = record([["user", text(U8, 32)], ["delivered_seq", U64], ["read_seq", U64]]);
 
-/** Frame type name → body fields in wire order (spec §5; the twin of proto/_wire.py FIELDS). */
+/** Frame type name → body fields in wire order (spec §5; proto/_wire.py FIELDS). */
 export const FIELDS = Object.freeze({
-  HELLO: [["min_version", U16], ["max_version", U16], ["client", SOFTWARE]],
+  HELLO: [["min_version", U16], ["max_version", U16], ["client", text(U8, 64)]],
   WELCOME: [
-    ["version", U16], ["server", SOFTWARE], ["max_frame_bytes", U32], ["max_body_bytes", U32],
+    ["version", U16], ["server", text(U8, 64)], ["max_frame_bytes", U32], ["max_body_bytes", U32],
     ["ping_interval_ms", U32], ["rate_per_s", U16], ["rate_burst", U16], ["max_rooms", U16], ["max_page", U16],
   ],
-  REGISTER: [["username", NAME], ["password", PASSWORD]],
-  LOGIN: [["username", NAME], ["password", PASSWORD]],
-  RESUME: [["token", TOKEN]],
-  AUTH_OK: [["username", NAME], ["token", TOKEN], ["expires_at_ms", U64]],
+  REGISTER: [["username", text(U8, 32)], ["password", text(U8, 128)]],
+  LOGIN: [["username", text(U8, 32)], ["password", text(U8, 128)]],
+  RESUME: [["token", text(U8, 64)]],
+  AUTH_OK: [["username", text(U8, 32)], ["token", text(U8, 64)], ["expires_at_ms", U64]],
   LOGOUT: [],
   OK: [],
-  JOIN: [["room", NAME]],
-  JOINED: [["room", NAME], ["last_seq", U64], ["members", U32]],
-  LEAVE: [["room", NAME]],
+  JOIN: [["room", text(U8, 32)]],
+  JOINED: [["room", text(U8, 32)], ["last_seq", U64], ["members", U32]],
+  LEAVE: [["room", text(U8, 32)]],
   LIST_ROOMS: [],
-  ROOM_LIST: [["rooms", array(ROOM_INFO)]],
-  MEMBERS: [["room", NAME]],
-  MEMBER_LIST: [["room", NAME], ["members", array(MEMBER_INFO)]],
-  SEND: [["conv", CONVERSATION], ["client_msg_id", U64], ["body", BODY]],
+  ROOM_LIST: [["rooms", array(ROOM_INFO, 1000)]],
+  MEMBERS: [["room", text(U8, 32)]],
+  MEMBER_LIST: [["room", text(U8, 32)], ["members", array(MEMBER_INFO, 1000)]],
+  SEND: [["conv", CONVERSATION], ["client_msg_id", U64], ["body", text(U16, 65535)]],
   ACK: [["conv", CONVERSATION], ["client_msg_id", U64], ["seq", U64], ["ts_ms", U64], ["duplicate", BOOL]],
   MESSAGE: [
-    ["conv", CONVERSATION], ["seq", U64], ["ts_ms", U64], ["sender", NAME], ["client_msg_id", U64], ["body", BODY],
+    ["conv", CONVERSATION], ["seq", U64], ["ts_ms", U64], ["sender", text(U8, 32)], ["client_msg_id", U64],
+    ["body", text(U16, 65535)],
   ],
-  SYNC: [["positions", array(POSITION)]],
-  SYNC_PAGE: [["conv", CONVERSATION], ["messages", array(STORED_MESSAGE)], ["has_more", BOOL]],
+  SYNC: [["positions", array(POSITION, 1000)]],
+  SYNC_PAGE: [["conv", CONVERSATION], ["messages", array(STORED_MESSAGE, 1000)], ["has_more", BOOL]],
   SYNC_DONE: [],
   HISTORY: [["conv", CONVERSATION], ["direction", enumOf(U8, Direction)], ["seq", U64], ["limit", U16]],
-  HISTORY_PAGE: [["conv", CONVERSATION], ["messages", array(STORED_MESSAGE)], ["has_more", BOOL]],
+  HISTORY_PAGE: [["conv", CONVERSATION], ["messages", array(STORED_MESSAGE, 1000)], ["has_more", BOOL]],
   DELIVERED: [["conv", CONVERSATION], ["seq", U64]],
   READ: [["conv", CONVERSATION], ["seq", U64]],
-  RECEIPT: [["conv", CONVERSATION], ["user", NAME], ["kind", enumOf(U8, ReceiptKind)], ["seq", U64]],
+  RECEIPT: [["conv", CONVERSATION], ["user", text(U8, 32)], ["kind", enumOf(U8, ReceiptKind)], ["seq", U64]],
   GET_CURSORS: [["conv", CONVERSATION]],
-  CURSORS: [["conv", CONVERSATION], ["cursors", array(CURSOR_INFO)]],
-  PRESENCE: [["user", NAME], ["status", enumOf(U8, Status)]],
+  CURSORS: [["conv", CONVERSATION], ["cursors", array(CURSOR_INFO, 1000)]],
+  PRESENCE: [["user", text(U8, 32)], ["status", enumOf(U8, Status)]],
   TYPING: [["conv", CONVERSATION]],
-  USER_TYPING: [["conv", CONVERSATION], ["user", NAME]],
+  USER_TYPING: [["conv", CONVERSATION], ["user", text(U8, 32)]],
   PING: [["nonce", U64]],
   PONG: [["nonce", U64]],
-  ERROR: [["code", enumOf(U16, ErrorCode)], ["retry_after_ms", U32], ["message", MESSAGE_TEXT]],
-  GOAWAY: [["reason", enumOf(U8, CloseReason)], ["reconnect_after_ms", U32], ["message", MESSAGE_TEXT]],
+  ERROR: [["code", enumOf(U16, ErrorCode)], ["retry_after_ms", U32], ["message", text(U8, 255)]],
+  GOAWAY: [["reason", enumOf(U8, CloseReason)], ["reconnect_after_ms", U32], ["message", text(U8, 255)]],
   BYE: [["reason", enumOf(U8, CloseReason)]],
 });
+
+/** Frame type name → its largest legal body in bytes (spec §10; proto.LARGEST_BODY_BYTES). */
+export const LARGEST_BODY_BYTES = Object.freeze({
+  HELLO: 69, WELCOME: 87, REGISTER: 162, LOGIN: 162, RESUME: 65, AUTH_OK: 106, LOGOUT: 0, OK: 0, JOIN: 33, JOINED: 45,
+  LEAVE: 33, LIST_ROOMS: 0, ROOM_LIST: 46002, MEMBERS: 33, MEMBER_LIST: 34035, SEND: 65579, ACK: 59, MESSAGE: 65628,
+  SYNC: 42002, SYNC_PAGE: 65594037, SYNC_DONE: 0, HISTORY: 45, HISTORY_PAGE: 65594037, DELIVERED: 42, READ: 42,
+  RECEIPT: 76, GET_CURSORS: 34, CURSORS: 49036, PRESENCE: 34, TYPING: 34, USER_TYPING: 67, PING: 8, PONG: 8,
+  ERROR: 262, GOAWAY: 261, BYE: 1,
+});
+// END GENERATED
+
+const FRAME_NAMES = new Map(Object.entries(FrameType).map(([name, code]) => [code, name]));
 const BODIES = Object.fromEntries(Object.entries(FIELDS).map(([name, fields]) => [name, record(fields)]));
 
 /**
@@ -331,11 +360,12 @@ export function lz4DecompressBlock(src, size) {
 }
 
 /**
- * Decode exactly one whole frame (one WebSocket message), with no state check.
+ * Decode exactly one whole frame (one WebSocket message), with no state check. A frame type newer than
+ * `version` (the negotiated protocol version) does not exist for it: UNKNOWN_FRAME_TYPE, as in proto.
  * Returns an event: {type: "MESSAGE", request_id, ...fields}, u64 fields as BigInt.
  * Throws ProtocolError with the ErrorCode of spec §2.3 / §7 for anything else.
  */
-export function decode(bytes, maxFrameBytes = ABSOLUTE_MAX_FRAME_BYTES) {
+export function decode(bytes, maxFrameBytes = ABSOLUTE_MAX_FRAME_BYTES, version = PROTOCOL_VERSION) {
   if (!(bytes instanceof Uint8Array)) bytes = new Uint8Array(bytes);
   if (bytes.length < HEADER_BYTES) fail(ErrorCode.MALFORMED_FRAME, "shorter than a frame header");
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -345,7 +375,10 @@ export function decode(bytes, maxFrameBytes = ABSOLUTE_MAX_FRAME_BYTES) {
   const requestId = view.getUint32(6);
   if (length > maxFrameBytes) fail(ErrorCode.FRAME_TOO_LARGE, `frame length ${length} > ${maxFrameBytes}`);
   const type = FRAME_NAMES.get(code);
-  if (type === undefined) fail(ErrorCode.UNKNOWN_FRAME_TYPE, `unknown frame type 0x${code.toString(16).padStart(2, "0")}`);
+  if (type === undefined || FRAME_VERSION[type] > version) {
+    const hex = code.toString(16).padStart(2, "0");
+    fail(ErrorCode.UNKNOWN_FRAME_TYPE, `unknown frame type 0x${hex} in protocol version ${version}`);
+  }
   if (flags & ~Flags.COMPRESSED) fail(ErrorCode.INVALID_FIELD, `unknown flag bits 0x${flags.toString(16)}`);
   const largest = BODIES[type].maxBytes; // §2.3 step 6: no longer than the type can ever be
   if (flags & Flags.COMPRESSED) {
@@ -370,12 +403,14 @@ export function decode(bytes, maxFrameBytes = ABSOLUTE_MAX_FRAME_BYTES) {
 }
 
 /**
- * Encode an event ({type: "SEND", request_id, ...fields}) as one uncompressed frame.
- * Throws TypeError / RangeError when a field is missing or out of range.
+ * Encode an event ({type: "SEND", request_id, ...fields}) as one uncompressed frame of protocol `version`.
+ * Throws TypeError / RangeError when the type is not in that version or a field is missing or out of range.
  */
-export function encode(event) {
-  const code = FrameType[event.type];
-  if (code === undefined) throw new TypeError(`unknown frame type ${event.type}`);
+export function encode(event, version = PROTOCOL_VERSION) {
+  const code = Object.hasOwn(FrameType, event.type) ? FrameType[event.type] : undefined;
+  if (code === undefined || FRAME_VERSION[event.type] > version) {
+    throw new TypeError(`unknown frame type ${event.type} in version ${version}`);
+  }
   const w = new Writer();
   w.pos = HEADER_BYTES;
   BODIES[event.type].write(w, event, event.type);

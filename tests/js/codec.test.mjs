@@ -5,7 +5,8 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 
 import {
-  ErrorCode, ProtocolError, decode, encode, lz4DecompressBlock, toPlain,
+  ErrorCode, FIELDS, FRAME_VERSION, FrameType, HEADER_BYTES, LARGEST_BODY_BYTES, NAME_PATTERN, PROTOCOL_VERSION,
+  ProtocolError, decode, encode, lz4DecompressBlock, toPlain,
 } from "../../server/static/chorus.js";
 
 const vectors = JSON.parse(readFileSync(new URL("./vectors.json", import.meta.url), "utf8"));
@@ -15,8 +16,60 @@ const refusedWith = (name) => (err) => err instanceof ProtocolError && err.code 
 
 test("there are vectors for every frame type", () => {
   const types = new Set(vectors.examples.map((v) => v.event.type));
-  assert.equal(types.size, 36);
+  assert.deepEqual([...types].sort(), Object.keys(FrameType).sort()); // the generated FrameType is proto's
   assert.ok(vectors.invalid.length >= 4);
+});
+
+test("every frame type has its fields, its version and its largest body", () => {
+  for (const type of Object.keys(FrameType)) {
+    assert.ok(Array.isArray(FIELDS[type]), type);
+    assert.ok(FRAME_VERSION[type] >= 1 && FRAME_VERSION[type] <= PROTOCOL_VERSION, type);
+    assert.ok(Number.isInteger(LARGEST_BODY_BYTES[type]), type);
+  }
+  assert.deepEqual(Object.keys(FIELDS).sort(), Object.keys(FrameType).sort());
+});
+
+const ANY_LENGTH = 2 ** 32 - 1;
+const header = (length, code) => {
+  const bytes = new Uint8Array(HEADER_BYTES);
+  new DataView(bytes.buffer).setUint32(0, length);
+  bytes[4] = code;
+  return bytes;
+};
+
+test("the codec's largest body of each type is proto's (its own walk of FIELDS, spec §2.3 step 6)", () => {
+  for (const [type, largest] of Object.entries(LARGEST_BODY_BYTES)) {
+    // One byte more than the largest is refused from the header alone; the largest itself is not.
+    assert.throws(() => decode(header(largest + 1, FrameType[type]), ANY_LENGTH), refusedWith("FRAME_TOO_LARGE"), type);
+    try {
+      decode(header(largest, FrameType[type]), ANY_LENGTH);
+    } catch (err) {
+      assert.notEqual(err.code, ErrorCode.FRAME_TOO_LARGE, `${type}: ${err.message}`);
+    }
+  }
+});
+
+test("a frame type newer than the negotiated version does not exist (spec §6)", () => {
+  for (const [type, introduced] of Object.entries(FRAME_VERSION)) {
+    const code = FrameType[type];
+    if (introduced > 1) {
+      assert.throws(() => decode(header(0, code), ANY_LENGTH, introduced - 1), refusedWith("UNKNOWN_FRAME_TYPE"), type);
+      assert.throws(() => encode({ type }, introduced - 1), TypeError, type);
+    }
+    try {
+      decode(header(0, code), ANY_LENGTH, introduced);
+    } catch (err) {
+      assert.notEqual(err.code, ErrorCode.UNKNOWN_FRAME_TYPE, `${type}: ${err.message}`);
+    }
+  }
+  assert.throws(() => decode(header(0, FrameType.PING), 1 << 20, 0), refusedWith("UNKNOWN_FRAME_TYPE"));
+  assert.throws(() => encode({ type: "constructor" }), TypeError);
+});
+
+test("names: the page judges them by proto's NAME_PATTERN alike", () => {
+  const re = new RegExp(`^(?:${NAME_PATTERN})$`, "u");
+  for (const { name, valid } of vectors.names) assert.equal(re.test(name), valid, JSON.stringify(name));
+  assert.ok(vectors.names.some((n) => n.valid) && vectors.names.some((n) => !n.valid));
 });
 
 for (const v of vectors.examples) {
