@@ -502,6 +502,26 @@ class ConversationState {
 }
 
 /**
+ * What the page does with each frame the server sends unasked (spec §5 "push": request_id 0, or no request of
+ * ours pending under its id): frame type → handler(client, event). tests/test_registry.py holds its keys
+ * (HANDLED_PUSHES) against every push proto's state table and the spec let a server send.
+ */
+const PUSH_HANDLERS = Object.freeze({
+  MESSAGE: (client, event) => client._message(event),
+  PING: (client, event) => client._send({ type: "PONG", nonce: event.nonce, request_id: event.request_id }),
+  PRESENCE: (client, event) => client._emit("presence", event),
+  USER_TYPING: (client, event) => client._emit("typing", { conv: event.conv, user: event.user }),
+  RECEIPT: (client, event) => client._emit("receipt", event),
+  GOAWAY: (client, event) => {
+    client._notBefore = Date.now() + event.reconnect_after_ms;
+    client._setState(client.state, "server restarting");
+  },
+  BYE: (client, event) => client._bye(event),
+  ERROR: (client, event) => client._emit("notice", `server: ${nameOf(ErrorCode, event.code)} ${event.message}`),
+});
+export const HANDLED_PUSHES = Object.freeze(Object.keys(PUSH_HANDLERS));
+
+/**
  * The protocol side of the page: one WebSocket at a time, requests matched by request_id,
  * reconnect + RESUME + SYNC. It knows nothing of the DOM; the UI listens to its events.
  */
@@ -684,35 +704,7 @@ export class ChorusClient extends EventTarget {
   }
 
   _push(event) {
-    switch (event.type) {
-      case "MESSAGE":
-        this._message(event);
-        break;
-      case "PING":
-        this._send({ type: "PONG", nonce: event.nonce, request_id: event.request_id });
-        break;
-      case "PRESENCE":
-        this._emit("presence", event);
-        break;
-      case "USER_TYPING":
-        this._emit("typing", { conv: event.conv, user: event.user });
-        break;
-      case "RECEIPT":
-        this._emit("receipt", event);
-        break;
-      case "GOAWAY":
-        this._notBefore = Date.now() + event.reconnect_after_ms;
-        this._setState(this.state, "server restarting");
-        break;
-      case "BYE":
-        this._bye(event);
-        break;
-      case "ERROR":
-        this._emit("notice", `server: ${nameOf(ErrorCode, event.code)} ${event.message}`);
-        break;
-      default:
-        break; // pushes of later versions would need a new version anyway (spec §6)
-    }
+    PUSH_HANDLERS[event.type]?.(this, event); // any other frame unasked for is dropped
   }
 
   _bye(event) {
