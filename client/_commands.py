@@ -39,6 +39,7 @@ COMMANDS: dict[str, Spec] = {
     "quit": Spec("/quit", "leave chorus (Ctrl-D and Ctrl-C do too)"),
 }
 DEFAULT_HISTORY = 20
+#: Most messages one /history may ask for before WELCOME says (``max_page``, spec §5.2): the server's default.
 MAX_HISTORY = 100
 
 
@@ -86,16 +87,16 @@ def room_arg(args: str, usage: str) -> str:
     return words[0].removeprefix("#")
 
 
-def history_count(args: str) -> int:
-    """N of ``/history [N]``. Raises ``UsageError``."""
+def history_count(args: str, most: int = MAX_HISTORY) -> int:
+    """N of ``/history [N]``, at most ``most`` (the server's page size). Raises ``UsageError``."""
     if not args:
-        return DEFAULT_HISTORY
+        return min(DEFAULT_HISTORY, most)
     try:
         n = int(args)
     except ValueError:
         raise UsageError(f"usage: {COMMANDS['history'].usage}") from None
-    if not 1 <= n <= MAX_HISTORY:
-        raise UsageError(f"/history shows 1 to {MAX_HISTORY} messages at a time")
+    if not 1 <= n <= most:
+        raise UsageError(f"/history shows 1 to {most} messages at a time")
     return n
 
 

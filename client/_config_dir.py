@@ -9,8 +9,9 @@ One file per (server, user) rather than one JSON file for all: two ``chorus``
 processes sharing a config directory (two terminals, a script and a terminal)
 never read-modify-write the same file, and a write is atomic (a temporary file
 created 0600, then renamed over the old one), so a reader never sees half a
-token. User names are [a-z0-9_.-] starting with a letter or digit, so
-they are safe file names (§9.1); anything else is refused rather than escaped.
+token. User names follow the protocol's naming rule (``_rules.is_user_name``,
+§9.1), which allows no "/" and no leading ".", so they are safe file names;
+anything else is refused rather than escaped.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-_SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}\Z")
+from ._rules import is_user_name
 
 
 def config_dir() -> Path:
@@ -37,7 +38,7 @@ class SessionStore:
 
     def path(self, user: str) -> Path:
         """The token file of ``user``. Raises ``ValueError`` for a name that is not a valid user name."""
-        if not _SAFE_NAME.match(user):
+        if not is_user_name(user):
             raise ValueError(f"not a valid user name: {user!r}")
         return self.dir / user
 
@@ -73,6 +74,6 @@ class SessionStore:
     def users(self) -> list[str]:
         """Users with a saved token on this server, sorted."""
         try:
-            return sorted(p.name for p in self.dir.iterdir() if _SAFE_NAME.match(p.name) and p.is_file())
+            return sorted(p.name for p in self.dir.iterdir() if is_user_name(p.name) and p.is_file())
         except OSError:
             return []

@@ -13,14 +13,14 @@ never written to a file or a log.
 
 Refusals become ``LoginError`` with one sentence for the user: a stale token is
 forgotten and a password asked for; a wrong password is asked again (three
-tries) when there is a person to ask.
+tries) when there is a person to ask. Names, passwords and ports are checked,
+and every sentence about them worded, by ``_rules`` from the protocol's constants.
 """
 from __future__ import annotations
 
 import contextlib
 import getpass
 import os
-import re
 import sys
 from typing import AsyncIterator, Callable
 
@@ -32,10 +32,10 @@ from chorus.proto import ErrorCode
 from ._client import Client, open_client
 from ._config_dir import SessionStore
 from ._errors import ConnectionLost, ServerError
+from ._rules import is_port, is_user_name, not_a_user_name, password_problem, password_rule, user_name_rule
 
 DEFAULT_SERVER = "127.0.0.1:7420"
 _DEFAULT_PORT = 7420
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}\Z")
 _TRIES = 3
 
 
@@ -54,7 +54,7 @@ def parse_server(text: str) -> tuple[str, int]:
         port = rest[1:] or port
     elif text.count(":") == 1:
         host, port = text.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not is_port(int(port)):
         raise ValueError(f"bad server address {text!r} (expected HOST:PORT)")
     return host, int(port)
 
@@ -78,8 +78,8 @@ def choose_user(given: str | None, store: SessionStore, interactive: bool) -> st
             user = _ask("User name: ")
         else:
             raise LoginError("say who you are with --user NAME (or $CHORUS_USER)")
-    if not _NAME.match(user):
-        raise LoginError(f"{user!r} is not a user name: 1-32 of a-z 0-9 _ . - starting with a letter or digit")
+    if not is_user_name(user):
+        raise LoginError(not_a_user_name(user))
     return user
 
 
@@ -87,10 +87,11 @@ def _ask_password(user: str, register: bool) -> str:
     if not register:
         return getpass.getpass(f"Password for {user}: ")
     while True:
-        first = getpass.getpass(f"Choose a password for {user} (8 to 128 characters): ")
-        if getpass.getpass("Type it again: ") == first:
+        first = getpass.getpass(f"Choose a password for {user} ({proto.PASSWORD_RULE}): ")
+        problem = password_problem(first, register)
+        if problem is None and getpass.getpass("Type it again: ") == first:
             return first
-        print("The two passwords differ; once more.", file=sys.stderr, flush=True)
+        print(f"{problem or 'The two passwords differ'}; once more.", file=sys.stderr, flush=True)
 
 
 @contextlib.asynccontextmanager
@@ -119,6 +120,9 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
                     raise LoginError(f"no saved session for {user} on {host}:{port}: set CHORUS_PASSWORD"
                                      " or log in once with chorus")
                 password, typed = _ask_password(user, register), True
+            problem = password and password_problem(password, register and token is None)
+            if problem:
+                raise LoginError(problem if typed else f"CHORUS_PASSWORD: {problem}")
             try:
                 client = await stack.enter_async_context(open_client(
                     host, port, username=user, password=password, token=token, register=register and token is None,
@@ -131,8 +135,7 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
                     say("the saved session has expired; log in again")
                     continue
                 if code in (ErrorCode.AUTH_FAILED, ErrorCode.WEAK_PASSWORD) and typed and attempt + 1 < _TRIES:
-                    say("wrong user name or password" if code == ErrorCode.AUTH_FAILED
-                        else "passwords are 8 to 128 characters")
+                    say(_refusal(exc, user))
                     password = None
                     continue
                 raise LoginError(_refusal(exc, user)) from None
@@ -153,9 +156,9 @@ def _refusal(exc: ServerError, user: str) -> str:
     if code == ErrorCode.USERNAME_TAKEN:
         return f"the name {user} is taken; to log in as {user}, leave out --register"
     if code == ErrorCode.WEAK_PASSWORD:
-        return "passwords are 8 to 128 characters"
+        return password_rule()
     if code == ErrorCode.INVALID_NAME:
-        return "user names are 1-32 of a-z 0-9 _ . - starting with a letter or digit"
+        return user_name_rule()
     if code == ErrorCode.INVALID_TOKEN:
         return "the session is no longer valid; log in with a password"
     return f"the server refused: {exc}"

@@ -34,6 +34,10 @@ retried with the same id until it is acknowledged; the library already re-sends
 its outbox after reconnecting (and catches up by seq without duplicates,
 §9.5); this module only shows it happening.
 
+Limits come from the protocol, never from here: a message's size and /history's
+N from WELCOME (max_body_bytes, max_page), typing notices from
+proto.TYPING_INTERVAL_S and TYPING_SHOW_S (§9.9).
+
 When stdin is not a terminal, lines are read plainly from stdin and there is
 no status bar: ``printf '/join #x\\nhello\\n' | chorus`` works.
 """
@@ -54,8 +58,8 @@ from chorus import proto
 from chorus.proto import ConvKind, ErrorCode
 
 from ._client import Client
-from ._commands import COMMANDS, Command, Text, UsageError, completions, help_lines, history_count, msg_args, parse, \
-    room_arg
+from ._commands import COMMANDS, MAX_HISTORY, Command, Text, UsageError, completions, help_lines, history_count, \
+    msg_args, parse, room_arg
 from ._errors import ConnectionLost, ServerError
 from ._events import Disconnected, Reconnected
 from ._render import Renderer
@@ -63,8 +67,6 @@ from ._render import Renderer
 #: At start, a room shows at most this many messages that arrived since we last looked; /history shows more.
 STARTUP_BACKLOG = 30
 _QUEUE_LIMIT = 1000  # lines waiting for the server; more is refused (a paste of a whole file, say)
-_TYPING_SHOW_S = 6.0  # how long "bob is typing" stays without another notice
-_TYPING_SEND_S = 3.0  # at most one TYPING per conversation this often
 _QUIT_GRACE_S = 5.0  # on /quit, time given to lines still waiting for the server
 _MARK_INTERVAL_S = 1.0
 
@@ -291,7 +293,7 @@ class Tui:
         if (conv.name not in self.joined) if conv.kind == ConvKind.ROOM else (conv not in self.shown):
             return
         now = trio.current_time()
-        if now - self._typing_sent.get(conv, -_TYPING_SEND_S) < _TYPING_SEND_S:
+        if now - self._typing_sent.get(conv, -proto.TYPING_INTERVAL_S) < proto.TYPING_INTERVAL_S:
             return
         self._typing_sent[conv] = now
         self._nursery.start_soon(self._send_typing, conv)
@@ -344,7 +346,7 @@ class Tui:
         elif name == "history":
             if self.current is None:
                 raise UsageError("no conversation yet: /join #room first")
-            self._enqueue(self._history, self.current, history_count(args))
+            self._enqueue(self._history, self.current, history_count(args, self.page_size()))
 
     def _switch(self, args: str) -> None:
         if not args:
@@ -366,6 +368,10 @@ class Tui:
         self.current = conv
         self.unread.pop(conv, None)
         self.info(f"now talking in {conv}")
+
+    def page_size(self) -> int:
+        """Most messages a HISTORY page holds: WELCOME's ``max_page`` (§5.2)."""
+        return self.client.welcome.max_page if self.client.welcome else MAX_HISTORY
 
     def _queue_text(self, conv: proto.Conversation | None, body: str) -> None:
         if conv is None:
@@ -522,7 +528,7 @@ class Tui:
                     n, self._caught_up = self._caught_up, 0
                     self.info("reconnected" + (f"; caught up {n} message(s)" if n else ""))
                 elif isinstance(event, proto.UserTyping):
-                    self.typing[(event.conv, event.user)] = trio.current_time() + _TYPING_SHOW_S
+                    self.typing[(event.conv, event.user)] = trio.current_time() + proto.TYPING_SHOW_S
                 elif isinstance(event, proto.Presence):
                     self.users.add(event.user)  # not printed: every script that connects would say hello
                 elif isinstance(event, proto.GoAway):

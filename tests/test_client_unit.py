@@ -186,7 +186,8 @@ async def test_handshake_registers_and_reports_token(fake):
     tokens = []
     async with connect(fake, register=True, on_token=tokens.append, client_name="unit") as c:
         peer = await fake.next_peer()
-        assert (peer.hello.min_version, peer.hello.max_version, peer.hello.client) == (1, 1, "unit")
+        assert (peer.hello.min_version, peer.hello.max_version, peer.hello.client) == (
+            proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION, "unit")  # every version it speaks (spec §6.1)
         assert peer.auths == [proto.Register("alice", PASSWORD, request_id=peer.auths[0].request_id)]
         assert peer.sync.positions == ()
         assert (c.username, c.token, tokens, c.connected) == ("alice", "tok-1", ["tok-1"], True)

@@ -7,18 +7,21 @@ import os
 import re
 import stat
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 from chorus import proto
-from chorus.client import open_client
+from chorus.client import ServerError, open_client
 from chorus.client._commands import Command, Text, UsageError, completions, help_lines, history_count, parse
 from chorus.client._config_dir import SessionStore, config_dir
-from chorus.client._login import parse_server
+from chorus.client._login import LoginError, _ask_password, _refusal, choose_user, parse_server
 from chorus.client._render import Renderer, one_line, use_colour
+from chorus.client._rules import password_problem
 from chorus.client._tui import Tui
+from chorus.proto import ErrorCode
 from chorusproc import ServerProcess, Terminal, chorus_env
 
 PASSWORD = "alice-secret-pw"
@@ -41,6 +44,9 @@ def test_parse_lines():
     for bad in ("x", "0", "101"):
         with pytest.raises(UsageError):
             history_count(bad)
+    assert history_count("", 10) == 10 and history_count("40", 40) == 40  # WELCOME's max_page bounds N
+    with pytest.raises(UsageError, match="1 to 40 messages"):
+        history_count("41", 40)
     assert any("/history [N]" in line for line in help_lines())
     assert help_lines("/who") == help_lines("who")
 
@@ -122,9 +128,48 @@ def test_parse_server():
     assert parse_server("example.org") == ("example.org", 7420)
     assert parse_server("127.0.0.1:9000") == ("127.0.0.1", 9000)
     assert parse_server("[::1]:9000") == ("::1", 9000)
-    for bad in ("host:", "host:x", ":80", "[::1", "h:99999"):
+    for bad in ("host:", "host:x", ":80", "[::1", "h:99999", f"h:{proto.MAX_PORT + 1}", "h:0"):
         with pytest.raises(ValueError):
             parse_server(bad)
+    assert parse_server(f"h:{proto.MAX_PORT}") == ("h", proto.MAX_PORT)
+
+
+def test_what_the_client_says_about_names_and_passwords_follows_the_protocol_constants(monkeypatch, tmp_path):
+    """Change the rules in chorus.proto and every check and sentence of the terminal client follows (STYLE.md §20)."""
+    for name, value in (("NAME_PATTERN", "[a-z]{1,3}"), ("NAME_RULE", "1-3 letters"), ("MIN_PASSWORD_BYTES", 12),
+                        ("MAX_PASSWORD_BYTES", 20), ("PASSWORD_RULE", "12 to 20 bytes")):
+        monkeypatch.setattr(proto, name, value)
+    store = SessionStore("127.0.0.1", 7420, root=tmp_path)
+    assert choose_user("abc", store, interactive=False) == "abc"
+    for bad in ("abcd", "ab1"):
+        with pytest.raises(LoginError) as refused:
+            choose_user(bad, store, interactive=False)
+        assert str(refused.value) == f"{bad!r} is not a user name: 1-3 letters"
+        with pytest.raises(ValueError):
+            store.path(bad)  # the token files use the same rule
+    assert password_problem("x" * 11, register=True) == "passwords are 12 to 20 bytes"
+    assert password_problem("x" * 11, register=False) is None  # a login may try; the server answers
+    assert password_problem("é" * 11, register=False) == "passwords are 12 to 20 bytes"  # 22 bytes: not on the wire
+    assert password_problem("x" * 12, register=True) is None
+    assert _refusal(ServerError(ErrorCode.WEAK_PASSWORD, "server's words"), "abc") == "passwords are 12 to 20 bytes"
+    assert _refusal(ServerError(ErrorCode.INVALID_NAME, "server's words"), "abc") == "user names are 1-3 letters"
+
+    prompts, answers = [], iter(["short", "long enough pw", "long enough pw"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt: prompts.append(prompt) or next(answers))
+    assert _ask_password("abc", register=True) == "long enough pw"
+    assert prompts[0] == "Choose a password for abc (12 to 20 bytes): "  # asked again after "short"
+    assert len(prompts) == 3
+
+
+def test_the_client_copies_no_rule_by_hand():
+    """The rules live in chorus.proto; client/ words them from there (a literal copy would drift unnoticed)."""
+    copies = [re.escape(text) for text in (
+        proto.NAME_RULE, proto.PASSWORD_RULE, f"{proto.MIN_PASSWORD_BYTES} to {proto.MAX_PASSWORD_BYTES}",
+        f"1-{proto.MAX_NAME_BYTES}", "[a-z0-9", str(proto.MAX_PORT), f"< {proto.MAX_PORT + 1}")]
+    source = Path(proto.__file__).resolve().parent.parent / "client"
+    found = [(path.name, m[0]) for path in sorted(source.glob("*.py"))
+             for m in re.finditer("|".join(copies), path.read_text(encoding="utf-8"))]
+    assert found == []
 
 
 class _StubClient:
