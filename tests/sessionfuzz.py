@@ -10,7 +10,8 @@ back; an honest pair of bystanders chats in ``#lobby`` (where the fuzzers are me
 What the spec and DESIGN.md ("Failure is local") promise is checked after every frame (``answer``), from the
 tables of proto and spec/PROTOCOL.md (tests/fuzzframes.py) rather than a list kept here:
 
-- a frame illegal in the client's state gets ERROR ``WRONG_STATE`` (request_id 0), BYE ``PROTOCOL_ERROR``, close;
+- a frame illegal in the client's state gets ERROR ``WRONG_STATE`` (request_id 0), BYE ``PROTOCOL_ERROR``, close
+  (``UNKNOWN_FRAME_TYPE`` if its type is newer than the version the connection negotiated);
 - a request gets its reply (SYNC: SYNC_PAGE... then SYNC_DONE) or an ERROR with its request_id, never
   ``INTERNAL`` (a bug the connection's catch-all caught); a frame with no reply on success is followed by a PING,
   whose PONG must come back; a connection ends only as the spec allows for that frame (UNSUPPORTED_VERSION,
@@ -59,6 +60,8 @@ BYSTANDERS = ("bya", "byb")
 FUZZ_USERS = ("f0", "f1", "f2")
 LOBBY = proto.Conversation.room("lobby")
 FUZZ_ROOM = "fuzz"
+#: The HELLO of every connection the machine opens (a fuzzed HELLO offers anything): every version we speak.
+VERSIONS = (proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION)
 
 
 # --- failures ---------------------------------------------------------------------------------------------------
@@ -78,12 +81,13 @@ class ServerDied(ServerBug):
 # --- the server, in a Trio thread -------------------------------------------------------------------------------
 
 #: Fuzzing is about what frames do, not how many or how fast (the budgets and timers have their own tests): the
-#: timers are far away and the budgets generous, so that a sweep of hundreds of frames reaches the store.
+#: timers are far away and the budgets generous, so that a sweep of hundreds of frames reaches the store. Pages
+#: are small and the room limit low, so that SYNC and HISTORY page and JOIN meets its limit within a few steps.
 #: Options this version of the server does not have yet are left out.
 _FUZZ_OPTIONS = {
     "sqlite_synchronous": "NORMAL", "ping_interval_s": 600.0, "handshake_timeout_s": 600.0, "auth_timeout_s": 600.0,
     "rate_per_s": 100_000, "rate_burst": 100_000, "user_send_rate_per_s": 100_000.0, "user_send_burst": 100_000,
-    "login_free_failures": 100_000,
+    "login_free_failures": 100_000, "max_page": 3, "max_rooms_per_user": 4,
 }
 
 
@@ -218,7 +222,7 @@ class LiveServer:
         try:
             with trio.move_on_after(0.5):  # a healthy server answers in milliseconds, even a loaded one well within
                 peer = await Peer.connect("probe", self.port, set())
-                return isinstance(await peer.reply_to(proto.Hello(1, 1, "probe", request_id=1)), proto.Welcome)
+                return isinstance(await peer.reply_to(proto.Hello(*VERSIONS, "probe", request_id=1)), proto.Welcome)
             return False
         except (OSError, ServerBug):
             return False
@@ -281,8 +285,13 @@ class Peer:
     def state(self) -> State:
         return self.conn.state
 
+    def known(self, ftype: FrameType) -> bool:
+        """``ftype`` exists in the version this connection negotiated (spec §6.2; before WELCOME, the oldest)."""
+        return getattr(ftype, "version", 1) <= getattr(self.conn, "version", proto.PROTOCOL_VERSION)
+
     def legal(self, ftype: FrameType) -> bool:
-        return not self.conn.we_said_bye and next_state(self.conn.state, proto.CLIENT, ftype) is not None
+        return (not self.conn.we_said_bye and self.known(ftype)
+                and next_state(self.conn.state, proto.CLIENT, ftype) is not None)
 
     async def send(self, event: proto.Event) -> bytes:
         data = self.conn.send(event) if self.legal(event.FRAME) else proto.encode(event)
@@ -443,10 +452,11 @@ async def answer(peer: Peer, event: proto.Event, acks: list) -> str:
 
 async def _answer(peer: Peer, event: proto.Event):
     ftype = event.FRAME
-    if not peer.legal(ftype):
+    if not peer.legal(ftype):  # spec §2.3: a type newer than the connection's version is unknown to it
+        code = ErrorCode.WRONG_STATE if peer.known(ftype) else ErrorCode.UNKNOWN_FRAME_TYPE
         await peer.send(event)
-        await peer.expect_close(event, code=ErrorCode.WRONG_STATE, bye=CloseReason.PROTOCOL_ERROR)
-        return "WRONG_STATE, closed"
+        await peer.expect_close(event, code=code, bye=CloseReason.PROTOCOL_ERROR)
+        return f"{code.name}, closed"
     token = peer.token
     await peer.send(event)
     if ftype is FrameType.BYE:  # the server closes without a BYE of its own (spec §5.36)
@@ -635,7 +645,7 @@ class SessionMachine(RuleBasedStateMachine):
     async def _user(self, name: str, password: str, rooms: list[str]) -> Peer:
         """A connection of a new user ``name``, live (SYNC) and in ``rooms``."""
         peer = await Peer.connect(name, self.live.port, self.revoked)
-        for request in [proto.Hello(1, 1, "setup"), proto.Register(name, password), proto.Sync(())] + [
+        for request in [proto.Hello(*VERSIONS, "setup"), proto.Register(name, password), proto.Sync(())] + [
                 proto.Join(room) for room in rooms]:
             reply = await peer.reply_to(dataclasses.replace(request, request_id=peer.rid()))
             assert type(reply) is proto.EVENT_TYPES[REPLIES[request.FRAME].final], reply
@@ -646,9 +656,9 @@ class SessionMachine(RuleBasedStateMachine):
         "resume" (with ``token``, else login; then SYNC). The server's answers are checked like any fuzzed frame's."""
         peer = await Peer.connect(name, self.live.port, self.revoked)
         peer.token = token
-        steps = {"raw": [], "hello": [proto.Hello(1, 1, "session-fuzz")],
-                 "login": [proto.Hello(1, 1, "session-fuzz"), proto.Login(name, PASSWORD)],
-                 "resume": [proto.Hello(1, 1, "session-fuzz"),
+        steps = {"raw": [], "hello": [proto.Hello(*VERSIONS, "session-fuzz")],
+                 "login": [proto.Hello(*VERSIONS, "session-fuzz"), proto.Login(name, PASSWORD)],
+                 "resume": [proto.Hello(*VERSIONS, "session-fuzz"),
                             proto.Resume(token) if token else proto.Login(name, PASSWORD)]}[mode]
         for event in steps + [proto.Sync(())]:
             if not peer.legal(event.FRAME) or (peer.state is State.UNAUTHENTICATED and event.FRAME is FrameType.SYNC):

@@ -26,8 +26,8 @@ from hypothesis.stateful import run_state_machine_as_test
 from chorus import proto
 from fuzzframes import CLIENT_FRAMES, REPLIES, Hints, boundary_events, frames, spec_frame_table
 from chorus.proto import Direction, FrameType
-from sessionfuzz import (LOBBY, LiveServer, PageCheck, Peer, ServerBug, SessionMachine, answer, check_store,
-                        fuzz_settings)
+from sessionfuzz import (LOBBY, VERSIONS, LiveServer, PageCheck, Peer, ServerBug, SessionMachine, answer,
+                        check_store, fuzz_settings)
 
 EXAMPLES = int(os.environ.get("CHORUS_FUZZ_EXAMPLES", "0"))
 STEPS = int(os.environ.get("CHORUS_FUZZ_STEPS", "50"))
@@ -46,6 +46,7 @@ def test_every_client_frame_type_has_a_strategy_and_a_spec_row():
     for ftype in CLIENT_FRAMES:
         frames(ftype)  # NotImplementedError names a construct the strategies do not know
         assert len(boundary_events(ftype)) > 1, ftype
+        assert ftype in table, f"spec §5's frame table has no row for {ftype.name}: what answers it?"
         assert table[ftype][0] in ("C→S", "both"), ftype
         assert ftype in REPLIES
 
@@ -207,7 +208,7 @@ async def _mallory_beside_alice_and_bob(live: LiveServer, event: proto.Event, ac
         peer = await Peer.connect(name, live.port, set())
         peer.check_gaps = name != "mallory"
         peers.append(peer)
-        for request in (proto.Hello(1, 1, "item1"), proto.Register(name, "correct horse battery"),
+        for request in (proto.Hello(*VERSIONS, "item1"), proto.Register(name, "correct horse battery"),
                         proto.Sync(()), proto.Join(LOBBY.name)):
             reply = await peer.reply_to(dataclasses.replace(request, request_id=peer.rid()))
             assert type(reply) is proto.EVENT_TYPES[REPLIES[request.FRAME].final], reply
