@@ -62,9 +62,11 @@ _REPLY: dict[type, type] = {
     proto.Sync: proto.SyncDone,
     proto.History: proto.HistoryPage,
     proto.GetCursors: proto.Cursors,
+    proto.ListConversations: proto.ConversationList,  # version 2
     proto.Ping: proto.Pong,
 }
-_EPHEMERAL = (proto.Presence, proto.UserTyping, proto.Receipt)
+#: Pushes handed to ``events()`` as they are (MEMBERSHIP only arrives on a version 2 connection).
+_EPHEMERAL = (proto.Presence, proto.UserTyping, proto.Receipt, proto.Membership)
 #: Refusals that no amount of retrying will change: stop reconnecting.
 _FATAL = {
     ErrorCode.AUTH_FAILED, ErrorCode.INVALID_TOKEN, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.USERNAME_TAKEN,
@@ -159,7 +161,8 @@ class Client:
     reconnect backoff; ``pace`` keeps frames within WELCOME's rate limit;
     ``retry_rate_limited`` re-sends a request refused with RATE_LIMITED after its hint; one refused
     with SERVER_BUSY (nothing was done) is always re-sent after its hint, and logging in waits out
-    both.
+    both. ``max_protocol_version`` is the newest protocol version HELLO offers (spec §6; the default
+    is the newest this library speaks); ``version`` is the one the server chose.
     """
 
     def __init__(
@@ -181,9 +184,13 @@ class Client:
         backoff_cap_s: float = 10.0,
         pace: bool = True,
         retry_rate_limited: bool = True,
+        max_protocol_version: int = proto.PROTOCOL_VERSION,
     ):
         if token is None and (username is None or password is None):
             raise ValueError("give a token, or a username and password")
+        if not proto.MIN_PROTOCOL_VERSION <= max_protocol_version <= proto.PROTOCOL_VERSION:
+            raise ValueError(f"max_protocol_version must be in {proto.MIN_PROTOCOL_VERSION}..{proto.PROTOCOL_VERSION}")
+        self._max_version = max_protocol_version
         self._host, self._port = host, port
         self._username, self._password = username, password
         self._register = register and token is None
@@ -264,6 +271,17 @@ class Client:
     async def rooms(self) -> list[proto.RoomInfo]:
         return list((await self._request(proto.ListRooms())).rooms)
 
+    @property
+    def version(self) -> int | None:
+        """The protocol version of the current (or last) connection, as WELCOME chose it; None before one."""
+        return self.welcome.version if self.welcome is not None else None
+
+    async def conversations(self) -> list[proto.ConversationInfo]:
+        """Every conversation of the user, rooms and direct ones, with its newest seq and the user's cursors,
+        the most recently active first (version 2, spec §5.37). Raises ``proto.LocalProtocolError``
+        (UNKNOWN_FRAME_TYPE) when the server speaks only version 1: use ``rooms()`` there."""
+        return list((await self._request(proto.ListConversations())).conversations)
+
     async def members(self, room: str) -> list[proto.MemberInfo]:
         """Members of ``room`` with their status. Raises ``ServerError`` (NOT_MEMBER)."""
         return list((await self._request(proto.Members(_room_name(room)))).members)
@@ -305,9 +323,7 @@ class Client:
 
     async def typing(self, conv) -> None:
         """Tell the others we are typing; dropped silently while reconnecting (it is ephemeral)."""
-        event = proto.Typing(parse_conv(conv))
-        proto.encode(event)
-        await self._push(event, keep=False)
+        await self._push(proto.Typing(parse_conv(conv)), keep=False)
 
     async def cursors(self, conv) -> list[proto.CursorInfo]:
         return list((await self._request(proto.GetCursors(parse_conv(conv)))).cursors)
@@ -364,16 +380,12 @@ class Client:
         if self._closed or self._closing:
             raise self._close_error or ConnectionLost("client closed")
 
-    def _validate(self, event: proto.Event) -> None:
-        # Fail in the caller, not later in the supervisor's resend loop.
-        limit = self.welcome.max_frame_bytes if self.welcome else proto.DEFAULT_MAX_FRAME_BYTES
-        proto.encode(event, max_frame_bytes=limit)
-
     async def _call(self, event: proto.Event) -> _Call:
         """Make a request and wait for its answer (raising only for timeout, loss or encoding);
         the caller looks at ``call.error``."""
         self._check_open()
-        self._validate(event)
+        # Its fields were checked when it was made (proto's events check themselves); what only the connection
+        # can judge (the server's max_frame_bytes, the negotiated version) fails the call when it is written.
         rid = self._new_rid()
         call = _Call(rid, dataclasses.replace(event, request_id=rid), internal=False)
         self._calls[rid] = call
@@ -454,8 +466,7 @@ class Client:
             raise self._close_error or ConnectionLost("not connected")
 
     async def _mark(self, conv: proto.Conversation, kind: proto.ReceiptKind, seq: int) -> None:
-        event = (proto.Read if kind == proto.ReceiptKind.READ else proto.Delivered)(conv, seq)
-        proto.encode(event)
+        event = (proto.Read if kind == proto.ReceiptKind.READ else proto.Delivered)(conv, seq)  # checks seq
         key = (conv, kind)
         # Remembered until the next connection is established, which re-sends it: the write
         # may have been lost with the connection, and the server keeps the highest anyway.
@@ -707,10 +718,10 @@ class Client:
         return t
 
     async def _establish(self, t: Transport, first: bool) -> None:
-        welcome = await self._internal(t, proto.Hello(proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION,
+        # The connection (proto) refuses a WELCOME outside the range offered, and from then on any frame of a
+        # later version than the one WELCOME chose, both ways (spec §6.3).
+        welcome = await self._internal(t, proto.Hello(proto.MIN_PROTOCOL_VERSION, self._max_version,
                                                       self._client_name))
-        if not proto.MIN_PROTOCOL_VERSION <= welcome.version <= proto.PROTOCOL_VERSION:
-            raise ServerError(ErrorCode.UNSUPPORTED_VERSION, f"server chose version {welcome.version}")
         self.welcome = welcome
         t.set_limits(welcome)
         await self._authenticate(t)
@@ -811,7 +822,7 @@ async def open_client(host: str, port: int, **kwargs) -> AsyncIterator[Client]:
     Keyword arguments are those of ``Client``: ``username``, ``password``, ``token``,
     ``register``, ``reconnect``, ``client_name``, ``on_token``, ``request_timeout_s``,
     ``event_buffer``, ``sync_on_connect``, ``backoff_base_s``, ``backoff_cap_s``,
-    ``pace``, ``retry_rate_limited``. Raises what the first connection attempt
+    ``pace``, ``retry_rate_limited``, ``max_protocol_version``. Raises what the first connection attempt
     raised: ``OSError`` (unreachable), ``ServerError`` (AUTH_FAILED, USERNAME_TAKEN...),
     ``ConnectionLost``, ``trio.TooSlowError``.
     """

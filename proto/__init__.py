@@ -1,15 +1,20 @@
 """Chorus wire protocol, sans-IO (spec/PROTOCOL.md).
 
     conn = proto.Connection(proto.CLIENT)
-    sock.send(conn.send(proto.Hello(1, 1, "me")))
+    sock.send(conn.send(proto.Hello(proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION, "me")))
     conn.receive_data(sock.recv(65536))
     event = conn.next_event()   # an event, proto.NEED_DATA or proto.ConnectionClosed
+    conn.version                # the version WELCOME chose (spec §6)
+
+Events check their fields when they are made (``LocalProtocolError``);
+``validate(event)`` checks one again without encoding it.
 
 ``LARGEST_BODY_BYTES[frame_type]`` is the largest legal body of each frame type,
 derived from the wire declarations; ``Connection.max_pending_bytes`` is the most
 one frame from the peer can take in the current state (spec §2.3, §10).
 """
-from ._connection import NEED_DATA, Connection, decode, encode
+from . import _check  # noqa: F401  (registers every event's field check)
+from ._connection import NEED_DATA, Connection, decode, encode, negotiate
 from ._const import (
     ABSOLUTE_MAX_FRAME_BYTES,
     COMPRESS_THRESHOLD_BYTES,
@@ -35,6 +40,7 @@ from ._const import (
     ErrorCode,
     Flags,
     FrameType,
+    MembershipChange,
     ReceiptKind,
     Status,
 )
@@ -46,6 +52,8 @@ from ._events import (
     Bye,
     ConnectionClosed,
     Conversation,
+    ConversationInfo,
+    ConversationList,
     CursorInfo,
     Cursors,
     Delivered,
@@ -59,12 +67,14 @@ from ._events import (
     Join,
     Joined,
     Leave,
+    ListConversations,
     ListRooms,
     Login,
     Logout,
     MemberInfo,
     MemberList,
     Members,
+    Membership,
     Message,
     Ok,
     Ping,
@@ -85,6 +95,7 @@ from ._events import (
     Typing,
     UserTyping,
     Welcome,
+    validate,
 )
 from ._state import CLIENT, SERVER, Role, State
 from ._wire import LARGEST_BODY_BYTES

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 
-#: The protocol versions this implementation speaks (spec §6).
-PROTOCOL_VERSION = 1
+#: The protocol versions this implementation speaks (spec §6): a connection uses the highest one both sides
+#: speak. Every frame type records the version that introduced it (``FrameType.version``).
+PROTOCOL_VERSION = 2
 MIN_PROTOCOL_VERSION = 1
 
 #: Fixed frame header: length u32, type u8, flags u8, request id u32 (spec §2).
@@ -50,44 +51,60 @@ MAX_PORT = 65535
 
 
 class FrameType(enum.IntEnum):
-    """The ``type`` byte of the header (spec §5)."""
+    """The ``type`` byte of the header (spec §5), each with the protocol version that introduced it (§6.2).
 
-    HELLO = 0x01
-    WELCOME = 0x02
-    REGISTER = 0x03
-    LOGIN = 0x04
-    RESUME = 0x05
-    AUTH_OK = 0x06
-    LOGOUT = 0x07
-    OK = 0x08
-    JOIN = 0x10
-    JOINED = 0x11
-    LEAVE = 0x12
-    LIST_ROOMS = 0x13
-    ROOM_LIST = 0x14
-    MEMBERS = 0x15
-    MEMBER_LIST = 0x16
-    SEND = 0x20
-    ACK = 0x21
-    MESSAGE = 0x22
-    SYNC = 0x23
-    SYNC_PAGE = 0x24
-    SYNC_DONE = 0x25
-    HISTORY = 0x26
-    HISTORY_PAGE = 0x27
-    DELIVERED = 0x28
-    READ = 0x29
-    RECEIPT = 0x2A
-    GET_CURSORS = 0x2B
-    CURSORS = 0x2C
-    PRESENCE = 0x30
-    TYPING = 0x31
-    USER_TYPING = 0x32
-    PING = 0x40
-    PONG = 0x41
-    ERROR = 0x42
-    GOAWAY = 0x43
-    BYE = 0x44
+    A connection that negotiated an older version neither sends nor accepts the newer frame types:
+    to its peer they do not exist (``UNKNOWN_FRAME_TYPE``).
+    """
+
+    version: int  # the protocol version that introduced this frame type
+
+    def __new__(cls, code: int, version: int = MIN_PROTOCOL_VERSION) -> FrameType:
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.version = version
+        return member
+
+    # name = type byte, version that introduced it
+    HELLO = 0x01, 1
+    WELCOME = 0x02, 1
+    REGISTER = 0x03, 1
+    LOGIN = 0x04, 1
+    RESUME = 0x05, 1
+    AUTH_OK = 0x06, 1
+    LOGOUT = 0x07, 1
+    OK = 0x08, 1
+    JOIN = 0x10, 1
+    JOINED = 0x11, 1
+    LEAVE = 0x12, 1
+    LIST_ROOMS = 0x13, 1
+    ROOM_LIST = 0x14, 1
+    MEMBERS = 0x15, 1
+    MEMBER_LIST = 0x16, 1
+    LIST_CONVERSATIONS = 0x17, 2
+    CONVERSATION_LIST = 0x18, 2
+    MEMBERSHIP = 0x19, 2
+    SEND = 0x20, 1
+    ACK = 0x21, 1
+    MESSAGE = 0x22, 1
+    SYNC = 0x23, 1
+    SYNC_PAGE = 0x24, 1
+    SYNC_DONE = 0x25, 1
+    HISTORY = 0x26, 1
+    HISTORY_PAGE = 0x27, 1
+    DELIVERED = 0x28, 1
+    READ = 0x29, 1
+    RECEIPT = 0x2A, 1
+    GET_CURSORS = 0x2B, 1
+    CURSORS = 0x2C, 1
+    PRESENCE = 0x30, 1
+    TYPING = 0x31, 1
+    USER_TYPING = 0x32, 1
+    PING = 0x40, 1
+    PONG = 0x41, 1
+    ERROR = 0x42, 1
+    GOAWAY = 0x43, 1
+    BYE = 0x44, 1
 
 
 class Flags(enum.IntFlag):
@@ -158,10 +175,21 @@ class Direction(enum.IntEnum):
 
 
 class ReceiptKind(enum.IntEnum):
+    """Which cursor a RECEIPT reports (spec §9.6)."""
+
     DELIVERED = 1
     READ = 2
 
 
 class Status(enum.IntEnum):
+    """A user's presence (spec §9.8)."""
+
     OFFLINE = 0
     ONLINE = 1
+
+
+class MembershipChange(enum.IntEnum):
+    """What a MEMBERSHIP push reports (spec §5, version 2)."""
+
+    JOINED = 1
+    LEFT = 2

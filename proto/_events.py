@@ -1,15 +1,24 @@
 """Events: one frozen dataclass per frame type (spec §5).
 
 An event carries the decoded body fields plus ``request_id`` from the header
-(keyword-only, default 0). Clients pick request ids for requests; the server
-echoes them on the reply (ACK, OK, JOINED, pages, ERROR...) and uses 0 for
-pushes. Nested values (conversations, page items) are frozen dataclasses too,
-and lists are tuples, so every event is hashable and comparable.
+(on the ``Event`` base: keyword-only, default 0). Clients pick request ids for
+requests; the server echoes them on the reply (ACK, OK, JOINED, pages, ERROR...)
+and uses 0 for pushes. Nested values (conversations, page items) are frozen
+dataclasses too, and lists are tuples, so every event is hashable and comparable.
+
+Every event and nested value checks its fields when it is made (STYLE.md §19,
+like h11's events): a value the wire cannot carry (a name over 32 bytes, a
+negative seq, a list instead of a tuple, an unknown enum value) raises
+``LocalProtocolError`` where the event is built, not later at encode time.
+The checks are derived from the wire declarations (``_fast`` registers them in
+``CHECKS`` at import); the decoder builds events from bytes it has already
+checked and skips them. ``validate(event)`` runs the check again on demand.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._const import (
     CloseReason,
@@ -17,19 +26,50 @@ from ._const import (
     Direction,
     ErrorCode,
     FrameType,
+    MembershipChange,
     ReceiptKind,
     Status,
 )
 
-_event = dataclass(frozen=True, slots=True)
+#: Class → the check of its fields, derived from the wire declarations and registered by ``_fast`` at import.
+#: Each raises ``LocalProtocolError`` naming the class and field ("Join.room: 40 bytes > 32").
+CHECKS: dict[type, Callable[[Any], None]] = {}
 
 
-def _rid() -> int:
-    return field(default=0, kw_only=True)
+class _Checked:
+    """Base of every event and nested value: fields are checked when the dataclass is made."""
+
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        check = CHECKS.get(self.__class__)
+        if check is not None:
+            check(self)
 
 
-@_event
-class Conversation:
+def validate(value: object) -> None:
+    """Check every field of an event (or nested value), nested values included, against the wire declaration,
+    without encoding.
+
+    Events are checked when made, so this matters only for one changed behind the dataclass's back.
+    Raises ``LocalProtocolError`` (code ``INVALID_FIELD`` or ``FIELD_TOO_LARGE``) naming the field, and
+    ``TypeError`` for something that is not an event.
+    """
+    check = CHECKS.get(value.__class__)
+    if check is None:
+        raise TypeError(f"{type(value).__name__} is not a Chorus event")
+    check(value)  # each field's type, so the nested values below are Chorus values
+    for name in value.__dataclass_fields__:  # type: ignore[attr-defined]
+        nested = getattr(value, name)
+        if isinstance(nested, _Checked):
+            validate(nested)
+        elif isinstance(nested, tuple):
+            for item in nested:
+                validate(item)
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation(_Checked):
     """A room (by name) or a direct conversation (by the other user's name)."""
 
     kind: ConvKind
@@ -47,8 +87,8 @@ class Conversation:
         return f"#{self.name}" if self.kind == ConvKind.ROOM else f"@{self.name}"
 
 
-@_event
-class StoredMessage:
+@dataclass(frozen=True, slots=True)
+class StoredMessage(_Checked):
     """One message inside a SYNC_PAGE or HISTORY_PAGE (its conversation is the page's)."""
 
     seq: int
@@ -58,56 +98,85 @@ class StoredMessage:
     body: str
 
 
-@_event
-class RoomInfo:
+@dataclass(frozen=True, slots=True)
+class RoomInfo(_Checked):
+    """One room in a ROOM_LIST: its member count, newest seq, and whether the user is a member."""
+
     name: str
     members: int
     last_seq: int
     joined: bool
 
 
-@_event
-class MemberInfo:
+@dataclass(frozen=True, slots=True)
+class MemberInfo(_Checked):
+    """One member in a MEMBER_LIST, with presence."""
+
     user: str
     status: Status
 
 
-@_event
-class Position:
+@dataclass(frozen=True, slots=True)
+class Position(_Checked):
+    """Where a client stands in one conversation: the highest seq it has (SYNC)."""
+
     conv: Conversation
     last_seq: int
 
 
-@_event
-class CursorInfo:
+@dataclass(frozen=True, slots=True)
+class CursorInfo(_Checked):
+    """One member's delivered and read cursors in a CURSORS reply."""
+
     user: str
     delivered_seq: int
     read_seq: int
 
 
-class Event:
-    """Base of every frame event; ``FRAME`` names its frame type."""
+@dataclass(frozen=True, slots=True)
+class ConversationInfo(_Checked):
+    """One conversation in a CONVERSATION_LIST: its newest message and the user's own cursors."""
 
-    FRAME: ClassVar[FrameType]
-    __slots__ = ()
+    conv: Conversation
+    last_seq: int
+    last_ts_ms: int
+    delivered_seq: int
+    read_seq: int
+
+    @property
+    def unread(self) -> int:
+        """Messages after the user's read cursor."""
+        return max(0, self.last_seq - self.read_seq)
 
 
-@_event
+@dataclass(frozen=True, slots=True)
+class Event(_Checked):
+    """Base of every frame event; ``FRAME`` names its frame type, ``request_id`` is the header's (§2.2)."""
+
+    if TYPE_CHECKING:  # a class attribute of each subclass; not in ``__dataclass_fields__``
+        FRAME: ClassVar[FrameType]
+    request_id: int = field(default=0, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed(Event):
     """Not a frame: the peer closed its side (``receive_data(b"")``) at a frame boundary."""
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Hello(Event):
+    """C→S, first frame: the protocol versions the client speaks (§6.1)."""
+
     FRAME = FrameType.HELLO
     min_version: int
     max_version: int
     client: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Welcome(Event):
+    """S→C reply to HELLO: the version chosen and the server's limits."""
+
     FRAME = FrameType.WELCOME
     version: int
     server: str
@@ -118,127 +187,165 @@ class Welcome(Event):
     rate_burst: int
     max_rooms: int
     max_page: int
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Register(Event):
+    """C→S: create an account and log in."""
+
     FRAME = FrameType.REGISTER
     username: str
     password: str
-    request_id: int = _rid()
 
     def __repr__(self) -> str:  # passwords never reach logs
         return f"Register(username={self.username!r}, password='***', request_id={self.request_id})"
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Login(Event):
+    """C→S: log in with a password."""
+
     FRAME = FrameType.LOGIN
     username: str
     password: str
-    request_id: int = _rid()
 
     def __repr__(self) -> str:
         return f"Login(username={self.username!r}, password='***', request_id={self.request_id})"
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Resume(Event):
+    """C→S: log in with a session token."""
+
     FRAME = FrameType.RESUME
     token: str
-    request_id: int = _rid()
 
     def __repr__(self) -> str:
         return f"Resume(token='***', request_id={self.request_id})"
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class AuthOk(Event):
+    """S→C reply to REGISTER, LOGIN or RESUME: logged in, with the session token."""
+
     FRAME = FrameType.AUTH_OK
     username: str
     token: str
     expires_at_ms: int
-    request_id: int = _rid()
 
     def __repr__(self) -> str:
         return (f"AuthOk(username={self.username!r}, token='***', "
                 f"expires_at_ms={self.expires_at_ms}, request_id={self.request_id})")
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Logout(Event):
+    """C→S: revoke the token; the server answers BYE(LOGGED_OUT)."""
+
     FRAME = FrameType.LOGOUT
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Ok(Event):
+    """S→C reply to LEAVE."""
+
     FRAME = FrameType.OK
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Join(Event):
+    """C→S: join (or create) a room."""
+
     FRAME = FrameType.JOIN
     room: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Joined(Event):
+    """S→C reply to JOIN: the room's newest seq and member count."""
+
     FRAME = FrameType.JOINED
     room: str
     last_seq: int
     members: int
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Leave(Event):
+    """C→S: leave a room."""
+
     FRAME = FrameType.LEAVE
     room: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class ListRooms(Event):
+    """C→S: list the rooms on the server."""
+
     FRAME = FrameType.LIST_ROOMS
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class RoomList(Event):
+    """S→C reply to LIST_ROOMS."""
+
     FRAME = FrameType.ROOM_LIST
     rooms: tuple[RoomInfo, ...]
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Members(Event):
+    """C→S: list a room's members."""
+
     FRAME = FrameType.MEMBERS
     room: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class MemberList(Event):
+    """S→C reply to MEMBERS."""
+
     FRAME = FrameType.MEMBER_LIST
     room: str
     members: tuple[MemberInfo, ...]
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
+class ListConversations(Event):
+    """C→S (version 2): every conversation of the user, rooms and direct ones, with its cursors."""
+
+    FRAME = FrameType.LIST_CONVERSATIONS
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationList(Event):
+    """S→C reply to LIST_CONVERSATIONS (version 2), the most recently active first."""
+
+    FRAME = FrameType.CONVERSATION_LIST
+    conversations: tuple[ConversationInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Membership(Event):
+    """S→C push (version 2): a user joined or left a room the connection follows."""
+
+    FRAME = FrameType.MEMBERSHIP
+    room: str
+    user: str
+    change: MembershipChange
+
+
+@dataclass(frozen=True, slots=True)
 class Send(Event):
+    """C→S: post a message; answered by ACK once it is stored."""
+
     FRAME = FrameType.SEND
     conv: Conversation
     client_msg_id: int
     body: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Ack(Event):
     """Reply to SEND once stored; ``duplicate`` is set when a retry found the original."""
 
@@ -248,11 +355,12 @@ class Ack(Event):
     seq: int
     ts_ms: int
     duplicate: bool
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Message(Event):
+    """S→C push: a stored message of a conversation the connection follows."""
+
     FRAME = FrameType.MESSAGE
     conv: Conversation
     seq: int
@@ -260,157 +368,174 @@ class Message(Event):
     sender: str
     client_msg_id: int
     body: str
-    request_id: int = _rid()
 
     def stored(self) -> StoredMessage:
         return StoredMessage(self.seq, self.ts_ms, self.sender, self.client_msg_id, self.body)
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Sync(Event):
+    """C→S: catch up from these positions (and withheld conversations from the stored cursor)."""
+
     FRAME = FrameType.SYNC
     positions: tuple[Position, ...]
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class SyncPage(Event):
+    """S→C reply to SYNC: one page of one conversation's messages."""
+
     FRAME = FrameType.SYNC_PAGE
     conv: Conversation
     messages: tuple[StoredMessage, ...]
     has_more: bool
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class SyncDone(Event):
+    """S→C reply to SYNC, last: the connection is live for every conversation."""
+
     FRAME = FrameType.SYNC_DONE
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class History(Event):
+    """C→S: a page of stored messages before or after a seq."""
+
     FRAME = FrameType.HISTORY
     conv: Conversation
     direction: Direction
     seq: int
     limit: int
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class HistoryPage(Event):
+    """S→C reply to HISTORY."""
+
     FRAME = FrameType.HISTORY_PAGE
     conv: Conversation
     messages: tuple[StoredMessage, ...]
     has_more: bool
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Delivered(Event):
+    """C→S: advance the user's delivered cursor in a conversation."""
+
     FRAME = FrameType.DELIVERED
     conv: Conversation
     seq: int
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Read(Event):
+    """C→S: advance the user's read cursor in a conversation."""
+
     FRAME = FrameType.READ
     conv: Conversation
     seq: int
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Receipt(Event):
+    """S→C push: the other user of a direct conversation advanced a cursor."""
+
     FRAME = FrameType.RECEIPT
     conv: Conversation
     user: str
     kind: ReceiptKind
     seq: int
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class GetCursors(Event):
+    """C→S: every member's cursors in a conversation."""
+
     FRAME = FrameType.GET_CURSORS
     conv: Conversation
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Cursors(Event):
+    """S→C reply to GET_CURSORS."""
+
     FRAME = FrameType.CURSORS
     conv: Conversation
     cursors: tuple[CursorInfo, ...]
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Presence(Event):
+    """S→C push: a user in one of the connection's rooms came online or went offline."""
+
     FRAME = FrameType.PRESENCE
     user: str
     status: Status
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Typing(Event):
+    """C→S: the user is typing in a conversation (ephemeral)."""
+
     FRAME = FrameType.TYPING
     conv: Conversation
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class UserTyping(Event):
+    """S→C push: someone is typing in a conversation."""
+
     FRAME = FrameType.USER_TYPING
     conv: Conversation
     user: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Ping(Event):
+    """Either way: are you there? Answered by PONG with the same nonce."""
+
     FRAME = FrameType.PING
     nonce: int
-    request_id: int = _rid()
 
     def response(self) -> "Pong":
         return Pong(self.nonce, request_id=self.request_id)
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Pong(Event):
+    """Either way: the answer to a PING."""
+
     FRAME = FrameType.PONG
     nonce: int
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Error(Event):
+    """Either way: a refused request, or the reason the sender is closing (§7)."""
+
     FRAME = FrameType.ERROR
     code: ErrorCode
     retry_after_ms: int
     message: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class GoAway(Event):
+    """S→C push: the server is going away; reconnect after the delay."""
+
     FRAME = FrameType.GOAWAY
     reason: CloseReason
     reconnect_after_ms: int
     message: str
-    request_id: int = _rid()
 
 
-@_event
+@dataclass(frozen=True, slots=True)
 class Bye(Event):
+    """Either way: the last frame its sender sends."""
+
     FRAME = FrameType.BYE
     reason: CloseReason
-    request_id: int = _rid()
 
 
 #: Frame type → event class, for every frame type (a test checks it is complete).

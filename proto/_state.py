@@ -11,11 +11,14 @@ still send until it says BYE too or closes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 from ._const import FrameType as F
 
 
 class Role(enum.Enum):
+    """Which side of a connection."""
+
     CLIENT = "client"
     SERVER = "server"
 
@@ -25,6 +28,8 @@ SERVER = Role.SERVER
 
 
 class State(enum.Enum):
+    """Where a connection stands (spec §8)."""
+
     HANDSHAKE = "handshake"  # the client's HELLO comes first
     NEGOTIATING = "negotiating"  # the server answers with WELCOME (or ERROR + BYE)
     UNAUTHENTICATED = "unauthenticated"
@@ -37,17 +42,20 @@ _LIVE = {F.PING, F.PONG}
 _CLIENT_REQUESTS = {
     F.JOIN, F.LEAVE, F.LIST_ROOMS, F.MEMBERS, F.SEND, F.SYNC, F.HISTORY,
     F.DELIVERED, F.READ, F.GET_CURSORS, F.TYPING,
+    F.LIST_CONVERSATIONS,  # version 2
 }
 _SERVER_PUSHES = {
     F.OK, F.JOINED, F.ROOM_LIST, F.MEMBER_LIST, F.ACK, F.MESSAGE, F.SYNC_PAGE, F.SYNC_DONE,
     F.HISTORY_PAGE, F.RECEIPT, F.CURSORS, F.PRESENCE, F.USER_TYPING,
+    F.CONVERSATION_LIST, F.MEMBERSHIP,  # version 2
 }
 
-#: (state, sender) → {frame type: state after it}. Absent means illegal.
+#: (state, sender) → {frame type: state after it}. Absent means illegal. A frame type newer than the
+#: connection's negotiated version is not in the protocol at all (``Connection`` refuses it before this table).
 TRANSITIONS: dict[tuple[State, Role], dict[F, State]] = {}
 
 
-def _allow(state: State, sender: Role, frames, after: State | None = None) -> None:
+def _allow(state: State, sender: Role, frames: Iterable[F], after: State | None = None) -> None:
     TRANSITIONS.setdefault((state, sender), {}).update({f: after or state for f in frames})
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 from construct import (
     Adapter,
@@ -34,8 +35,10 @@ from construct import (
     Prefixed,
     GreedyBytes,
     Renamed,
+    StreamError,
     Struct,
     Terminated,
+    TerminatedError,
     stream_read,
 )
 
@@ -54,17 +57,38 @@ from ._const import (
     Direction,
     ErrorCode,
     FrameType,
+    MembershipChange,
     ReceiptKind,
     Status,
 )
 
 
 class FieldError(ConstructError):
-    """A body field broke a rule; ``code`` says which kind of rule."""
+    """A body field broke a rule; ``code`` says which kind of rule, ``reason`` what it was, in a few words."""
 
-    def __init__(self, message: str, code: ErrorCode, path: str | None = None):
-        super().__init__(message, path=path)
+    def __init__(self, reason: str, code: ErrorCode, path: str | None = None):
+        super().__init__(reason, path=path)
+        self.reason = reason
         self.code = code
+
+
+def field_name(path: str | None) -> str:
+    """construct's path ("(parsing) -> conv -> name") as a dotted field name ("conv.name"), "" for the body."""
+    if not path:
+        return ""
+    return ".".join(part.strip() for part in path.split("->")[1:])
+
+
+def describe(exc: ConstructError) -> tuple[str, str]:
+    """(field, reason) of a failed parse or build: ("conv.name", "40 bytes > 32"); field "" for the whole body."""
+    where = field_name(exc.path)
+    if isinstance(exc, FieldError):
+        return where, exc.reason
+    if isinstance(exc, TerminatedError):
+        return "", "bytes left after the last field"
+    if isinstance(exc, StreamError):
+        return where, "the body ends inside this field" if where else "the body is too short"
+    return where, f"malformed ({type(exc).__name__})"
 
 
 class _Text(Adapter):
@@ -72,25 +96,25 @@ class _Text(Adapter):
 
     def __init__(self, prefix: Construct, max_bytes: int):
         super().__init__(Prefixed(prefix, GreedyBytes))
-        self.max_bytes = max_bytes
+        self.max_bytes: int = max_bytes
 
-    def _decode(self, obj, context, path):
+    def _decode(self, obj: Any, context: Any, path: str) -> Any:
         if len(obj) > self.max_bytes:
-            raise FieldError(f"{path}: {len(obj)} bytes > {self.max_bytes}", ErrorCode.FIELD_TOO_LARGE, path)
+            raise FieldError(f"{len(obj)} bytes > {self.max_bytes}", ErrorCode.FIELD_TOO_LARGE, path)
         try:
             return obj.decode("utf-8")
         except UnicodeDecodeError:
-            raise FieldError(f"{path}: invalid UTF-8", ErrorCode.INVALID_FIELD, path) from None
+            raise FieldError("invalid UTF-8", ErrorCode.INVALID_FIELD, path) from None
 
-    def _encode(self, obj, context, path):
+    def _encode(self, obj: Any, context: Any, path: str) -> Any:
         if not isinstance(obj, str):
-            raise FieldError(f"{path}: expected str", ErrorCode.INVALID_FIELD, path)
+            raise FieldError("expected str", ErrorCode.INVALID_FIELD, path)
         try:
             data = obj.encode("utf-8")
         except UnicodeEncodeError:
-            raise FieldError(f"{path}: not encodable as UTF-8", ErrorCode.INVALID_FIELD, path) from None
+            raise FieldError("not encodable as UTF-8", ErrorCode.INVALID_FIELD, path) from None
         if len(data) > self.max_bytes:
-            raise FieldError(f"{path}: {len(data)} bytes > {self.max_bytes}", ErrorCode.FIELD_TOO_LARGE, path)
+            raise FieldError(f"{len(data)} bytes > {self.max_bytes}", ErrorCode.FIELD_TOO_LARGE, path)
         return data
 
 
@@ -99,31 +123,31 @@ class _Enum(Adapter):
 
     def __init__(self, subcon: Construct, enum_cls: type[enum.IntEnum]):
         super().__init__(subcon)
-        self.enum_cls = enum_cls
+        self.enum_cls: type[enum.IntEnum] = enum_cls
 
-    def _decode(self, obj, context, path):
+    def _decode(self, obj: Any, context: Any, path: str) -> Any:
         try:
             return self.enum_cls(obj)
         except ValueError:
-            raise FieldError(f"{path}: {obj} is not a {self.enum_cls.__name__}", ErrorCode.INVALID_FIELD, path) from None
+            raise FieldError(f"{obj} is not a {self.enum_cls.__name__}", ErrorCode.INVALID_FIELD, path) from None
 
-    def _encode(self, obj, context, path):
+    def _encode(self, obj: Any, context: Any, path: str) -> Any:
         if isinstance(obj, bool) or not isinstance(obj, int) or obj not in self.enum_cls._value2member_map_:
-            raise FieldError(f"{path}: {obj!r} is not a {self.enum_cls.__name__}", ErrorCode.INVALID_FIELD, path)
+            raise FieldError(f"{obj!r} is not a {self.enum_cls.__name__}", ErrorCode.INVALID_FIELD, path)
         return int(obj)
 
 
 class _Bool(Adapter):
     """One byte, 0 or 1 exactly, so that every value has one encoding."""
 
-    def _decode(self, obj, context, path):
+    def _decode(self, obj: Any, context: Any, path: str) -> Any:
         if obj > 1:
-            raise FieldError(f"{path}: boolean byte {obj}", ErrorCode.INVALID_FIELD, path)
+            raise FieldError(f"boolean byte {obj}", ErrorCode.INVALID_FIELD, path)
         return obj == 1
 
-    def _encode(self, obj, context, path):
+    def _encode(self, obj: Any, context: Any, path: str) -> Any:
         if not isinstance(obj, bool):
-            raise FieldError(f"{path}: expected bool", ErrorCode.INVALID_FIELD, path)
+            raise FieldError("expected bool", ErrorCode.INVALID_FIELD, path)
         return int(obj)
 
 
@@ -133,23 +157,23 @@ class _Array(Construct):
     def __init__(self, subcon: Construct, max_items: int = MAX_LIST_ITEMS):
         super().__init__()
         self.subcon = subcon
-        self.max_items = max_items
+        self.max_items: int = max_items
 
-    def _parse(self, stream, context, path):
+    def _parse(self, stream: Any, context: Any, path: str) -> tuple[Any, ...]:
         count = int.from_bytes(stream_read(stream, 2, path), "big")
         if count > self.max_items:
-            raise FieldError(f"{path}: {count} items > {self.max_items}", ErrorCode.FIELD_TOO_LARGE, path)
-        return tuple(self.subcon._parsereport(stream, context, path) for _ in range(count))
+            raise FieldError(f"{count} items > {self.max_items}", ErrorCode.FIELD_TOO_LARGE, path)
+        return tuple(self.subcon._parsereport(stream, context, f"{path}[{i}]") for i in range(count))
 
-    def _build(self, obj, stream, context, path):
+    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
         if len(obj) > self.max_items:
-            raise FieldError(f"{path}: {len(obj)} items > {self.max_items}", ErrorCode.FIELD_TOO_LARGE, path)
+            raise FieldError(f"{len(obj)} items > {self.max_items}", ErrorCode.FIELD_TOO_LARGE, path)
         stream.write(len(obj).to_bytes(2, "big"))
-        for item in obj:
-            self.subcon._build(item, stream, context, path)
+        for i, item in enumerate(obj):
+            self.subcon._build(item, stream, context, f"{path}[{i}]")
         return obj
 
-    def _sizeof(self, context, path):
+    def _sizeof(self, context: Any, path: str) -> int:
         raise ConstructError("variable size", path=path)
 
 
@@ -158,15 +182,15 @@ class _Record(Adapter):
 
     def __init__(self, cls: type, subcon: Construct):
         super().__init__(subcon)
-        self.cls = cls
-        self.names = [f.name for f in dataclasses.fields(cls) if f.name != "request_id"]
+        self.cls: type = cls
+        self.names: list[str] = [f.name for f in dataclasses.fields(cls) if f.name != "request_id"]
 
-    def _decode(self, obj, context, path):
+    def _decode(self, obj: Any, context: Any, path: str) -> Any:
         return self.cls(**{name: obj[name] for name in self.names})
 
-    def _encode(self, obj, context, path):
+    def _encode(self, obj: Any, context: Any, path: str) -> Any:
         if type(obj) is not self.cls:
-            raise FieldError(f"{path}: expected {self.cls.__name__}", ErrorCode.INVALID_FIELD, path)
+            raise FieldError(f"expected {self.cls.__name__}", ErrorCode.INVALID_FIELD, path)
         return {name: getattr(obj, name) for name in self.names}
 
 
@@ -197,11 +221,15 @@ RoomInfo = _Record(ev.RoomInfo, Struct("name" / Name, "members" / U32, "last_seq
 MemberInfo = _Record(ev.MemberInfo, Struct("user" / Name, "status" / _Enum(U8, Status)))
 Position = _Record(ev.Position, Struct("conv" / Conversation, "last_seq" / U64))
 CursorInfo = _Record(ev.CursorInfo, Struct("user" / Name, "delivered_seq" / U64, "read_seq" / U64))
+ConversationInfo = _Record(
+    ev.ConversationInfo,
+    Struct("conv" / Conversation, "last_seq" / U64, "last_ts_ms" / U64, "delivered_seq" / U64, "read_seq" / U64),
+)
 
-_EMPTY: tuple = ()
+_EMPTY: tuple[Construct, ...] = ()
 
 #: Frame type → body fields, in wire order. Every body ends exactly where its frame ends.
-FIELDS: dict[FrameType, tuple] = {
+FIELDS: dict[FrameType, tuple[Construct, ...]] = {
     FrameType.HELLO: ("min_version" / U16, "max_version" / U16, "client" / _Text(Int8ub, MAX_CLIENT_NAME_BYTES)),
     FrameType.WELCOME: (
         "version" / U16,
@@ -227,6 +255,9 @@ FIELDS: dict[FrameType, tuple] = {
     FrameType.ROOM_LIST: ("rooms" / _Array(RoomInfo),),
     FrameType.MEMBERS: ("room" / Name,),
     FrameType.MEMBER_LIST: ("room" / Name, "members" / _Array(MemberInfo)),
+    FrameType.LIST_CONVERSATIONS: _EMPTY,
+    FrameType.CONVERSATION_LIST: ("conversations" / _Array(ConversationInfo),),
+    FrameType.MEMBERSHIP: ("room" / Name, "user" / Name, "change" / _Enum(U8, MembershipChange)),
     FrameType.SEND: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
     FrameType.ACK: (
         "conv" / Conversation,
@@ -282,7 +313,7 @@ FIELDS: dict[FrameType, tuple] = {
 }
 
 #: Frame type → the checked body construct, producing the event (request_id added by the caller).
-BODIES: dict[FrameType, Construct] = {
+BODIES: dict[FrameType, _Record] = {
     ftype: _Record(ev.EVENT_TYPES[ftype], Struct(*fields, Terminated)) for ftype, fields in FIELDS.items()
 }
 
@@ -292,12 +323,14 @@ def parse_body(ftype: FrameType, body: bytes) -> ev.Event:
 
     Raises ``ConstructError`` (``FieldError`` with a code for rule breaks) on bad bytes.
     """
-    return BODIES[ftype].parse(body)
+    event: ev.Event = BODIES[ftype].parse(body)
+    return event
 
 
 def build_body(event: ev.Event) -> bytes:
     """Build the body bytes of ``event``; raises ``ConstructError`` when a field is out of range."""
-    return BODIES[event.FRAME].build(event)
+    body: bytes = BODIES[event.FRAME].build(event)
+    return body
 
 
 # --- the largest legal body of each frame type (spec §2.3, §10) -------------
@@ -311,14 +344,17 @@ def largest_bytes(con: Construct) -> int:
     if isinstance(con, Renamed):
         return largest_bytes(con.subcon)
     if isinstance(con, FormatField):
-        return con.length
+        length: int = con.length
+        return length
     if isinstance(con, (_Bool, _Enum)):
         return largest_bytes(con.subcon)
     if isinstance(con, _Text):
         prefix = con.subcon.lengthfield
         if not isinstance(prefix, FormatField):
             raise TypeError(f"no size bound for a string prefixed by {prefix!r}")
-        return prefix.length + min(con.max_bytes, 2 ** (8 * prefix.length) - 1)
+        prefix_bytes: int = prefix.length
+        max_bytes: int = con.max_bytes
+        return prefix_bytes + min(max_bytes, (1 << (8 * prefix_bytes)) - 1)
     if isinstance(con, _Array):
         return 2 + min(con.max_items, 0xFFFF) * largest_bytes(con.subcon)
     if isinstance(con, _Record):

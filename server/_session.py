@@ -162,13 +162,16 @@ class Session:
 
     # -- handshake and auth ---------------------------------------------------
     async def _hello(self, ev: proto.Hello) -> None:
-        if not ev.min_version <= proto.PROTOCOL_VERSION <= ev.max_version:
-            self.conn.protocol_error(ErrorCode.UNSUPPORTED_VERSION,
-                                     f"this server speaks version {proto.PROTOCOL_VERSION}", ev.request_id)
+        version = proto.negotiate(ev.min_version, ev.max_version)  # the highest version both speak (spec §6.1)
+        if version is None:
+            self.conn.protocol_error(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"this server speaks versions {proto.MIN_PROTOCOL_VERSION}..{proto.PROTOCOL_VERSION}", ev.request_id)
             return
         welcome = self.server.config.welcome()
-        self.conn.send(proto.Welcome(**{f: getattr(welcome, f) for f in welcome.__dataclass_fields__
-                                        if f != "request_id"}, request_id=ev.request_id))
+        fields = {f: getattr(welcome, f) for f in welcome.__dataclass_fields__ if f != "request_id"}
+        # The connection's proto.Connection records the version as this WELCOME goes out (spec §6.3).
+        self.conn.send(proto.Welcome(**{**fields, "version": version}, request_id=ev.request_id))
 
     def _address(self) -> str:
         """The peer's IP address: the key of per-address budgets."""
@@ -503,6 +506,13 @@ class Session:
             frame = proto.encode(proto.UserTyping(state.view, self.username))
         hub.push(targets, frame)
 
+    # -- version 2 (spec §6.3) ----------------------------------------------------------------------------------
+    async def _list_conversations(self, ev: proto.ListConversations) -> None:
+        """Every conversation of the user, rooms and direct ones, with its newest seq and the user's own cursors,
+        so that a fresh page or a second device shows every thread and its unread count (spec §5.37)."""
+        conversations = await self.server.store.conversation_list(self.user_id, proto.MAX_LIST_ITEMS)
+        self.conn.send(proto.ConversationList(tuple(conversations), request_id=ev.request_id))
+
 
 _HANDLERS = {
     proto.Hello: Session._hello,
@@ -520,4 +530,5 @@ _HANDLERS = {
     proto.Read: Session._cursor,
     proto.GetCursors: Session._get_cursors,
     proto.Typing: Session._typing,
+    proto.ListConversations: Session._list_conversations,  # version 2: the connection refuses it at version 1
 }

@@ -61,12 +61,11 @@ from typing import Any
 
 import trio
 
-from chorus.proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
+from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
 
 log = logging.getLogger(__name__)
 
-#: Stored in ``PRAGMA user_version``; bump it (and migrate in ``_connect``) when the schema changes.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` is the number of schema migrations applied: ``SCHEMA_VERSION`` (after ``_MIGRATIONS``).
 
 #: A -wal file this large is reset (checkpoint RESTART) instead of only copied back. Each reset pauses the
 #: writer briefly (see ``Store._checkpoint``): smaller means more pauses, larger more disk. 16 MiB is about a
@@ -144,6 +143,19 @@ CREATE TABLE IF NOT EXISTS cursors (
     PRIMARY KEY (user_id, conv_id)
 ) WITHOUT ROWID;
 """
+
+#: Schema migrations (``PRAGMA user_version`` steps): step n takes a database from version n to n + 1, and
+#: ``_connect`` applies the missing ones in order, in one transaction, so a database is at one version or the
+#: next, never half-way. Step 0 is the version 1 schema as first shipped. A shipped step never changes: a change
+#: to the schema is a new step at the end (with what it does to existing rows).
+_MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA,
+    # 2: expired sessions are found by an index range: the hourly purge no longer scans every session while it
+    # holds the writer (group commits wait behind it).
+    "CREATE INDEX sessions_expiry ON sessions(expires_at_ms)",
+)
+#: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 # The user ids of a conversation's members: room members, or both users of a DIRECT pair. Parameter :c.
 _MEMBER_IDS = f"""
@@ -360,11 +372,12 @@ def _connect(path: str, synchronous: str, max_page_count: int | None) -> sqlite3
             conn.execute(f"PRAGMA max_page_count = {max_page_count:d}")
         if _schema_version(conn, path) < SCHEMA_VERSION:
             with _transaction(conn):
-                if _schema_version(conn, path) < SCHEMA_VERSION:  # another process may have just done it
-                    for statement in _SCHEMA.split(";"):  # so no ';' inside the schema's comments
+                version = _schema_version(conn, path)  # again: another process may have just migrated it
+                for step in _MIGRATIONS[version:]:
+                    for statement in step.split(";"):  # so no ';' inside the schema's comments
                         if statement.strip():
                             conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.close()
         raise
@@ -884,6 +897,25 @@ class Store:
                 " ORDER BY joined DESC, c.name LIMIT ?",
                 (user_id, _clamp(limit))).fetchall()
             return [RoomInfo(name, members, last_seq, bool(joined)) for name, members, last_seq, joined in rows]
+
+        return await self._read(run)
+
+    async def conversation_list(self, user_id: int, limit: int) -> list[ConversationInfo]:
+        """LIST_CONVERSATIONS (spec §5.38): the rooms the user is in and its direct conversations with a message,
+        each with its newest seq, that message's time and the user's own cursors; the most recently active first
+        (those with no message last, rooms first, by name), at most ``limit``. Every join is on a key."""
+
+        def run(conn: sqlite3.Connection) -> list[ConversationInfo]:
+            rows = conn.execute(
+                "SELECT v.kind, v.name, v.last_seq, coalesce(m.ts_ms, 0),"
+                "       coalesce(k.delivered_seq, 0), coalesce(k.read_seq, 0)"
+                f" FROM ({_CONVERSATIONS}) v"
+                " LEFT JOIN messages m ON m.conv_id = v.id AND m.seq = v.last_seq"
+                " LEFT JOIN cursors k ON k.user_id = :u AND k.conv_id = v.id"
+                f" WHERE v.kind = {_ROOM} OR v.last_seq > 0"
+                " ORDER BY 4 DESC, 1, 2 LIMIT :n", {"u": user_id, "n": _clamp(limit)}).fetchall()
+            return [ConversationInfo(Conversation(ConvKind(kind), name), last_seq, ts_ms, delivered, read)
+                    for kind, name, last_seq, ts_ms, delivered, read in rows]
 
         return await self._read(run)
 

@@ -8,7 +8,8 @@ header fields (§2) and each body field (§3, §5) are visible: header on one
 line, then one line per body field, one line per array item, long strings and
 lz4 blocks wrapped at 32 bytes. It also writes the §5 "Legal in" rows and the
 §8 state table from ``proto._state.TRANSITIONS``, the Type/Size cells of
-the field tables from ``proto._wire``, and the §10 table of each client frame's
+the field tables from ``proto._wire``, the §6.3 table of frame types by protocol
+version from ``FrameType.version``, and the §10 table of each client frame's
 largest legal body from ``proto.LARGEST_BODY_BYTES``.
 
     .venv/bin/python spec/gen_examples.py           # print every example block
@@ -42,6 +43,8 @@ STATE_TABLE_RE = re.compile(
     r"(?P<open><!-- generated: state-table .*?-->\n)(?P<body>.*?)(?P<close><!-- end generated -->)", re.S)
 LARGEST_TABLE_RE = re.compile(
     r"(?P<open><!-- generated: largest-bodies .*?-->\n)(?P<body>.*?)(?P<close><!-- end generated -->)", re.S)
+VERSIONS_TABLE_RE = re.compile(
+    r"(?P<open><!-- generated: frame-versions .*?-->\n)(?P<body>.*?)(?P<close><!-- end generated -->)", re.S)
 FRAME_HEADING_RE = re.compile(r"^### 5\.\d+ (?P<name>[A-Z_]+) \(0x(?P<code>[0-9A-F]{2})\)$", re.M)
 RECORD_HEADING_RE = re.compile(r"^### 3\.\d+ (?P<name>[A-Za-z]+)$", re.M)
 FIELD_ROW_RE = re.compile(r"^\| `(?P<field>[a-z_]+)` \| (?P<type>[^|]*?) \| (?P<size>[^|]*?) \|(?P<rest>.*)$", re.M)
@@ -49,7 +52,8 @@ LEGAL_ROW_RE = re.compile(r"^- Legal in: (?P<legal>.*)$", re.M)
 
 RECORDS = {
     name: getattr(_wire, name)
-    for name in ("Conversation", "StoredMessage", "RoomInfo", "MemberInfo", "Position", "CursorInfo")
+    for name in ("Conversation", "StoredMessage", "RoomInfo", "MemberInfo", "Position", "CursorInfo",
+                 "ConversationInfo")
 }
 
 
@@ -267,6 +271,17 @@ def largest_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+# --- versions (§6.3) -------------------------------------------------------------------
+
+def versions_table() -> str:
+    """§6.3 table: each protocol version and the frame types it introduced, from ``FrameType.version``."""
+    rows = ["| Version | Frame types it introduced |", "|---|---|"]
+    for version in range(proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION + 1):
+        frames = [t for t in FrameType if t.version == version]
+        rows.append(f"| {version} | {', '.join(f'{t.name} (0x{int(t):02X})' for t in frames) or '(none)'} |")
+    return "\n".join(rows) + "\n"
+
+
 # --- rewriting the spec ------------------------------------------------------------
 
 def refresh(text: str) -> str:
@@ -274,6 +289,7 @@ def refresh(text: str) -> str:
     text = EXAMPLE_RE.sub(lambda m: example_block(m["expr"]), text)
     text = STATE_TABLE_RE.sub(lambda m: m["open"] + state_table() + m["close"], text)
     text = LARGEST_TABLE_RE.sub(lambda m: m["open"] + largest_table() + m["close"], text)
+    text = VERSIONS_TABLE_RE.sub(lambda m: m["open"] + versions_table() + m["close"], text)
     return _refresh_tables(text)
 
 
@@ -333,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in EXAMPLE_RE.finditer(text):
         print(example_block(m["expr"]), end="\n\n")
     print(state_table())
+    print(versions_table())
     print(largest_table())
     return 0
 

@@ -44,16 +44,37 @@ def test_fast_parse_of_mutated_bodies_never_disagrees(event, cut):
     assert fast == _wire.parse_body(event.FRAME, bytes(body))
 
 
+def _forced(event, **fields):
+    """``event`` with ``fields`` set behind the dataclass's back, skipping the check that construction runs."""
+    for name, value in fields.items():
+        object.__setattr__(event, name, value)
+    return event
+
+
 def test_fast_build_declines_what_construct_refuses():
+    room = proto.Conversation.room("x")
     bad = [
-        proto.Send(proto.Conversation.room("x" * 33), 1, "hi"),  # name over 32 bytes
-        proto.Send(proto.Conversation(9, "x"), 1, "hi"),  # not a ConvKind
-        proto.Ack(proto.Conversation.room("x"), -1, 1, 1, False),  # negative u64
-        proto.Ack(proto.Conversation.room("x"), 1, 1, 1, 1),  # not a bool
-        proto.Send(proto.Conversation.room("x"), 1, "\udc80"),  # not encodable
+        _forced(proto.Send(room, 1, "hi"), conv=_forced(proto.Conversation.room("x"), name="x" * 33)),
+        _forced(proto.Send(room, 1, "hi"), conv=_forced(proto.Conversation.room("x"), kind=9)),
+        _forced(proto.Ack(room, 1, 1, 1, False), client_msg_id=-1),  # negative u64
+        _forced(proto.Ack(room, 1, 1, 1, False), duplicate=1),  # not a bool
+        _forced(proto.Send(room, 1, "hi"), body="\udc80"),  # not encodable
     ]
     for event in bad:
         with pytest.raises(_fast.Fallback):
             _fast.build_body(event)
-        with pytest.raises(proto.LocalProtocolError):
+        with pytest.raises(proto.LocalProtocolError) as info:
             proto.encode(event)
+        assert "\n" not in str(info.value) and str(info.value).startswith(type(event).__name__), info.value
+        with pytest.raises(proto.LocalProtocolError):
+            proto.validate(event)
+
+
+def test_fast_parse_makes_what_the_checked_path_makes():
+    """Parsed events skip the construction check; they must still be complete, equal, hashable events."""
+    event = proto.Message(proto.Conversation.room("général"), 7, 8, "zoé", 2**64 - 1, "salut ☕", request_id=9)
+    body = _wire.build_body(event)
+    fast = _fast.parse_body(FrameType.MESSAGE, body, 9)
+    assert fast == event and hash(fast) == hash(event) and repr(fast) == repr(event)
+    proto.validate(fast)
+    assert _fast.parse_body(FrameType.MESSAGE, body).request_id == 0

@@ -197,7 +197,7 @@ def _enum_rows(enum_cls: type[enum.Enum]) -> tuple[str, list[tuple[int, str]]]:
 
 
 ENUMS = [proto.ErrorCode, proto.CloseReason, proto.FrameType, proto.Flags, proto.ConvKind, proto.Direction,
-         proto.ReceiptKind, proto.Status]
+         proto.ReceiptKind, proto.Status, proto.MembershipChange]
 
 
 @pytest.mark.parametrize("enum_cls", ENUMS, ids=lambda e: e.__name__)
@@ -310,6 +310,36 @@ def test_frame_legal_in_line_matches_the_state_table(heading, body):
     lines = re.findall(r"^- Legal in: (.*)$", body, re.M)
     assert len(lines) == 1
     assert _parse_legal(lines[0]) == _legal(proto.FrameType[heading["name"]])
+
+
+# --- versions (§6.3) ---------------------------------------------------------------------------
+
+def test_versions_table_matches_proto():
+    """§6.3's generated table, checked against ``FrameType.version`` without the generator."""
+    tables = [t for t in _tables(_section("6.3")) if t[0][:2] == ["Version", "Frame types it introduced"]]
+    assert len(tables) == 1
+    listed = {}
+    for version, cell in tables[0][1:]:
+        for item in cell.split(", "):
+            m = re.fullmatch(r"([A-Z_]+) \(0x([0-9A-F]{2})\)", item)
+            assert m, item
+            assert int(m[2], 16) == proto.FrameType[m[1]]
+            listed[proto.FrameType[m[1]]] = int(version)
+    assert listed == {ftype: ftype.version for ftype in proto.FrameType}
+    assert max(listed.values()) == proto.PROTOCOL_VERSION and min(listed.values()) == proto.MIN_PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize("heading, body", FRAME_PARAMS)
+def test_frame_section_names_its_version(heading, body):
+    """A frame of a later version says so in its §5 section; the version 1 frames say nothing."""
+    ftype = proto.FrameType[heading["name"]]
+    lines = re.findall(r"^- Version: (\d+) \(§6\.3\)\.$", body, re.M)
+    assert lines == ([] if ftype.version == 1 else [str(ftype.version)])
+
+
+def test_the_spec_names_both_versions():
+    assert TEXT.startswith(f"# Chorus wire protocol, versions 1 and {proto.PROTOCOL_VERSION}\n")
+    assert proto.MIN_PROTOCOL_VERSION == 1
 
 
 # --- state machine (§8) ---------------------------------------------------------------------
