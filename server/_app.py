@@ -33,7 +33,8 @@ from ._budgets import Budgets
 from ._config import Config
 from ._conn import ClientConnection, _bugs
 from ._hub import Hub
-from ._store import StoreError, open_store
+from ._ports import StoreError
+from ._store import open_store
 from ._transport import open_listener
 
 log = logging.getLogger("chorus.server")
@@ -180,7 +181,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         log.warning("data dir %s is readable by other users (mode %o); chmod 700 it", data_dir,
                     data_dir.stat().st_mode & 0o777)
     budget = open_file_budget()
-    async with open_store(config.db_path, synchronous=config.sqlite_synchronous) as store:
+    async with open_store(config.db_path, synchronous=config.sqlite_synchronous, max_batch=config.max_batch) as store:
         server = Server(config, store)
         if budget < config.max_connections:
             log.warning("max_connections %d is above what the open-file limit allows; using %d",

@@ -138,6 +138,9 @@ class Config:
     presence_offline_delay_s: float = _opt(3.0, "wait this long before announcing OFFLINE (a quick reconnect hides it)")
     max_page: int = _opt(100, "messages per history or sync page")
     max_inflight_sends: int = _opt(256, "unacknowledged sends per connection before reading pauses")
+    max_batch: int = _opt(512, "messages stored in one transaction at most (group commit: batches grow with load "
+                               "up to this, sharing one fsync)")
+    busy_retry_ms: int = _opt(1000, "retry-after hint of SERVER_BUSY when storage refuses a request")
     session_ttl_s: int = _opt(30 * 86400, "lifetime of a session token; each resume renews it")
     argon2_time_cost: int = _opt(2, "argon2id passes")
     argon2_memory_kib: int = _opt(19456, "argon2id memory per hash, KiB")
@@ -193,6 +196,7 @@ class Config:
             ("max_page", proto.MAX_LIST_ITEMS, "the most items a list on the wire may hold"),
             ("max_rooms_per_user", _U16_MAX, "WELCOME carries it as a u16"),
             ("reconnect_hint_ms", _U32_MAX, "GOAWAY carries it as a u32"),
+            ("busy_retry_ms", _U32_MAX, "ERROR carries it as a u32"),
             ("session_ttl_s", MAX_SESSION_TTL_S, "100 years"),
         )
         for name, most, why in limits:
@@ -288,7 +292,7 @@ _POSITIVE = ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_p
              "max_connections", "max_connections_per_user", "session_ttl_s", "max_connections_per_address",
              "frame_timeout_s", "max_pending_hashes", "login_backoff_max_s", "user_send_rate_per_s",
              "user_send_burst", "rooms_created_per_hour", "registrations_per_hour", "max_missed_pings",
-             "connections_per_s_per_address", "connection_burst_per_address")
+             "connections_per_s_per_address", "connection_burst_per_address", "max_batch", "busy_retry_ms")
 _NOT_NEGATIVE = ("login_free_failures", "throttle_delay_s", "presence_offline_delay_s", "max_rate_violations", "shutdown_grace_s",
                  "max_rooms_per_user", "reconnect_hint_ms")
 

@@ -38,8 +38,8 @@ from chorus.proto import CloseReason, ErrorCode
 from ._logs import safe
 from ._output import Output
 from ._ratelimit import TokenBucket
+from ._ports import StoreError
 from ._session import RequestError, Session, clipped
-from ._store import StoreError
 from ._transport import LINGER_S
 
 if TYPE_CHECKING:
@@ -342,7 +342,7 @@ class ClientConnection:
             else:
                 await self.session.handle(event)
         except StoreError as exc:
-            self.send(busy(exc, event.request_id))
+            self.send(busy(exc, self.config.busy_retry_ms, event.request_id))
         except Exception as exc:
             self._internal_error(exc, event.request_id)
 
@@ -375,10 +375,12 @@ class ClientConnection:
                  safe(self.session.username or "-"), reason.name, trio.current_time() - self.opened_at)
 
 
-def busy(exc: StoreError, request_id: int) -> proto.Error:
-    """The reply to a request the store could not serve: retry later, nothing was done (spec §7.1)."""
-    return proto.Error(ErrorCode.SERVER_BUSY, exc.retry_after_ms, "storage unavailable; retry later",
-                       request_id=request_id)
+def busy(exc: StoreError, retry_after_ms: int, request_id: int) -> proto.Error:
+    """The reply to a request the store could not serve: retry later, nothing was done (spec §7.1).
+
+    ``retry_after_ms`` (``Config.busy_retry_ms``) unless the store knows better."""
+    hint = exc.retry_after_ms if exc.retry_after_ms is not None else retry_after_ms
+    return proto.Error(ErrorCode.SERVER_BUSY, hint, "storage unavailable; retry later", request_id=request_id)
 
 
 def _bugs(exc: BaseException) -> list[BaseException]:

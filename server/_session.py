@@ -29,7 +29,7 @@ from ._auth import MIN_PASSWORD_BYTES, Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of
 from ._logs import safe
 from ._ratelimit import retry_ms
-from ._store import ConvRow, NameTaken, NewMessage, StoreError, TooManyRooms
+from ._ports import ConvRow, NameTaken, NewMessage, StoreError, TooManyRooms
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -122,7 +122,7 @@ class Session:
             self.conn.send_finished()
             if isinstance(exc, StoreError):
                 exc = RequestError(ErrorCode.SERVER_BUSY, "storage unavailable; retry with the same id",
-                                   exc.retry_after_ms)
+                                   self._busy_retry_ms(exc))
             self.conn.send(exc.reply(ev.request_id))
             return
         try:
@@ -146,13 +146,18 @@ class Session:
             raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.conv.name}")
         return state
 
+    def _busy_retry_ms(self, exc: BaseException) -> int:
+        """SERVER_BUSY's hint: the store's, if it has one, else ``Config.busy_retry_ms``."""
+        hint = getattr(exc, "retry_after_ms", None)
+        return hint if hint is not None else self.server.config.busy_retry_ms
+
     def _stored(self, ev: proto.Send, conv_id: int, appended, error: BaseException | None) -> None:
         """Commit callback of one SEND: ACK only now that the message is durable (guarantee 2)."""
         self.conn.send_finished()
         if error is not None:
             log.warning("store refused a message from %s: %r", self.username, error)
-            self.conn.send(proto.Error(ErrorCode.SERVER_BUSY, 1000, "not stored; retry with the same id",
-                                       request_id=ev.request_id))
+            self.conn.send(proto.Error(ErrorCode.SERVER_BUSY, self._busy_retry_ms(error),
+                                       "not stored; retry with the same id", request_id=ev.request_id))
         elif appended.conv_id != conv_id:  # ids are unique per sender, not per conversation
             self.conn.send(proto.Error(ErrorCode.INVALID_REQUEST, 0, "client_msg_id already used in another conversation",
                                        request_id=ev.request_id))
@@ -247,10 +252,10 @@ class Session:
 
     async def _resume(self, ev: proto.Resume) -> None:
         hashed = token_hash(ev.token)
-        session = await self.server.store.get_session(hashed, now_ms())
-        if session is None:
+        row = await self.server.store.get_session(hashed, now_ms())
+        if row is None:
             raise RequestError(ErrorCode.INVALID_TOKEN, "session expired or revoked; log in again")
-        await self._logged_in(session.user_id, session.username, ev.token, ev.request_id)
+        await self._logged_in(row.user_id, row.username, ev.token, ev.request_id)
 
     async def _logged_in(self, user_id: int, username: str, token: str | None, request_id: int) -> None:
         server = self.server

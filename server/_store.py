@@ -56,12 +56,16 @@ import stat
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from copy import copy
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
+
+# The row types and errors are the Store port's (server/_ports.py); this module is one implementation of it.
+from ._ports import (  # noqa: F401  (re-exported: tests and __main__ name them here)
+    Appended, ConvRow, NameTaken, NewMessage, SchemaTooNew, SessionRow, StoreError, TooManyRooms, UserRow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,84 +182,6 @@ _CONVERSATIONS = """
 """
 
 _MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    id: int
-    name: str
-    password_hash: str
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    user_id: int
-    username: str
-    expires_at_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConvRow:
-    """A conversation as one user sees it: ``name`` is the room's, or for DIRECT the other user's."""
-
-    id: int
-    kind: ConvKind
-    name: str
-    last_seq: int
-    peer_id: int | None  # the other user of a DIRECT pair; None for rooms
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    conv_id: int
-    sender_id: int
-    sender_name: str
-    client_msg_id: int
-    body: str
-    ts_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Appended:
-    """A stored message; for ``duplicate`` the fields are the original's (its conv, seq, ts and body)."""
-
-    conv_id: int
-    seq: int
-    ts_ms: int
-    sender_id: int
-    sender_name: str
-    client_msg_id: int
-    body: str
-    duplicate: bool
-
-
-class SchemaTooNew(RuntimeError):
-    """The database was written by a newer Chorus (its ``user_version`` is above ``SCHEMA_VERSION``)."""
-
-
-class NameTaken(Exception):
-    """``create_user`` was given a name that already exists."""
-
-
-class TooManyRooms(Exception):
-    """``join_room``: the user is in ``limit`` rooms already."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"at most {limit} rooms per user")
-        self.limit = limit
-
-
-class StoreError(Exception):
-    """The database refused (disk full, I/O error, busy, read-only, corrupt); chained from the sqlite3 error.
-
-    The operation did not take effect (an I/O error during COMMIT may still leave it in the WAL, to appear after a
-    restart: appends stay idempotent by ``client_msg_id``). Retrying later is safe; ``retry_after_ms`` is the hint
-    for the client.
-    """
-
-    def __init__(self, message: str, retry_after_ms: int = 1000) -> None:
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
 
 
 def _refusal(exc: BaseException) -> StoreError | None:
@@ -499,8 +425,10 @@ async def open_store(
 
 
 class Store:
-    """Use ``open_store``. Every method may also raise ``StoreError`` when the database refuses (disk full...),
-    and ``trio.ClosedResourceError`` once the store is closed."""
+    """The SQLite implementation of the ``Store`` port (server/_ports.py), whose docstrings give the guarantees.
+
+    Use ``open_store``. Every method may also raise ``StoreError`` when the database refuses (disk full...), and
+    ``trio.ClosedResourceError`` once the store is closed."""
 
     def __init__(self, conn: sqlite3.Connection, reader: sqlite3.Connection, checkpointer: sqlite3.Connection, *,
                  wal_path: str, max_batch: int, on_commit: Callable[[list[Appended]], None] | None,
@@ -669,29 +597,29 @@ class Store:
 
     # -- users and sessions ------------------------------------------------------------------------------------
 
-    async def create_user(self, name: str, password_hash: str) -> User:
+    async def create_user(self, name: str, password_hash: str) -> UserRow:
         """Raises ``NameTaken`` if ``name`` exists."""
 
-        def run(conn: sqlite3.Connection) -> User:
+        def run(conn: sqlite3.Connection) -> UserRow:
             try:
                 cursor = conn.execute("INSERT INTO users(name, password_hash) VALUES (?, ?)", (name, password_hash))
             except sqlite3.IntegrityError as exc:
                 raise NameTaken(name) from exc
-            return User(cursor.lastrowid, name, password_hash)
+            return UserRow(cursor.lastrowid, name, password_hash)
 
         return await self._run(run)
 
-    async def get_user(self, name: str) -> User | None:
-        def run(conn: sqlite3.Connection) -> User | None:
+    async def get_user(self, name: str) -> UserRow | None:
+        def run(conn: sqlite3.Connection) -> UserRow | None:
             row = conn.execute("SELECT id, name, password_hash FROM users WHERE name = ?", (name,)).fetchone()
-            return User(*row) if row else None
+            return UserRow(*row) if row else None
 
         return await self._read(run)
 
-    async def get_user_by_id(self, user_id: int) -> User | None:
-        def run(conn: sqlite3.Connection) -> User | None:
+    async def get_user_by_id(self, user_id: int) -> UserRow | None:
+        def run(conn: sqlite3.Connection) -> UserRow | None:
             row = conn.execute("SELECT id, name, password_hash FROM users WHERE id = ?", (user_id,)).fetchone()
-            return User(*row) if row else None
+            return UserRow(*row) if row else None
 
         return await self._read(run)
 
@@ -702,14 +630,14 @@ class Store:
 
         await self._run(run)
 
-    async def get_session(self, token_hash: bytes, now_ms: int) -> Session | None:
+    async def get_session(self, token_hash: bytes, now_ms: int) -> SessionRow | None:
         """The session, or None if there is none or it expired at or before ``now_ms``."""
 
-        def run(conn: sqlite3.Connection) -> Session | None:
+        def run(conn: sqlite3.Connection) -> SessionRow | None:
             row = conn.execute(
                 "SELECT s.user_id, u.name, s.expires_at_ms FROM sessions s JOIN users u ON u.id = s.user_id"
                 " WHERE s.token_hash = ? AND s.expires_at_ms > ?", (token_hash, now_ms)).fetchone()
-            return Session(*row) if row else None
+            return SessionRow(*row) if row else None
 
         return await self._read(run)
 

@@ -1,0 +1,384 @@
+"""The two ports behind ``serve()``: the ``Store`` and the ``Broker`` (DESIGN.md "Layers", "More than one machine").
+
+How this works. Session and connection code talk to storage and to other connections only through these two
+``typing.Protocol`` classes and the neutral types beside them (frozen dataclasses and exceptions); they never import
+an implementation. Single-node mode plugs in the SQLite store (server/_store.py) and the in-process broker
+(server/_broker.py); node mode plugs in other implementations of the same two protocols (PostgreSQL, Redis) through
+``serve(config, store=..., broker=...)`` without touching session logic.
+
+- **Store**: users, session tokens, conversations, memberships, messages, cursors. It owns the guarantees that need
+  a transaction (DESIGN.md "Guarantees" 1-3, 5): ``seq`` is gapless per conversation and assigned inside the
+  committing transaction; an append is reported (to its caller and to ``on_commit``) only after COMMIT; a retried
+  ``(sender, client_msg_id)`` answers the stored row and takes no seq; history pages by cursor.
+- **Broker**: everything that crosses connections, which in node mode means crossing processes: committed
+  messages to subscribers, ephemeral frames (typing, presence, receipts) to a user's connections or to a
+  conversation's subscribers, user events (membership changed, token revoked) that each connection's session
+  applies to its own state, presence and per-user connection counts. Per-connection filtering (by seq), gap
+  filling and corking are node-local and the same for every broker (server/_fanout.py).
+
+Ordering across nodes needs no sequencer: a message is published only after its COMMIT and the next message of the
+same conversation commits only after it, so a receiver that gets seq n+2 while it expects n+1 may read n+1 from the
+store (``messages_after``) at once; server/_fanout.py does exactly that.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from chorus.proto import CloseReason, ConvKind, CursorInfo, Event, ReceiptKind, RoomInfo, StoredMessage
+
+if TYPE_CHECKING:
+    from ._fanout import Subscription
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    id: int
+    name: str
+    password_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """A stored session token's owner and expiry ("Session" alone is the server's per-connection logic)."""
+
+    user_id: int
+    username: str
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConvRow:
+    """A conversation as one user sees it: ``name`` is the room's, or for DIRECT the other user's."""
+
+    id: int
+    kind: ConvKind
+    name: str
+    last_seq: int
+    peer_id: int | None  # the other user of a DIRECT pair; None for rooms
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append: ``client_msg_id`` is a u64, unique per sender (the retry key)."""
+
+    conv_id: int
+    sender_id: int
+    sender_name: str
+    client_msg_id: int
+    body: str
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """A stored message; for ``duplicate`` the fields are the original's (its conv, seq, ts and body)."""
+
+    conv_id: int
+    seq: int
+    ts_ms: int
+    sender_id: int
+    sender_name: str
+    client_msg_id: int
+    body: str
+    duplicate: bool
+
+
+# -- store errors ---------------------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """The database refused or cannot be reached (disk full, I/O error, busy, read-only, connection lost).
+
+    The operation did not take effect, or (an error during COMMIT) took effect in a way a retry finds: appends stay
+    idempotent by ``client_msg_id``. Retrying later is safe; the client is answered SERVER_BUSY with
+    ``retry_after_ms``, or ``Config.busy_retry_ms`` when the store has no better idea (None).
+    """
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class NameTaken(Exception):
+    """``create_user`` was given a name that already exists."""
+
+
+class TooManyRooms(Exception):
+    """``join_room``: the user is in ``limit`` rooms already."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} rooms per user")
+        self.limit = limit
+
+
+class SchemaTooNew(RuntimeError):
+    """Opening a store: its schema was written by a newer Chorus."""
+
+
+AppendCallback = Callable[[Appended | None, BaseException | None], None]
+
+
+class Store(Protocol):
+    """Users, sessions, conversations, messages and cursors (DESIGN.md "Guarantees").
+
+    Every method may raise ``StoreError`` (the database refused or is unreachable: the caller answers SERVER_BUSY)
+    and ``trio.ClosedResourceError`` once the store is closed. Values from the wire are u64 (seqs, limits,
+    client_msg_id) and every method accepts any u64 without overflowing its database's integers. Reads see every
+    write committed before they started.
+    """
+
+    #: Called in the Trio thread after each group commit, before any waiter of the batch is told, with the batch's
+    #: new messages (no duplicates) in commit order, which is seq order per conversation. Set by whoever opened the
+    #: store (the server publishes from here, so nothing is seen live before it is durable); must not block.
+    on_commit: Callable[[list[Appended]], None] | None
+    #: Called in the Trio thread once every waiter of a committed batch got its result (the server sends what one
+    #: batch produced for a connection, messages and ACKs, in one write).
+    after_batch: Callable[[], None] | None
+
+    # -- users and session tokens --
+    async def create_user(self, name: str, password_hash: str) -> UserRow:
+        """A new user. Raises ``NameTaken``."""
+        ...
+
+    async def get_user(self, name: str) -> UserRow | None: ...
+
+    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int) -> None: ...
+
+    async def get_session(self, token_hash: bytes, now_ms: int) -> SessionRow | None:
+        """The token's session, or None if there is none or it expired at or before ``now_ms``."""
+        ...
+
+    async def touch_session(self, token_hash: bytes, expires_at_ms: int) -> None: ...
+
+    async def delete_session(self, token_hash: bytes) -> None: ...
+
+    async def purge_sessions(self, now_ms: int) -> int:
+        """Delete expired session tokens; returns how many went."""
+        ...
+
+    # -- conversations and membership --
+    async def room(self, name: str, *, create: bool) -> int | None:
+        """The room's conversation id; None if it does not exist and not ``create``."""
+        ...
+
+    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True) -> tuple[int, bool]:
+        """Join room ``name`` (created if absent and ``create``); returns (conv_id, newly_joined).
+
+        The room limit is checked in the transaction that inserts the membership, so concurrent joins on any node
+        cannot overshoot it. Raises ``TooManyRooms`` (nothing written), ``LookupError`` (no such room and not
+        ``create``).
+        """
+        ...
+
+    async def leave(self, user_id: int, conv_id: int) -> bool:
+        """True if the user was a member; cursors are kept."""
+        ...
+
+    async def members(self, conv_id: int) -> list[tuple[int, str]]:
+        """(user_id, name) of a room's members or of both users of a DIRECT pair, by name; [] if unknown."""
+        ...
+
+    async def direct(self, user_a_id: int, user_b_id: int) -> int:
+        """The pair's conversation id, created if absent; the same for either order. Raises ``ValueError`` for
+        one user twice."""
+        ...
+
+    async def conversations(self, user_id: int) -> list[ConvRow]:
+        """The user's rooms and DIRECT pairs, by kind then name, each with its ``last_seq``."""
+        ...
+
+    async def list_rooms(self, user_id: int, limit: int) -> list[RoomInfo]:
+        """Up to ``limit`` rooms with members: the user's first, then the others, each group by name."""
+        ...
+
+    # -- messages --
+    async def last_seq(self, conv_id: int) -> int:
+        """The conversation's newest seq; 0 if none or no such conversation."""
+        ...
+
+    async def append(self, msg: NewMessage) -> Appended:
+        """Store ``msg`` (group-committed) and return it with its seq, or the original if it is a retry.
+
+        The seq is ``last_seq + 1`` of its conversation, assigned in the committing transaction (gapless).
+        Returns only after COMMIT and after ``on_commit`` saw the message; once called, the message is committed
+        even if the call is cancelled. Raises ``ValueError`` for a ``client_msg_id`` outside u64, ``LookupError``
+        for an unknown conversation, ``StoreError``; then nothing of the batch is stored.
+        """
+        ...
+
+    def append_nowait(self, msg: NewMessage, callback: AppendCallback) -> None:
+        """Queue ``msg``; ``callback(appended, error)`` runs in the Trio thread after COMMIT and ``on_commit``.
+
+        The same guarantees as ``append``. Raises ``ValueError`` and ``trio.ClosedResourceError`` before queueing.
+        """
+        ...
+
+    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
+        """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
+        Raises ``ValueError`` if ``limit`` < 1."""
+        ...
+
+    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
+        """Up to ``limit`` messages with seq < ``before_seq`` (0: from the newest), ascending; has_more = older
+        ones exist. Raises ``ValueError`` if ``limit`` < 1."""
+        ...
+
+    # -- cursors --
+    async def advance_cursor(self, user_id: int, conv_id: int, kind: ReceiptKind, seq: int) -> int | None:
+        """Store max(old, min(seq, last_seq)) as the DELIVERED or READ cursor; the new value if it moved, else None."""
+        ...
+
+    async def cursors(self, conv_id: int) -> list[CursorInfo]:
+        """(user, delivered_seq, read_seq) of every member, 0 where unset, by user name."""
+        ...
+
+    async def undelivered(self, user_id: int) -> list[tuple[ConvRow, int]]:
+        """The user's conversations with messages after its DELIVERED cursor, with that cursor."""
+        ...
+
+    def statistics(self) -> dict[str, Any]: ...
+
+
+# -- broker ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemberJoined:
+    """User ``user_id`` is now in ``conv`` (a room joined, a direct conversation opened by either side).
+
+    ``conv`` is the user's view; its ``last_seq`` is where live delivery starts for the user's connections that do
+    not have the conversation yet (JOINED's ``last_seq``, spec §9.2).
+    """
+
+    user_id: int
+    conv: ConvRow
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLeft:
+    """User ``user_id`` left room ``conv_id``: its connections stop receiving it."""
+
+    user_id: int
+    conv_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRevoked:
+    """LOGOUT: every connection of ``user_id`` that authenticated with this token closes (spec §9.1)."""
+
+    user_id: int
+    token_hash: bytes
+
+
+UserEvent = MemberJoined | MemberLeft | TokenRevoked
+
+
+class Subscriber(Protocol):
+    """A connection as the broker sees it (server/_conn.py ``ClientConnection``)."""
+
+    user_id: int | None
+    reason: CloseReason | None  # not None once closing: deliver nothing more
+    inflight_sends: int  # its SENDs waiting for their commit (their ACKs follow in the same batch)
+    output: Any  # server/_output.py Output: write-through, cork()/uncork()
+    wrap: Callable[[bytes], bytes] | None  # None, or the framing of a message-based transport (WebSocket)
+    wire: Any  # its proto.Connection; ``version`` once negotiated
+
+    def output_failed(self) -> None: ...
+    def push(self, frame: bytes) -> None: ...
+    def close(self, reason: CloseReason) -> None: ...
+    def user_event(self, event: UserEvent) -> None: ...
+
+
+class Broker(Protocol):
+    """Everything that crosses connections (DESIGN.md "More than one machine").
+
+    The delivery methods are synchronous and never wait: a networked broker queues what must leave the process
+    and delivers to this node's connections at once. Methods that may need a round trip are async.
+    """
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work (OFFLINE timers, gap fills; a networked broker's links and heartbeats), until cancelled.
+
+        ``serve`` starts it (``nursery.start``) before accepting connections and cancels it after the last one closed.
+        """
+        ...
+
+    # -- messages --
+    def publish(self, batch: list[Appended]) -> None:
+        """Committed messages (the store's ``on_commit``: new, in commit order) to every subscriber on every node.
+
+        Each subscriber gets each seq once and in order: duplicates (seq at or below what it got) are dropped, and a
+        gap is held and filled from the store. Frames may be corked until ``flush``.
+        """
+        ...
+
+    def flush(self) -> None:
+        """Send what ``publish`` corked (the store's ``after_batch``, once the batch's ACKs are queued too)."""
+        ...
+
+    def republish(self, msg: Appended) -> None:
+        """A retry the store answered with the stored message (``duplicate``).
+
+        A networked broker publishes it again, which covers a node that died between COMMIT and publish (receivers
+        drop it by seq if they have it). In one process nothing can die between the two, so the local broker does
+        nothing.
+        """
+        ...
+
+    def subscribe(self, conv_id: int, conn: Subscriber, sub: Subscription) -> None:
+        """Deliver ``conv_id``'s messages to ``conn`` through ``sub``, its node-local filter (server/_fanout.py)."""
+        ...
+
+    def unsubscribe(self, conv_id: int, conn: Subscriber) -> None: ...
+
+    # -- ephemeral frames: never stored, dropped for a connection that is behind --
+    def push_to_user(self, user_id: int, event: Event) -> None:
+        """``event`` (RECEIPT, USER_TYPING in a direct conversation...) to each connection of the user, on any node."""
+        ...
+
+    def push_to_conversation(self, conv_id: int, event: Event, *, skip_user: int) -> None:
+        """``event`` to the conversation's subscribers on any node, except the connections of ``skip_user``."""
+        ...
+
+    # -- users: connections, presence, events --
+    def connection_count(self, user_id: int) -> int:
+        """The user's authenticated connections on all nodes (a networked broker may answer from its view of the
+        other nodes, at most a heartbeat old)."""
+        ...
+
+    def add_connection(self, conn: Subscriber, user_id: int, username: str, rooms: Sequence[int],
+                       limit: int) -> bool:
+        """Register an authenticated connection, unless the user has ``limit`` connections already (False).
+
+        Announces PRESENCE ONLINE to the members of ``rooms`` if the user came online (its first connection, and no
+        OFFLINE pending: the others never learnt it was gone).
+        """
+        ...
+
+    def remove_connection(self, conn: Subscriber, user_id: int, username: str, rooms: Sequence[int]) -> None:
+        """Forget a connection; after the user's last one, OFFLINE to ``rooms`` once the configured delay passed
+        without the user coming back."""
+        ...
+
+    def user_event(self, event: UserEvent) -> None:
+        """``event`` to ``conn.user_event`` of every connection of ``event.user_id`` on every node; this node's
+        connections get it before this returns."""
+        ...
+
+    async def online(self, user_ids: Iterable[int]) -> set[int]:
+        """Those of ``user_ids`` online as announced (a user whose OFFLINE is still pending counts as online)."""
+        ...
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters; ``delivered`` (messages written to connections) at least."""
+        ...
+
+
+#: What ``serve(broker=...)`` takes: given the config and the open store, the broker.
+BrokerFactory = Callable[[Any, Store], Broker]
