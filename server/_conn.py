@@ -57,7 +57,7 @@ _NO_BYE = (CloseReason.CLIENT_QUIT, CloseReason.PEER_CLOSED, CloseReason.SLOW_CO
 
 class ClientConnection:
     __slots__ = (
-        "server", "config", "transport", "proto", "output", "session", "user_id", "reason", "_final",
+        "server", "config", "transport", "wire", "output", "session", "user_id", "reason", "_final",
         "opened_at", "last_heard", "_last_ping", "unanswered_pings", "_pings", "_bucket", "_violations",
         "inflight_sends", "_sends_changed", "_nursery", "wrap", "frame_started", "_idle", "_idle_changed",
         "__weakref__",
@@ -68,9 +68,9 @@ class ClientConnection:
         self.server = server
         self.config = config
         self.transport = transport
-        self.proto = proto.Connection(proto.SERVER, max_frame_bytes=config.max_frame_bytes)
+        self.wire = proto.Connection(proto.SERVER, max_frame_bytes=config.max_frame_bytes)
         # Clients accept 1 MiB, and more when WELCOME announces more (spec §2.3): pages may use that.
-        self.proto.peer_max_frame_bytes = config.outbound_frame_bytes
+        self.wire.peer_max_frame_bytes = config.outbound_frame_bytes
         self.output = Output(transport, config.outbound_buffer_bytes, self._start_writer)
         self.session = Session(server, self)
         self.user_id: int | None = None
@@ -110,7 +110,7 @@ class ClientConnection:
         """Reply or push one event through the state machine and the output."""
         if self.reason is not None:
             return
-        if not self._write(self.proto.send(event)):
+        if not self._write(self.wire.send(event)):
             self.output_failed()
 
     def push(self, frame: bytes) -> None:
@@ -144,7 +144,7 @@ class ClientConnection:
         self.close(reason)
 
     def goaway(self, reconnect_after_ms: int, message: str) -> None:
-        if self.reason is None and self.proto.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
+        if self.reason is None and self.wire.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
             self.send(proto.GoAway(CloseReason.SHUTDOWN, reconnect_after_ms, message))
 
     def send_finished(self) -> None:
@@ -202,7 +202,7 @@ class ClientConnection:
             return False
         config = self.config
         if self.user_id is None:
-            if self.proto.state is proto.State.HANDSHAKE and now >= self.opened_at + config.handshake_timeout_s:
+            if self.wire.state is proto.State.HANDSHAKE and now >= self.opened_at + config.handshake_timeout_s:
                 self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO in time")
                 return True
             if now >= self.opened_at + config.auth_timeout_s:
@@ -221,7 +221,7 @@ class ClientConnection:
             self.close(CloseReason.STALE)
             return True
         self._last_ping = now
-        if self.proto.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
+        if self.wire.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
             self.unanswered_pings += 1
             nonce = secrets.randbits(63)
             self._pings.append(nonce)
@@ -265,25 +265,25 @@ class ClientConnection:
             log.debug("error while closing peer=%s", self.transport.peer, exc_info=exc)
 
     async def _reader(self) -> None:
-        conn = self.proto
+        wire = self.wire
         transport = self.transport
         while True:
             self.mark_idle(True)
             try:
                 # No more than one legal frame can need (293 bytes before AUTH_OK, spec §2.3): a connection
                 # that never logs in costs a few hundred bytes, whatever it sends.
-                data = await transport.receive_some(min(_RECV_BYTES, conn.max_pending_bytes))
+                data = await transport.receive_some(min(_RECV_BYTES, wire.max_pending_bytes))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             self.mark_idle(False)
             now = trio.current_time()
             self.last_heard = now
             self.unanswered_pings = 0  # any frame counts as hearing from the client (spec §9.10)
-            conn.receive_data(data)
+            wire.receive_data(data)
             events = 0
             while True:
                 try:
-                    event = conn.next_event()
+                    event = wire.next_event()
                 except proto.RemoteProtocolError as exc:
                     self.protocol_error(exc.code, str(exc))
                     return
@@ -298,7 +298,7 @@ class ClientConnection:
                     return
             # A frame that began in this read (or is the first one) starts its deadline now; one that was
             # already pending keeps its start, so a byte every few seconds cannot hold a slot forever.
-            if not conn.buffered_bytes:
+            if not wire.buffered_bytes:
                 self.frame_started = None
             elif events or self.frame_started is None:
                 self.frame_started = now
@@ -358,10 +358,10 @@ class ClientConnection:
             scope.deadline = trio.current_time() + _CLOSE_S
             try:
                 self.session.close()
-                if reason not in _NO_BYE and not self.proto.we_said_bye:
+                if reason not in _NO_BYE and not self.wire.we_said_bye:
                     for event in self._final + [proto.Bye(reason)]:
                         try:
-                            self._write(self.proto.send(event))
+                            self._write(self.wire.send(event))
                         except proto.LocalProtocolError:
                             pass
                     await self.output.flush()

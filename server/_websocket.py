@@ -151,7 +151,7 @@ class WebSocketTransport:
         # AUTH_OK: a few hundred bytes) is refused from its WebSocket header, before it is buffered.
         if self._conn is None:
             return self._max_frame_bytes + proto.HEADER_BYTES
-        return self._conn.proto.max_pending_bytes  # (at most max_frame_bytes + HEADER_BYTES)
+        return self._conn.wire.max_pending_bytes  # (at most max_frame_bytes + HEADER_BYTES)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """The Chorus frame of the next complete binary message; ``b""`` at the end.

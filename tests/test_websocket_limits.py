@@ -200,7 +200,7 @@ class _Conn:
         self.frame_started = None
         self.failed = False
         self.buffered_bytes = 0
-        self.proto = proto.Connection(proto.SERVER)
+        self.wire = proto.Connection(proto.SERVER)
         self.output = self
 
     def spend(self, frames: int = 1) -> bool:
