@@ -7,6 +7,10 @@ stops accepting, sends GOAWAY to every client, gives every frame already read
 acknowledged, then says BYE(SHUTDOWN) and waits for each connection's bounded
 close; the store commits what is pending last.
 
+Storage and everything that crosses connections are behind the two ports of server/_ports.py: ``serve`` opens the
+SQLite store and the in-process broker unless given others (``store=``, ``broker=``), and wires the store's commit
+to the broker (``on_commit`` publishes, ``after_batch`` flushes); neither knows the other.
+
 Every accepted socket takes a slot (``Admission``: in total and per address)
 before anything else; a bug in one connection is caught at its boundary and
 never reaches ``serve_listeners`` (whose handler exceptions would end the
@@ -19,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
 
@@ -29,11 +34,11 @@ from chorus.proto import CloseReason, ErrorCode
 
 from ._admission import Admission, open_file_budget
 from ._auth import Passwords
+from ._broker import LocalBroker
 from ._budgets import Budgets
 from ._config import Config
 from ._conn import ClientConnection, _bugs
-from ._hub import Hub
-from ._ports import StoreError
+from ._ports import Broker, BrokerFactory, Store, StoreError
 from ._store import open_store
 from ._transport import open_listener
 
@@ -47,13 +52,14 @@ _REFUSE_LINGER_S = 0.5
 
 
 class Server:
-    def __init__(self, config: Config, store):
+    def __init__(self, config: Config, store: Store, broker: Broker):
         self.config = config
         self.store = store
-        self.hub = Hub()
+        self.broker = broker
         self.budgets = Budgets(config)  # what one user or address may spend across its connections
-        store.on_commit = self.hub.publish
-        store.after_batch = self.hub.flush
+        # Committed messages go out before any ACK of their batch, and one write per connection follows the ACKs.
+        store.on_commit = broker.publish
+        store.after_batch = broker.flush
         self.passwords = Passwords(time_cost=config.argon2_time_cost, memory_kib=config.argon2_memory_kib)
         self.connections: set[ClientConnection] = set()
         self.admission = Admission(config.max_connections, config.max_connections_per_address,
@@ -68,11 +74,13 @@ class Server:
         self._shutdown.set()
 
     def statistics(self) -> dict:
+        broker = self.broker.statistics()
         return {
             "connections": len(self.connections),
             "sockets": self.admission.total,
             "refused_sockets": self.admission.refused,
-            "delivered": self.hub.delivered,
+            "delivered": broker["delivered"],
+            "broker": broker,
             "budgets": self.budgets.statistics(),
             "hashed": self.passwords.hashed,
             "close_reasons": dict(self.close_reasons),
@@ -173,29 +181,45 @@ class Server:
             conn.close(CloseReason.SHUTDOWN)
 
 
-async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run a Chorus server until ``shutdown()`` (graceful) or cancellation (abrupt)."""
+async def serve(config: Config, *, store: Store | None = None, broker: BrokerFactory | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a Chorus server until ``shutdown()`` (graceful) or cancellation (abrupt).
+
+    ``store``: an open store, which the caller closes after this returns; by default the SQLite store in
+    ``config.data_dir``, opened and closed here. ``broker``: called with the config and the store, returns the
+    broker (default ``LocalBroker``); its ``run`` is started before the listener opens.
+    """
+    async with AsyncExitStack() as stack:
+        if store is None:
+            store = await stack.enter_async_context(_open_sqlite(config))
+        await _serve(config, store, (broker or LocalBroker)(config, store), task_status)
+    log.info("stopped")
+
+
+def _open_sqlite(config: Config):
     data_dir = Path(config.data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if data_dir.stat().st_mode & 0o077:  # not ours to change (it may be any directory), but say so
         log.warning("data dir %s is readable by other users (mode %o); chmod 700 it", data_dir,
                     data_dir.stat().st_mode & 0o777)
+    return open_store(config.db_path, synchronous=config.sqlite_synchronous, max_batch=config.max_batch)
+
+
+async def _serve(config: Config, store: Store, broker: Broker, task_status) -> None:
     budget = open_file_budget()
-    async with open_store(config.db_path, synchronous=config.sqlite_synchronous, max_batch=config.max_batch) as store:
-        server = Server(config, store)
-        if budget < config.max_connections:
-            log.warning("max_connections %d is above what the open-file limit allows; using %d",
-                        config.max_connections, budget)
-            server.admission.total_limit = budget
-        listener = open_listener(config.host, config.port)
-        server.port = listener.port
-        async with trio.open_nursery() as timers:
-            timers.start_soon(server.watch_connections)
-            timers.start_soon(server.purge_sessions)
-            timers.start_soon(server.hub.run_presence_timer)
-            await _serve_until_shutdown(server, listener, task_status)
-            timers.cancel_scope.cancel()
-    log.info("stopped")
+    server = Server(config, store, broker)
+    if budget < config.max_connections:
+        log.warning("max_connections %d is above what the open-file limit allows; using %d",
+                    config.max_connections, budget)
+        server.admission.total_limit = budget
+    listener = open_listener(config.host, config.port)
+    server.port = listener.port
+    async with trio.open_nursery() as timers:
+        await timers.start(broker.run)
+        timers.start_soon(server.watch_connections)
+        timers.start_soon(server.purge_sessions)
+        await _serve_until_shutdown(server, listener, task_status)
+        timers.cancel_scope.cancel()
 
 
 async def _serve_until_shutdown(server: Server, listener, task_status) -> None:

@@ -37,8 +37,8 @@ from chorus.proto import CloseReason, ErrorCode
 
 from ._logs import safe
 from ._output import Output
+from ._ports import StoreError, UserEvent
 from ._ratelimit import TokenBucket
-from ._ports import StoreError
 from ._session import RequestError, Session, clipped
 from ._transport import LINGER_S
 
@@ -97,7 +97,7 @@ class ClientConnection:
         if attach is not None:
             attach(self)
 
-    # -- used by the session and the hub --------------------------------------
+    # -- used by the session and the broker -----------------------------------
     @property
     def closing(self) -> bool:
         return self.reason is not None
@@ -142,6 +142,17 @@ class ClientConnection:
         """Close for ``reason``, saying ERROR(code, message) before the BYE."""
         self._final.append(proto.Error(code, 0, clipped(message), request_id=request_id))
         self.close(reason)
+
+    def user_event(self, event: UserEvent) -> None:
+        """A change to this connection's user from anywhere (server/_ports.py), applied by its session.
+
+        Called by the broker, maybe inside another connection's request: a bug here costs this connection alone.
+        """
+        if self.reason is None:
+            try:
+                self.session.user_event(event)
+            except Exception as exc:
+                self._internal_error(exc, 0)
 
     def goaway(self, reconnect_after_ms: int, message: str) -> None:
         if self.reason is None and self.wire.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):

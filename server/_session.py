@@ -1,11 +1,20 @@
 """What a client's frames mean: authentication, rooms, sends, sync, history (spec §9).
 
-A ``Session`` belongs to one connection. It keeps, per conversation the user is
-in, the view (how this user names it), the highest seq already written to this
-connection, and whether a SYNC is catching it up. Live messages are withheld
-while a conversation syncs (or a JOIN reads where it stands) and filtered by seq
+A ``Session`` belongs to one connection ("session" means this per-connection
+logic; a stored login token is a ``SessionRow``). It keeps, per conversation
+the user is in, the view (how this user names it) and its ``Subscription``
+(server/_fanout.py): the highest seq already written to this connection, and
+whether a SYNC is catching it up. Live messages are withheld while a
+conversation syncs (or a JOIN reads where it stands) and filtered by seq
 afterwards, which is what makes "no gap, no duplicate" hold between catch-up
 pages and the live stream.
+
+Storage and other connections are reached only through the ports of
+server/_ports.py (``server.store``, ``server.broker``). A change that concerns
+the user's other connections (a room joined or left, a direct conversation
+opened, a token revoked) is a user event handed to the broker; every
+connection of the user, on any node, applies it to its own session
+(``user_event``): no session reaches into another.
 
 Budgets that span connections (login throttling, the hashing queue, SENDs per
 user, rooms created, registrations) live in ``Budgets`` (server/_budgets.py).
@@ -17,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -27,9 +36,12 @@ from chorus.proto import ConvKind, ErrorCode
 
 from ._auth import MIN_PASSWORD_BYTES, Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of
+from ._fanout import Subscription
 from ._logs import safe
+from ._ports import (
+    ConvRow, MemberJoined, MemberLeft, NameTaken, NewMessage, StoreError, TokenRevoked, TooManyRooms, UserEvent,
+)
 from ._ratelimit import retry_ms
-from ._ports import ConvRow, NameTaken, NewMessage, StoreError, TooManyRooms
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -58,13 +70,13 @@ class RequestError(Exception):
 
 @dataclass(slots=True)
 class ConvState:
+    """A conversation of this session: how its user names it, and its live delivery (``sub``, the fan-out's)."""
+
     conv_id: int
     view: proto.Conversation
     peer_id: int | None
+    sub: Subscription  # changed here only by withhold() and go_live()
     login_seq: int = 0  # last_seq when this connection logged in
-    sent_seq: int = 0
-    syncing: bool = False  # live messages withheld until a SYNC pages this conversation
-    missed_seq: int = 0
     typing_at: float = -1e9
 
 
@@ -158,7 +170,10 @@ class Session:
             log.warning("store refused a message from %s: %r", self.username, error)
             self.conn.send(proto.Error(ErrorCode.SERVER_BUSY, self._busy_retry_ms(error),
                                        "not stored; retry with the same id", request_id=ev.request_id))
-        elif appended.conv_id != conv_id:  # ids are unique per sender, not per conversation
+            return
+        if appended.duplicate:  # in case whoever stored it first died before publishing it (node mode)
+            self.server.broker.republish(appended)
+        if appended.conv_id != conv_id:  # ids are unique per sender, not per conversation
             self.conn.send(proto.Error(ErrorCode.INVALID_REQUEST, 0, "client_msg_id already used in another conversation",
                                        request_id=ev.request_id))
         else:
@@ -268,24 +283,29 @@ class Session:
         else:
             await server.store.touch_session(token_hash(token), expires)
         rows = await server.store.conversations(user_id)
-        if self.conn.closing or self._user_is_full(user_id, request_id):  # again: others logged in meanwhile
+        if self.conn.closing:
             return
         # From here to AUTH_OK nothing awaits, so no live frame can precede it.
+        limit = server.config.max_connections_per_user
+        rooms = tuple(row.id for row in rows if row.kind == ConvKind.ROOM)
+        if not server.broker.add_connection(self.conn, user_id, username, rooms, limit):  # others logged in meanwhile
+            self._refuse_full(limit, request_id)
+            return
         self.user_id, self.username, self.token_hash = user_id, username, token_hash(token)
         for row in rows:
             self._add_conv(row, withhold=True)  # live delivery starts with the client's SYNC (spec §9)
         self.conn.authenticated(username)
-        came_online = server.hub.add_user(self.conn)
         self.conn.send(proto.AuthOk(username, token, expires, request_id=request_id))
-        if came_online:
-            server.hub.announce(user_id, username, self._rooms(), proto.Status.ONLINE)
 
     def _user_is_full(self, user_id: int, request_id: int) -> bool:
         limit = self.server.config.max_connections_per_user
-        if len(self.server.hub.connections_of(user_id)) < limit:
+        if self.server.broker.connection_count(user_id) < limit:
             return False
-        self.conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS, f"at most {limit} connections per user", request_id)
+        self._refuse_full(limit, request_id)
         return True
+
+    def _refuse_full(self, limit: int, request_id: int) -> None:
+        self.conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS, f"at most {limit} connections per user", request_id)
 
     def _rooms(self) -> tuple[int, ...]:
         return tuple(state.conv_id for state in self.convs.values() if state.view.kind == ConvKind.ROOM)
@@ -294,37 +314,52 @@ class Session:
         """Forget this connection everywhere (called once, when it closes)."""
         if self.user_id is None:
             return
-        hub = self.server.hub
+        broker = self.server.broker
         for conv_id in self.convs:
-            hub.unsubscribe(conv_id, self.conn)
-        if hub.remove_user(self.conn):
-            hub.went_offline(self.user_id, self.username, self._rooms(), self.server.config.presence_offline_delay_s)
+            broker.unsubscribe(conv_id, self.conn)
+        broker.remove_connection(self.conn, self.user_id, self.username, self._rooms())
 
     async def _logout(self, ev: proto.Logout) -> None:
         """Revoke the token and end every connection that uses it (spec §9.1), this one included."""
         await self.server.store.delete_session(self.token_hash)
-        for conn in self.server.hub.connections_of(self.user_id):
-            if conn.session.token_hash == self.token_hash:
-                conn.close(proto.CloseReason.LOGGED_OUT)
+        self.server.broker.user_event(TokenRevoked(self.user_id, self.token_hash))
         self.conn.close(proto.CloseReason.LOGGED_OUT)
 
+    # -- changes made by the user's other connections ---------------------------------------------------------
+    def user_event(self, event: UserEvent) -> None:
+        """Apply a change to this user made on any connection of any node (server/_ports.py); never waits."""
+        if self.user_id is None:
+            return
+        kind = type(event)
+        if kind is MemberJoined:
+            self._add_conv(event.conv)  # live after its last_seq; a conversation already here stays as it is
+        elif kind is MemberLeft:
+            self._drop_conv(event.conv_id)
+        elif kind is TokenRevoked:
+            if event.token_hash == self.token_hash:
+                self.conn.close(proto.CloseReason.LOGGED_OUT)
+
     # -- conversations --------------------------------------------------------
-    def _add_conv(self, row, *, withhold: bool = False) -> ConvState | None:
-        """Subscribe to ``row``'s conversation; returns the new state, or None if it was there already."""
+    def _add_conv(self, row: ConvRow, *, withhold: bool = False) -> ConvState | None:
+        """Subscribe to ``row``'s conversation: withheld (until SYNC or JOINED), or live from ``row.last_seq + 1``.
+
+        Returns the new state, or None if it was there already.
+        """
         if row.id in self.convs:
             return None
         view = proto.Conversation(ConvKind(row.kind), row.name)
-        state = ConvState(row.id, view, row.peer_id, login_seq=row.last_seq, syncing=withhold)
+        sub = Subscription(view, sent_seq=0 if withhold else row.last_seq, withheld=withhold)
+        state = ConvState(row.id, view, row.peer_id, sub, login_seq=row.last_seq)
         self.convs[row.id] = state
         self.by_view[view] = state
-        self.server.hub.subscribe(row.id, self.conn, state)
+        self.server.broker.subscribe(row.id, self.conn, sub)
         return state
 
     def _drop_conv(self, conv_id: int) -> None:
         state = self.convs.pop(conv_id, None)
         if state is not None:
             del self.by_view[state.view]
-            self.server.hub.unsubscribe(conv_id, self.conn)
+            self.server.broker.unsubscribe(conv_id, self.conn)
 
     def _conv(self, conv: proto.Conversation) -> ConvState:
         state = self.by_view.get(conv)
@@ -335,27 +370,29 @@ class Session:
         return state
 
     async def _open_direct(self, peer_name: str) -> ConvState:
-        store, hub = self.server.store, self.server.hub
+        store = self.server.store
         peer = await store.get_user(peer_name)
         if peer is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"no user {peer_name}")
         if peer.id == self.user_id:
             raise RequestError(ErrorCode.INVALID_REQUEST, "cannot message yourself")
         conv_id = await store.direct(self.user_id, peer.id)
-        # Both views read first, then both sides subscribed with no await between: a store error leaves
-        # nobody subscribed (the conversation row exists; the next SEND finds it).
-        rows = {user_id: await store.conversation(user_id, conv_id)
-                for user_id in (self.user_id, peer.id) if hub.connections_of(user_id)}
-        for user_id, row in rows.items():
-            for conn in hub.connections_of(user_id):
-                conn.session._add_conv(row)
+        # As for JOIN: this connection is subscribed (withheld) before last_seq is read, and every connection of
+        # both users goes live after that last_seq. A store error leaves nobody subscribed (the conversation row
+        # exists; the next SEND finds it).
+        row = ConvRow(conv_id, ConvKind.DIRECT, peer.name, 0, peer.id)
+        last_seq = await self._subscribe_at_end(row)
+        broker = self.server.broker
+        broker.user_event(MemberJoined(self.user_id, replace(row, last_seq=last_seq)))
+        broker.user_event(MemberJoined(peer.id, ConvRow(conv_id, ConvKind.DIRECT, self.username, last_seq,
+                                                        self.user_id)))
         state = self.convs.get(conv_id)
         if state is None:  # our own connection closed meanwhile
             raise RequestError(ErrorCode.NOT_FOUND, f"no conversation with {peer_name}")
         return state
 
     async def _join(self, ev: proto.Join) -> None:
-        store, hub, config = self.server.store, self.server.hub, self.server.config
+        store, config = self.server.store, self.server.config
         if not valid_name(ev.room):
             raise RequestError(ErrorCode.INVALID_NAME, "room names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
         try:
@@ -367,28 +404,33 @@ class Session:
         except TooManyRooms as exc:  # checked in the store's transaction: concurrent JOINs cannot overshoot
             raise RequestError(ErrorCode.TOO_MANY_ROOMS, str(exc)) from None
         members = await store.members(conv_id)
-        # Subscribed before reading last_seq, so every message above it is delivered live (no gap); on
-        # this connection withheld until JOINED is queued, so nothing at or below it comes first (§9.2).
-        # The user's other connections are live at once.
         row = ConvRow(conv_id, ConvKind.ROOM, ev.room, 0, None)
-        for conn in hub.connections_of(self.user_id):
-            if conn is not self.conn:
-                conn.session._add_conv(row)
+        last_seq = await self._subscribe_at_end(row)  # a failure: the membership is stored; a retry subscribes
+        # The user's other connections, on any node, go live after the same last_seq (spec §9.2).
+        self.server.broker.user_event(MemberJoined(self.user_id, replace(row, last_seq=last_seq)))
+        self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
+
+    async def _subscribe_at_end(self, row: ConvRow) -> int:
+        """Subscribe to ``row``'s conversation live from its end (JOIN, a new direct conversation); returns the end.
+
+        Subscribed (withheld) before reading last_seq, so every message above it is delivered live (no gap), and
+        nothing at or below it: a message committed while we read is at or below the returned seq, which JOINED
+        covers (§9.2). A conversation this connection has already stays as it is (a withheld one stays withheld
+        until SYNC). Raises ``StoreError`` with nothing subscribed.
+        """
         state = self._add_conv(row, withhold=True)
         try:
-            last_seq = await store.last_seq(conv_id)
+            last_seq = await self.server.store.last_seq(row.id)
         except BaseException:
             if state is not None:
-                self._drop_conv(conv_id)  # the membership is stored; a retried JOIN subscribes again
+                self._drop_conv(row.id)
             raise
-        if state is None:  # already subscribed: rejoining changes nothing (a withheld room stays withheld)
-            state = self.convs.get(conv_id)
-            if state is not None:
-                last_seq = max(last_seq, state.sent_seq)
-        else:  # a message committed while we read is at or below last_seq: not pushed, JOINED covers it
-            last_seq = max(last_seq, state.missed_seq)
-            state.sent_seq, state.syncing = last_seq, False
-        self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
+        if state is None:  # already subscribed: rejoining changes nothing
+            state = self.convs.get(row.id)
+            return last_seq if state is None else max(last_seq, state.sub.sent_seq)
+        last_seq = max(last_seq, state.sub.missed_seq)
+        state.sub.go_live(last_seq)
+        return last_seq
 
     async def _create_room(self, name: str) -> int:
         """Create room ``name`` and join it, charged to this user's hourly budget of new rooms.
@@ -413,8 +455,8 @@ class Session:
         conv_id = await store.room(ev.room, create=False)
         if conv_id is None or not await store.leave(self.user_id, conv_id):
             raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.room}")
-        for conn in self.server.hub.connections_of(self.user_id):
-            conn.session._drop_conv(conv_id)
+        self._drop_conv(conv_id)
+        self.server.broker.user_event(MemberLeft(self.user_id, conv_id))
         self.conn.send(proto.Ok(request_id=ev.request_id))
 
     async def _list_rooms(self, ev: proto.ListRooms) -> None:
@@ -423,11 +465,11 @@ class Session:
 
     async def _members(self, ev: proto.Members) -> None:
         state = self._conv(proto.Conversation.room(ev.room))
-        members = await self.server.store.members(state.conv_id)
-        hub = self.server.hub
+        members = (await self.server.store.members(state.conv_id))[: proto.MAX_LIST_ITEMS]
+        online = await self.server.broker.online(uid for uid, _ in members)
         infos = tuple(
-            proto.MemberInfo(name, proto.Status.ONLINE if hub.online(uid) else proto.Status.OFFLINE)
-            for uid, name in members[: proto.MAX_LIST_ITEMS]
+            proto.MemberInfo(name, proto.Status.ONLINE if uid in online else proto.Status.OFFLINE)
+            for uid, name in members
         )
         self.conn.send(proto.MemberList(ev.room, infos, request_id=ev.request_id))
 
@@ -438,11 +480,10 @@ class Session:
             state = self._conv(pos.conv)
             listed[state.conv_id] = (state, pos.last_seq)
         # Conversations withheld since login and not listed catch up from the stored delivered cursor.
-        withheld = [s for s in self.convs.values() if s.syncing and s.conv_id not in listed]
+        withheld = [s for s in self.convs.values() if s.sub.syncing and s.conv_id not in listed]
         cursors = {row.id: cursor for row, cursor in await self.server.store.undelivered(self.user_id)} if withheld else {}
         for state, _ in listed.values():
-            if not state.syncing:
-                state.syncing, state.missed_seq = True, 0
+            state.sub.withhold()
         try:
             for state, last_seq in listed.values():
                 await self._sync_one(state, last_seq, ev.request_id, always=True)
@@ -450,7 +491,7 @@ class Session:
                 await self._sync_one(state, cursors.get(state.conv_id, state.login_seq), ev.request_id)
         finally:  # cut short (the connection is closing): never leave a conversation withheld
             for state in [state for state, _ in listed.values()] + withheld:
-                state.syncing = False
+                state.sub.go_live(0)
         self.conn.send(proto.SyncDone(request_id=ev.request_id))
 
     async def _sync_one(self, state: ConvState, after: int, request_id: int, *, always: bool = False) -> None:
@@ -462,10 +503,9 @@ class Session:
                 after = messages[-1].seq
             # A message committed while we waited for the page was withheld from the live stream
             # (missed_seq); it is in the store, so one more page picks it up.
-            has_more = has_more or state.missed_seq > after
+            has_more = has_more or state.sub.missed_seq > after
             if not has_more:
-                state.sent_seq = max(state.sent_seq, after)
-                state.syncing = False
+                state.sub.go_live(after)
             if messages or has_more or always:
                 self.conn.send(proto.SyncPage(state.view, tuple(messages), has_more, request_id=request_id))
             if not has_more:
@@ -488,8 +528,8 @@ class Session:
         kind = proto.ReceiptKind.READ if isinstance(ev, proto.Read) else proto.ReceiptKind.DELIVERED
         seq = await self.server.store.advance_cursor(self.user_id, state.conv_id, kind, ev.seq)
         if seq is not None and state.peer_id is not None:
-            frame = proto.encode(proto.Receipt(proto.Conversation.direct(self.username), self.username, kind, seq))
-            self.server.hub.push(self.server.hub.connections_of(state.peer_id), frame)
+            self.server.broker.push_to_user(
+                state.peer_id, proto.Receipt(proto.Conversation.direct(self.username), self.username, kind, seq))
 
     async def _get_cursors(self, ev: proto.GetCursors) -> None:
         state = self._conv(ev.conv)
@@ -502,14 +542,13 @@ class Session:
         if now - state.typing_at < _TYPING_EVERY_S:
             return  # coalesced: ephemeral, never stored
         state.typing_at = now
-        hub = self.server.hub
+        broker = self.server.broker
         if state.peer_id is not None:
-            targets = hub.connections_of(state.peer_id)
-            frame = proto.encode(proto.UserTyping(proto.Conversation.direct(self.username), self.username))
+            broker.push_to_user(state.peer_id,
+                                proto.UserTyping(proto.Conversation.direct(self.username), self.username))
         else:
-            targets = [c for c in hub.subscribers(state.conv_id) if c.user_id != self.user_id]
-            frame = proto.encode(proto.UserTyping(state.view, self.username))
-        hub.push(targets, frame)
+            broker.push_to_conversation(state.conv_id, proto.UserTyping(state.view, self.username),
+                                        skip_user=self.user_id)
 
     # -- version 2 (spec §6.3) ----------------------------------------------------------------------------------
     async def _list_conversations(self, ev: proto.ListConversations) -> None:

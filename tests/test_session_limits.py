@@ -287,7 +287,6 @@ async def test_closed_registration(start_server):
 
 async def test_offline_is_debounced(start_server, nursery, mock_clock):
     server = await start_server(presence_offline_delay_s=30, **NO_DEADLINES)
-    nursery.start_soon(server.hub.run_presence_timer)  # the server starts it in serve()
     alice = await in_lobby(server.port, "alice")
     bob = await in_lobby(server.port, "bob")
 
@@ -322,7 +321,7 @@ async def test_offline_is_debounced(start_server, nursery, mock_clock):
 
 
 async def until_closed(server, connections: int) -> None:
-    """Wait until the server holds ``connections`` connections (a closed one is gone from the hub)."""
+    """Wait until the server holds ``connections`` connections (a closed one is gone from the broker)."""
     while len(server.connections) != connections:
         await trio.testing.wait_all_tasks_blocked()
         await trio.lowlevel.checkpoint()
@@ -414,7 +413,7 @@ async def test_login_and_register_on_a_refusing_store_stay_unauthenticated(start
     assert busy.code == ErrorCode.SERVER_BUSY and busy.retry_after_ms > 0
     carol = await connect_from(server.port, "127.0.0.1")
     assert (await carol.request(proto.Register, "carol", PASSWORD)).code == ErrorCode.SERVER_BUSY
-    assert not server.hub.connections_of(2) and len(server.hub.connections_of(1)) == 1
+    assert not server.broker.connections_of(2) and len(server.broker.connections_of(1)) == 1
     assert isinstance(await alice.request(proto.Ping, 1), proto.Pong)
     await read_only(server, False)
     assert isinstance(await login(bob, "bob"), proto.AuthOk)  # the same connection, unauthenticated till now
@@ -442,7 +441,7 @@ async def test_join_and_first_direct_message_on_a_refusing_store(start_server):
     assert (await alice.request(proto.Join, "new")).code == ErrorCode.SERVER_BUSY
     busy = await alice.request(proto.Send, proto.Conversation.direct("bob"), 1, "hi")
     assert busy.code == ErrorCode.SERVER_BUSY  # not INTERNAL: the connection stays
-    assert server.hub.connections_of(1)[0].session.convs == {}  # nothing subscribed, nothing half made
+    assert server.broker.connections_of(1)[0].session.convs == {}  # nothing subscribed, nothing half made
     await read_only(server, False)
     assert isinstance(await alice.request(proto.Join, "new"), proto.Joined)  # the refused room cost no budget
     ack = await alice.request(proto.Send, proto.Conversation.direct("bob"), 1, "hi")
@@ -464,8 +463,8 @@ async def test_join_whose_last_seq_read_fails_leaves_no_subscription(start_serve
     with monkeypatch.context() as patch:
         patch.setattr(server.store, "last_seq", failing_last_seq)
         assert (await bob.request(proto.Join, "lobby")).code == ErrorCode.SERVER_BUSY
-        conv_id = next(iter(server.hub.connections_of(1)[0].session.convs))
-        assert [c.session.username for c in server.hub.subscribers(conv_id)] == ["alice"]
+        conv_id = next(iter(server.broker.connections_of(1)[0].session.convs))
+        assert [c.session.username for c in server.broker.fanout.subscribers(conv_id)] == ["alice"]
     joined = await bob.request(proto.Join, "lobby")  # the membership was stored; the retry subscribes
     assert isinstance(joined, proto.Joined)
     ack = await alice.request(proto.Send, LOBBY, 1, "welcome")
