@@ -48,7 +48,11 @@ if TYPE_CHECKING:
     from ._conn import ClientConnection
 
 log = logging.getLogger("chorus.session")
-_TYPING_EVERY_S = 2.0
+#: A connection's TYPING per conversation is passed on at most this often. Clients send it at most every
+#: ``proto.TYPING_INTERVAL_S``; coalescing at three quarters of that leaves room for network jitter (a TYPING may
+#: arrive up to a quarter interval early relative to the one before), so an honest client's TYPING is never dropped,
+#: while one that ignores the interval is held to 4/3 of the allowed rate.
+_TYPING_COALESCE_S = proto.TYPING_INTERVAL_S * 3 / 4
 
 
 def clipped(text: str) -> str:
@@ -539,7 +543,7 @@ class Session:
     async def _typing(self, ev: proto.Typing) -> None:
         state = self._conv(ev.conv)
         now = trio.current_time()
-        if now - state.typing_at < _TYPING_EVERY_S:
+        if now - state.typing_at < _TYPING_COALESCE_S:
             return  # coalesced: ephemeral, never stored
         state.typing_at = now
         broker = self.server.broker
