@@ -79,10 +79,13 @@ class LocalBroker:
 
     @staticmethod
     def _push(conns: Iterable[Subscriber], event: proto.Event) -> None:
-        """``event`` to each connection, encoded once per negotiated protocol version."""
+        """``event`` to each connection whose protocol version has it (spec §6.2), encoded once per version."""
         frames: dict[int, bytes] = {}
+        introduced = event.FRAME.version
         for conn in conns:
-            version = getattr(conn.wire, "version", 1)
+            version = conn.wire.version
+            if version < introduced:
+                continue  # a frame type newer than the connection's version does not exist on it
             frame = frames.get(version)
             if frame is None:
                 frame = frames[version] = proto.encode(event)

@@ -117,9 +117,9 @@ class Fanout:
     # -- subscriptions --------------------------------------------------------------------------------------------
     def subscribe(self, conv_id: int, conn: Subscriber, sub: Subscription) -> None:
         wrap = conn.wrap
-        version = getattr(conn.wire, "version", 1)
-        # One str per distinct key, its hash cached: the delivery loop's lookup costs what a name's did.
-        sub.key = sys.intern(f"{version} {0 if wrap is None else id(wrap)} {sub.view.name}")
+        # One str per distinct key, its hash cached: the delivery loop's lookup costs what a name's did. The
+        # version is the one HELLO negotiated, fixed before a connection can subscribe (after AUTH_OK).
+        sub.key = sys.intern(f"{conn.wire.version} {0 if wrap is None else id(wrap)} {sub.view.name}")
         self._subs.setdefault(conv_id, {})[conn] = sub
 
     def unsubscribe(self, conv_id: int, conn: Subscriber) -> None:

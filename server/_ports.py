@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from chorus.proto import CloseReason, ConvKind, CursorInfo, Event, ReceiptKind, RoomInfo, StoredMessage
+from chorus.proto import (
+    CloseReason, ConversationInfo, ConvKind, CursorInfo, Event, ReceiptKind, RoomInfo, StoredMessage,
+)
 
 if TYPE_CHECKING:
     from ._fanout import Subscription
@@ -197,6 +199,11 @@ class Store(Protocol):
         """Up to ``limit`` rooms with members: the user's first, then the others, each group by name."""
         ...
 
+    async def conversation_list(self, user_id: int, limit: int) -> list[ConversationInfo]:
+        """Up to ``limit`` of the user's rooms and direct conversations with a message, each with its newest seq,
+        that message's time and the user's cursors; the most recently active first (LIST_CONVERSATIONS)."""
+        ...
+
     # -- messages --
     async def last_seq(self, conv_id: int) -> int:
         """The conversation's newest seq; 0 if none or no such conversation."""
@@ -287,7 +294,7 @@ class Subscriber(Protocol):
     inflight_sends: int  # its SENDs waiting for their commit (their ACKs follow in the same batch)
     output: Any  # server/_output.py Output: write-through, cork()/uncork()
     wrap: Callable[[bytes], bytes] | None  # None, or the framing of a message-based transport (WebSocket)
-    wire: Any  # its proto.Connection; ``version`` once negotiated
+    wire: Any  # its proto.Connection: ``version`` is the negotiated protocol version
 
     def output_failed(self) -> None: ...
     def push(self, frame: bytes) -> None: ...

@@ -11,7 +11,6 @@ import ast
 import inspect
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import trio
@@ -329,10 +328,11 @@ class Output:
 class Conn:
     """A connection as the fan-out sees it (server/_ports.py Subscriber)."""
 
-    def __init__(self, wire=None, wrap=None):
+    def __init__(self, version: int = proto.MIN_PROTOCOL_VERSION, wrap=None):
         self.user_id, self.reason, self.inflight_sends = 1, None, 0
         self.output, self.wrap = Output(), wrap
-        self.wire = wire if wire is not None else SimpleNamespace()  # no version negotiated: 1
+        self.wire = proto.Connection(proto.SERVER)
+        self.wire.version = version  # as HELLO negotiated it
 
     def output_failed(self):
         raise AssertionError("the output never fails here")
@@ -371,23 +371,44 @@ async def test_the_fanout_drops_duplicates_and_orders_what_arrives_out_of_order(
 
 def test_each_protocol_version_and_framing_gets_its_own_encoding():
     fanout = Fanout(MemoryMessages())
-    v1 = [Conn(SimpleNamespace(version=1)) for _ in range(2)]
-    unversioned = Conn()  # a wire without a negotiated version counts as version 1
-    v2 = Conn(SimpleNamespace(version=2))
-    ws = Conn(SimpleNamespace(version=1), wrap=ws_wrap)
-    dm = Conn(SimpleNamespace(version=1))
-    conns = [*v1, unversioned, v2, ws]
+    v1 = [Conn(1) for _ in range(3)]
+    v2 = Conn(2)
+    ws = Conn(1, wrap=ws_wrap)
+    dm = Conn(1)
+    conns = [*v1, v2, ws]
     for conn in conns:
         fanout.subscribe(7, conn, Subscription(LOBBY))
     fanout.subscribe(7, dm, Subscription(proto.Conversation.direct("alice")))  # another view, same conversation
     fanout.deliver([message(1)])
     (first,) = v1[0].output.frames
-    assert v1[1].output.frames[0] is first and unversioned.output.frames[0] is first  # encoded once for all three
+    assert all(conn.output.frames[0] is first for conn in v1)  # encoded once for all three
     assert v2.output.frames[0] is not first  # its own encoding
     assert proto.decode(v2.output.frames[0]) == proto.decode(first) == proto.Message(LOBBY, 1, 1001, "alice", 101, "m1")
     assert ws.output.frames[0] == ws_wrap(first)
     assert proto.decode(dm.output.frames[0]).conv == proto.Conversation.direct("alice")
     assert fanout.delivered == len(conns) + 1
+
+
+class PushedConn(Conn):
+    def __init__(self, version: int):
+        super().__init__(version)
+        self.pushed: list[bytes] = []
+
+    def push(self, frame: bytes) -> None:
+        self.pushed.append(frame)
+
+
+def test_a_push_goes_to_the_connections_whose_version_has_its_frame_type_encoded_once_per_version(tmp_path):
+    broker = LocalBroker(config_in(tmp_path), MemoryMessages())
+    v1, v1_too, v2 = PushedConn(1), PushedConn(1), PushedConn(2)
+    for conn in (v1, v1_too, v2):
+        assert broker.add_connection(conn, 1, "alice", (), limit=8)
+    presence = proto.Presence("bob", proto.Status.ONLINE)  # version 1
+    membership = proto.Membership("lobby", "bob", proto.MembershipChange.JOINED)  # version 2
+    broker.push_to_user(1, presence)
+    broker.push_to_user(1, membership)
+    assert v1.pushed == v1_too.pushed == [proto.encode(presence)] and v1.pushed[0] is v1_too.pushed[0]
+    assert [proto.decode(frame) for frame in v2.pushed] == [presence, membership]
 
 
 # -- the shared rules in Config and proto -----------------------------------------------------------------------------

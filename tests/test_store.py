@@ -9,7 +9,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from chorus.proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo
-from chorus.server._store import Appended, ConvRow, NameTaken, NewMessage, open_store
+from chorus.server._store import SCHEMA_VERSION, Appended, ConvRow, NameTaken, NewMessage, open_store
 
 
 @pytest.fixture
@@ -398,7 +398,7 @@ async def test_data_survives_reopen(tmp_path):
         await store.append(msg(dm, bob, 9))
         await store.advance_cursor(bob.id, lobby, ReceiptKind.READ, 2)
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (1,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     raw.close()
     async with open_store(path, synchronous="NORMAL") as store:
