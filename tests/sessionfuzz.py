@@ -541,13 +541,18 @@ def pipelinable(peer: Peer) -> list[FrameType]:
 
 async def answer_many(peer: Peer, events: list[proto.Event], acks: list) -> list[str]:
     """Send ``events`` (``pipelinable``, distinct request ids) back to back, then a PING, and check that each gets
-    its answer, in whatever order they come (spec §2.2: match replies by request_id). Returns the outcomes."""
+    its answer (spec §2.2: matched by request_id), and the pipelining rules of spec §8: replies come in the order
+    of the requests, except SEND's; a connection's SENDs into one conversation get their seqs in the order sent.
+    Returns the outcomes."""
     by_id = {e.request_id: e for e in events}
     assert len(by_id) == len(events), "request ids must be distinct"
     ping = proto.Ping(0x5EED, request_id=fresh_id(events[-1].request_id, by_id))
     pending = {e.request_id: REPLIES[e.FRAME] for e in events if REPLIES[e.FRAME].final is not None}
     pages = {e.request_id: PageCheck(e, peer.max_page) for e in events}
     outcomes: dict[int, str] = {}
+    rank = {e.request_id: i for i, e in enumerate(events + [ping]) if e.FRAME is not FrameType.SEND}
+    latest = -1  # rank of the latest request (not a SEND) that has had a reply
+    stored: dict[proto.Conversation, list[tuple[int, int]]] = {}  # conv → (position sent, seq) of fresh ACKs
     try:
         with trio.fail_after(STEP_TIMEOUT_S):
             for event in events + [ping]:
@@ -567,6 +572,11 @@ async def answer_many(peer: Peer, events: list[proto.Event], acks: list) -> list
                 sent = by_id.get(rid)
                 if sent is None or rid in outcomes or isinstance(got, proto.Bye):
                     raise ServerBug(f"{peer.name}: {brief(got)} in a burst of {[brief(e, 80) for e in events]}")
+                if rid in rank:
+                    if rank[rid] < latest:
+                        raise ServerBug(f"{peer.name}: {brief(got)} came after a reply to a later request of the "
+                                        f"burst {[brief(e, 80) for e in events]} (spec §8: in order, but SEND's)")
+                    latest = rank[rid]
                 if isinstance(got, proto.Error):
                     if got.code is ErrorCode.INTERNAL or ERROR_CLOSES.get(got.code) or sent.FRAME is FrameType.ERROR:
                         raise ServerBug(f"{peer.name}: {brief(sent)}, sent in a burst, got {got!r}")
@@ -585,9 +595,15 @@ async def answer_many(peer: Peer, events: list[proto.Event], acks: list) -> list
                         if (got.conv, got.client_msg_id) != (sent.conv, sent.client_msg_id):
                             raise ServerBug(f"{peer.name}: {brief(sent)} acknowledged by {got!r}")
                         acks.append((peer.user, got, sent.body))
+                        if not got.duplicate:
+                            stored.setdefault(sent.conv, []).append((events.index(sent), got.seq))
     except trio.TooSlowError:
         raise ServerBug(f"{peer.name}: no answer within {STEP_TIMEOUT_S} s to "
                         f"{[brief(by_id[rid], 80) for rid in pending]} of a burst") from None
+    for conv, seqs in stored.items():
+        if [seq for _, seq in sorted(seqs)] != sorted(seq for _, seq in seqs):
+            raise ServerBug(f"{peer.name}: SENDs into {conv} sent together got seqs {[s for _, s in sorted(seqs)]} "
+                            f"in the order sent (spec §8: stored in the order sent): {[brief(e, 80) for e in events]}")
     return [outcomes.get(e.request_id, "ok") for e in events]
 
 
@@ -653,9 +669,13 @@ class SessionMachine(RuleBasedStateMachine):
 
     async def _open(self, name: str, mode: str, token: str | None) -> Peer:
         """A new connection of slot ``name``: "raw" (nothing sent), "hello" (UNAUTHENTICATED), "login" or
-        "resume" (with ``token``, else login; then SYNC). The server's answers are checked like any fuzzed frame's."""
+        "resume" (with ``token``, else login; then SYNC), or "pipelined" (resume or login, all in one write). The
+        server's answers are checked like any fuzzed frame's."""
         peer = await Peer.connect(name, self.live.port, self.revoked)
         peer.token = token
+        if mode == "pipelined":
+            await self._pipelined_login(peer, token)
+            return peer
         steps = {"raw": [], "hello": [proto.Hello(*VERSIONS, "session-fuzz")],
                  "login": [proto.Hello(*VERSIONS, "session-fuzz"), proto.Login(name, PASSWORD)],
                  "resume": [proto.Hello(*VERSIONS, "session-fuzz"),
@@ -666,11 +686,32 @@ class SessionMachine(RuleBasedStateMachine):
             await answer(peer, dataclasses.replace(event, request_id=peer.rid()), self.acks)
         return peer
 
+    async def _pipelined_login(self, peer: Peer, token: str | None) -> None:
+        """HELLO, RESUME (or LOGIN) and SYNC in one write, as spec §8 lets a client pipeline across state changes:
+        each is answered in turn; if the login is refused, the SYNC is judged UNAUTHENTICATED: WRONG_STATE."""
+        hello = proto.Hello(*VERSIONS, "session-fuzz", request_id=peer.rid())
+        auth = proto.Resume(token) if token else proto.Login(peer.name, PASSWORD)
+        auth = dataclasses.replace(auth, request_id=peer.rid())
+        sync = proto.Sync((), request_id=peer.rid())
+        try:
+            with trio.fail_after(STEP_TIMEOUT_S):
+                # Only HELLO goes through our Connection: the server's frames move it on (WELCOME, AUTH_OK), and
+                # LOGIN and SYNC change nothing on the client's side.
+                await peer.stream.send_all(peer.conn.send(hello) + proto.encode(auth) + proto.encode(sync))
+                for request in (hello, auth, sync):
+                    outcome = await _until(peer, request, REPLIES[request.FRAME], request.request_id, refusable=True)
+                    if isinstance(outcome, str):  # refused
+                        if "closed" not in outcome:
+                            await peer.expect_close(sync, code=ErrorCode.WRONG_STATE, bye=CloseReason.PROTOCOL_ERROR)
+                        return
+        except trio.TooSlowError:
+            raise ServerBug(f"{peer.name}: no answer to a pipelined {brief(hello)}, {brief(auth)}, {brief(sync)}")
+
     def _tokens(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p.token for p in self.clients if p.token))  # in slot order: reproducible
 
     # -- rules ----------------------------------------------------------------------------------------------------
-    @initialize(modes=st.lists(st.sampled_from(["login", "login", "hello", "raw"]),
+    @initialize(modes=st.lists(st.sampled_from(["login", "login", "pipelined", "hello", "raw"]),
                                min_size=len(FUZZ_USERS), max_size=len(FUZZ_USERS)))
     def connect_fuzzers(self, modes):
         """Each fuzzing slot connects: mostly logged in and live, sometimes only past HELLO, or not even that."""
@@ -686,11 +727,12 @@ class SessionMachine(RuleBasedStateMachine):
         peer = self.clients[i]
         if peer.closed or data.draw(st.integers(0, 9), label="reconnect") == 9:
             how = "closed" if peer.closed else data.draw(st.sampled_from(["bye", "drop"]), label="leave by")
-            mode = data.draw(st.sampled_from(["login", "resume", "hello", "raw"]), label="come back")
+            mode = data.draw(st.sampled_from(["login", "resume", "pipelined", "hello", "raw"]), label="come back")
             self._call(self._leave, peer, how)
             peer = self.clients[i] = self._call(self._open, peer.name, mode, peer.token)
-            note(f"{peer.name} left ({how}) and came back ({mode}): {peer.state.name}")
-            if data.draw(st.booleans(), label="send nothing yet"):
+            note(f"{peer.name} left ({how}) and came back ({mode}): "
+                 f"{'closed (refused)' if peer.closed else peer.state.name}")
+            if peer.closed or data.draw(st.booleans(), label="send nothing yet"):
                 return
         ftype = data.draw(self._frame_types(peer), label="frame type")
         event = data.draw(frames(ftype, self.hints), label="frame")
@@ -766,6 +808,8 @@ class SessionMachine(RuleBasedStateMachine):
         if peer.closed or not peer.legal(event.FRAME) or peer.state is not State.AUTHENTICATED and mode == "login":
             self._call(self._leave, peer, "bye")
             peer = self.clients[0] = self._call(self._open, peer.name, mode, None)
+            if peer.closed:
+                raise ServerBug(f"{peer.name} could not connect ({mode}) to send {brief(event)}")
         outcome = self._call(answer, peer, event, self.acks)
         self.bystanders_keep_chatting()
         return outcome
