@@ -55,9 +55,7 @@ PUSHES = sorted((set(SERVER_FRAMES) - _REPLIES_TO_REQUESTS) | {FrameType.BYE})
 
 
 #: (where, frame type name) → why its handler is missing today. Where: "server", "client", "page", "tables".
-KNOWN_GAPS = {
-    ("page", "MEMBERSHIP"): "the page (a version 2 client) drops MEMBERSHIP pushes: chorus.js has no handler yet",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _each(frames, where: str):

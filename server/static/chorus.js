@@ -521,6 +521,8 @@ const PUSH_HANDLERS = Object.freeze({
   PRESENCE: (client, event) => client._emit("presence", event),
   USER_TYPING: (client, event) => client._emit("typing", { conv: event.conv, user: event.user }),
   RECEIPT: (client, event) => client._emit("receipt", event),
+  MEMBERSHIP: (client, event) =>  // version 2: someone joined or left a room we are in
+    client._emit("notice", `${event.user} ${event.change === MembershipChange.JOINED ? "joined" : "left"} #${event.room}`),
   GOAWAY: (client, event) => {
     client._notBefore = Date.now() + event.reconnect_after_ms;
     client._setState(client.state, "server restarting");
