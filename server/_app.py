@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 from pathlib import Path
 
@@ -190,13 +190,12 @@ async def serve(config: Config, *, store: Store | None = None, broker: BrokerFac
     broker (default ``LocalBroker``); its ``run`` is started before the listener opens.
     """
     async with AsyncExitStack() as stack:
-        if store is None:
-            store = await stack.enter_async_context(_open_sqlite(config))
-        await _serve(config, store, (broker or LocalBroker)(config, store), task_status)
+        opened = store if store is not None else await stack.enter_async_context(_open_sqlite(config))
+        await _serve(config, opened, (broker or LocalBroker)(config, opened), task_status)
     log.info("stopped")
 
 
-def _open_sqlite(config: Config):
+def _open_sqlite(config: Config) -> AbstractAsyncContextManager[Store]:
     data_dir = Path(config.data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if data_dir.stat().st_mode & 0o077:  # not ours to change (it may be any directory), but say so
