@@ -97,7 +97,7 @@ _last_wrapped: bytes = b""
 
 
 def wrap(frame: bytes) -> bytes:
-    """``frame`` as one binary message; the hub's broadcast hands every subscriber the same object."""
+    """``frame`` as one binary message; the fan-out hands every subscriber the same object."""
     global _last_frame, _last_wrapped
     if frame is _last_frame:
         return _last_wrapped
