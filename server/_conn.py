@@ -343,7 +343,9 @@ class ClientConnection:
                     return
                 self.inflight_sends += 1
                 if not queued:
-                    self._nursery.start_soon(self._handle_send, event)
+                    # The first SEND to a new direct conversation opens it: read on only once it is stored, so
+                    # the SENDs pipelined after it keep their order (spec §8). Rare, and one commit long.
+                    await self._handle_send(event)
             elif kind is proto.Ping:
                 self.send(event.response())
             elif kind is proto.Bye:

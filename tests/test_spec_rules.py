@@ -224,10 +224,6 @@ async def test_pipelined_sends_into_one_conversation_take_seqs_in_order(server):
     assert [(await bob.next_of(proto.Message)).body for _ in range(20)] == [f"m{i}" for i in range(20)]
 
 
-@pytest.mark.xfail(strict=True, reason="server/_conn.py ClientConnection._dispatch starts one task per SEND that needs "
-                   "the slow path (Session.handle_send: the direct conversation is not open on the connection yet), "
-                   "and those tasks open it and append concurrently, so the first pipelined SENDs to a new direct "
-                   "conversation get their seqs in a random order (§8 says: in the order sent)")
 async def test_pipelined_sends_starting_a_direct_conversation_take_seqs_in_order(server):
     alice = await registered(server.port, "alice")
     await registered(server.port, "bob")
