@@ -401,10 +401,10 @@ class Session:
             raise RequestError(ErrorCode.INVALID_NAME, "room names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
         try:
             try:
-                conv_id, _ = await store.join_room(self.user_id, ev.room, max_rooms=config.max_rooms_per_user,
-                                                   create=False)
+                conv_id, joined = await store.join_room(self.user_id, ev.room, max_rooms=config.max_rooms_per_user,
+                                                        create=False)
             except LookupError:
-                conv_id = await self._create_room(ev.room)
+                conv_id, joined = await self._create_room(ev.room), True
         except TooManyRooms as exc:  # checked in the store's transaction: concurrent JOINs cannot overshoot
             raise RequestError(ErrorCode.TOO_MANY_ROOMS, str(exc)) from None
         members = await store.members(conv_id)
@@ -413,6 +413,8 @@ class Session:
         # The user's other connections, on any node, go live after the same last_seq (spec §9.2).
         self.server.broker.user_event(MemberJoined(self.user_id, replace(row, last_seq=last_seq)))
         self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
+        if joined:  # a JOIN of a room the user is in changes nothing
+            self._announce_membership(conv_id, ev.room, proto.MembershipChange.JOINED)
 
     async def _subscribe_at_end(self, row: ConvRow) -> int:
         """Subscribe to ``row``'s conversation live from its end (JOIN, a new direct conversation); returns the end.
@@ -462,6 +464,7 @@ class Session:
         self._drop_conv(conv_id)
         self.server.broker.user_event(MemberLeft(self.user_id, conv_id))
         self.conn.send(proto.Ok(request_id=ev.request_id))
+        self._announce_membership(conv_id, ev.room, proto.MembershipChange.LEFT)
 
     async def _list_rooms(self, ev: proto.ListRooms) -> None:
         rooms = await self.server.store.list_rooms(self.user_id, proto.MAX_LIST_ITEMS)
@@ -560,6 +563,12 @@ class Session:
         so that a fresh page or a second device shows every thread and its unread count (spec §5.37)."""
         conversations = await self.server.store.conversation_list(self.user_id, proto.MAX_LIST_ITEMS)
         self.conn.send(proto.ConversationList(tuple(conversations), request_id=ev.request_id))
+
+    def _announce_membership(self, conv_id: int, room: str, change: proto.MembershipChange) -> None:
+        """MEMBERSHIP (version 2, spec §5.39) to the connections of the room's other members; the broker sends it
+        only to connections of version 2 or later."""
+        self.server.broker.push_to_conversation(conv_id, proto.Membership(room, self.username, change),
+                                                skip_user=self.user_id)
 
 
 _HANDLERS = {

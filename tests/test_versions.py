@@ -239,6 +239,64 @@ async def test_list_conversations_gives_a_second_device_every_thread_and_its_unr
     assert (quiet.last_seq, quiet.last_ts_ms, quiet.delivered_seq, quiet.read_seq) == (0, 0, 0, 0)
 
 
+async def test_membership_reaches_version_2_connections_and_never_a_version_1_one(server):
+    """A version 1 connection and a version 2 client in one room (spec §5.39, §6.3): when dave joins and leaves,
+    the version 2 client hears both; the version 1 connection hears nothing of it. Its own version 1 Connection
+    would raise UNKNOWN_FRAME_TYPE on any version 2 frame, so everything it reads is a version 1 frame."""
+    import trio
+    from rawclient import RawClient
+
+    joined, left = proto.MembershipChange.JOINED, proto.MembershipChange.LEFT
+    old = await RawClient.connect(server.port)  # HELLO(1, 1): a client that only knows version 1
+    await old.send(proto.Register("olga", PASSWORD, request_id=old.rid()))
+    assert isinstance(await old.next(), proto.AuthOk)
+    await old.send(proto.Join("lobby", request_id=old.rid()))
+    assert isinstance(await old.next_of(proto.Joined), proto.Joined)
+    async with open_user(server.port, "vera") as vera, open_user(server.port, "dave") as dave:
+        await vera.join("lobby")
+        await dave.join("lobby")
+        await dave.join("lobby")  # already in: no news
+        await dave.leave("lobby")
+        await dave.join("lobby")
+        assert await next_membership(vera) == proto.Membership("lobby", "dave", joined)
+        assert await next_membership(vera) == proto.Membership("lobby", "dave", left)
+        assert await next_membership(vera) == proto.Membership("lobby", "dave", joined)
+        await vera.send("#lobby", "after")  # the version 1 connection reads on to this message...
+        own = await events_until_message(dave)
+        assert own[-1].body == "after" and not [e for e in own if isinstance(e, proto.Membership)]  # none of its own
+    seen = []
+    with trio.fail_after(10):
+        while not seen or not isinstance(seen[-1], proto.Message):
+            seen.append(await old.next())  # ...and would raise RemoteProtocolError on a version 2 frame
+    assert old.conn.version == 1
+    assert all(type(event).FRAME.version == 1 for event in seen), seen
+    assert not any(isinstance(event, proto.Membership) for event in seen)
+    await old.stream.aclose()
+
+
+async def events_until_message(c, timeout_s: float = 10) -> list:
+    """Every event of ``c`` up to and including the next MESSAGE."""
+    import trio
+
+    seen = []
+    with trio.fail_after(timeout_s):
+        async for event in c.events():
+            seen.append(event)
+            if isinstance(event, proto.Message):
+                return seen
+    raise AssertionError(f"event stream ended after {seen}")
+
+
+async def next_membership(c, timeout_s: float = 10) -> proto.Membership:
+    import trio
+
+    with trio.fail_after(timeout_s):
+        async for event in c.events():
+            if isinstance(event, proto.Membership):
+                return event
+    raise AssertionError("event stream ended before a MEMBERSHIP")
+
+
 async def test_a_version_1_connection_sending_list_conversations_gets_a_protocol_error(server):
     """What a server that knows only version 1 would answer: UNKNOWN_FRAME_TYPE, BYE, close (spec §6.3)."""
     from rawclient import RawClient
