@@ -100,4 +100,19 @@ from ._events import (
 from ._state import CLIENT, SERVER, Role, State
 from ._wire import LARGEST_BODY_BYTES
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+# Written out, not computed, so that type checkers see what is exported (tests/test_proto.py holds it complete).
+__all__ = [
+    "ABSOLUTE_MAX_FRAME_BYTES", "Ack", "AuthOk", "Bye", "CLIENT", "COMPRESS_THRESHOLD_BYTES", "CloseReason",
+    "Connection", "ConnectionClosed", "ConvKind", "Conversation", "ConversationInfo", "ConversationList",
+    "CursorInfo", "Cursors", "DEFAULT_MAX_FRAME_BYTES", "Delivered", "Direction", "EVENT_TYPES", "Error",
+    "ErrorCode", "Event", "Flags", "FrameType", "GetCursors", "GoAway", "HEADER_BYTES", "Hello", "History",
+    "HistoryPage", "Join", "Joined", "LARGEST_BODY_BYTES", "Leave", "ListConversations", "ListRooms",
+    "LocalProtocolError", "Login", "Logout", "MAX_BODY_BYTES", "MAX_LIST_ITEMS", "MAX_NAME_BYTES",
+    "MAX_PASSWORD_BYTES", "MAX_PORT", "MAX_TEXT_BYTES", "MIN_PASSWORD_BYTES", "MIN_PROTOCOL_VERSION",
+    "MemberInfo", "MemberList", "Members", "Membership", "MembershipChange", "Message", "NAME_PATTERN",
+    "NAME_RULE", "NEED_DATA", "Ok", "PASSWORD_RULE", "PROTOCOL_VERSION", "Ping", "Pong", "Position", "Presence",
+    "ProtocolError", "Read", "Receipt", "ReceiptKind", "Register", "RemoteProtocolError", "Resume", "Role",
+    "RoomInfo", "RoomList", "SERVER", "Send", "State", "Status", "StoredMessage", "Sync", "SyncDone",
+    "SyncPage", "TYPING_INTERVAL_S", "TYPING_SHOW_S", "Typing", "UserTyping", "Welcome", "decode", "encode",
+    "negotiate", "validate",
+]

@@ -176,6 +176,13 @@ def test_struct_header_equals_construct_header(length, ftype, flags, request_id)
     assert _HEADER.unpack(packed) == (parsed.length, parsed.type, parsed.flags, parsed.request_id)
 
 
+def test_all_lists_every_public_name_once():
+    """``__all__`` is written out for type checkers; it must still name everything ``chorus.proto`` offers."""
+    public = {name for name in vars(proto) if not name.startswith("_")}
+    assert len(proto.__all__) == len(set(proto.__all__))
+    assert set(proto.__all__) == public
+
+
 def test_import_proto_does_not_import_trio():
     code = "import sys; from chorus import proto; sys.exit('trio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -3,12 +3,14 @@
 How this works. mypy cannot follow setuptools' editable install (``chorus.proto`` is the ``proto/``
 directory through an import hook), so the test lays the package out as it installs, ``chorus/`` with
 ``proto`` linked in, in a temporary directory, and runs ``mypy -p chorus.proto`` there with the
-repository's setup.cfg. By hand, the same: ``python tests/test_types.py``.
+repository's setup.cfg. Strictness comes from the config alone (no ``--strict`` on the command line), and a
+second test proves that config is strict for proto and for proto only: in a copy of the package, an untyped
+function is an error inside ``chorus.proto`` and not outside it. By hand: ``python tests/test_types.py``.
 """
 from __future__ import annotations
 
-import configparser
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,14 +19,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_mypy(workdir: Path, package: str = "chorus.proto") -> subprocess.CompletedProcess[str]:
-    """``mypy -p package`` on the installed layout, built under ``workdir``, with the repository's config."""
+def run_mypy(workdir: Path, package: str = "chorus.proto", *, copy: bool = False) -> subprocess.CompletedProcess[str]:
+    """``mypy -p package`` on the installed layout, built under ``workdir``, with the repository's config.
+
+    ``copy`` copies proto/ instead of linking it, so that a test may add modules to it.
+    """
     tree = workdir / "tree"
     (tree / "chorus").mkdir(parents=True, exist_ok=True)
-    for name, target in (("__init__.py", ROOT / "chorus" / "__init__.py"), ("proto", ROOT / "proto")):
-        link = tree / "chorus" / name
-        if not link.exists():
-            link.symlink_to(target)
+    shutil.copy(ROOT / "chorus" / "__init__.py", tree / "chorus" / "__init__.py")
+    proto = tree / "chorus" / "proto"
+    if not proto.exists():
+        if copy:
+            shutil.copytree(ROOT / "proto", proto, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            proto.symlink_to(ROOT / "proto")
     command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "setup.cfg"),
                "--cache-dir", str(workdir / "mypy-cache"), "-p", package]
     return subprocess.run(command, cwd=tree, env={**os.environ, "MYPYPATH": str(tree)},
@@ -37,16 +45,21 @@ def test_mypy_strict_on_proto_passes(tmp_path):
     assert "Success: no issues found" in result.stdout
 
 
-def test_proto_is_checked_strictly():
-    """The config this test runs with really is strict for every module of chorus.proto."""
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    sections = [s for s in config.sections() if s.startswith("mypy-") and "chorus.proto" in s.split(",")[0]]
-    assert any(config.getboolean(s, "strict", fallback=False) and "chorus.proto.*" in s for s in sections), sections
-    # construct is untyped: subclassing it is the one strictness _wire gives up, and nothing else relaxes proto
-    relaxed = {s: dict(config[s]) for s in sections if not config.getboolean(s, "strict", fallback=False)}
-    assert relaxed == {"mypy-chorus.proto._wire": {"disallow_subclassing_any": "False"}}
-
+def test_the_config_is_strict_for_proto_and_only_for_proto(tmp_path):
+    untyped = "def twice(x):\n    return x * 2\n\n\nvalue = twice(2)\n"
+    result = run_mypy(tmp_path, copy=True)  # lays out the copy
+    assert result.returncode == 0, result.stdout
+    (tmp_path / "tree" / "chorus" / "proto" / "untyped_probe.py").write_text(untyped)
+    (tmp_path / "tree" / "chorus" / "untyped_probe.py").write_text(untyped)  # outside proto
+    # a name a proto module imports but does not export (no implicit re-export), and one __init__ exports
+    (tmp_path / "tree" / "chorus" / "reexport_probe.py").write_text(
+        "from chorus.proto._connection import LocalProtocolError\nfrom chorus.proto import NEED_DATA\n")
+    result = run_mypy(tmp_path, "chorus")
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert any(line.startswith("chorus/proto/untyped_probe.py") and "[no-untyped-def]" in line for line in errors), errors
+    assert not any(line.startswith("chorus/untyped_probe.py") for line in errors), errors
+    probe = [line for line in errors if line.startswith("chorus/reexport_probe.py")]
+    assert len(probe) == 1 and '"LocalProtocolError"' in probe[0] and "explicitly export" in probe[0], probe
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
