@@ -127,18 +127,57 @@ def _field_check(con: Construct) -> _Check:
 
 
 def _record_check(record: _wire._Record, with_request_id: bool) -> _Check:
-    """The check of a whole event or nested value: every field, then the request id."""
-    fields = [(sub.name, _field_check(sub.subcon)) for sub in record.subcon.subcons if sub.name is not None]
+    """The check of a whole event or nested value: every field, then the request id.
+
+    Like ``_fast``, it accepts the common case quickly and lets the precise path judge the rest: plain ints in
+    range and text within its limit pass inline; anything else (an IntEnum, a bad value) goes through every
+    field's own check, which accepts it or raises naming the field.
+    """
+    ints: list[tuple[str, int]] = []
+    texts: list[tuple[str, int]] = []
+    others: list[tuple[str, _Check]] = []
+    for sub in record.subcon.subcons:
+        if sub.name is None:
+            continue
+        if isinstance(sub.subcon, FormatField):
+            ints.append((sub.name, 2 ** (8 * sub.subcon.length) - 1))
+        elif isinstance(sub.subcon, _wire._Text):
+            texts.append((sub.name, sub.subcon.max_bytes))
+        else:
+            others.append((sub.name, _field_check(sub.subcon)))
     if with_request_id:
-        fields.append(("request_id", _integer(_U32_MAX)))
+        ints.append(("request_id", _U32_MAX))
+    precise = [(name, _integer(hi)) for name, hi in ints] + [(name, _text(n)) for name, n in texts] + others
     cls_name = record.cls.__name__
 
-    def check(value: Any) -> None:
-        for name, field_check in fields:
+    def check_precisely(value: Any) -> None:
+        for name, field_check in precise:
             try:
                 field_check(getattr(value, name))
             except _Invalid as exc:
                 raise LocalProtocolError(f"{cls_name}.{name}{exc.where}: {exc.reason}", exc.code) from None
+
+    def check(value: Any) -> None:
+        for name, max_value in ints:
+            number = getattr(value, name)
+            if number.__class__ is not int or number < 0 or number > max_value:
+                return check_precisely(value)
+        for name, max_bytes in texts:
+            text = getattr(value, name)
+            if text.__class__ is not str or len(text) > max_bytes:
+                return check_precisely(value)
+            if not text.isascii():
+                try:
+                    if len(text.encode("utf-8")) > max_bytes:
+                        return check_precisely(value)
+                except UnicodeEncodeError:
+                    return check_precisely(value)
+        for name, field_check in others:
+            try:
+                field_check(getattr(value, name))
+            except _Invalid:
+                return check_precisely(value)
+        return None
 
     return check
 

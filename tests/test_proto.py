@@ -193,6 +193,47 @@ def test_ping_response():
     assert proto.Ping(2**64 - 1).response() == proto.Pong(2**64 - 1, request_id=0)
 
 
+_ROOM = proto.Conversation.room("lobby")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: proto.Join("é" * 17), "Join.room: 34 bytes > 32"),  # 17 characters, 34 bytes
+    (lambda: proto.Join(b"lobby"), "Join.room: expected str, not bytes"),
+    (lambda: proto.Join("\udc80"), "Join.room: not encodable as UTF-8"),
+    (lambda: proto.Ping(True), "Ping.nonce: expected int, not bool"),
+    (lambda: proto.Ping(2**64), "Ping.nonce: 18446744073709551616 is not in 0..18446744073709551615"),
+    (lambda: proto.Ping(1, request_id=2**32), "Ping.request_id: 4294967296 is not in 0..4294967295"),
+    (lambda: proto.Bye(99), "Bye.reason: 99 is not a CloseReason"),
+    (lambda: proto.SyncPage(_ROOM, (), 1), "SyncPage.has_more: expected bool, not int"),
+    (lambda: proto.Sync([]), "Sync.positions: expected a tuple, not list"),
+    (lambda: proto.Sync((proto.Position(_ROOM, 1),) * 1001), "Sync.positions: 1001 items > 1000"),
+    (lambda: proto.Send(("room", "lobby"), 1, "hi"), "Send.conv: expected Conversation, not tuple"),
+    (lambda: proto.Conversation.room("x" * 33), "Conversation.name: 33 bytes > 32"),
+])
+def test_events_check_their_fields_when_made(make, message):
+    with pytest.raises(LocalProtocolError) as info:
+        make()
+    assert str(info.value) == message
+    assert info.value.code is (ErrorCode.FIELD_TOO_LARGE if " > " in message else ErrorCode.INVALID_FIELD)
+
+
+def test_what_the_wire_carries_is_accepted_when_made():
+    assert proto.Join("é" * 16).room == "é" * 16  # 32 bytes: at the limit
+    assert proto.Ping(proto.ErrorCode.INTERNAL).nonce == 399  # any int, an IntEnum included
+    assert proto.Ping(2**64 - 1, request_id=2**32 - 1).request_id == 2**32 - 1
+    assert proto.Bye(5).reason == proto.CloseReason.PROTOCOL_ERROR  # a member's value is accepted (and equals it)
+    proto.validate(proto.Sync((proto.Position(_ROOM, 1),) * 1000))
+    with pytest.raises(TypeError):
+        proto.validate("not an event")
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(any_event(max_text=600))
+def test_every_event_the_wire_can_carry_passes_its_check(event):
+    proto.validate(event)  # st.builds made it, so its construction passed the check too
+    assert decode(encode(event)) == event
+
+
 @pytest.mark.parametrize("event", [
     proto.Login("alice", "hunter2-secret"),
     proto.Register("alice", "hunter2-secret"),
