@@ -611,7 +611,7 @@ export class ChorusClient extends EventTarget {
     this.ws = ws;
     ws.onopen = () => {
       this._lastHeard = Date.now();
-      this._send({ type: "HELLO", min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, client: CLIENT_NAME },
+      this._send({ type: "HELLO", min_version: MIN_PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, client: CLIENT_NAME },
         true).then((welcome) => this._welcomed(welcome)).catch(() => {});
     };
     ws.onmessage = (message) => this._receive(message.data);
