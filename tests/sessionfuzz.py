@@ -4,8 +4,10 @@ How this works. ``SessionMachine`` is a hypothesis ``RuleBasedStateMachine``. Ea
 (``server.serve`` on port 0, a real SQLite file in a temporary directory) in a thread of its own under
 ``trio.run`` (``LiveServer``); the machine's synchronous rules call into it with ``trio.from_thread``. Three
 fuzzing clients (logged in, only past HELLO, or not even that) send frames of every client type, drawn from
-proto's declarations by tests/fuzzframes.py, in whatever state they are in, and now and then go away and come
-back; an honest pair of bystanders chats in ``#lobby`` (where the fuzzers are members too) beside them.
+proto's declarations by tests/fuzzframes.py, in whatever state they are in: one at a time (``step``), or a few
+pipelined from several clients at once (``burst``); now and then one goes away and comes back (logging in step by
+step, or HELLO, LOGIN and SYNC in one write). An honest pair of bystanders chats in ``#lobby`` (where the fuzzers
+are members too) beside them.
 
 What the spec and DESIGN.md ("Failure is local") promise is checked after every frame (``answer``), from the
 tables of proto and spec/PROTOCOL.md (tests/fuzzframes.py) rather than a list kept here:
@@ -18,6 +20,9 @@ tables of proto and spec/PROTOCOL.md (tests/fuzzframes.py) rather than a list ke
   TOO_MANY_CONNECTIONS, an unsolicited PONG, LOGOUT, BYE), with ERROR and BYE wherever the server speaks last;
 - every server frame is legal in the client's state machine, pushes carry request_id 0, no reply answers a
   request that was not asked, and nothing takes longer than ``STEP_TIMEOUT_S``;
+- HISTORY and SYNC pages fit their request (``PageCheck``: spec §9.5, §9.7), no MESSAGE repeats a seq the
+  connection already got, and pipelined requests are answered in order (but SEND's), a connection's SENDs into
+  one conversation taking their seqs in the order sent (spec §8);
 - the server task is still running and logged no traceback; the bystanders' message is ACKed and delivered, and
   the bystanders see every conversation's seqs without gap or repeat;
 - at the end, with the server stopped, every conversation in the SQLite file holds seqs 1..last_seq, cursors are
