@@ -9,7 +9,7 @@ ARGS ?=
 WS_PORT ?= 7421
 BENCH_ARGS ?=
 
-.PHONY: install run test test-js js-tables js-vectors corpus browser screenshot fuzz bench bench-smoke clean
+.PHONY: fuzz-session install run test test-js js-tables js-vectors corpus browser screenshot fuzz bench bench-smoke clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ corpus: $(STAMP)
 fuzz: $(STAMP)
 	mkdir -p fuzz/corpus-new
 	$(BIN)/python fuzz/fuzz_framing.py -max_total_time=$(FUZZ_SECONDS) fuzz/corpus-new fuzz/corpus
+
+# Long runs of the session-level fuzzer (issue 9); FUZZ_EXAMPLES=5000 make fuzz-session for longer.
+FUZZ_EXAMPLES ?= 2000
+fuzz-session: $(STAMP)
+	$(BIN)/python fuzz/fuzz_session.py --examples $(FUZZ_EXAMPLES)
 
 # Chorus vs Mosquitto vs websockets (issue 6): a few minutes, CPU-heavy; writes bench/results/bench.{json,png}
 # and a py-spy profile of the fan-out. BENCH_ARGS="--reps 5 --scenarios fanout" to change what runs.
