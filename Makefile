@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,fuzz,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,fuzz,bench,node]'
 	touch $(STAMP)
 
 install: $(STAMP)
