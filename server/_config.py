@@ -33,6 +33,8 @@ DEFAULT_WS_PORT = 7421
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
 REGISTRATION = ("open", "closed")
+STORE_SCHEMES = ("postgresql://", "postgres://")
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_PORT = 0xFFFF
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFF_FFFF
@@ -105,6 +107,14 @@ class Config:
     ws_allowed_origins: tuple[str, ...] = _opt((), "Origin values the WebSocket bridge accepts (empty: the configured "
                                                    "host and WebSocket port, plus localhost names if it is loopback)")
     data_dir: str = _opt("data", "directory of the SQLite database")
+    store: str | None = _opt(None, "node mode: PostgreSQL URL (postgresql://user@host/db) of the store shared by every "
+                                   "node; unset: the SQLite database in data_dir")
+    broker: str | None = _opt(None, "node mode: Redis URL (redis://host:port/db) of the broker that links the nodes; "
+                                    "unset: in-process (one node)")
+    node_id: str | None = _opt(None, "node mode: this node's name in the registry (default: host name and process id)")
+    reuse_port: bool = _opt(False, "share the ports with other processes (SO_REUSEPORT): several nodes on one machine")
+    node_ttl_s: float = _opt(10.0, "node mode: a node silent this long is dead; its users go offline")
+    pg_pool_size: int = _opt(4, "node mode: PostgreSQL connections per node (one writes, the rest read)")
     sqlite_synchronous: str = _opt("FULL", "SQLite synchronous mode: FULL (durable on power loss) or NORMAL")
     max_frame_bytes: int = _opt(proto.DEFAULT_MAX_FRAME_BYTES, "largest frame a client may send; above 1 MiB also "
                                                                "the largest the server sends (a full page must fit)")
@@ -177,6 +187,14 @@ class Config:
             if value.upper() not in choices:
                 raise ConfigError(name, f"must be one of {', '.join(choices)}, not {_shown(value)}")
             object.__setattr__(self, name, value.upper())  # case does not matter to the operator
+        for name, schemes, what in (("store", STORE_SCHEMES, "PostgreSQL"), ("broker", BROKER_SCHEMES, "Redis")):
+            value = getattr(self, name)
+            if value is not None and not value.startswith(schemes):
+                raise ConfigError(name, f"must be a {what} URL starting with {' or '.join(schemes)}, not "
+                                        f"{_shown(_without_password(value))}")
+        if self.node_id is not None and not (0 < len(self.node_id.encode()) <= proto.MAX_NAME_BYTES
+                                             and self.node_id.isprintable()):
+            raise ConfigError("node_id", f"must be 1..{proto.MAX_NAME_BYTES} bytes of printable text")
         if self.registration not in REGISTRATION:
             raise ConfigError("registration", f"must be one of {', '.join(REGISTRATION)}, not "
                                               f"{_shown(self.registration)}")
@@ -292,7 +310,8 @@ _POSITIVE = ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_p
              "max_connections", "max_connections_per_user", "session_ttl_s", "max_connections_per_address",
              "frame_timeout_s", "max_pending_hashes", "login_backoff_max_s", "user_send_rate_per_s",
              "user_send_burst", "rooms_created_per_hour", "registrations_per_hour", "max_missed_pings",
-             "connections_per_s_per_address", "connection_burst_per_address", "max_batch", "busy_retry_ms")
+             "connections_per_s_per_address", "connection_burst_per_address", "max_batch", "busy_retry_ms",
+             "node_ttl_s", "pg_pool_size")
 _NOT_NEGATIVE = ("login_free_failures", "throttle_delay_s", "presence_offline_delay_s", "max_rate_violations", "shutdown_grace_s",
                  "max_rooms_per_user", "reconnect_hint_ms")
 
@@ -318,6 +337,10 @@ def _typed(name: str, hint: Any, value: Any) -> Any:
     base, optional = _base(hint)
     if value is None and optional:
         return None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"expected true or false, got {_shown(value)}")
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if base is int and number and isinstance(value, int):
         return value
@@ -330,6 +353,15 @@ def _typed(name: str, hint: Any, value: Any) -> Any:
     if base not in (int, float, str) and typing.get_origin(base) is not tuple:
         raise TypeError(f"Config.{name}: no check for {hint!r}; teach _typed and _flag_type")  # a bug, not a mistake
     raise ConfigError(name, f"expected {_expected(hint)}, got {_shown(value)}")
+
+
+def _without_password(url: str) -> str:
+    """``url`` with any password replaced by ``***``: it is shown in errors and logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def _shown(value: Any) -> str:
@@ -397,6 +429,10 @@ def argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     for f in dataclasses.fields(Config):
+        if _HINTS[f.name] is bool:  # a switch: --reuse-port turns it on (the file may say false)
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                                default=argparse.SUPPRESS, help=f.metadata["help"])
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
