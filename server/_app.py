@@ -190,9 +190,27 @@ async def serve(config: Config, *, store: Store | None = None, broker: BrokerFac
     broker (default ``LocalBroker``); its ``run`` is started before the listener opens.
     """
     async with AsyncExitStack() as stack:
-        opened = store if store is not None else await stack.enter_async_context(_open_sqlite(config))
-        await _serve(config, opened, (broker or LocalBroker)(config, opened), task_status)
+        opened = store if store is not None else await stack.enter_async_context(open_configured_store(config))
+        await _serve(config, opened, (broker or configured_broker(config))(config, opened), task_status)
     log.info("stopped")
+
+
+def open_configured_store(config: Config) -> AbstractAsyncContextManager[Store]:
+    """The store ``config`` names: PostgreSQL at ``config.store`` (node mode), else SQLite in ``config.data_dir``."""
+    if config.store is not None:
+        from ._pgstore import open_pg_store  # psycopg is imported only in node mode
+
+        return open_pg_store(config.store, max_batch=config.max_batch, pool_size=config.pg_pool_size)
+    return _open_sqlite(config)
+
+
+def configured_broker(config: Config) -> BrokerFactory:
+    """The broker ``config`` names: Redis at ``config.broker`` (node mode), else the in-process one."""
+    if config.broker is not None:
+        from ._redisbroker import RedisBroker  # coredis is imported only in node mode
+
+        return RedisBroker
+    return LocalBroker
 
 
 def _open_sqlite(config: Config) -> AbstractAsyncContextManager[Store]:
@@ -211,7 +229,7 @@ async def _serve(config: Config, store: Store, broker: Broker, task_status) -> N
         log.warning("max_connections %d is above what the open-file limit allows; using %d",
                     config.max_connections, budget)
         server.admission.total_limit = budget
-    listener = open_listener(config.host, config.port)
+    listener = open_listener(config.host, config.port, reuse_port=config.reuse_port)
     server.port = listener.port
     async with trio.open_nursery() as timers:
         await timers.start(broker.run)

@@ -176,12 +176,18 @@ class SocketListener(trio.abc.Listener[SocketStream]):
         await trio.lowlevel.checkpoint()
 
 
-def open_listener(host: str, port: int, *, backlog: int = 4096) -> SocketListener:
-    """A listening socket on (host, port); port 0 picks a free port (see ``.port``)."""
+def open_listener(host: str, port: int, *, backlog: int = 4096, reuse_port: bool = False) -> SocketListener:
+    """A listening socket on (host, port); port 0 picks a free port (see ``.port``).
+
+    ``reuse_port``: SO_REUSEPORT, so that several processes (nodes) listen on the same port and the kernel spreads
+    new connections across them.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except BaseException:

@@ -500,7 +500,7 @@ async def _answer_http(stream: SocketStream, site: _Site) -> WebSocketTransport 
 async def serve_websocket(server, handler_nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Accept on ``config.ws_port`` until cancelled; reports the bound port (real even for port 0)."""
     config = server.config
-    listener = open_listener(config.host, config.ws_port)
+    listener = open_listener(config.host, config.ws_port, reuse_port=config.reuse_port)
     site = _Site(config, listener.port)
     log.info("chat page and WebSocket bridge on http://%s:%d/ (WebSocket at %s; origins allowed: %s)",
              config.host, listener.port, WS_PATH, " ".join(sorted(site.origins)))
