@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from ._app import serve
-from ._config import Config, config_from_args
+from ._config import Config, config_from_args, without_password
 from ._store import SchemaTooNew, StoreError
 from ._transport import open_listener
 
@@ -50,7 +50,8 @@ async def _run(config: Config) -> None:
             # yet every full garbage collection walked it: about 32 ms of stall each time, under load.
             gc.freeze()
             ws = f", chat page on http://{config.host}:{server.ws_port}/" if server.ws_port else ""
-            print(f"Chorus listening on {config.host}:{server.port}{ws} (data in {config.db_path})", flush=True)
+            node = f", node {server.broker.node_id} via {without_password(config.broker)}" if config.broker else ""
+            print(f"Chorus listening on {config.host}:{server.port}{ws} (data in {config.storage}{node})", flush=True)
             async for signum in signals:
                 logging.getLogger("chorus.server").info("%s received", signal.Signals(signum).name)
                 server.shutdown()
@@ -91,6 +92,8 @@ def preflight(config: Config) -> str | None:
 
 def _check_data_dir(config: Config) -> str | None:
     """The data directory exists (created 0700, as ``serve`` would) and this user can create files in it."""
+    if config.store is not None:  # node mode keeps nothing in it
+        return None
     path = Path(config.data_dir)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -118,7 +121,7 @@ def _check_ports(config: Config) -> str | None:
         if not port:  # None (no bridge) or 0 (the kernel picks a free one): nothing to check
             continue
         try:
-            listener = open_listener(config.host, port)
+            listener = open_listener(config.host, port, reuse_port=config.reuse_port)
         except OSError as exc:
             return bind_problem(exc, config, [(port, what)])
         listener.socket.close()
@@ -137,13 +140,15 @@ def startup_problem(exc: BaseException, config: Config) -> str | None:
         # From a bind that passed the preflight, so freshly taken since; which listener's is unknown here.
         listeners = [(config.port, "port")] + ([(config.ws_port, "ws_port")] if config.ws_port is not None else [])
         return bind_problem(exc, config, listeners)
+    if isinstance(exc, StoreError) and config.store is not None:  # PostgreSQL unreachable or refusing
+        return f"store {config.storage}: {exc}; check that PostgreSQL runs there and --store"
     if isinstance(exc, StoreError):  # the store's word for "the database refused", naming the file
         return f"{exc}; check the file and the disk, or choose another --data-dir"
     if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorname", "").startswith(_SQLITE_ENVIRONMENT):
         return (f"cannot open {config.db_path}: {exc}; check the file and the disk, or choose another "
                 f"--data-dir")
     if isinstance(exc, SchemaTooNew):
-        return f"{exc}; run a newer chorus-server, or choose another --data-dir"
+        return f"{exc}; run a newer chorus-server, or choose another {'--store' if config.store else '--data-dir'}"
     return None
 
 

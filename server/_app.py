@@ -249,7 +249,7 @@ async def _serve_until_shutdown(server: Server, listener, task_status) -> None:
                 from ._websocket import serve_websocket
 
                 server.ws_port = await accepting.start(serve_websocket, server, handlers)
-            log.info("listening on %s:%d (data %s)", config.host, server.port, config.db_path)
+            log.info("listening on %s:%d (data %s)", config.host, server.port, config.storage)
             task_status.started(server)
             await server._shutdown.wait()
             log.info("shutting down: %d connections", len(server.connections))

@@ -191,7 +191,7 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value.startswith(schemes):
                 raise ConfigError(name, f"must be a {what} URL starting with {' or '.join(schemes)}, not "
-                                        f"{_shown(_without_password(value))}")
+                                        f"{_shown(without_password(value))}")
         if self.node_id is not None and not (0 < len(self.node_id.encode()) <= proto.MAX_NAME_BYTES
                                              and self.node_id.isprintable()):
             raise ConfigError("node_id", f"must be 1..{proto.MAX_NAME_BYTES} bytes of printable text")
@@ -248,6 +248,13 @@ class Config:
     @property
     def db_path(self) -> Path:
         return Path(self.data_dir) / "chorus.db"
+
+    @property
+    def storage(self) -> str:
+        """Where the data is, for logs and the start-up line (a URL's password is never shown)."""
+        if self.store is not None:
+            return without_password(self.store)
+        return str(self.db_path)
 
     @property
     def outbound_frame_bytes(self) -> int:
@@ -355,7 +362,7 @@ def _typed(name: str, hint: Any, value: Any) -> Any:
     raise ConfigError(name, f"expected {_expected(hint)}, got {_shown(value)}")
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     """``url`` with any password replaced by ``***``: it is shown in errors and logs."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")

@@ -183,3 +183,32 @@ def test_the_largest_accepted_values_encode():
                  {"reconnect_hint_ms": 0x1_0000_0000}, {"max_body_bytes": body + 1}):
         with pytest.raises(ConfigError):
             dataclasses.replace(config, **past)
+
+
+def test_node_mode_options_from_flags_and_file(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('store = "postgresql://chorus:s3cret@db.example/chorus"\nbroker = "redis://127.0.0.1:6379/0"\n'
+                    'reuse_port = true\nnode_id = "a1"\n')
+    config = config_from_args(["--config", str(path)])
+    assert (config.store, config.broker, config.reuse_port, config.node_id) == (
+        "postgresql://chorus:s3cret@db.example/chorus", "redis://127.0.0.1:6379/0", True, "a1")
+    assert config.storage == "postgresql://chorus:***@db.example/chorus"  # what logs and the start-up line show
+    assert config_from_args(["--reuse-port"]).reuse_port is True  # a switch, without a value
+    assert config_from_args([]).reuse_port is False
+    assert Config().storage.endswith("chorus.db")
+
+
+@pytest.mark.parametrize(("values", "line"), [
+    ({"store": "mysql://root:hunter2@db/x"}, 'store: must be a PostgreSQL URL starting with postgresql:// or '
+                                             'postgres://, not "mysql://root:***@db/x"'),
+    ({"broker": "nats://127.0.0.1"}, "broker: must be a Redis URL starting with redis:// or rediss:// or unix://"),
+    ({"reuse_port": 1}, "reuse_port: expected true or false, got 1"),
+    ({"node_id": ""}, "node_id: must be 1..32 bytes of printable text"),
+    ({"node_id": "a\nb"}, "node_id: must be 1..32 bytes of printable text"),
+    ({"pg_pool_size": 0}, "pg_pool_size: must be above 0, not 0"),
+])
+def test_node_mode_mistakes_are_one_line_without_the_password(values, line):
+    with pytest.raises(ConfigError) as exc:
+        Config.from_dict(values)
+    assert str(exc.value).startswith(line)
+    assert "hunter2" not in str(exc.value)
