@@ -136,6 +136,57 @@ def test_generated_block_is_current():
     assert _gen_js().refresh(text) == text, "server/static/chorus.js is stale: run `make js-tables`"
 
 
+#: The rules the page shares with proto (spec §9.1, §9.9): the generated block must carry each, and the app use it.
+SHARED_RULES = ("NAME_PATTERN", "NAME_RULE", "MAX_NAME_BYTES", "MIN_PASSWORD_BYTES", "MAX_PASSWORD_BYTES",
+                "PASSWORD_RULE", "TYPING_INTERVAL_S", "TYPING_SHOW_S", "MAX_TEXT_BYTES", "MAX_BODY_BYTES", "MAX_LIST_ITEMS")
+
+
+#: chorus.js fragments holding one of those numbers with another meaning, each with what it means.
+SAME_NUMBER_OTHER_MEANING = {
+    "U32 = uint(32)": "the bit width of a u32",
+    "Math.max(this._backoff, 5000)": "the page's back-off after a PROTOCOL_ERROR or SERVER_FULL BYE (spec §7.2)",
+}
+
+
+def _page_by_hand() -> dict[str, str]:
+    """The page's hand-written text: chorus.js without its generated block, and index.html."""
+    gen_js = _gen_js()
+    return {"chorus.js": gen_js.BLOCK_RE.sub("", PAGE.read_text(encoding="utf-8")),
+            "index.html": (PAGE.parent / "index.html").read_text(encoding="utf-8")}
+
+
+def test_generated_block_carries_the_shared_rules():
+    gen_js = _gen_js()
+    block = gen_js.block()
+    for name in SHARED_RULES + ("MAX_PORT",):
+        assert f"export const {name} = {gen_js.js_literal(getattr(proto, name))};" in block, name
+
+
+def test_the_page_uses_the_shared_rules():
+    """Each rule is used by name outside the generated block (else the app may have its own, or none)."""
+    text = _page_by_hand()["chorus.js"]
+    assert [name for name in SHARED_RULES if not re.search(rf"\b{name}\b", text)] == []
+
+
+def test_the_page_copies_no_rule_by_hand():
+    """The rules live in chorus.proto; the page words and checks them from the generated constants (STYLE.md §20):
+    no copy of a rule's wording, the name regex, a typing time in ms, or a name/password/port limit as a number."""
+    texts = [re.escape(text) for text in (
+        proto.NAME_RULE, proto.PASSWORD_RULE, f"{proto.MIN_PASSWORD_BYTES} to {proto.MAX_PASSWORD_BYTES}",
+        f"1-{proto.MAX_NAME_BYTES}", proto.NAME_PATTERN, proto.NAME_PATTERN[:proto.NAME_PATTERN.index("]") + 1],
+        f"{{0,{proto.MAX_NAME_BYTES - 1}}}")]
+    numbers = {proto.TYPING_INTERVAL_S * 1000, proto.TYPING_SHOW_S * 1000, proto.MAX_NAME_BYTES,
+               proto.MAX_NAME_BYTES + 1, proto.MAX_PASSWORD_BYTES, proto.MAX_PORT, proto.MAX_PORT + 1}
+    copies = re.compile("|".join(texts + [rf"(?<![\w.]){int(n)}(?![\w.])" for n in sorted(numbers)]
+                                 + [r"maxlength=", r"pattern="]), re.I)
+    texts = _page_by_hand()
+    for fragment in SAME_NUMBER_OTHER_MEANING:
+        assert fragment in texts["chorus.js"], f"{fragment!r} is gone from chorus.js: drop it from the exceptions"
+        texts["chorus.js"] = texts["chorus.js"].replace(fragment, "")
+    found = [(name, m[0]) for name, text in texts.items() for m in copies.finditer(text)]
+    assert found == []
+
+
 def test_javascript_codec_agrees_with_the_vectors():
     from conftest import service_required
 

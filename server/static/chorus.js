@@ -448,14 +448,39 @@ export const convKey = (conv) => `${conv.kind}:${conv.name}`;
 export const convLabel = (conv) => (conv.kind === ConvKind.ROOM ? "#" : "@") + conv.name;
 
 // ------------------------------------------------------------------------------------------------
+// Rules (spec §9.1): checked and worded from the generated NAME_PATTERN, NAME_RULE, MIN_PASSWORD_BYTES,
+// MAX_PASSWORD_BYTES and PASSWORD_RULE, never copied (STYLE.md §20; tests/test_js_codec.py checks)
+// ------------------------------------------------------------------------------------------------
+
+const NAME_RE = new RegExp(`^(?:${NAME_PATTERN})$`, "u");
+
+/** Whether `name` is a user or room name by proto's NAME_PATTERN. */
+export const isName = (name) => NAME_RE.test(name);
+
+/** Why the server would refuse `password`, or null: for REGISTER the length rule, for LOGIN only a length the
+ * wire cannot carry (as the terminal client, client/_rules.py). */
+export function passwordProblem(password, register) {
+  const size = utf8Encoder.encode(password).length;
+  if (size > MAX_PASSWORD_BYTES || (register && size < MIN_PASSWORD_BYTES)) return `Passwords are ${PASSWORD_RULE}.`;
+  return null;
+}
+
+/** `text` cut to at most `maxBytes` of UTF-8, never inside a character (e.g. an ERROR's message, MAX_TEXT_BYTES). */
+export function clipUtf8(text, maxBytes) {
+  const raw = utf8Encoder.encode(text);
+  if (raw.length <= maxBytes) return text;
+  return new TextDecoder().decode(raw.subarray(0, maxBytes), { stream: true }); // drops a cut character's bytes
+}
+
+// ------------------------------------------------------------------------------------------------
 // App
 // ------------------------------------------------------------------------------------------------
 
 const TOKEN_KEY = "chorus.token";
 const CLIENT_NAME = "chorus-web/0.1";
 const HISTORY_PAGE = 50;
-const TYPING_EVERY_MS = 3000;
-const TYPING_SHOWN_MS = 5000;
+const TYPING_EVERY_MS = TYPING_INTERVAL_S * 1000; // send TYPING at most this often (spec §9.9)
+const TYPING_SHOWN_MS = TYPING_SHOW_S * 1000; // show "… is typing" this long after USER_TYPING
 const DELIVERED_EVERY_MS = 1000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30000;
@@ -690,7 +715,7 @@ export class ChorusClient extends EventTarget {
       // The server broke the protocol: say so and start over (spec §7).
       const code = err instanceof ProtocolError ? err.code : ErrorCode.MALFORMED_FRAME;
       try {
-        this._send({ type: "ERROR", code, retry_after_ms: 0, message: String(err.message).slice(0, 200) });
+        this._send({ type: "ERROR", code, retry_after_ms: 0, message: clipUtf8(String(err.message), MAX_TEXT_BYTES) });
         this._send({ type: "BYE", reason: CloseReason.PROTOCOL_ERROR });
       } catch { /* closing anyway */ }
       this.ws?.close(1002);
@@ -990,6 +1015,11 @@ class ChatView {
     this.current = null; // ConversationState shown
     this.app = $("app");
     this.messagesBox = $("messages");
+    // The inputs' limits and hints come from proto too (names are ASCII, so characters are bytes; a password's
+    // bytes are checked on submit). The join box takes a name after "#" or "@".
+    Object.assign($("username"), { maxLength: MAX_NAME_BYTES, title: `User names are ${NAME_RULE}` });
+    Object.assign($("password"), { maxLength: MAX_PASSWORD_BYTES, title: `Passwords are ${PASSWORD_RULE}` });
+    Object.assign($("join-input"), { maxLength: MAX_NAME_BYTES + 1, title: `Names are ${NAME_RULE}` });
     this.bind();
   }
 
@@ -1091,15 +1121,17 @@ class ChatView {
     const user = $("username").value.trim();
     const password = $("password").value;
     const error = $("login-error");
-    error.textContent = "";
+    const problem = isName(user) ? passwordProblem(password, register) : `User names are ${NAME_RULE}.`;
+    error.textContent = problem ?? "";
+    if (problem) return;
     try {
       await this.client.login(user, password, register);
     } catch (err) {
       const messages = {
         [ErrorCode.AUTH_FAILED]: "Wrong user name or password.",
         [ErrorCode.USERNAME_TAKEN]: "That name is taken.",
-        [ErrorCode.INVALID_NAME]: "Names are 1-32 of a-z, 0-9, _ . - and start with a letter or digit.",
-        [ErrorCode.WEAK_PASSWORD]: "Passwords are 8 to 128 bytes long.",
+        [ErrorCode.INVALID_NAME]: `User names are ${NAME_RULE}.`,
+        [ErrorCode.WEAK_PASSWORD]: `Passwords are ${PASSWORD_RULE}.`,
         [ErrorCode.RATE_LIMITED]: "Too many attempts; wait a moment.",
       };
       error.textContent = messages[err.code] ?? err.message;
@@ -1110,13 +1142,14 @@ class ChatView {
     const input = $("join-input");
     const name = input.value.trim().toLowerCase();
     if (!name) return;
+    const user = name.startsWith("@");
+    const bare = user ? name.slice(1) : name.replace(/^#/, "");
+    if (!isName(bare)) {
+      this.notice(`${user ? "User" : "Room"} names are ${NAME_RULE}.`);
+      return;
+    }
     try {
-      let state;
-      if (name.startsWith("@")) {
-        state = this.client.conversation(direct(name.slice(1)));
-      } else {
-        state = await this.client.join(name.replace(/^#/, ""));
-      }
+      const state = user ? this.client.conversation(direct(bare)) : await this.client.join(bare);
       input.value = "";
       this.open(state);
     } catch (err) {
@@ -1128,7 +1161,7 @@ class ChatView {
     const input = $("message-input");
     const body = input.value.trim();
     if (!body || !this.current) return;
-    const max = this.client.welcome?.max_body_bytes ?? 4096;
+    const max = this.client.welcome?.max_body_bytes ?? MAX_BODY_BYTES; // the server's limit, once it has said
     if (utf8Encoder.encode(body).length > max) {
       this.notice(`Messages are at most ${max} bytes.`);
       return;

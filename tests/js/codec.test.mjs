@@ -5,8 +5,9 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 
 import {
-  ErrorCode, FIELDS, FRAME_VERSION, FrameType, HEADER_BYTES, LARGEST_BODY_BYTES, NAME_PATTERN, PROTOCOL_VERSION,
-  ProtocolError, decode, encode, lz4DecompressBlock, toPlain,
+  ErrorCode, FIELDS, FRAME_VERSION, FrameType, HEADER_BYTES, LARGEST_BODY_BYTES, MAX_PASSWORD_BYTES, MAX_TEXT_BYTES,
+  MIN_PASSWORD_BYTES, PASSWORD_RULE, PROTOCOL_VERSION, ProtocolError, clipUtf8, decode, encode, isName,
+  lz4DecompressBlock, passwordProblem, toPlain,
 } from "../../server/static/chorus.js";
 
 const vectors = JSON.parse(readFileSync(new URL("./vectors.json", import.meta.url), "utf8"));
@@ -67,9 +68,30 @@ test("a frame type newer than the negotiated version does not exist (spec §6)",
 });
 
 test("names: the page judges them by proto's NAME_PATTERN alike", () => {
-  const re = new RegExp(`^(?:${NAME_PATTERN})$`, "u");
-  for (const { name, valid } of vectors.names) assert.equal(re.test(name), valid, JSON.stringify(name));
+  for (const { name, valid } of vectors.names) assert.equal(isName(name), valid, JSON.stringify(name));
   assert.ok(vectors.names.some((n) => n.valid) && vectors.names.some((n) => !n.valid));
+});
+
+test("passwords: the page judges their UTF-8 length by proto's limits and words the rule from PASSWORD_RULE", () => {
+  const refused = `Passwords are ${PASSWORD_RULE}.`;
+  const short = "x".repeat(MIN_PASSWORD_BYTES - 1);
+  assert.equal(passwordProblem(short, true), refused);
+  assert.equal(passwordProblem(short, false), null); // a login may try; the server answers
+  assert.equal(passwordProblem("x".repeat(MIN_PASSWORD_BYTES), true), null);
+  assert.equal(passwordProblem("x".repeat(MAX_PASSWORD_BYTES), true), null);
+  const wide = "é".repeat(MAX_PASSWORD_BYTES / 2 + 1); // few characters, too many bytes for the wire
+  assert.equal(passwordProblem(wide, true), refused);
+  assert.equal(passwordProblem(wide, false), refused);
+});
+
+test("clipUtf8 keeps an ERROR's message within MAX_TEXT_BYTES, never cutting a character", () => {
+  assert.equal(clipUtf8("short", MAX_TEXT_BYTES), "short");
+  for (const text of ["x".repeat(MAX_TEXT_BYTES + 9), "☕".repeat(MAX_TEXT_BYTES), "a" + "é".repeat(MAX_TEXT_BYTES)]) {
+    const clipped = clipUtf8(text, MAX_TEXT_BYTES);
+    const size = new TextEncoder().encode(clipped).length;
+    assert.ok(size <= MAX_TEXT_BYTES && size > MAX_TEXT_BYTES - 4, `${size} bytes`);
+    assert.ok(text.startsWith(clipped) && !clipped.includes("\ufffd"));
+  }
 });
 
 for (const v of vectors.examples) {
