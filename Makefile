@@ -9,7 +9,7 @@ ARGS ?=
 WS_PORT ?= 7421
 BENCH_ARGS ?=
 
-.PHONY: fuzz-session install run test test-js js-tables js-vectors corpus browser screenshot fuzz bench bench-smoke clean
+.PHONY: run-cluster fuzz-session install run test test-js js-tables js-vectors corpus browser screenshot fuzz bench bench-smoke clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/chorus-server $(if $(WS_PORT),--ws-port $(WS_PORT)) $(ARGS)
+
+# Node mode (issue 11): NODES chorus-server processes sharing port 7420 (and the page on 7421) with SO_REUSEPORT,
+# linked by this machine's Redis, storing in its PostgreSQL (database "chorus", created if missing). Ctrl-C stops.
+NODES ?= 3
+run-cluster: $(STAMP)
+	$(BIN)/python -m bench.cluster --nodes $(NODES) $(ARGS)
 
 # The suite includes the JavaScript codec (node --test, via tests/test_js_codec.py) and the browser test.
 test: $(STAMP) browser
