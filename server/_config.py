@@ -111,6 +111,8 @@ class Config:
                                    "node; unset: the SQLite database in data_dir")
     broker: str | None = _opt(None, "node mode: Redis URL (redis://host:port/db) of the broker that links the nodes; "
                                     "unset: in-process (one node)")
+    broker_prefix: str = _opt("chorus", "node mode: prefix of every Redis key and channel (clusters sharing one Redis "
+                                        "need different ones)")
     node_id: str | None = _opt(None, "node mode: this node's name in the registry (default: host name and process id)")
     reuse_port: bool = _opt(False, "share the ports with other processes (SO_REUSEPORT): several nodes on one machine")
     node_ttl_s: float = _opt(10.0, "node mode: a node silent this long is dead; its users go offline")
@@ -192,6 +194,8 @@ class Config:
             if value is not None and not value.startswith(schemes):
                 raise ConfigError(name, f"must be a {what} URL starting with {' or '.join(schemes)}, not "
                                         f"{_shown(without_password(value))}")
+        if not (self.broker_prefix and self.broker_prefix.isprintable() and " " not in self.broker_prefix):
+            raise ConfigError("broker_prefix", "must be printable text without spaces")
         if self.node_id is not None and not (0 < len(self.node_id.encode()) <= proto.MAX_NAME_BYTES
                                              and self.node_id.isprintable()):
             raise ConfigError("node_id", f"must be 1..{proto.MAX_NAME_BYTES} bytes of printable text")
