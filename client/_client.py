@@ -186,13 +186,14 @@ class Client:
         retry_rate_limited: bool = True,
         max_protocol_version: int = proto.PROTOCOL_VERSION,
     ):
-        if token is None and (username is None or password is None):
+        credentials = (username, password) if username is not None and password is not None else None
+        if token is None and credentials is None:
             raise ValueError("give a token, or a username and password")
         if not proto.MIN_PROTOCOL_VERSION <= max_protocol_version <= proto.PROTOCOL_VERSION:
             raise ValueError(f"max_protocol_version must be in {proto.MIN_PROTOCOL_VERSION}..{proto.PROTOCOL_VERSION}")
         self._max_version = max_protocol_version
         self._host, self._port = host, port
-        self._username, self._password = username, password
+        self._credentials = credentials
         self._register = register and token is None
         self._reconnect = reconnect
         self._client_name = client_name
@@ -380,6 +381,10 @@ class Client:
         if self._closed or self._closing:
             raise self._close_error or ConnectionLost("client closed")
 
+    def _writable(self) -> Transport | None:
+        """The connection user requests may be written to now (``_ready``), or None."""
+        return self._transport if self._ready else None
+
     async def _call(self, event: proto.Event) -> _Call:
         """Make a request and wait for its answer (raising only for timeout, loss or encoding);
         the caller looks at ``call.error``."""
@@ -393,8 +398,8 @@ class Client:
             with trio.fail_after(self._timeout):
                 while True:
                     if call.sent_gen is None:
-                        if self._ready:
-                            await self._transmit(call, self._transport)
+                        if (t := self._writable()) is not None:
+                            await self._transmit(call, t)
                         elif not self._reconnect or self._closing or self._closed:
                             raise self._close_error or ConnectionLost("not connected")
                         # else: the supervisor sends it once a new connection is up
@@ -457,9 +462,9 @@ class Client:
         """Write a frame that has no reply. While reconnecting it is dropped (``keep`` frames are
         re-sent by the supervisor from their own record). Raises ``ConnectionLost`` if not reconnecting."""
         self._check_open()
-        if self._ready:
+        if (t := self._writable()) is not None:
             try:
-                await self._transport.send(event)
+                await t.send(event)
             except TransportClosed:
                 pass
         elif not self._reconnect:
@@ -763,17 +768,20 @@ class Client:
                 await trio.sleep(_retry_delay_s(exc))
 
     async def _authenticate(self, t: Transport) -> None:
+        credentials = self._credentials
         if self.token is not None:
             try:
                 auth = await self._auth_request(t, proto.Resume(self.token))
             except ServerError as exc:
-                if exc.code != ErrorCode.INVALID_TOKEN or self._username is None or self._password is None:
+                if exc.code != ErrorCode.INVALID_TOKEN or credentials is None:
                     raise
-                auth = await self._auth_request(t, proto.Login(self._username, self._password))
+                auth = await self._auth_request(t, proto.Login(*credentials))
+        elif credentials is None:  # __init__ wants one or the other; only logout() forgets the token (and closes)
+            raise ConnectionLost("no session token and no password to authenticate with")
         elif self._register:
-            auth = await self._auth_request(t, proto.Register(self._username, self._password))
+            auth = await self._auth_request(t, proto.Register(*credentials))
         else:
-            auth = await self._auth_request(t, proto.Login(self._username, self._password))
+            auth = await self._auth_request(t, proto.Login(*credentials))
         self._register = False  # the account exists now; later connections resume or log in
         self.username = auth.username
         if auth.token != self.token:

@@ -167,7 +167,8 @@ class Tui:
         if typists:
             status += f" | {', '.join(typists)} typing…"
         self.status = status
-        elsewhere = [f"{conv} {n}" for conv in self.conv_list() if conv != self.current and (n := self.unread.get(conv))]
+        elsewhere = [f"{conv} {unread}" for conv in self.conv_list()
+                     if conv != self.current and (unread := self.unread.get(conv))]
         self.prompt_text = (("" if self.connected else "[offline] ") + str(self.current or "(no room)")
                             + (f" ({', '.join(elsewhere)})" if elsewhere else "") + "> ")
         convs = [str(c) for c in self.conv_list()]
@@ -611,7 +612,7 @@ class _PromptThread:
                 for text, start in completions(document.text_before_cursor, **tui.completion_sources):
                     yield Completion(text, start_position=start)
 
-        self.session = PromptSession(
+        self.session: PromptSession[str] = PromptSession(
             message=lambda: tui.prompt_text,
             bottom_toolbar=lambda: tui.status,
             completer=_Complete(),

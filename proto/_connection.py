@@ -26,8 +26,10 @@ newer than ``version`` does not exist for this connection: receiving one is
 """
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Iterable
+from typing import Final
 
 import lz4.block
 from construct import ConstructError
@@ -87,16 +89,17 @@ _LARGEST_LENGTH_IN: dict[tuple[State, Role], int] = {
 _LARGEST_LENGTH_ANY = _largest_length(FrameType)
 
 
-class _Sentinel:
-    def __init__(self, name: str):
-        self._name = name
+class _Sentinel(enum.Enum):
+    """A one-member enum (PEP 484's sentinel), so that ``event is NEED_DATA`` narrows ``event`` to an ``Event``."""
+
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
-        return self._name
+        return self.name
 
 
 #: Returned by ``next_event`` when a whole frame is not buffered yet.
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA: Final = _Sentinel.NEED_DATA
 
 
 def _field_error(name: str, exc: ConstructError) -> tuple[str, ErrorCode]:
@@ -335,8 +338,9 @@ class Connection:
             return ev.ConnectionClosed()
         length, type_byte, flags, request_id = _HEADER.unpack_from(buf, pos)
         if length > self.max_frame_bytes:
-            raise RemoteProtocolError(f"{_type_name(type_byte)}: length {length} > max_frame_bytes {self.max_frame_bytes}",
-                                      ErrorCode.FRAME_TOO_LARGE)
+            raise RemoteProtocolError(
+                f"{_type_name(type_byte)}: length {length} > max_frame_bytes {self.max_frame_bytes}",
+                ErrorCode.FRAME_TOO_LARGE)
         frame = self._frames.get(type_byte)
         if frame is None:
             raise RemoteProtocolError(self._unknown_type(type_byte), ErrorCode.UNKNOWN_FRAME_TYPE)

@@ -315,15 +315,14 @@ class ClientConnection:
                 self.frame_started = now
 
     async def _dispatch(self, event: proto.Event) -> None:
-        kind = type(event)
-        if kind is proto.Pong:
+        if isinstance(event, proto.Pong):
             # Only an answer to one of our PINGs is free; anything else would be a free way to burn our CPU.
             try:
                 self._pings.remove(event.nonce)
             except ValueError:
                 self.protocol_error(ErrorCode.INVALID_REQUEST, "PONG does not answer an outstanding PING")
             return
-        if kind is not proto.Bye and not self._bucket.take(trio.current_time()):
+        if not isinstance(event, proto.Bye) and not self._bucket.take(trio.current_time()):
             self._violations += 1
             if self._violations > self.config.max_rate_violations:
                 self.close(CloseReason.RATE_LIMITED)
@@ -333,7 +332,7 @@ class ClientConnection:
             return
         self._violations = 0
         try:
-            if kind is proto.Send:
+            if isinstance(event, proto.Send):
                 # Pipelined sends join the next group commit; past the limit, stop reading until some are acked.
                 await self.wait_sends_done(self.config.max_inflight_sends - 1)
                 try:
@@ -346,11 +345,11 @@ class ClientConnection:
                     # The first SEND to a new direct conversation opens it: read on only once it is stored, so
                     # the SENDs pipelined after it keep their order (spec §8). Rare, and one commit long.
                     await self._handle_send(event)
-            elif kind is proto.Ping:
+            elif isinstance(event, proto.Ping):
                 self.send(event.response())
-            elif kind is proto.Bye:
+            elif isinstance(event, proto.Bye):
                 self.close(CloseReason.CLIENT_QUIT)
-            elif kind is proto.Error:
+            elif isinstance(event, proto.Error):
                 log.info("peer=%s sent ERROR %s: %s", self.transport.peer, event.code.name, safe(event.message))
             else:
                 await self.session.handle(event)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -84,22 +85,49 @@ class ConvState:
     typing_at: float = -1e9
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Whom a session authenticated as, and with which token: set once, as AUTH_OK goes out."""
+
+    user_id: int
+    username: str
+    token_hash: bytes
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
 class Session:
-    __slots__ = ("server", "budgets", "conn", "user_id", "username", "token_hash", "convs", "by_view")
+    __slots__ = ("server", "budgets", "conn", "identity", "convs", "by_view")
 
     def __init__(self, server: "Server", conn: "ClientConnection"):
         self.server = server
         self.budgets = budgets_of(server)
         self.conn = conn
-        self.user_id: int | None = None
-        self.username: str | None = None
-        self.token_hash: bytes | None = None
+        self.identity: Identity | None = None  # None until authenticated
         self.convs: dict[int, ConvState] = {}
         self.by_view: dict[proto.Conversation, ConvState] = {}
+
+    @property
+    def user_id(self) -> int | None:
+        return None if self.identity is None else self.identity.user_id
+
+    @property
+    def username(self) -> str | None:
+        return None if self.identity is None else self.identity.username
+
+    @property
+    def me(self) -> Identity:
+        """Who this session is, for the requests that need an authenticated user.
+
+        The state table (proto/_state.py) lets those requests through only after AUTH_OK, so this raises
+        ``proto.LocalProtocolError`` (a bug) before that.
+        """
+        identity = self.identity
+        if identity is None:
+            raise proto.LocalProtocolError("a request that needs a user reached an unauthenticated session")
+        return identity
 
     # -- dispatch -----------------------------------------------------------
     async def handle(self, event: proto.Event) -> None:
@@ -120,7 +148,7 @@ class Session:
         bucket is shared by all its connections, spec §9.11).
         """
         state = self._send_target(ev)
-        wait = self.budgets.sends.take(self.user_id, trio.current_time())
+        wait = self.budgets.sends.take(self.me.user_id, trio.current_time())
         if wait:
             raise RequestError(ErrorCode.RATE_LIMITED, "too many messages from this user; slow down", retry_ms(wait))
         if state is None:
@@ -149,14 +177,16 @@ class Session:
             self._stored(ev, state.conv_id, appended, None)
 
     def _new_message(self, state: ConvState, ev: proto.Send) -> NewMessage:
-        return NewMessage(state.conv_id, self.user_id, self.username, ev.client_msg_id, ev.body, now_ms())
+        me = self.me
+        return NewMessage(state.conv_id, me.user_id, me.username, ev.client_msg_id, ev.body, now_ms())
 
     def _send_target(self, ev: proto.Send) -> ConvState | None:
         size = len(ev.body.encode("utf-8"))
         if size == 0:
             raise RequestError(ErrorCode.INVALID_REQUEST, "empty message")
         if size > self.server.config.max_body_bytes:
-            raise RequestError(ErrorCode.BODY_TOO_LARGE, f"message body over {self.server.config.max_body_bytes} bytes")
+            raise RequestError(ErrorCode.BODY_TOO_LARGE,
+                               f"message body over {self.server.config.max_body_bytes} bytes")
         state = self.by_view.get(ev.conv)
         if state is None and ev.conv.kind != ConvKind.DIRECT:
             raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.conv.name}")
@@ -178,8 +208,8 @@ class Session:
         if appended.duplicate:  # in case whoever stored it first died before publishing it (node mode)
             self.server.broker.republish(appended)
         if appended.conv_id != conv_id:  # ids are unique per sender, not per conversation
-            self.conn.send(proto.Error(ErrorCode.INVALID_REQUEST, 0, "client_msg_id already used in another conversation",
-                                       request_id=ev.request_id))
+            self.conn.send(proto.Error(ErrorCode.INVALID_REQUEST, 0,
+                                       "client_msg_id already used in another conversation", request_id=ev.request_id))
         else:
             self.conn.send(proto.Ack(ev.conv, ev.client_msg_id, appended.seq, appended.ts_ms, appended.duplicate,
                                      request_id=ev.request_id))
@@ -207,7 +237,7 @@ class Session:
         if config.registration == "closed":
             raise RequestError(ErrorCode.INVALID_REQUEST, "registration is closed on this server")
         if not valid_name(ev.username):
-            raise RequestError(ErrorCode.INVALID_NAME, "names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
+            raise RequestError(ErrorCode.INVALID_NAME, f"names are {proto.NAME_RULE}")
         if len(ev.password.encode()) < MIN_PASSWORD_BYTES:
             raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords need at least {MIN_PASSWORD_BYTES} bytes")
         address = self._address()
@@ -295,7 +325,7 @@ class Session:
         if not server.broker.add_connection(self.conn, user_id, username, rooms, limit):  # others logged in meanwhile
             self._refuse_full(limit, request_id)
             return
-        self.user_id, self.username, self.token_hash = user_id, username, token_hash(token)
+        self.identity = Identity(user_id, username, token_hash(token))
         for row in rows:
             self._add_conv(row, withhold=True)  # live delivery starts with the client's SYNC (spec §9)
         self.conn.authenticated(username)
@@ -316,32 +346,35 @@ class Session:
 
     def close(self) -> None:
         """Forget this connection everywhere (called once, when it closes)."""
-        if self.user_id is None:
+        me = self.identity
+        if me is None:
             return
         broker = self.server.broker
         for conv_id in self.convs:
             broker.unsubscribe(conv_id, self.conn)
-        broker.remove_connection(self.conn, self.user_id, self.username, self._rooms())
+        broker.remove_connection(self.conn, me.user_id, me.username, self._rooms())
 
     async def _logout(self, ev: proto.Logout) -> None:
         """Revoke the token and end every connection that uses it (spec §9.1), this one included."""
-        await self.server.store.delete_session(self.token_hash)
-        self.server.broker.user_event(TokenRevoked(self.user_id, self.token_hash))
+        me = self.me
+        await self.server.store.delete_session(me.token_hash)
+        self.server.broker.user_event(TokenRevoked(me.user_id, me.token_hash))
         self.conn.close(proto.CloseReason.LOGGED_OUT)
 
     # -- changes made by the user's other connections ---------------------------------------------------------
     def user_event(self, event: UserEvent) -> None:
         """Apply a change to this user made on any connection of any node (server/_ports.py); never waits."""
-        if self.user_id is None:
+        me = self.identity
+        if me is None:
             return
-        kind = type(event)
-        if kind is MemberJoined:
-            self._add_conv(event.conv)  # live after its last_seq; a conversation already here stays as it is
-        elif kind is MemberLeft:
-            self._drop_conv(event.conv_id)
-        elif kind is TokenRevoked:
-            if event.token_hash == self.token_hash:
-                self.conn.close(proto.CloseReason.LOGGED_OUT)
+        match event:
+            case MemberJoined(conv=conv):
+                self._add_conv(conv)  # live after its last_seq; a conversation already here stays as it is
+            case MemberLeft(conv_id=conv_id):
+                self._drop_conv(conv_id)
+            case TokenRevoked(token_hash=revoked):
+                if revoked == me.token_hash:
+                    self.conn.close(proto.CloseReason.LOGGED_OUT)
 
     # -- conversations --------------------------------------------------------
     def _add_conv(self, row: ConvRow, *, withhold: bool = False) -> ConvState | None:
@@ -374,34 +407,34 @@ class Session:
         return state
 
     async def _open_direct(self, peer_name: str) -> ConvState:
-        store = self.server.store
+        store, me = self.server.store, self.me
         peer = await store.get_user(peer_name)
         if peer is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"no user {peer_name}")
-        if peer.id == self.user_id:
+        if peer.id == me.user_id:
             raise RequestError(ErrorCode.INVALID_REQUEST, "cannot message yourself")
-        conv_id = await store.direct(self.user_id, peer.id)
+        conv_id = await store.direct(me.user_id, peer.id)
         # As for JOIN: this connection is subscribed (withheld) before last_seq is read, and every connection of
         # both users goes live after that last_seq. A store error leaves nobody subscribed (the conversation row
         # exists; the next SEND finds it).
         row = ConvRow(conv_id, ConvKind.DIRECT, peer.name, 0, peer.id)
         last_seq = await self._subscribe_at_end(row)
         broker = self.server.broker
-        broker.user_event(MemberJoined(self.user_id, replace(row, last_seq=last_seq)))
-        broker.user_event(MemberJoined(peer.id, ConvRow(conv_id, ConvKind.DIRECT, self.username, last_seq,
-                                                        self.user_id)))
+        broker.user_event(MemberJoined(me.user_id, replace(row, last_seq=last_seq)))
+        broker.user_event(MemberJoined(peer.id, ConvRow(conv_id, ConvKind.DIRECT, me.username, last_seq,
+                                                        me.user_id)))
         state = self.convs.get(conv_id)
         if state is None:  # our own connection closed meanwhile
             raise RequestError(ErrorCode.NOT_FOUND, f"no conversation with {peer_name}")
         return state
 
     async def _join(self, ev: proto.Join) -> None:
-        store, config = self.server.store, self.server.config
+        store, config, me = self.server.store, self.server.config, self.me
         if not valid_name(ev.room):
-            raise RequestError(ErrorCode.INVALID_NAME, "room names are 1-32 of a-z 0-9 _ . - starting with a letter or digit")
+            raise RequestError(ErrorCode.INVALID_NAME, f"room names are {proto.NAME_RULE}")
         try:
             try:
-                conv_id, joined = await store.join_room(self.user_id, ev.room, max_rooms=config.max_rooms_per_user,
+                conv_id, joined = await store.join_room(me.user_id, ev.room, max_rooms=config.max_rooms_per_user,
                                                         create=False)
             except LookupError:
                 conv_id, joined = await self._create_room(ev.room), True
@@ -411,7 +444,7 @@ class Session:
         row = ConvRow(conv_id, ConvKind.ROOM, ev.room, 0, None)
         last_seq = await self._subscribe_at_end(row)  # a failure: the membership is stored; a retry subscribes
         # The user's other connections, on any node, go live after the same last_seq (spec §9.2).
-        self.server.broker.user_event(MemberJoined(self.user_id, replace(row, last_seq=last_seq)))
+        self.server.broker.user_event(MemberJoined(me.user_id, replace(row, last_seq=last_seq)))
         self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
         if joined:  # a JOIN of a room the user is in changes nothing
             self._announce_membership(conv_id, ev.room, proto.MembershipChange.JOINED)
@@ -443,31 +476,31 @@ class Session:
 
         Raises ``TooManyRooms`` (then nothing is created or charged), ``RequestError`` RATE_LIMITED.
         """
-        config = self.server.config
+        config, me = self.server.config, self.me
         rooms_created = self.budgets.rooms_created
-        wait = rooms_created.take(self.user_id, trio.current_time())
+        wait = rooms_created.take(me.user_id, trio.current_time())
         if wait:
             raise RequestError(ErrorCode.RATE_LIMITED, f"at most {config.rooms_created_per_hour} new rooms per hour",
                                retry_ms(wait))
         try:
-            conv_id, _ = await self.server.store.join_room(self.user_id, name, max_rooms=config.max_rooms_per_user)
+            conv_id, _ = await self.server.store.join_room(me.user_id, name, max_rooms=config.max_rooms_per_user)
         except (TooManyRooms, StoreError):  # nothing created, nothing charged
-            rooms_created.give_back(self.user_id)
+            rooms_created.give_back(me.user_id)
             raise
         return conv_id
 
     async def _leave(self, ev: proto.Leave) -> None:
-        store = self.server.store
+        store, me = self.server.store, self.me
         conv_id = await store.room(ev.room, create=False)
-        if conv_id is None or not await store.leave(self.user_id, conv_id):
+        if conv_id is None or not await store.leave(me.user_id, conv_id):
             raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.room}")
         self._drop_conv(conv_id)
-        self.server.broker.user_event(MemberLeft(self.user_id, conv_id))
+        self.server.broker.user_event(MemberLeft(me.user_id, conv_id))
         self.conn.send(proto.Ok(request_id=ev.request_id))
         self._announce_membership(conv_id, ev.room, proto.MembershipChange.LEFT)
 
     async def _list_rooms(self, ev: proto.ListRooms) -> None:
-        rooms = await self.server.store.list_rooms(self.user_id, proto.MAX_LIST_ITEMS)
+        rooms = await self.server.store.list_rooms(self.me.user_id, proto.MAX_LIST_ITEMS)
         self.conn.send(proto.RoomList(tuple(rooms), request_id=ev.request_id))
 
     async def _members(self, ev: proto.Members) -> None:
@@ -488,7 +521,9 @@ class Session:
             listed[state.conv_id] = (state, pos.last_seq)
         # Conversations withheld since login and not listed catch up from the stored delivered cursor.
         withheld = [s for s in self.convs.values() if s.sub.syncing and s.conv_id not in listed]
-        cursors = {row.id: cursor for row, cursor in await self.server.store.undelivered(self.user_id)} if withheld else {}
+        cursors: dict[int, int] = {}
+        if withheld:
+            cursors = {row.id: cursor for row, cursor in await self.server.store.undelivered(self.me.user_id)}
         for state, _ in listed.values():
             state.sub.withhold()
         try:
@@ -531,12 +566,12 @@ class Session:
 
     # -- cursors, typing --------------------------------------------------------
     async def _cursor(self, ev: proto.Delivered | proto.Read) -> None:
-        state = self._conv(ev.conv)
+        state, me = self._conv(ev.conv), self.me
         kind = proto.ReceiptKind.READ if isinstance(ev, proto.Read) else proto.ReceiptKind.DELIVERED
-        seq = await self.server.store.advance_cursor(self.user_id, state.conv_id, kind, ev.seq)
+        seq = await self.server.store.advance_cursor(me.user_id, state.conv_id, kind, ev.seq)
         if seq is not None and state.peer_id is not None:
             self.server.broker.push_to_user(
-                state.peer_id, proto.Receipt(proto.Conversation.direct(self.username), self.username, kind, seq))
+                state.peer_id, proto.Receipt(proto.Conversation.direct(me.username), me.username, kind, seq))
 
     async def _get_cursors(self, ev: proto.GetCursors) -> None:
         state = self._conv(ev.conv)
@@ -544,7 +579,7 @@ class Session:
         self.conn.send(proto.Cursors(ev.conv, tuple(cursors[: proto.MAX_LIST_ITEMS]), request_id=ev.request_id))
 
     async def _typing(self, ev: proto.Typing) -> None:
-        state = self._conv(ev.conv)
+        state, me = self._conv(ev.conv), self.me
         now = trio.current_time()
         if now - state.typing_at < _TYPING_COALESCE_S:
             return  # coalesced: ephemeral, never stored
@@ -552,26 +587,28 @@ class Session:
         broker = self.server.broker
         if state.peer_id is not None:
             broker.push_to_user(state.peer_id,
-                                proto.UserTyping(proto.Conversation.direct(self.username), self.username))
+                                proto.UserTyping(proto.Conversation.direct(me.username), me.username))
         else:
-            broker.push_to_conversation(state.conv_id, proto.UserTyping(state.view, self.username),
-                                        skip_user=self.user_id)
+            broker.push_to_conversation(state.conv_id, proto.UserTyping(state.view, me.username),
+                                        skip_user=me.user_id)
 
     # -- version 2 (spec §6.3) ----------------------------------------------------------------------------------
     async def _list_conversations(self, ev: proto.ListConversations) -> None:
         """Every conversation of the user, rooms and direct ones, with its newest seq and the user's own cursors,
         so that a fresh page or a second device shows every thread and its unread count (spec §5.37)."""
-        conversations = await self.server.store.conversation_list(self.user_id, proto.MAX_LIST_ITEMS)
+        conversations = await self.server.store.conversation_list(self.me.user_id, proto.MAX_LIST_ITEMS)
         self.conn.send(proto.ConversationList(tuple(conversations), request_id=ev.request_id))
 
     def _announce_membership(self, conv_id: int, room: str, change: proto.MembershipChange) -> None:
         """MEMBERSHIP (version 2, spec §5.39) to the connections of the room's other members; the broker sends it
         only to connections of version 2 or later."""
-        self.server.broker.push_to_conversation(conv_id, proto.Membership(room, self.username, change),
-                                                skip_user=self.user_id)
+        me = self.me
+        self.server.broker.push_to_conversation(conv_id, proto.Membership(room, me.username, change),
+                                                skip_user=me.user_id)
 
 
-_HANDLERS = {
+#: A request's handler: ``Any`` is the frame type it is registered for.
+_HANDLERS: dict[type[proto.Event], Callable[[Session, Any], Awaitable[None]]] = {
     proto.Hello: Session._hello,
     proto.Register: Session._register,
     proto.Login: Session._login,

@@ -64,7 +64,8 @@ from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, R
 
 # The row types and errors are the Store port's (server/_ports.py); this module is one implementation of it.
 from ._ports import (  # noqa: F401  (re-exported: tests and __main__ name them here)
-    Appended, ConvRow, NameTaken, NewMessage, SchemaTooNew, SessionRow, StoreError, TooManyRooms, UserRow,
+    AppendCallback, Appended, ConvRow, NameTaken, NewMessage, SchemaTooNew, SessionRow, StoreError, TooManyRooms,
+    UserRow,
 )
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,21 @@ def _conv_row(row: tuple[Any, ...]) -> ConvRow:
     return ConvRow(conv_id, ConvKind(kind), name, last_seq, peer_id)
 
 
+def _open(conn: sqlite3.Connection | None) -> sqlite3.Connection:
+    """``conn``, unless the store has closed it (``trio.ClosedResourceError``)."""
+    if conn is None:
+        raise trio.ClosedResourceError("the store is closed")
+    return conn
+
+
+def _new_id(cursor: sqlite3.Cursor) -> int:
+    """The rowid an INSERT just made (``lastrowid`` is None only for a cursor that inserted nothing)."""
+    rowid = cursor.lastrowid
+    if rowid is None:
+        raise sqlite3.InterfaceError("the INSERT made no row")
+    return rowid
+
+
 def _copy_error(exc: Exception) -> Exception:
     """A copy for one waiter, so that tracebacks raised in several tasks do not pile onto one object."""
     try:
@@ -334,27 +350,26 @@ def _wal_size(path: str) -> int:
 class _Waiter:
     """One queued append: the committer calls ``finish`` with its result or error.
 
-    ``append`` waits on ``done``; ``append_nowait`` gives a callback instead, so a
+    ``notify`` is an event that ``append`` waits on, or the callback ``append_nowait`` was given, so a
     connection can pipeline sends without a task per message.
     """
 
-    __slots__ = ("msg", "done", "result", "error", "callback")
+    __slots__ = ("msg", "notify", "result", "error")
 
-    def __init__(self, msg: NewMessage, callback: Callable[[Appended | None, BaseException | None], None] | None = None
-                 ) -> None:
+    def __init__(self, msg: NewMessage, notify: trio.Event | AppendCallback) -> None:
         self.msg = msg
-        self.callback = callback
-        self.done = trio.Event() if callback is None else None
+        self.notify = notify
         self.result: Appended | None = None
         self.error: BaseException | None = None
 
     def finish(self, result: Appended | None, error: BaseException | None) -> None:
         self.result, self.error = result, error
-        if self.callback is None:
-            self.done.set()
+        notify = self.notify
+        if isinstance(notify, trio.Event):
+            notify.set()
             return
         try:
-            self.callback(result, error)
+            notify(result, error)
         except Exception:
             log.exception("store: an append callback raised")
 
@@ -549,12 +564,13 @@ class Store:
             if self._writes == self._reset_at_writes:
                 return  # reset, and nothing written since: the next commit starts the file afresh
             try:
-                size = await trio.to_thread.run_sync(self._passive_checkpoint, at_least)
+                checkpointer = _open(self._checkpointer)
+                size = await trio.to_thread.run_sync(self._passive_checkpoint, checkpointer, at_least)
                 if size is None:
                     return  # another step reset it meanwhile
                 self._checkpoints += 1
                 if size >= self._wal_checkpoint_bytes:
-                    busy, _, _ = await trio.to_thread.run_sync(_wal_checkpoint, self._checkpointer, "RESTART",
+                    busy, _, _ = await trio.to_thread.run_sync(_wal_checkpoint, checkpointer, "RESTART",
                                                                limiter=self._limiter)
                     if not busy:
                         self._wal_resets += 1
@@ -569,11 +585,11 @@ class Store:
             self._checkpoint_failing = False
             log.warning("store: checkpoints succeed again")
 
-    def _passive_checkpoint(self, at_least: int) -> int | None:
+    def _passive_checkpoint(self, checkpointer: sqlite3.Connection, at_least: int) -> int | None:
         """In a worker thread: PASSIVE, then the -wal file's size; None (and no checkpoint) if under ``at_least``."""
         if at_least and _wal_size(self._wal_path) < at_least:
             return None
-        _wal_checkpoint(self._checkpointer, "PASSIVE")
+        _wal_checkpoint(checkpointer, "PASSIVE")
         return _wal_size(self._wal_path)
 
     def _begin_close(self) -> None:
@@ -605,7 +621,7 @@ class Store:
                 cursor = conn.execute("INSERT INTO users(name, password_hash) VALUES (?, ?)", (name, password_hash))
             except sqlite3.IntegrityError as exc:
                 raise NameTaken(name) from exc
-            return UserRow(cursor.lastrowid, name, password_hash)
+            return UserRow(_new_id(cursor), name, password_hash)
 
         return await self._run(run)
 
@@ -701,8 +717,8 @@ class Store:
                 if count >= max_rooms:
                     raise TooManyRooms(max_rooms)
                 if row is None:
-                    conv_id = conn.execute(f"INSERT INTO conversations(kind, name) VALUES ({_ROOM}, ?)",
-                                           (name,)).lastrowid
+                    conv_id = _new_id(conn.execute(f"INSERT INTO conversations(kind, name) VALUES ({_ROOM}, ?)",
+                                                   (name,)))
                 else:
                     conv_id = row[0]
                 conn.execute("INSERT INTO memberships(user_id, conv_id) VALUES (?, ?)", (user_id, conv_id))
@@ -867,15 +883,15 @@ class Store:
         (``StoreError`` when the database refused, ``LookupError`` for an unknown conversation, a
         ``sqlite3.Error`` for a bug such as a broken constraint): then no message of that batch is stored.
         """
-        waiter = self._enqueue(msg, None)
-        await waiter.done.wait()
+        done = trio.Event()
+        waiter = self._enqueue(msg, done)
+        await done.wait()
         if waiter.error is not None:
             raise waiter.error
         assert waiter.result is not None
         return waiter.result
 
-    def append_nowait(self, msg: NewMessage,
-                      callback: Callable[[Appended | None, BaseException | None], None]) -> None:
+    def append_nowait(self, msg: NewMessage, callback: AppendCallback) -> None:
         """Queue ``msg`` and return at once; ``callback(result, error)`` runs in the Trio thread after the commit.
 
         The same guarantees as ``append`` (callback after COMMIT and after ``on_commit``). Raises ``ValueError``
@@ -883,13 +899,12 @@ class Store:
         """
         self._enqueue(msg, callback)
 
-    def _enqueue(self, msg: NewMessage,
-                 callback: Callable[[Appended | None, BaseException | None], None] | None) -> _Waiter:
+    def _enqueue(self, msg: NewMessage, notify: trio.Event | AppendCallback) -> _Waiter:
         if not 0 <= msg.client_msg_id < _U64:
             raise ValueError(f"client_msg_id {msg.client_msg_id} is not a u64")
         if self._closing:
             raise trio.ClosedResourceError("the store is closed")
-        waiter = _Waiter(msg, callback)
+        waiter = _Waiter(msg, notify)
         self._pending.append(waiter)
         self._wakeup.set()
         return waiter
@@ -909,16 +924,16 @@ class Store:
         batch = self._pending[:self._max_batch]
         del self._pending[:self._max_batch]
         try:
-            results, wal_bytes = await trio.to_thread.run_sync(self._write_batch, self._conn, self._wal_path,
+            results, wal_bytes = await trio.to_thread.run_sync(self._write_batch, _open(self._conn), self._wal_path,
                                                                [w.msg for w in batch], limiter=self._limiter)
         except Exception as exc:
             self._failed_batches += 1
-            error = _refusal(exc)
-            if error is None:
+            refusal = _refusal(exc)
+            if refusal is None:
                 log.warning("store: a batch of %d messages failed: %r", len(batch), exc)
-                error = exc
             else:
                 self._refused(exc)
+            error = exc if refusal is None else refusal
             for waiter in batch:
                 waiter.finish(None, _copy_error(error))
             return
@@ -945,7 +960,7 @@ class Store:
                 self.on_commit(fresh)
             except Exception:
                 log.exception("store: on_commit raised; the messages are stored and their senders get an ACK")
-        for waiter, result in zip(batch, results):
+        for waiter, result in zip(batch, results, strict=True):
             waiter.finish(result, None)
         if self.after_batch is not None:
             try:

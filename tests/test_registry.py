@@ -66,7 +66,8 @@ def _each(frames, where: str):
 
 def compared_classes(function, module, var: str = "kind") -> set[type]:
     """The classes ``function`` tests ``var`` against: ``var is proto.X``, ``var == proto.X``,
-    ``var in (proto.X, ...)`` or ``var in NAME`` (a tuple or set of ``module``). ``is not`` is not a branch."""
+    ``var in (proto.X, ...)``, ``var in NAME`` (a tuple or set of ``module``) or ``isinstance(var, proto.X)``.
+    ``is not`` and ``not isinstance`` are not branches."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     found: set[type] = set()
 
@@ -79,11 +80,17 @@ def compared_classes(function, module, var: str = "kind") -> set[type]:
             return list(getattr(module, node.id))
         return []
 
+    negated = {id(node.operand) for node in ast.walk(tree)
+               if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == var:
-            for op, right in zip(node.ops, node.comparators):
+            for op, right in zip(node.ops, node.comparators, strict=True):
                 if isinstance(op, (ast.Is, ast.Eq, ast.In)):
                     found.update(resolve(right))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+              and len(node.args) == 2 and isinstance(node.args[0], ast.Name) and node.args[0].id == var
+              and id(node) not in negated):
+            found.update(resolve(node.args[1]))
     return found
 
 
@@ -104,7 +111,7 @@ def test_the_pushes_are_the_spec_pushes():
 
 # --- the server -------------------------------------------------------------------------------------------------
 
-CONNECTION_HANDLES = compared_classes(_conn.ClientConnection._dispatch, _conn)
+CONNECTION_HANDLES = compared_classes(_conn.ClientConnection._dispatch, _conn, var="event")
 
 
 def test_the_connection_dispatch_is_read():
