@@ -20,17 +20,18 @@ tests/test_spec.py checks the spec against proto independently of this script.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # for _gen, however this file is loaded
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _gen  # noqa: E402
+from _gen import ROOT  # noqa: E402
+from construct import FormatField, Renamed  # noqa: E402
 
 from chorus import proto  # noqa: E402
-from construct import FormatField, Renamed  # noqa: E402
 from chorus.proto import _state, _wire  # noqa: E402
 from chorus.proto._const import COMPRESSED_PREFIX_BYTES, HEADER_BYTES, Flags, FrameType  # noqa: E402
 from chorus.proto._wire import largest_compressed_length  # noqa: E402
@@ -243,7 +244,7 @@ PRE_AUTH_STATES = (_state.State.HANDSHAKE, _state.State.NEGOTIATING, _state.Stat
 def client_frames() -> list[FrameType]:
     """Every frame type a client may send in some state, in type order."""
     sent = set()
-    for (state, role), moves in _state.TRANSITIONS.items():
+    for (_, role), moves in _state.TRANSITIONS.items():
         if role is _state.CLIENT:
             sent |= set(moves)
     return sorted(sent)
@@ -320,7 +321,7 @@ def _refresh_tables(text: str) -> str:
     for m, start, end in _sections(text, FRAME_HEADING_RE):
         ftype = FrameType[m["name"]]
         chunk = _refresh_rows(text[start:end], frame_fields(ftype))
-        chunk = LEGAL_ROW_RE.sub(lambda _: f"- Legal in: {legal_in(ftype)}", chunk)
+        chunk = LEGAL_ROW_RE.sub(lambda _, ftype=ftype: f"- Legal in: {legal_in(ftype)}", chunk)
         edits.append((start, end, chunk))
     for m, start, end in _sections(text, RECORD_HEADING_RE):
         if m["name"] in RECORDS:
@@ -330,28 +331,18 @@ def _refresh_tables(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="refresh spec/PROTOCOL.md in place")
-    mode.add_argument("--check", action="store_true", help="exit 1 if spec/PROTOCOL.md is stale")
-    args = parser.parse_args(argv)
-    text = SPEC.read_text(encoding="utf-8")
-    if args.write or args.check:
-        new = refresh(text)
-        if args.check:
-            if new != text:
-                print(f"{SPEC} is stale: run spec/gen_examples.py --write", file=sys.stderr)
-                return 1
-            return 0
-        SPEC.write_text(new, encoding="utf-8")
-        return 0
-    for m in EXAMPLE_RE.finditer(text):
+def show() -> None:
+    """Print every example block and the generated tables."""
+    for m in EXAMPLE_RE.finditer(SPEC.read_text(encoding="utf-8")):
         print(example_block(m["expr"]), end="\n\n")
     print(state_table())
     print(versions_table())
     print(largest_table())
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _gen.main(argv, doc=__doc__ or "", target=SPEC, refresh=refresh, show=show,
+                     fix="spec/gen_examples.py --write", parts="the generated parts")
 
 
 if __name__ == "__main__":

@@ -21,17 +21,17 @@ codec) rather than be skipped. A new frame type, enum value, constant or record 
 """
 from __future__ import annotations
 
-import argparse
 import enum
 import json
 import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # for _gen, however this file is loaded
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _gen  # noqa: E402
+from _gen import ROOT  # noqa: E402
 from construct import FormatField, Renamed  # noqa: E402
 
 from chorus import proto  # noqa: E402
@@ -195,25 +195,8 @@ def refresh(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="refresh server/static/chorus.js in place")
-    mode.add_argument("--check", action="store_true", help="exit 1 if server/static/chorus.js is stale")
-    args = parser.parse_args(argv)
-    if not (args.write or args.check):
-        print(block(), end="")
-        return 0
-    text = PAGE.read_text(encoding="utf-8")
-    new = refresh(text)
-    if args.check:
-        if new != text:
-            print(f"{PAGE.relative_to(ROOT)} is stale: run `make js-tables`", file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        PAGE.write_text(new, encoding="utf-8")
-        print(f"wrote the generated block of {PAGE.relative_to(ROOT)}")
-    return 0
+    return _gen.main(argv, doc=__doc__ or "", target=PAGE, refresh=refresh, show=lambda: print(block(), end=""),
+                     fix="`make js-tables`", parts="the generated block")
 
 
 if __name__ == "__main__":
