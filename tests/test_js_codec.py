@@ -138,7 +138,8 @@ def test_generated_block_is_current():
 
 #: The rules the page shares with proto (spec §9.1, §9.9): the generated block must carry each, and the app use it.
 SHARED_RULES = ("NAME_PATTERN", "NAME_RULE", "MAX_NAME_BYTES", "MIN_PASSWORD_BYTES", "MAX_PASSWORD_BYTES",
-                "PASSWORD_RULE", "TYPING_INTERVAL_S", "TYPING_SHOW_S", "MAX_TEXT_BYTES", "MAX_BODY_BYTES", "MAX_LIST_ITEMS")
+                "PASSWORD_RULE", "TYPING_INTERVAL_S", "TYPING_SHOW_S", "MAX_TEXT_BYTES", "MAX_BODY_BYTES",
+                "MAX_LIST_ITEMS")
 
 
 #: chorus.js fragments holding one of those numbers with another meaning, each with what it means.
