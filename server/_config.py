@@ -35,7 +35,7 @@ SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
 REGISTRATION = ("open", "closed")
 STORE_SCHEMES = ("postgresql://", "postgres://")
 BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
-MAX_PORT = 0xFFFF
+MAX_PORT = proto.MAX_PORT
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFF_FFFF
 #: A token outliving a century is a typo; the bound also keeps its expiry in ms far inside SQLite's int64.
