@@ -34,7 +34,7 @@ import logging
 import random
 import secrets
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -162,7 +162,9 @@ class Client:
     ``retry_rate_limited`` re-sends a request refused with RATE_LIMITED after its hint; one refused
     with SERVER_BUSY (nothing was done) is always re-sent after its hint, and logging in waits out
     both. ``max_protocol_version`` is the newest protocol version HELLO offers (spec §6; the default
-    is the newest this library speaks); ``version`` is the one the server chose.
+    is the newest this library speaks); ``version`` is the one the server chose. ``servers``: other nodes of the
+    same cluster (node mode); when its node is lost or going away the client moves to the next one at once and
+    resumes by seq there, and the first connection tries each before it gives up.
     """
 
     def __init__(
@@ -185,6 +187,7 @@ class Client:
         pace: bool = True,
         retry_rate_limited: bool = True,
         max_protocol_version: int = proto.PROTOCOL_VERSION,
+        servers: Sequence[tuple[str, int]] = (),
     ):
         credentials = (username, password) if username is not None and password is not None else None
         if token is None and credentials is None:
@@ -192,7 +195,9 @@ class Client:
         if not proto.MIN_PROTOCOL_VERSION <= max_protocol_version <= proto.PROTOCOL_VERSION:
             raise ValueError(f"max_protocol_version must be in {proto.MIN_PROTOCOL_VERSION}..{proto.PROTOCOL_VERSION}")
         self._max_version = max_protocol_version
-        self._host, self._port = host, port
+        #: Where to connect: (host, port) first, then ``servers`` (other nodes of the same cluster), in turn.
+        self._addresses = [(host, port)] + [(h, p) for h, p in servers if (h, p) != (host, port)]
+        self._address_index = 0
         self._credentials = credentials
         self._register = register and token is None
         self._reconnect = reconnect
@@ -229,6 +234,11 @@ class Client:
         self._stats = ClientStatistics()
 
     # -- public state ----------------------------------------------------------
+    @property
+    def address(self) -> tuple[str, int]:
+        """The node this client connects (or is connected) to."""
+        return self._addresses[self._address_index]
+
     @property
     def connected(self) -> bool:
         """True while a connection is up, authenticated, caught up and taking requests."""
@@ -656,6 +666,11 @@ class Client:
             try:
                 t = await self._session(first)
             except _ATTEMPT_ERRORS as exc:
+                if first and not isinstance(exc, ServerError) and len(self._addresses) > 1 \
+                        and failures < len(self._addresses) - 1:
+                    failures += 1  # the first connection tries every node once before it gives up
+                    self._next_address()
+                    continue
                 if first:
                     self._first_error = exc
                     self._first_done.set()
@@ -669,10 +684,12 @@ class Client:
                     return
                 log.info("reconnect attempt %d failed: %s", failures + 1, exc)
                 failures += 1
+                self._next_address()
                 continue
             if self._closing:
                 return
             first, failures, last = False, 0, t
+            self._next_address()  # that node is gone or going: try another first
             reason = t.bye_reason or t.abort_reason or CloseReason.PEER_CLOSED
             again = self._reconnect and reason != CloseReason.LOGGED_OUT
             self._queue.offer(Disconnected(reason, self._lost_message(t), again))
@@ -680,8 +697,14 @@ class Client:
                 self._shutdown(ConnectionLost(self._lost_message(t), t.bye_reason))
                 return
 
+    def _next_address(self) -> None:
+        self._address_index = (self._address_index + 1) % len(self._addresses)
+
     async def _pause(self, last: Transport | None, failures: int) -> None:
-        if failures == 0 and last is not None and last.goaway is not None:
+        if failures == 0 and len(self._addresses) > 1:
+            # Another node is there: move at once (a little jitter, so a dead node's clients do not land together).
+            await trio.sleep(random.uniform(0.0, self._backoff_base_s))
+        elif failures == 0 and last is not None and last.goaway is not None:
             # The server asked for this delay (and spreads clients out itself); add a little jitter.
             await trio.sleep_until(last.goaway_at + last.goaway.reconnect_after_ms / 1000)
             await trio.sleep(random.uniform(0.0, self._backoff_base_s))
@@ -695,7 +718,7 @@ class Client:
         """
         self._gen += 1
         with trio.fail_after(self._timeout):
-            stream = await trio.open_tcp_stream(self._host, self._port)
+            stream = await trio.open_tcp_stream(*self.address)
         t = Transport(stream, self._gen, pace=self._pace)
         self._transport = t
         error: BaseException | None = None
@@ -830,7 +853,7 @@ async def open_client(host: str, port: int, **kwargs) -> AsyncIterator[Client]:
     Keyword arguments are those of ``Client``: ``username``, ``password``, ``token``,
     ``register``, ``reconnect``, ``client_name``, ``on_token``, ``request_timeout_s``,
     ``event_buffer``, ``sync_on_connect``, ``backoff_base_s``, ``backoff_cap_s``,
-    ``pace``, ``retry_rate_limited``, ``max_protocol_version``. Raises what the first connection attempt
+    ``pace``, ``retry_rate_limited``, ``max_protocol_version``, ``servers``. Raises what the first connection attempt
     raised: ``OSError`` (unreachable), ``ServerError`` (AUTH_FAILED, USERNAME_TAKEN...),
     ``ConnectionLost``, ``trio.TooSlowError``.
     """
