@@ -23,7 +23,7 @@ import sys
 import trio
 
 from ._config_dir import SessionStore
-from ._login import DEFAULT_SERVER, LoginError, choose_user, open_session, parse_server
+from ._login import DEFAULT_SERVER, LoginError, choose_user, open_session, parse_servers
 from ._render import Renderer, use_colour
 from ._script import ScriptError, send, tail, target
 
@@ -41,7 +41,9 @@ environment:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", metavar="HOST:PORT", default=argparse.SUPPRESS,
-                        help="the Chorus server (default: $CHORUS_SERVER or %s)" % DEFAULT_SERVER)
+                        help="the Chorus server (default: $CHORUS_SERVER or %s); several, comma-separated, are "
+                             "nodes of one cluster: the client moves to the next when its node is lost"
+                             % DEFAULT_SERVER)
     common.add_argument("--user", metavar="NAME", default=argparse.SUPPRESS, help="who to log in as")
     common.add_argument("--register", action="store_true", default=argparse.SUPPRESS,
                         help="create the account first")
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     root.handlers[:] = [_OneLineHandler(colour)]
     root.propagate = False
     try:
-        host, port = parse_server(getattr(args, "server", None) or os.environ.get("CHORUS_SERVER") or DEFAULT_SERVER)
+        (host, port), *args.servers = parse_servers(
+            getattr(args, "server", None) or os.environ.get("CHORUS_SERVER") or DEFAULT_SERVER)
         interactive = args.command is None or sys.stdin.isatty()
         user = choose_user(getattr(args, "user", None), SessionStore(host, port), interactive)
         if args.command is None:
@@ -128,7 +131,7 @@ async def _interactive(host: str, port: int, user: str, args, colour: bool) -> i
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     async with open_session(host, port, user, register=getattr(args, "register", False), interactive=True,
                             say=lambda text: print(renderer.info(text), flush=True),
-                            client_name="chorus-terminal", sync_on_connect=False) as client:
+                            client_name="chorus-terminal", sync_on_connect=False, servers=args.servers) as client:
         renderer.me = client.username or user
         if not terminal:
             return await Tui(client, renderer, terminal=False, out=lambda line: print(line, flush=True)).run()
@@ -142,7 +145,7 @@ async def _script(host: str, port: int, user: str, args) -> int:
     conv = target(args.conv)
     async with open_session(host, port, user, register=getattr(args, "register", False),
                             interactive=sys.stdin.isatty(), say=lambda text: print(f"chorus: {text}", file=sys.stderr),
-                            client_name="chorus-script", sync_on_connect=False) as client:
+                            client_name="chorus-script", sync_on_connect=False, servers=args.servers) as client:
         if args.command == "send":
             bodies = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
             if not bodies:

@@ -59,6 +59,15 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_servers(text: str) -> list[tuple[str, int]]:
+    """"a:7420,b:7420": the first is where to connect, the others nodes of the same cluster to move to (issue 11).
+    Raises ``ValueError``."""
+    servers = [parse_server(part) for part in text.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"bad server address {text!r} (expected HOST:PORT)")
+    return servers
+
+
 def _ask(prompt: str) -> str:
     print(prompt, end="", flush=True)
     line = sys.stdin.readline()

@@ -17,7 +17,7 @@ from chorus import proto
 from chorus.client import ServerError, open_client
 from chorus.client._commands import Command, Text, UsageError, completions, help_lines, history_count, parse
 from chorus.client._config_dir import SessionStore, config_dir
-from chorus.client._login import LoginError, _ask_password, _refusal, choose_user, parse_server
+from chorus.client._login import LoginError, _ask_password, _refusal, choose_user, parse_server, parse_servers
 from chorus.client._render import Renderer, one_line, use_colour
 from chorus.client._rules import password_problem
 from chorus.client._tui import Tui
@@ -132,6 +132,14 @@ def test_parse_server():
         with pytest.raises(ValueError):
             parse_server(bad)
     assert parse_server(f"h:{proto.MAX_PORT}") == ("h", proto.MAX_PORT)
+
+
+def test_parse_servers_takes_the_nodes_of_a_cluster():
+    assert parse_servers("a:7420, b:7421,c") == [("a", 7420), ("b", 7421), ("c", 7420)]
+    assert parse_servers("example.org") == [("example.org", 7420)]
+    for bad in (",", "a:1,b:", ""):
+        with pytest.raises(ValueError):
+            parse_servers(bad)
 
 
 def test_what_the_client_says_about_names_and_passwords_follows_the_protocol_constants(monkeypatch, tmp_path):
