@@ -127,7 +127,7 @@ _ERROR, _BYE, _WELCOME, _AUTH_OK, _PING = (int(t) for t in (FrameType.ERROR, Fra
                                                             FrameType.AUTH_OK, FrameType.PING))
 
 
-# -- the attacker: one epoll loop, raw sockets, prebuilt bytes ----------------------------------------------------------
+# -- the attacker: one epoll loop, raw sockets, prebuilt bytes ---------------------------------------------------------
 
 class _AConn:
     __slots__ = ("sock", "fd", "slot", "connected_at", "connecting", "out", "off", "inb", "body_left", "errors",
@@ -463,7 +463,8 @@ class _Attack:
         return {
             "attack": self.kind, "elapsed_s": elapsed, "opened": self.opened, "connected": self.connected,
             "peak_open": self.peak_open, "peak_welcomed": self.peak_held, "open_at_stop": open_at_stop,
-            "held_at_stop": held_at_stop, "stop_s": getattr(self, "stop_s", elapsed), "closed_by_server": self.closed_by_server,
+            "held_at_stop": held_at_stop, "stop_s": getattr(self, "stop_s", elapsed),
+            "closed_by_server": self.closed_by_server,
             "refused": self.refused, "reopened": self.reopened, "bytes_sent": self.bytes_sent,
             "logins_sent": self.logins_sent, "replies": dict(self.replies.most_common()),
             "connect_errors": dict(self.connect_errors), "ramp_s": getattr(self, "ramp_s", None),
@@ -1093,7 +1094,7 @@ def run_scenario(sizes: AttackSizes, log, attacks=ATTACKS) -> dict:
             "loadavg_end": os.getloadavg()}
 
 
-# -- reporting ----------------------------------------------------------------------------------------------------------
+# -- reporting ---------------------------------------------------------------------------------------------------------
 
 def _fmt(v, spec=".1f", none="–"):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -1171,15 +1172,16 @@ def render(results: dict, markdown: bool = False) -> str:
             + (f", first/last close at {_fmt(a.get('first_close_s'))}/{_fmt(a.get('last_close_s'))} s"
                if row["attack"] == "timeouts" else ""),
             _cpu(row),
-            f"{_fmt((row.get('rss_baseline_peak_kb') or 0) / 1024, '.0f')} → {_fmt((row.get('rss_peak_kb') or 0) / 1024, '.0f')}"
+            f"{_fmt((row.get('rss_baseline_peak_kb') or 0) / 1024, '.0f')}"
+            f" → {_fmt((row.get('rss_peak_kb') or 0) / 1024, '.0f')}"
             f" → {_fmt((row.get('rss_after_kb') or 0) / 1024, '.0f')}",
             "; ".join(filter(None, [
                 ", ".join(f"{k} {v}" for k, v in lost.items()),
                 f"{row['honest_disconnects']} disconnects" if row.get("honest_disconnects") else "",
                 f"prober late, skipped {row['prober_skipped_late']} in the run" if row.get("prober_skipped_late")
                 else ""]))])
-    head = (f"Under attack (issue 9): the honest client (127.0.0.2) SENDs every {sizes.probe_interval_s * 1000:g} ms and "
-            f"times its own MESSAGE; windows of {sizes.baseline_s:g} s without attack, {sizes.attack_s:g} s under "
+    head = (f"Under attack (issue 9): the honest client (127.0.0.2) SENDs every {sizes.probe_interval_s * 1000:g} ms "
+            f"and times its own MESSAGE; windows of {sizes.baseline_s:g} s without attack, {sizes.attack_s:g} s under "
             f"attack, {sizes.after_s:g} s after; a fresh server per attack, default limits (one run, no repetitions); "
             f"server code {attack.get('code_fingerprint', '?')} (copied from the checkout when the scenario began)")
     parts = [head + nl + _table(
@@ -1188,11 +1190,11 @@ def render(results: dict, markdown: bool = False) -> str:
         markdown=markdown)]
     if detail:
         parts.append("Under attack, details: fresh honest logins during the attack (ok/tries, LOGIN → AUTH_OK), "
-                     "what the server answered the attacker, CPU in cores (baseline → attack; others = processes outside "
-                     "the bench on this shared machine), "
-                     "RSS MB (baseline peak → attack peak → after), probes that did not come back normally" + nl + _table(
-                         ["attack", "fresh logins", "server answered", "attacker connections", "CPU",
-                          "RSS MB", "probes not ok"], detail, markdown=markdown))
+                     "what the server answered the attacker, CPU in cores (baseline → attack; others = processes "
+                     "outside the bench on this shared machine), "
+                     "RSS MB (baseline peak → attack peak → after), probes that did not come back normally" + nl
+                     + _table(["attack", "fresh logins", "server answered", "attacker connections", "CPU",
+                               "RSS MB", "probes not ok"], detail, markdown=markdown))
     target_lines = [[t["target"], json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
                                               for k, v in t["measured"].items()}, ensure_ascii=False),
                      {True: "met", False: "NOT met", None: "not measured"}[t["met"]]] for t in attack["targets"]]
@@ -1201,7 +1203,7 @@ def render(results: dict, markdown: bool = False) -> str:
     return "\n\n" + "\n\n".join(parts)
 
 
-# -- stand-alone: python -m bench.attack -----------------------------------------------------------------------------------
+# -- stand-alone: python -m bench.attack -------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.attack",

@@ -339,7 +339,8 @@ class Workers:
     """Load-generator processes, each with a contiguous slice of the connections (whole rooms)."""
 
     def __init__(self, system: str, ep: Endpoint, n_conns: int, per_worker: int, *, room_size: int,
-                 room_prefix: str, heartbeat_s: int):
+                 room_prefix: str, heartbeat_s: int, target=loadgen.worker_main, extra_spec: dict | None = None):
+        """``target``: each process's entry point; ``extra_spec``: more keys for its spec (bench/cluster_bench.py)."""
         kind = {"chorus-tcp": "chorus", "chorus-ws": "chorus-ws", "mosquitto": "mqtt"}.get(system, system)
         port = ep.ws_port if system == "chorus-ws" else ep.port
         per_worker = max(room_size, per_worker // room_size * room_size) if room_size <= per_worker else room_size
@@ -352,9 +353,10 @@ class Workers:
                 count = min(per_worker, n_conns - first)
                 spec = {"kind": kind, "host": ep.host, "port": port, "ws_path": "/ws", "first": first,
                         "count": count, "room_size": room_size, "room_prefix": room_prefix,
-                        "heartbeat_s": heartbeat_s, "sources": [f"127.0.0.{2 + len(self.procs)}"]}
+                        "heartbeat_s": heartbeat_s, "sources": [f"127.0.0.{2 + len(self.procs)}"],
+                        **(extra_spec or {})}
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=loadgen.worker_main, args=(child, spec), daemon=True)
+                proc = ctx.Process(target=target, args=(child, spec), daemon=True)
                 proc.start()
                 child.close()
                 if not parent.poll(30):
@@ -374,7 +376,7 @@ class Workers:
         """Send one command to every worker (a list: one each), then collect every reply."""
         if isinstance(cmds, dict):
             cmds = [cmds] * len(self.pipes)
-        for pipe, cmd in zip(self.pipes, cmds):
+        for pipe, cmd in zip(self.pipes, cmds, strict=True):
             pipe.send(cmd)
         replies = []
         for pipe in self.pipes:
@@ -405,7 +407,7 @@ class Workers:
                 pipe.send({"cmd": "close"})
             except OSError:
                 pass
-        for pipe, proc in zip(self.pipes, self.procs):
+        for pipe, proc in zip(self.pipes, self.procs, strict=True):
             try:
                 if pipe.poll(10):
                     pipe.recv()
@@ -608,7 +610,7 @@ class Bench:
             result.update(summarize_profile(self.out / f"profile-{name}.txt"))
         return result
 
-    # -- scenario 3: durable sends ---------------------------------------------------------------------------------------
+    # -- scenario 3: durable sends -------------------------------------------------------------------------------------
     def run_durable(self) -> None:
         s = self.sizes
         ep = workers = None
@@ -673,7 +675,7 @@ class Bench:
             rep["errors"] = errors
         return rep
 
-    # -- scenarios 2 and 4: idle, then many rooms -----------------------------------------------------------------------------
+    # -- scenarios 2 and 4: idle, then many rooms ----------------------------------------------------------------------
     def run_idle(self, system: str, *, idle: bool, rooms: bool) -> None:
         s = self.sizes
         ep = workers = None
@@ -773,7 +775,7 @@ class Bench:
             rep["errors"] = errors
         return rep
 
-    # -- driver ------------------------------------------------------------------------------------------------------------
+    # -- driver --------------------------------------------------------------------------------------------------------
     def run(self) -> None:
         scenarios, systems = self.args.scenarios, self.args.systems
         if "fanout" in scenarios:
@@ -799,7 +801,7 @@ class Bench:
             self.attack = attack.run_scenario(attack.SMOKE if self.args.smoke else attack.FULL, self.log)
 
 
-# -- profile summary ----------------------------------------------------------------------------------------------------
+# -- profile summary ---------------------------------------------------------------------------------------------------
 
 _FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -849,7 +851,7 @@ def summarize_profile(path: Path, top: int = 15) -> dict:
             "top_inclusive": ranked(incl_counts) if total else []}
 
 
-# -- reporting -------------------------------------------------------------------------------------------------------------
+# -- reporting ---------------------------------------------------------------------------------------------------------
 
 def _find(rows, scenario, variant, system):
     for row in rows:
@@ -913,12 +915,17 @@ def _fmt_ratio(v):
     return "–" if v is None else f"{v:.2f}×"
 
 
+def _unfinished(cells: list, row: dict, width: int) -> list:
+    """The table row of a run that did not finish: ``cells``, its status, blanks, its note's first line."""
+    return [*cells, row["status"], *[""] * (width - len(cells) - 2), (row["note"].splitlines() or [""])[0][:60]]
+
+
 def _table(headers, lines, markdown: bool = False) -> str:
     if markdown:
         cell = lambda x: str(x).replace("|", "/")  # noqa: E731
         out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         return "\n".join(out + ["| " + " | ".join(cell(x) for x in line) + " |" for line in lines])
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines)] if lines else [len(h) for h in headers]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines, strict=True)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*headers), fmt.format(*["-" * w for w in widths])]
     out += [fmt.format(*map(str, line)) for line in lines]
@@ -938,15 +945,16 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
                 continue
             m = row["median"]
             if row["status"] not in ("ok", "incomplete"):
-                fan_lines.append([variant, system, row["status"], "", "", "", "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
+                fan_lines.append(_unfinished([variant, system], row, 12))
                 continue
             ratios = []
             if system.startswith("chorus"):
                 for peer in PEERS:
                     pm = _find(rows, "fanout", variant, peer)
                     if pm:
-                        ratios.append(f"{peer}: cpu {_fmt_ratio(_ratio(m['cpu_us_per_delivery'], pm['cpu_us_per_delivery']))}"
-                                      f" p99 {_fmt_ratio(_ratio(m['p99_ms'], pm['p99_ms']))}")
+                        cpu = _ratio(m["cpu_us_per_delivery"], pm["cpu_us_per_delivery"])
+                        p99 = _ratio(m["p99_ms"], pm["p99_ms"])
+                        ratios.append(f"{peer}: cpu {_fmt_ratio(cpu)} p99 {_fmt_ratio(p99)}")
             fan_lines.append([
                 variant, system + ("" if row["status"] == "ok" else " (incomplete)"),
                 _fmt(m["deliveries_per_s"], ",.0f"),
@@ -967,7 +975,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
             continue
         m = row["median"]
         if row["status"] not in ("ok", "incomplete"):
-            dur_lines.append([row["variant"], row["status"], "", "", "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
+            dur_lines.append(_unfinished([row["variant"]], row, 10))
             continue
         dur_lines.append([row["variant"], _fmt(m["acked_per_s"], ",.0f"), _fmt(m["ack_p50_ms"], ".2f"),
                           _fmt(m["ack_p99_ms"], ".2f"), _fmt(m["ack_mean_ms"], ".2f"), _fmt(m.get("batch_mean"), ".1f"),
@@ -987,7 +995,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
             continue
         m = row["median"]
         if row["status"] not in ("ok", "incomplete"):
-            idle_lines.append([row["system"], row["status"], "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
+            idle_lines.append(_unfinished([row["system"]], row, 8))
             continue
         ratios = []
         if row["system"].startswith("chorus"):
@@ -1011,7 +1019,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
             continue
         m = row["median"]
         if row["status"] not in ("ok", "incomplete"):
-            room_lines.append([row["system"], row["status"], "", "", "", "", "", "", (row["note"].splitlines() or [""])[0][:60]])
+            room_lines.append(_unfinished([row["system"]], row, 9))
             continue
         room_lines.append([row["system"], _fmt(m["ops_per_s"], ",.0f"), _fmt(m["deliveries_per_s"], ",.0f"),
                            _fmt(m["cpu_us_per_op"], ".1f"),
@@ -1019,8 +1027,8 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
                            _fmt(m["ack_p99_ms"], ".2f"), _fmt(m["history_p99_ms"], ".2f"),
                            f"{_fmt(m['server_util'] * 100, '.0f')}%", m["limit"]])
     if room_lines:
-        parts.append(f"Many rooms: {sizes.idle_conns:,} connections in {sizes.idle_conns // sizes.room_size:,} rooms of "
-                     f"{sizes.room_size}, {sizes.mixed_ops_per_s:,} ops/s (80% SEND, 15% TYPING, 5% HISTORY) "
+        parts.append(f"Many rooms: {sizes.idle_conns:,} connections in {sizes.idle_conns // sizes.room_size:,} rooms "
+                     f"of {sizes.room_size}, {sizes.mixed_ops_per_s:,} ops/s (80% SEND, 15% TYPING, 5% HISTORY) "
                      f"(medians of {sizes.reps}){nl}" + _table(
             ["system", "ops/s", "deliv/s", "CPU µs/op", "deliv p50/p99/p99.9 ms", "ACK p99 ms", "HISTORY p99 ms",
              "server", "limit"], room_lines, markdown=md))
@@ -1189,7 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: checks the harness only")
     parser.add_argument("--reps", type=int, help="repetitions per measurement (default 3; smoke 1)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated subset of " + ",".join(SCENARIOS))
     parser.add_argument("--systems", default=",".join(FANOUT_SYSTEMS), help="comma-separated subset of systems")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
     parser.add_argument("--name", help="output file stem (default: bench, or smoke with --smoke)")

@@ -29,7 +29,8 @@ import trio
 
 #: Hashing threads: every core but one, so a login flood can never take the event loop's core (argon2
 #: releases the GIL, so each thread is a whole core while it hashes).
-_HASH_THREADS = max(1, len(os.sched_getaffinity(0)) - 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2) - 1)
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+_HASH_THREADS = max(1, _CORES - 1)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 MIN_PASSWORD_BYTES = 8

@@ -316,7 +316,8 @@ class Peer:
             try:
                 event = self.conn.next_event()
             except proto.RemoteProtocolError as exc:
-                raise ServerBug(f"{self.name}: the server sent what the protocol forbids: {exc} ({exc.code.name})")
+                raise ServerBug(
+                    f"{self.name}: the server sent what the protocol forbids: {exc} ({exc.code.name})") from exc
             if event is not proto.NEED_DATA:
                 break
             try:
@@ -710,7 +711,8 @@ class SessionMachine(RuleBasedStateMachine):
                             await peer.expect_close(sync, code=ErrorCode.WRONG_STATE, bye=CloseReason.PROTOCOL_ERROR)
                         return
         except trio.TooSlowError:
-            raise ServerBug(f"{peer.name}: no answer to a pipelined {brief(hello)}, {brief(auth)}, {brief(sync)}")
+            raise ServerBug(
+                f"{peer.name}: no answer to a pipelined {brief(hello)}, {brief(auth)}, {brief(sync)}") from None
 
     def _tokens(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p.token for p in self.clients if p.token))  # in slot order: reproducible
@@ -720,7 +722,7 @@ class SessionMachine(RuleBasedStateMachine):
                                min_size=len(FUZZ_USERS), max_size=len(FUZZ_USERS)))
     def connect_fuzzers(self, modes):
         """Each fuzzing slot connects: mostly logged in and live, sometimes only past HELLO, or not even that."""
-        for name, mode in zip(FUZZ_USERS, modes):
+        for name, mode in zip(FUZZ_USERS, modes, strict=True):
             self.clients.append(self._call(self._open, name, mode, None))
             note(f"{name} connected ({mode}): {self.clients[-1].state.name}")
 
@@ -768,7 +770,7 @@ class SessionMachine(RuleBasedStateMachine):
             note(f"{peer.name} [{peer.state.name}] sends at once: {[brief(e, 160) for e in events]}")
             plans.append((peer, events))
         if plans:
-            for (peer, _), outcomes in zip(plans, self._call(self._bursts, plans)):
+            for (peer, _), outcomes in zip(plans, self._call(self._bursts, plans), strict=True):
                 note(f"  {peer.name} -> {outcomes}")
 
     async def _bursts(self, plans) -> list[list[str]]:
@@ -799,7 +801,8 @@ class SessionMachine(RuleBasedStateMachine):
             return st.sampled_from(CLIENT_FRAMES)
         requests = [f for f in legal if REPLIES[f].final not in (None, FrameType.BYE)]
         others = [f for f in legal if f not in requests]
-        return weighted(*[(6, st.sampled_from(requests))] * bool(requests) + [(1, st.sampled_from(others))] * bool(others)
+        return weighted(*[(6, st.sampled_from(requests))] * bool(requests)
+                        + [(1, st.sampled_from(others))] * bool(others)
                         + [(1, st.sampled_from(CLIENT_FRAMES))])
 
     def send_in_its_state(self, event: proto.Event) -> str:
@@ -854,7 +857,8 @@ class SessionMachine(RuleBasedStateMachine):
                             raise ServerBug(f"byb got {got!r} for ACK {ack!r}")
                         return
         except trio.TooSlowError:
-            raise ServerBug(f"the bystanders stalled: message {cmid} not ACKed and delivered in {STEP_TIMEOUT_S} s")
+            raise ServerBug(
+                f"the bystanders stalled: message {cmid} not ACKed and delivered in {STEP_TIMEOUT_S} s") from None
 
     async def _hang_up(self) -> None:
         for peer in self.clients + self.bystanders:

@@ -1,8 +1,8 @@
 """`make bench-smoke` inside the suite: the benchmark harness runs end to end at tiny sizes.
 
 It asserts only that every scenario ran and that the results are well formed (JSON with the machine
-recorded, rows with their repetitions and medians, a PNG chart, the under-attack rows), never a speed: speeds depend on the
-machine and on whatever else runs on it. A system that cannot run here is reported as "skipped" or
+recorded, rows with their repetitions and medians, a PNG chart, the under-attack rows), never a speed: speeds depend
+on the machine and on whatever else runs on it. A system that cannot run here is reported as "skipped" or
 "not available" by the bench itself; under CI a missing Mosquitto is an "error" and fails this test.
 """
 from __future__ import annotations

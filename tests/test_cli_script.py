@@ -28,8 +28,8 @@ def chorus(tmp_path, server):
     """``chorus(*args, input=..., **env)`` → CompletedProcess, as carol on the test server."""
 
     def run(*args: str, input: str | None = None, user: str = "carol", **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "chorus.client", "--server", server.address, "--user", user, *args],
-                              cwd=REPO, env=chorus_env(tmp_path / "config", **env), input=input or "",
+        command = [sys.executable, "-m", "chorus.client", "--server", server.address, "--user", user, *args]
+        return subprocess.run(command, cwd=REPO, env=chorus_env(tmp_path / "config", **env), input=input or "",
                               capture_output=True, text=True, timeout=60)
 
     return run
@@ -41,8 +41,8 @@ def tails(tmp_path, server):
 
     def start(*args: str, **env: str) -> PopenSpawn:
         # Pipes, not a terminal: what a script sees.
-        p = PopenSpawn([sys.executable, "-m", "chorus.client", "--server", server.address, "--user", "carol", "tail", *args],
-                       cwd=str(REPO), env=chorus_env(tmp_path / "config", NO_COLOR="", **env),
+        command = [sys.executable, "-m", "chorus.client", "--server", server.address, "--user", "carol", "tail", *args]
+        p = PopenSpawn(command, cwd=str(REPO), env=chorus_env(tmp_path / "config", NO_COLOR="", **env),
                        encoding="utf-8", timeout=EXPECT_TIMEOUT_S)
         started.append(p)
         return p
@@ -150,7 +150,8 @@ def test_register_of_a_taken_name_and_an_unreachable_server(tmp_path, server):
 
 
 def test_entry_points():
-    help_text = subprocess.run([sys.executable, "-m", "chorus.client", "--help"], cwd=REPO, capture_output=True, text=True)
+    help_text = subprocess.run([sys.executable, "-m", "chorus.client", "--help"], cwd=REPO, capture_output=True,
+                               text=True)
     assert help_text.returncode == 0 and "CHORUS_PASSWORD" in help_text.stdout and "tail" in help_text.stdout
     script = Path(sys.executable).parent / "chorus"
     if not script.exists():

@@ -8,6 +8,7 @@ behaviour (GOAWAY delay, heartbeat, timeouts) runs on ``autojump_clock``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import trio
@@ -470,8 +471,8 @@ async def test_backoff_grows_while_the_server_is_away(fake, autojump_clock):
             entered.set()
             events = await next_events(c, 2, timeout_s=1 + 2 + 3 + 3 + 3 + 1)
             assert isinstance(events[0], client.Disconnected) and events[1] == client.Reconnected()
-        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        assert all(0 <= gap <= cap + 0.1 for gap, cap in zip(gaps, [2.0, 3.0, 3.0]))
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        assert all(0 <= gap <= cap + 0.1 for gap, cap in zip(gaps, [2.0, 3.0, 3.0], strict=True))
 
 
 async def test_reconnect_off_fails_requests_and_ends_events(fake):

@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import chorus
-
 ROOT = Path(__file__).resolve().parent.parent
 BARE_IMPORT = re.compile(r"^\s*(?:import|from)\s+(proto|server|client)\b", re.M)
 

@@ -13,6 +13,7 @@ walk the state table in ``proto._state`` legally.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import struct
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def feed(conn: Connection, chunks) -> list:
 
 def split(data: bytes, cuts) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 # --- declarations are complete and consistent ------------------------------

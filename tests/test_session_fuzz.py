@@ -105,7 +105,8 @@ def test_page_checks_pass_good_pages():
     for reply in [proto.SyncPage(FUZZ, _stored(3, 4), True), proto.SyncPage(FUZZ, _stored(5), False),
                   proto.SyncPage(LOBBY, (), False), proto.SyncDone()]:
         check.check(reply)
-    PageCheck(proto.History(FUZZ, Direction.BEFORE, 0, 0), max_page=2).check(proto.HistoryPage(FUZZ, _stored(8, 9), True))
+    history = PageCheck(proto.History(FUZZ, Direction.BEFORE, 0, 0), max_page=2)
+    history.check(proto.HistoryPage(FUZZ, _stored(8, 9), True))
 
 
 # --- the session fuzzer ------------------------------------------------------------------------------------------

@@ -353,6 +353,14 @@ async def test_join_pushes_nothing_up_to_joined_last_seq_before_joined(start_ser
     bob = await connect_from(server.port, "127.0.0.1")
     await bob.register("bob")
     await bob.go_live()
+
+    async def keep_sending(client, conv, base, acked, sending, stop):
+        n = 0
+        while not stop.is_set():  # one at a time, so commits keep landing while bob joins
+            n += 1
+            acked.append((await client.request(proto.Send, conv, base + n, "x")).seq)
+            sending.set()
+
     for round_ in range(15):
         room = f"race{round_}"
         conv = proto.Conversation.room(room)
@@ -360,17 +368,10 @@ async def test_join_pushes_nothing_up_to_joined_last_seq_before_joined(start_ser
             await sender.request(proto.Join, room)
         sending, stop = trio.Event(), trio.Event()
         acked: list[int] = []
-
-        async def keep_sending(client, base):
-            n = 0
-            while not stop.is_set():  # one at a time, so commits keep landing while bob joins
-                n += 1
-                acked.append((await client.request(proto.Send, conv, base + n, "x")).seq)
-                sending.set()
-
         async with trio.open_nursery() as nursery:
             for i, sender in enumerate(senders):
-                nursery.start_soon(keep_sending, sender, 1_000_000 * (round_ + 1) + 100_000 * i)
+                nursery.start_soon(keep_sending, sender, conv, 1_000_000 * (round_ + 1) + 100_000 * i, acked,
+                                   sending, stop)
             await sending.wait()
             rid = bob.rid()
             await bob.send(proto.Join(room, request_id=rid))

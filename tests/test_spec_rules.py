@@ -78,6 +78,11 @@ def hello(request_id: int = 1) -> proto.Hello:
     return proto.Hello(proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION, "spec-rules", request_id=request_id)
 
 
+async def in_lobby(port: int) -> tuple[RawClient, RawClient]:
+    """alice and bob, each on a new connection, live and in #lobby."""
+    return await alice_and_bob_in_lobby(await RawClient.connect(port), await RawClient.connect(port))
+
+
 async def registered(port: int, name: str) -> RawClient:
     client = await RawClient.connect(port)
     await client.register(name, PASSWORD)
@@ -88,7 +93,7 @@ async def registered(port: int, name: str) -> RawClient:
 # -- §9.4, §5.16: client_msg_id is the user's, across conversations ---------------------------------------------
 
 async def test_an_id_reused_in_another_conversation_is_refused_and_nothing_is_stored(server):
-    alice, bob = await alice_and_bob_in_lobby(await RawClient.connect(server.port), await RawClient.connect(server.port))
+    alice, bob = await in_lobby(server.port)
     await alice.request(proto.Send, LOBBY, 7, "in the lobby")
     assert (await bob.next_of(proto.Message)).client_msg_id == 7
     await alice.request(proto.Send, proto.Conversation.direct("bob"), 8, "opens the direct conversation")
@@ -108,7 +113,7 @@ async def test_an_id_reused_in_another_conversation_is_refused_and_nothing_is_st
                    "(store.direct, both users subscribed) before the append is refused, so the refused SEND leaves "
                    "an empty direct conversation: HISTORY answers an empty page instead of NOT_FOUND (§9.7)")
 async def test_a_refused_first_send_to_a_new_direct_conversation_starts_no_conversation(server):
-    alice, bob = await alice_and_bob_in_lobby(await RawClient.connect(server.port), await RawClient.connect(server.port))
+    alice, bob = await in_lobby(server.port)
     await alice.request(proto.Send, LOBBY, 7, "in the lobby")
     refusal = await alice.request(proto.Send, proto.Conversation.direct("bob"), 7, "reused id")
     assert refusal.code == ErrorCode.INVALID_REQUEST
@@ -118,7 +123,7 @@ async def test_a_refused_first_send_to_a_new_direct_conversation_starts_no_conve
 
 
 async def test_an_id_reused_with_another_body_is_answered_as_the_duplicate_of_the_original(server):
-    alice, bob = await alice_and_bob_in_lobby(await RawClient.connect(server.port), await RawClient.connect(server.port))
+    alice, bob = await in_lobby(server.port)
     first = await alice.request(proto.Send, LOBBY, 5, "the original")
     again = await alice.request(proto.Send, LOBBY, 5, "a different text")
     assert isinstance(again, proto.Ack)
@@ -219,7 +224,7 @@ async def pipelined_seqs(client: RawClient, conv: proto.Conversation, n: int) ->
 
 
 async def test_pipelined_sends_into_one_conversation_take_seqs_in_order(server):
-    alice, bob = await alice_and_bob_in_lobby(await RawClient.connect(server.port), await RawClient.connect(server.port))
+    alice, bob = await in_lobby(server.port)
     assert await pipelined_seqs(alice, LOBBY, 20) == list(range(1, 21))
     assert [(await bob.next_of(proto.Message)).body for _ in range(20)] == [f"m{i}" for i in range(20)]
 

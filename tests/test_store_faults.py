@@ -118,7 +118,7 @@ async def test_a_read_only_database_refuses_every_write_and_serves_reads(tmp_pat
             "advance_cursor": lambda: store.advance_cursor(u0.id, lobby, ReceiptKind.READ, 1),
             "append": lambda: store.append(msg(lobby, u0, 2)),
         }
-        for name, op in writes.items():
+        for op in writes.values():
             await refused(op)
         assert_refused(await append_nowait(store, msg(lobby, u0, 2)))
         stats = store.statistics()

@@ -11,6 +11,7 @@ version 2 one gets MEMBERSHIP, the version 1 one never sees a frame of version 2
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 
 import pytest
 
@@ -25,6 +26,7 @@ V2_EXAMPLES = {
     FrameType.CONVERSATION_LIST: (SERVER, proto.ConversationList(
         (proto.ConversationInfo(proto.Conversation.direct("bob"), 5, 1764250000000, 5, 3),), request_id=3)),
     FrameType.MEMBERSHIP: (SERVER, proto.Membership("general", "bob", proto.MembershipChange.JOINED)),
+    FrameType.NODES: (SERVER, proto.Nodes((proto.NodeInfo("n1", "10.0.0.1", 7420, 7421, 1200, False),))),
 }
 
 
@@ -55,7 +57,8 @@ def test_every_frame_type_has_a_version_this_implementation_speaks():
     assert (OLDEST, NEWEST) == (1, 2)
     assert all(OLDEST <= t.version <= NEWEST for t in FrameType)
     assert {t.version for t in FrameType} == set(range(OLDEST, NEWEST + 1))  # every version adds something
-    assert V2_FRAMES == [FrameType.LIST_CONVERSATIONS, FrameType.CONVERSATION_LIST, FrameType.MEMBERSHIP]
+    assert V2_FRAMES == [FrameType.LIST_CONVERSATIONS, FrameType.CONVERSATION_LIST, FrameType.MEMBERSHIP,
+                         FrameType.NODES]
     assert set(V2_EXAMPLES) == set(V2_FRAMES)
 
 
@@ -308,18 +311,17 @@ async def test_a_version_1_connection_sending_list_conversations_gets_a_protocol
     await raw.send_raw(proto.encode(proto.ListConversations(request_id=raw.rid())))  # its own Connection refuses
     error = await raw.next()
     assert (type(error), error.code, error.request_id) == (proto.Error, ErrorCode.UNKNOWN_FRAME_TYPE, 0)
-    assert error.message == "unknown frame type 0x17 (LIST_CONVERSATIONS is version 2; this connection speaks version 1)"
+    assert error.message == ("unknown frame type 0x17 (LIST_CONVERSATIONS is version 2; "
+                             "this connection speaks version 1)")
     bye = await raw.next()
     assert (type(bye), bye.reason) == (proto.Bye, proto.CloseReason.PROTOCOL_ERROR)
     assert isinstance(await raw.next(), proto.ConnectionClosed)
 
 
-# --- schema versions (server/_store.py ``_MIGRATIONS``) ----------------------------------------------------------------
+# --- schema versions (server/_store.py ``_MIGRATIONS``) ---------------------------------------------------------------
 
 def _version_1_database(path) -> None:
     """A database as version 1 of the schema made it (``_MIGRATIONS[0]`` is that DDL, as shipped), with data."""
-    import sqlite3
-
     from chorus.server import _store
 
     conn = sqlite3.connect(path, isolation_level=None)
@@ -338,8 +340,6 @@ def _version_1_database(path) -> None:
 
 
 def _schema(path) -> tuple[int, set[str]]:
-    import sqlite3
-
     conn = sqlite3.connect(path)
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -381,7 +381,7 @@ async def test_a_migration_that_fails_leaves_the_database_at_its_version(tmp_pat
     steps = _store._MIGRATIONS + ("CREATE INDEX extra ON sessions(user_id)", "CREATE TABLE broken (")
     monkeypatch.setattr(_store, "_MIGRATIONS", steps)
     monkeypatch.setattr(_store, "SCHEMA_VERSION", len(steps))
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.OperationalError, match="incomplete input"):  # the broken step
         async with _store.open_store(path):
             pass
     version, indexes = _schema(path)
