@@ -1,8 +1,17 @@
-"""server/_store.py against real SQLite files: group commit, gapless seqs, dedup, paging, cursors, durability."""
+"""The Store port's contract against both stores, SQLite (real files in tmp_path) and PostgreSQL (a fresh database
+per test): group commit, gapless seqs, dedup, paging, cursors, durability. server/_store.py's own behaviour (WAL,
+file modes) is tested at the end and in test_store_faults.py; PostgreSQL's (two nodes, faults) in test_pgstore.py."""
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -10,11 +19,103 @@ from trio.testing import wait_all_tasks_blocked
 
 from chorus.proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo
 from chorus.server._store import SCHEMA_VERSION, Appended, ConvRow, NameTaken, NewMessage, open_store
+from conftest import service_required
+
+#: The PostgreSQL server the tests create their databases on (trust auth); each test gets a fresh one.
+POSTGRES = os.environ.get("CHORUS_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A fresh database on ``POSTGRES`` for one test (dropped after it): its URL. Skips (fails under CI) if
+    PostgreSQL cannot be reached."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        service_required("postgresql", f"{POSTGRES}: {str(exc).strip()}")
+    name = f"chorus_t_{secrets.token_hex(6)}"
+    try:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield urlsplit(POSTGRES)._replace(path="/" + name).geturl()
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        admin.close()
 
 
 @pytest.fixture
-async def store(tmp_path):
-    async with open_store(tmp_path / "chorus.db") as s:
+def pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        yield url
+
+
+@dataclass
+class Backend:
+    """One store implementation under test, opened on the same database each time (so reopening finds the data)."""
+
+    name: str
+    where: Any  # the SQLite file's path, or the PostgreSQL database's URL
+    integrity_error: type[Exception]  # what a broken constraint raises
+
+    def open(self, **kw: Any):
+        if self.name == "sqlite":
+            return open_store(self.where, **kw)
+        from chorus.server._pgstore import open_pg_store
+
+        return open_pg_store(self.where, **kw)
+
+    def schema_version(self) -> int:
+        if self.name == "sqlite":
+            with sqlite3.connect(self.where) as raw:
+                (version,) = raw.execute("PRAGMA user_version").fetchone()
+            raw.close()
+            return version
+        import psycopg
+
+        with psycopg.connect(self.where) as raw:
+            row = raw.execute("SELECT version FROM chorus_schema").fetchone()
+        return row[0] if row else 0
+
+    def set_schema_version(self, version: int) -> None:
+        """Make the (possibly new) database look written by another version of Chorus."""
+        if self.name == "sqlite":
+            raw = sqlite3.connect(self.where)
+            raw.execute(f"PRAGMA user_version = {version:d}")
+            raw.close()
+            return
+        import psycopg
+
+        with psycopg.connect(self.where, autocommit=True) as raw:
+            raw.execute("CREATE TABLE IF NOT EXISTS chorus_schema"
+                        " (one boolean PRIMARY KEY DEFAULT true CHECK (one), version integer NOT NULL)")
+            raw.execute("INSERT INTO chorus_schema (version) VALUES (%s)"
+                        " ON CONFLICT (one) DO UPDATE SET version = excluded.version", (version,))
+
+    def current_version(self) -> int:
+        if self.name == "sqlite":
+            return SCHEMA_VERSION
+        from chorus.server import _pgstore
+
+        return _pgstore.SCHEMA_VERSION
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", tmp_path / "chorus.db", sqlite3.IntegrityError)
+        return
+    import psycopg
+
+    with pg_database() as url:
+        yield Backend("postgresql", url, psycopg.IntegrityError)
+
+
+@pytest.fixture
+async def store(backend):
+    async with backend.open() as s:
         yield s
 
 
@@ -27,9 +128,10 @@ def msg(conv_id, user, client_msg_id, body=None, ts_ms=1000):
 
 
 class Hold:
-    """Occupies the store's one database slot, so that appends queue up behind it and form a known batch.
+    """Occupies the committer's database slot, so that appends queue up behind it and form a known batch.
 
-    Reaches into ``store._limiter``: there is no public way to pause a group commit at a chosen point.
+    Reaches into ``store._limiter`` (both stores have one): there is no public way to pause a group commit at a
+    chosen point.
     """
 
     def __init__(self, store):
@@ -157,7 +259,7 @@ async def test_direct_pair_is_symmetric(store):
 
 # -- group commit ----------------------------------------------------------------------------------------------------
 
-async def test_concurrent_appends_are_gapless_batched_and_published_first(tmp_path):
+async def test_concurrent_appends_are_gapless_batched_and_published_first(backend):
     published: list[Appended] = []
     returned: set[tuple[int, int]] = set()
 
@@ -168,7 +270,7 @@ async def test_concurrent_appends_are_gapless_batched_and_published_first(tmp_pa
             assert not a.duplicate
         published.extend(batch)
 
-    async with open_store(tmp_path / "c.db", max_batch=16, on_commit=on_commit) as store:
+    async with backend.open(max_batch=16, on_commit=on_commit) as store:
         users = await make_users(store, "alice", "bob", "carol")
         lobby, dev = await store.room("lobby", create=True), await store.room("dev", create=True)
         dm = await store.direct(users[0].id, users[1].id)
@@ -246,6 +348,17 @@ async def test_duplicates_return_the_original(store):
     assert await store.last_seq(dev) == 3
 
 
+async def test_any_body_text_round_trips(store):
+    alice, bob = await make_users(store, "alice", "bob")
+    conv = await store.direct(alice.id, bob.id)
+    bodies = ["nul \x00 inside", "\U0001f600 emoji", "x" * 4096]  # PostgreSQL's text cannot hold NUL
+    for i, body in enumerate(bodies):
+        await store.append(msg(conv, alice, i, body))
+    assert (await store.append(msg(conv, alice, 0, "again"))).body == bodies[0]  # the duplicate reports it
+    page, _ = await store.messages_after(conv, 0, 10)
+    assert [m.body for m in page] == bodies
+
+
 async def test_cancelled_appender_still_commits(store):
     published = []
     store.on_commit = published.extend
@@ -265,7 +378,7 @@ async def test_cancelled_appender_still_commits(store):
     assert [m.client_msg_id for m in page] == [1, 2]
 
 
-async def test_failed_transaction_fails_only_its_batch(store):
+async def test_failed_transaction_fails_only_its_batch(store, backend):
     published = []
     store.on_commit = published.extend
     (alice,) = await make_users(store, "alice")
@@ -281,7 +394,7 @@ async def test_failed_transaction_fails_only_its_batch(store):
         hold.release()
     assert results[ok].seq == 1
     for m in doomed:
-        assert isinstance(results[m], sqlite3.IntegrityError), results[m]
+        assert isinstance(results[m], backend.integrity_error), results[m]
     assert len({id(results[m]) for m in doomed}) == 3  # each waiter raises its own copy
     later = await store.append(msg(lobby, alice, 2))  # the committer survived; the failed batch took no seq
     assert (later.seq, later.duplicate) == (2, False)
@@ -385,9 +498,8 @@ async def test_undelivered(store):
 
 # -- lifecycle -------------------------------------------------------------------------------------------------------
 
-async def test_data_survives_reopen(tmp_path):
-    path = tmp_path / "chorus.db"
-    async with open_store(path) as store:
+async def test_data_survives_reopen(backend):
+    async with backend.open() as store:
         alice, bob = await make_users(store, "alice", "bob")
         lobby = await store.room("lobby", create=True)
         await store.join(bob.id, lobby)
@@ -397,11 +509,8 @@ async def test_data_survives_reopen(tmp_path):
             await store.append(msg(lobby, alice, i))
         await store.append(msg(dm, bob, 9))
         await store.advance_cursor(bob.id, lobby, ReceiptKind.READ, 2)
-    with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    raw.close()
-    async with open_store(path, synchronous="NORMAL") as store:
+    assert backend.schema_version() == backend.current_version()
+    async with backend.open() as store:
         assert await store.get_user("alice") == alice
         assert (await store.get_session(b"t" * 32, 0)).username == "alice"
         assert await store.room("lobby", create=False) == lobby and await store.is_member(bob.id, lobby)
@@ -414,32 +523,37 @@ async def test_data_survives_reopen(tmp_path):
         assert await store.last_seq(dm) == 1
 
 
-async def test_open_rejects_bad_arguments_and_newer_schema(tmp_path):
+async def test_open_rejects_bad_arguments_and_newer_schema(backend):
+    with pytest.raises(ValueError):
+        async with backend.open(max_batch=0):
+            pass
+    backend.set_schema_version(99)
+    with pytest.raises(RuntimeError, match="newer"):
+        async with backend.open():
+            pass
+
+
+async def test_sqlite_specifics_at_open(tmp_path):
     with pytest.raises(ValueError):
         async with open_store(tmp_path / "a.db", synchronous="OFF"):
             pass
-    with pytest.raises(ValueError):
-        async with open_store(tmp_path / "a.db", max_batch=0):
-            pass
-    path = tmp_path / "b.db"
-    raw = sqlite3.connect(path)
-    raw.execute("PRAGMA user_version = 99")
+    async with open_store(tmp_path / "b.db"):
+        pass
+    with sqlite3.connect(tmp_path / "b.db") as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     raw.close()
-    with pytest.raises(RuntimeError, match="newer"):
-        async with open_store(path):
-            pass
 
 
 @pytest.mark.parametrize("by_cancel", [False, True])
-async def test_close_commits_appends_in_flight(tmp_path, by_cancel):
-    path = tmp_path / "chorus.db"
+async def test_close_commits_appends_in_flight(backend, by_cancel):
     results = {}
     published = []
     # a lost batch would leave its appenders waiting forever: fail instead of hanging
     with trio.fail_after(10):
         async with trio.open_nursery() as outer:  # the appenders outlive the store's block
             with trio.CancelScope() as scope:
-                async with open_store(path, max_batch=4, on_commit=published.extend) as store:
+                async with backend.open(max_batch=4, on_commit=published.extend) as store:
                     (alice,) = await make_users(store, "alice")
                     lobby = await store.room("lobby", create=True)
                     hold = Hold(store)
@@ -464,7 +578,7 @@ async def test_close_commits_appends_in_flight(tmp_path, by_cancel):
         await store.append(msg(lobby, alice, 99))
     with pytest.raises(trio.ClosedResourceError):
         await store.last_seq(lobby)
-    async with open_store(path) as reopened:
+    async with backend.open() as reopened:
         page, _ = await reopened.messages_after(lobby, 0, 100)
         assert sorted(m.client_msg_id for m in page) == list(range(20))
 
