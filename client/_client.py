@@ -198,6 +198,8 @@ class Client:
         #: Where to connect: (host, port) first, then ``servers`` (other nodes of the same cluster), in turn.
         self._addresses = [(host, port)] + [(h, p) for h, p in servers if (h, p) != (host, port)]
         self._address_index = 0
+        #: The cluster's live nodes, from the server's last NODES push (node mode, version 2); () otherwise.
+        self.nodes: tuple[proto.NodeInfo, ...] = ()
         self._credentials = credentials
         self._register = register and token is None
         self._reconnect = reconnect
@@ -626,6 +628,8 @@ class Client:
                     f"server answered {type(call.event).__name__} with {kind.__name__}"))
         elif kind in _EPHEMERAL or kind is proto.Error:
             self._queue.offer(event)
+        elif kind is proto.Nodes:
+            self._learn_nodes(event.nodes)
         elif kind is proto.GoAway:
             t.goaway, t.goaway_at = event, trio.current_time()
             if self._reconnect and self._transport is t:
@@ -697,8 +701,28 @@ class Client:
                 self._shutdown(ConnectionLost(self._lost_message(t), t.bye_reason))
                 return
 
+    def _learn_nodes(self, nodes: Sequence[proto.NodeInfo]) -> None:
+        """A NODES push: the cluster's live nodes, known from now on, and their load for the next move."""
+        self.nodes = tuple(nodes)
+        current = self.address
+        known = set(self._addresses)
+        self._addresses += [(n.host, n.port) for n in nodes if (n.host, n.port) not in known]
+        self._address_index = self._addresses.index(current)
+
     def _next_address(self) -> None:
-        self._address_index = (self._address_index + 1) % len(self._addresses)
+        """Move on: to the least loaded node of the last NODES that is not this one nor draining, if any; else to
+        the next address in turn."""
+        current = self.address
+        # We leave it because it failed or is going away: not a candidate until a NODES lists it again.
+        self.nodes = tuple(n for n in self.nodes if (n.host, n.port) != current)
+        candidates = [n for n in self.nodes if not n.draining]
+        if candidates:
+            best = min(candidates, key=lambda n: (n.connections, random.random()))
+            self._address_index = self._addresses.index((best.host, best.port))
+            self.nodes = tuple(n for n in self.nodes if n is not best) + (
+                dataclasses.replace(best, connections=best.connections + 1),)  # ours will count there
+        else:
+            self._address_index = (self._address_index + 1) % len(self._addresses)
 
     async def _pause(self, last: Transport | None, failures: int) -> None:
         if failures == 0 and len(self._addresses) > 1:

@@ -84,6 +84,7 @@ class FrameType(enum.IntEnum):
     LIST_CONVERSATIONS = 0x17, 2
     CONVERSATION_LIST = 0x18, 2
     MEMBERSHIP = 0x19, 2
+    NODES = 0x1A, 2
     SEND = 0x20, 1
     ACK = 0x21, 1
     MESSAGE = 0x22, 1

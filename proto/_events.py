@@ -150,6 +150,18 @@ class ConversationInfo(_Checked):
 
 
 @dataclass(frozen=True, slots=True)
+class NodeInfo(_Checked):
+    """One live node of a cluster in a NODES push: where to reach it and how loaded it is."""
+
+    node: str
+    host: str
+    port: int
+    ws_port: int  # 0: no WebSocket bridge
+    connections: int
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Event(_Checked):
     """Base of every frame event; ``FRAME`` names its frame type, ``request_id`` is the header's (§2.2)."""
 
@@ -333,6 +345,14 @@ class Membership(Event):
     room: str
     user: str
     change: MembershipChange
+
+
+@dataclass(frozen=True, slots=True)
+class Nodes(Event):
+    """S→C push (version 2): the cluster's live nodes and their load, for picking a node to (re)connect to."""
+
+    FRAME = FrameType.NODES
+    nodes: tuple[NodeInfo, ...]
 
 
 @dataclass(frozen=True, slots=True)

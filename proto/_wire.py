@@ -226,6 +226,12 @@ ConversationInfo = _Record(
     Struct("conv" / Conversation, "last_seq" / U64, "last_ts_ms" / U64, "delivered_seq" / U64, "read_seq" / U64),
 )
 
+NodeInfo = _Record(
+    ev.NodeInfo,
+    Struct("node" / Name, "host" / _Text(Int8ub, MAX_TEXT_BYTES), "port" / U16, "ws_port" / U16,
+           "connections" / U32, "draining" / Bool),
+)
+
 _EMPTY: tuple[Construct, ...] = ()
 
 #: Frame type → body fields, in wire order. Every body ends exactly where its frame ends.
@@ -258,6 +264,7 @@ FIELDS: dict[FrameType, tuple[Construct, ...]] = {
     FrameType.LIST_CONVERSATIONS: _EMPTY,
     FrameType.CONVERSATION_LIST: ("conversations" / _Array(ConversationInfo),),
     FrameType.MEMBERSHIP: ("room" / Name, "user" / Name, "change" / _Enum(U8, MembershipChange)),
+    FrameType.NODES: ("nodes" / _Array(NodeInfo),),
     FrameType.SEND: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
     FrameType.ACK: (
         "conv" / Conversation,

@@ -215,10 +215,10 @@ export const KNOWN_FLAGS = 1;
 export const FrameType = Object.freeze({
   HELLO: 0x01, WELCOME: 0x02, REGISTER: 0x03, LOGIN: 0x04, RESUME: 0x05, AUTH_OK: 0x06, LOGOUT: 0x07, OK: 0x08,
   JOIN: 0x10, JOINED: 0x11, LEAVE: 0x12, LIST_ROOMS: 0x13, ROOM_LIST: 0x14, MEMBERS: 0x15, MEMBER_LIST: 0x16,
-  LIST_CONVERSATIONS: 0x17, CONVERSATION_LIST: 0x18, MEMBERSHIP: 0x19, SEND: 0x20, ACK: 0x21, MESSAGE: 0x22,
-  SYNC: 0x23, SYNC_PAGE: 0x24, SYNC_DONE: 0x25, HISTORY: 0x26, HISTORY_PAGE: 0x27, DELIVERED: 0x28, READ: 0x29,
-  RECEIPT: 0x2a, GET_CURSORS: 0x2b, CURSORS: 0x2c, PRESENCE: 0x30, TYPING: 0x31, USER_TYPING: 0x32, PING: 0x40,
-  PONG: 0x41, ERROR: 0x42, GOAWAY: 0x43, BYE: 0x44,
+  LIST_CONVERSATIONS: 0x17, CONVERSATION_LIST: 0x18, MEMBERSHIP: 0x19, NODES: 0x1a, SEND: 0x20, ACK: 0x21,
+  MESSAGE: 0x22, SYNC: 0x23, SYNC_PAGE: 0x24, SYNC_DONE: 0x25, HISTORY: 0x26, HISTORY_PAGE: 0x27, DELIVERED: 0x28,
+  READ: 0x29, RECEIPT: 0x2a, GET_CURSORS: 0x2b, CURSORS: 0x2c, PRESENCE: 0x30, TYPING: 0x31, USER_TYPING: 0x32,
+  PING: 0x40, PONG: 0x41, ERROR: 0x42, GOAWAY: 0x43, BYE: 0x44,
 });
 export const Flags = Object.freeze({ COMPRESSED: 0x01 });
 export const ErrorCode = Object.freeze({
@@ -242,9 +242,9 @@ export const MembershipChange = Object.freeze({ JOINED: 1, LEFT: 2 });
 export const FRAME_VERSION = Object.freeze({
   HELLO: 1, WELCOME: 1, REGISTER: 1, LOGIN: 1, RESUME: 1, AUTH_OK: 1, LOGOUT: 1, OK: 1, JOIN: 1, JOINED: 1, LEAVE: 1,
   LIST_ROOMS: 1, ROOM_LIST: 1, MEMBERS: 1, MEMBER_LIST: 1, LIST_CONVERSATIONS: 2, CONVERSATION_LIST: 2, MEMBERSHIP: 2,
-  SEND: 1, ACK: 1, MESSAGE: 1, SYNC: 1, SYNC_PAGE: 1, SYNC_DONE: 1, HISTORY: 1, HISTORY_PAGE: 1, DELIVERED: 1,
-  READ: 1, RECEIPT: 1, GET_CURSORS: 1, CURSORS: 1, PRESENCE: 1, TYPING: 1, USER_TYPING: 1, PING: 1, PONG: 1, ERROR: 1,
-  GOAWAY: 1, BYE: 1,
+  NODES: 2, SEND: 1, ACK: 1, MESSAGE: 1, SYNC: 1, SYNC_PAGE: 1, SYNC_DONE: 1, HISTORY: 1, HISTORY_PAGE: 1,
+  DELIVERED: 1, READ: 1, RECEIPT: 1, GET_CURSORS: 1, CURSORS: 1, PRESENCE: 1, TYPING: 1, USER_TYPING: 1, PING: 1,
+  PONG: 1, ERROR: 1, GOAWAY: 1, BYE: 1,
 });
 
 const ROOM_INFO = record([["name", text(U8, 32)], ["members", U32], ["last_seq", U64], ["joined", BOOL]]);
@@ -252,6 +252,10 @@ const MEMBER_INFO = record([["user", text(U8, 32)], ["status", enumOf(U8, Status
 const CONVERSATION = record([["kind", enumOf(U8, ConvKind)], ["name", text(U8, 32)]]);
 const CONVERSATION_INFO = record([
   ["conv", CONVERSATION], ["last_seq", U64], ["last_ts_ms", U64], ["delivered_seq", U64], ["read_seq", U64],
+]);
+const NODE_INFO = record([
+  ["node", text(U8, 32)], ["host", text(U8, 255)], ["port", U16], ["ws_port", U16], ["connections", U32],
+  ["draining", BOOL],
 ]);
 const POSITION = record([["conv", CONVERSATION], ["last_seq", U64]]);
 const STORED_MESSAGE = record([
@@ -282,6 +286,7 @@ export const FIELDS = Object.freeze({
   LIST_CONVERSATIONS: [],
   CONVERSATION_LIST: [["conversations", array(CONVERSATION_INFO, 1000)]],
   MEMBERSHIP: [["room", text(U8, 32)], ["user", text(U8, 32)], ["change", enumOf(U8, MembershipChange)]],
+  NODES: [["nodes", array(NODE_INFO, 1000)]],
   SEND: [["conv", CONVERSATION], ["client_msg_id", U64], ["body", text(U16, 65535)]],
   ACK: [["conv", CONVERSATION], ["client_msg_id", U64], ["seq", U64], ["ts_ms", U64], ["duplicate", BOOL]],
   MESSAGE: [
@@ -312,9 +317,10 @@ export const FIELDS = Object.freeze({
 export const LARGEST_BODY_BYTES = Object.freeze({
   HELLO: 69, WELCOME: 87, REGISTER: 162, LOGIN: 162, RESUME: 65, AUTH_OK: 106, LOGOUT: 0, OK: 0, JOIN: 33, JOINED: 45,
   LEAVE: 33, LIST_ROOMS: 0, ROOM_LIST: 46002, MEMBERS: 33, MEMBER_LIST: 34035, LIST_CONVERSATIONS: 0,
-  CONVERSATION_LIST: 66002, MEMBERSHIP: 67, SEND: 65579, ACK: 59, MESSAGE: 65628, SYNC: 42002, SYNC_PAGE: 65594037,
-  SYNC_DONE: 0, HISTORY: 45, HISTORY_PAGE: 65594037, DELIVERED: 42, READ: 42, RECEIPT: 76, GET_CURSORS: 34,
-  CURSORS: 49036, PRESENCE: 34, TYPING: 34, USER_TYPING: 67, PING: 8, PONG: 8, ERROR: 262, GOAWAY: 261, BYE: 1,
+  CONVERSATION_LIST: 66002, MEMBERSHIP: 67, NODES: 298002, SEND: 65579, ACK: 59, MESSAGE: 65628, SYNC: 42002,
+  SYNC_PAGE: 65594037, SYNC_DONE: 0, HISTORY: 45, HISTORY_PAGE: 65594037, DELIVERED: 42, READ: 42, RECEIPT: 76,
+  GET_CURSORS: 34, CURSORS: 49036, PRESENCE: 34, TYPING: 34, USER_TYPING: 67, PING: 8, PONG: 8, ERROR: 262,
+  GOAWAY: 261, BYE: 1,
 });
 // END GENERATED
 
@@ -548,6 +554,9 @@ const PUSH_HANDLERS = Object.freeze({
   RECEIPT: (client, event) => client._emit("receipt", event),
   MEMBERSHIP: (client, event) =>  // version 2: someone joined or left a room we are in
     client._emit("notice", `${event.user} ${event.change === MembershipChange.JOINED ? "joined" : "left"} #${event.room}`),
+  // version 2, node mode: the cluster's live nodes. The page stays with the node that served it (its origin); a
+  // load balancer in front of the web port is how browsers are spread. Kept for anyone who wants to show it.
+  NODES: (client, event) => { client.nodes = event.nodes; },
   GOAWAY: (client, event) => {
     client._notBefore = Date.now() + event.reconnect_after_ms;
     client._setState(client.state, "server restarting");
