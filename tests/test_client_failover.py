@@ -69,3 +69,23 @@ async def test_the_first_connection_tries_each_node(tmp_path, server):
                                   username="carol", password=PASSWORD, register=True) as carol:
         assert carol.address == ("127.0.0.1", server.port)
         assert (await carol.join("lobby")).members == 1
+
+
+def test_nodes_teach_the_client_the_cluster_and_it_moves_to_the_least_loaded():
+    c = client.Client("10.0.0.1", 7420, username="dave", password=PASSWORD)
+    assert c.address == ("10.0.0.1", 7420) and c.nodes == ()
+    c._learn_nodes((
+        proto.NodeInfo("n1", "10.0.0.1", 7420, 0, 900, False),
+        proto.NodeInfo("n2", "10.0.0.2", 7420, 0, 300, True),  # draining: never chosen
+        proto.NodeInfo("n3", "10.0.0.3", 7420, 0, 500, False),
+        proto.NodeInfo("n4", "10.0.0.4", 7420, 0, 400, False),
+    ))
+    assert c.address == ("10.0.0.1", 7420)  # learning moves nothing
+    c._next_address()
+    assert c.address == ("10.0.0.4", 7420)  # the least loaded that is not draining
+    c._next_address()  # n4 failed too: it is dropped until a NODES lists it again
+    assert c.address == ("10.0.0.3", 7420)
+    c._next_address()  # every node it left is dropped, n2 drains: the known addresses in turn, from n3
+    assert c.address == ("10.0.0.4", 7420)
+    c._next_address()
+    assert c.address == ("10.0.0.1", 7420)
