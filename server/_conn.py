@@ -40,7 +40,7 @@ from ._output import Output
 from ._ports import StoreError, UserEvent
 from ._ratelimit import TokenBucket
 from ._session import RequestError, Session, clipped
-from ._transport import LINGER_S
+from ._transport import LINGER_S, Transport
 
 if TYPE_CHECKING:
     from ._app import Server
@@ -63,7 +63,7 @@ class ClientConnection:
         "__weakref__",
     )
 
-    def __init__(self, server: "Server", transport):
+    def __init__(self, server: "Server", transport: Transport):
         config = server.config
         self.server = server
         self.config = config
@@ -92,10 +92,9 @@ class ClientConnection:
         self._nursery: trio.Nursery | None = None
         # A message-framed transport (the WebSocket bridge) wraps each Chorus frame in its own
         # framing and may want to write control frames or close us; plain TCP needs neither.
+        # (TCP's None is still the absent attribute: Server.refuse reads it with getattr(..., bytes).)
         self.wrap = getattr(transport, "wrap", None)
-        attach = getattr(transport, "attach", None)
-        if attach is not None:
-            attach(self)
+        transport.attach(self)
 
     # -- used by the session and the broker -----------------------------------
     @property

@@ -15,6 +15,8 @@ from typing import Awaitable, Callable
 
 import trio
 
+from ._transport import Transport
+
 _CORK_MAX_BYTES = 16384
 
 
@@ -22,7 +24,7 @@ class Output:
     __slots__ = ("_transport", "_limit", "_buf", "_start_writer", "_writing", "_drained", "corked", "failed",
                  "overflowed", "bytes_out")
 
-    def __init__(self, transport, limit_bytes: int,
+    def __init__(self, transport: Transport, limit_bytes: int,
                  start_writer: Callable[[Callable[[], Awaitable[None]]], None]):
         self._transport = transport
         self._limit = limit_bytes

@@ -229,8 +229,7 @@ class Session:
 
     def _address(self) -> str:
         """The peer's IP address: the key of per-address budgets."""
-        transport = self.conn.transport
-        return getattr(transport, "address", None) or transport.peer.rpartition(":")[0] or transport.peer
+        return self.conn.transport.address
 
     async def _register(self, ev: proto.Register) -> None:
         config, store = self.server.config, self.server.store

@@ -1,4 +1,10 @@
-"""Non-blocking TCP sockets for the write-through output path (DESIGN.md "Fan-out").
+"""Transports: what a ``ClientConnection`` runs on, and non-blocking TCP sockets for the write-through output path
+(DESIGN.md "Fan-out").
+
+``Transport`` is the protocol both transports implement: ``SocketStream`` here (TCP) and the WebSocket bridge's
+``WebSocketTransport`` (server/_websocket.py). What differs between them is explicit in it, not discovered: ``wrap``
+(None for a byte stream, the message framing of a message-based transport) and ``attach`` (a transport that needs
+its connection, to write control frames or to close it, keeps it; TCP needs nothing).
 
 Trio's ``SocketStream`` only offers ``await send_all``; a broadcast wants to hand
 bytes to the kernel *now* and fall back to a buffer only for what the kernel
@@ -19,8 +25,13 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import trio
+
+if TYPE_CHECKING:
+    from ._conn import ClientConnection
 
 log = logging.getLogger("chorus.server")
 
@@ -35,8 +46,42 @@ _OUT_OF_FILES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _OUT_OF_FILES_WAIT_S = 0.1
 
 
+class Transport(Protocol):
+    """What ``ClientConnection`` (server/_conn.py) and its ``Output`` (server/_output.py) need from a transport."""
+
+    #: The peer as "address:port", for logs.
+    peer: str
+    #: The peer's IP address: the key of per-address limits and budgets.
+    address: str
+
+    @property
+    def wrap(self) -> Callable[[bytes], bytes] | None:
+        """None for a byte stream (frames go out as they are), or the framing that makes one Chorus frame one message
+        of a message-based transport. The fan-out encodes a frame once for every connection with the same ``wrap``."""
+        ...
+
+    def attach(self, conn: ClientConnection) -> None:
+        """Called once by the connection that runs on this transport, before it reads."""
+        ...
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the kernel takes right now; the byte count. Raises ``trio.BrokenResourceError`` when the peer
+        is gone, ``trio.ClosedResourceError`` after ``aclose``."""
+        ...
+
+    async def wait_writable(self) -> None: ...
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The next bytes, ``b""`` at the end. Raises ``trio.BrokenResourceError`` on a reset."""
+        ...
+
+    async def aclose(self, linger_s: float = ...) -> None:
+        """Close after the last frame; ``linger_s`` bounds how long the peer's last bytes are awaited (0: not)."""
+        ...
+
+
 class SocketStream(trio.abc.Stream):
-    """A connected TCP socket; ``try_send`` is the write-through primitive."""
+    """A connected TCP socket; ``try_send`` is the write-through primitive. A ``Transport``."""
 
     __slots__ = ("socket", "_closed", "peer", "address", "eof")
 
@@ -56,7 +101,10 @@ class SocketStream(trio.abc.Stream):
         except (OSError, TypeError, IndexError):
             self.address = self.peer = "?"
 
-    def try_send(self, data) -> int:
+    def attach(self, conn: ClientConnection) -> None:
+        """A byte stream needs nothing of its connection."""
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the kernel takes right now; returns the byte count (0 if none).
 
         Raises ``trio.BrokenResourceError`` when the peer is gone, ``trio.ClosedResourceError`` after aclose.

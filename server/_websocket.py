@@ -48,7 +48,9 @@ import ipaddress
 import logging
 import math
 import socket
+from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import h11
 import trio
@@ -72,6 +74,9 @@ from ._wsframe import (
     close_frame,
     control_frame,
 )
+
+if TYPE_CHECKING:
+    from ._conn import ClientConnection
 
 log = logging.getLogger("chorus.websocket")
 
@@ -107,9 +112,10 @@ def wrap(frame: bytes) -> bytes:
 
 
 class WebSocketTransport:
-    """The transport ``ClientConnection`` runs on (see server/_conn.py), over an upgraded socket."""
+    """The ``Transport`` (server/_transport.py) ``ClientConnection`` runs on over an upgraded socket."""
 
-    wrap = staticmethod(wrap)
+    #: Each Chorus frame is one binary message.
+    wrap: Callable[[bytes], bytes] | None = staticmethod(wrap)
 
     def __init__(self, stream: SocketStream, max_frame_bytes: int, leftover: bytes = b""):
         self._stream = stream
@@ -121,7 +127,7 @@ class WebSocketTransport:
         self._max_frame_bytes = max_frame_bytes
         self._reader = FrameReader(max_frame_bytes + proto.HEADER_BYTES)
         self._reader.receive_data(leftover)
-        self._conn = None
+        self._conn: ClientConnection | None = None  # attached by the connection
         self._eof = False
         self._error: WebSocketError | None = None  # the violation that ends the connection
         self._not_one_frame: WebSocketError | None = None  # raised once the conn has judged the header
@@ -132,7 +138,8 @@ class WebSocketTransport:
         self._completed = False  # a message was finished since we last waited for bytes
         self.unanswered_pings = 0
 
-    def attach(self, conn) -> None:
+    def attach(self, conn: ClientConnection) -> None:
+        """Keep the connection: control frames go through its output, violations close it."""
         self._conn = conn
 
     def _write(self, frame: bytes) -> None:
