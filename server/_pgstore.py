@@ -41,7 +41,7 @@ from typing import Any
 
 import psycopg
 import trio
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
@@ -173,6 +173,12 @@ def _scrub(exc: BaseException, url: str, password: str | None) -> str:
     return text.replace(password, "***") if password else text
 
 
+def _aborted(exc: BaseException) -> bool:
+    """PostgreSQL rolled the transaction back to break a deadlock or a serialization conflict (SQLSTATE class 40),
+    or another node stored one of the batch's keys meanwhile: the whole transaction may run again."""
+    return isinstance(exc, _Conflict) or (isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40"))
+
+
 def _lost(conn: psycopg.Connection) -> bool:
     return conn.closed or conn.broken
 
@@ -239,13 +245,14 @@ class _Pool:
                     if conn is None:
                         conn = self._open()
                     return fn(conn, *args)
-                except (psycopg.errors.TransactionRollback, _Conflict):
-                    if conn is None or _lost(conn) or attempt >= _MAX_ATTEMPTS:
-                        raise
-                    self._count_retry()
-                    # Two nodes aborting each other again at once is what the random pause makes unlikely.
-                    time.sleep(random.uniform(0, 0.001 * min(attempt, 10)))
-                except psycopg.Error:
+                except (psycopg.Error, _Conflict) as exc:
+                    if conn is not None and not _lost(conn) and _aborted(exc):
+                        if attempt >= _MAX_ATTEMPTS:
+                            raise
+                        self._count_retry()
+                        # Two nodes aborting each other again at once is what the random pause makes unlikely.
+                        time.sleep(random.uniform(0, 0.001 * min(attempt, 10)))
+                        continue
                     if conn is None or not _lost(conn):
                         raise
                     self._discard(conn)
@@ -303,11 +310,10 @@ def _connector(url: str) -> tuple[Callable[[], psycopg.Connection], str | None]:
     except psycopg.Error as exc:  # libpq may quote the URL: the password is replaced
         raise StoreError(f"invalid PostgreSQL URL: {_scrub(exc, url, None)}") from None
     password = params.get("password")
-    for key, value in _CONNECT_DEFAULTS.items():
-        params.setdefault(key, value)
+    conninfo = make_conninfo(url, **{key: value for key, value in _CONNECT_DEFAULTS.items() if key not in params})
 
     def connect() -> psycopg.Connection:
-        return psycopg.connect(**params, autocommit=True)
+        return psycopg.connect(conninfo, autocommit=True)
 
     return connect, str(password) if password else None
 
@@ -450,6 +456,8 @@ class PgStore:
 
     def _refusal(self, exc: BaseException) -> StoreError | None:
         """The ``StoreError`` for ``exc`` if the database refused or cannot be reached, else None (a bug)."""
+        if isinstance(exc, _Conflict):
+            return StoreError(f"PostgreSQL: still conflicting after {_MAX_ATTEMPTS} attempts")
         if isinstance(exc, _CommitUnknown):
             return StoreError(f"PostgreSQL: {exc}; a retry with the same client_msg_id finds the message if it was"
                               " committed")
