@@ -37,6 +37,32 @@ log = logging.getLogger("chorus.broker")
 _OFFLINES_PER_STEP = 100
 
 
+def push(conns: Iterable[Subscriber], event: proto.Event) -> None:
+    """``event`` to each connection whose protocol version has it (spec §6.2), encoded once per version."""
+    frames: dict[int, bytes] = {}
+    introduced = event.FRAME.version
+    for conn in conns:
+        version = conn.wire.version
+        if version < introduced:
+            continue  # a frame type newer than the connection's version does not exist on it
+        frame = frames.get(version)
+        if frame is None:
+            frame = frames[version] = proto.encode(event)
+        conn.push(frame)
+
+
+def announce(fanout: Fanout, own: Iterable[Subscriber], username: str, rooms: Iterable[int],
+             status: proto.Status) -> None:
+    """PRESENCE of ``username`` to this node's subscribers of ``rooms``, except ``own`` (the user's connections)."""
+    targets: dict[Subscriber, None] = {}
+    for conv_id in rooms:
+        targets.update(dict.fromkeys(fanout.subscriptions(conv_id)))
+    for conn in own:
+        targets.pop(conn, None)
+    if targets:
+        push(targets, proto.Presence(username, status))
+
+
 class LocalBroker:
     def __init__(self, config: Config, store: Store, *, max_held: int = MAX_HELD) -> None:
         self.fanout = Fanout(store, page=config.max_page, max_held=max_held)
@@ -72,24 +98,10 @@ class LocalBroker:
 
     # -- ephemeral frames -------------------------------------------------------------------------------------------
     def push_to_user(self, user_id: int, event: proto.Event) -> None:
-        self._push(self._users.get(user_id, ()), event)
+        push(self._users.get(user_id, ()), event)
 
     def push_to_conversation(self, conv_id: int, event: proto.Event, *, skip_user: int) -> None:
-        self._push([conn for conn in self.fanout.subscriptions(conv_id) if conn.user_id != skip_user], event)
-
-    @staticmethod
-    def _push(conns: Iterable[Subscriber], event: proto.Event) -> None:
-        """``event`` to each connection whose protocol version has it (spec §6.2), encoded once per version."""
-        frames: dict[int, bytes] = {}
-        introduced = event.FRAME.version
-        for conn in conns:
-            version = conn.wire.version
-            if version < introduced:
-                continue  # a frame type newer than the connection's version does not exist on it
-            frame = frames.get(version)
-            if frame is None:
-                frame = frames[version] = proto.encode(event)
-            conn.push(frame)
+        push([conn for conn in self.fanout.subscriptions(conv_id) if conn.user_id != skip_user], event)
 
     # -- users --------------------------------------------------------------------------------------------------------
     def connection_count(self, user_id: int) -> int:
@@ -139,13 +151,7 @@ class LocalBroker:
     # -- presence -----------------------------------------------------------------------------------------------------
     def _announce(self, user_id: int, username: str, rooms: Iterable[int], status: proto.Status) -> None:
         """PRESENCE to the other members' connections in ``rooms`` (never to the user's own)."""
-        targets: dict[Subscriber, None] = {}
-        for conv_id in rooms:
-            targets.update(dict.fromkeys(self.fanout.subscriptions(conv_id)))
-        for conn in self._users.get(user_id, ()):
-            targets.pop(conn, None)
-        if targets:
-            self._push(targets, proto.Presence(username, status))
+        announce(self.fanout, self._users.get(user_id, ()), username, rooms, status)
 
     async def _run_presence_timer(self) -> None:
         """Send each pending OFFLINE when its delay is over; runs until cancelled."""
