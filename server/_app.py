@@ -40,7 +40,7 @@ from ._config import Config
 from ._conn import ClientConnection, _bugs
 from ._ports import Broker, BrokerFactory, Store, StoreError
 from ._store import open_store
-from ._transport import open_listener
+from ._transport import SocketStream, Transport, open_listener
 
 log = logging.getLogger("chorus.server")
 
@@ -87,7 +87,7 @@ class Server:
             "store": self.store.statistics(),
         }
 
-    async def handle_tcp(self, stream) -> None:
+    async def handle_tcp(self, stream: SocketStream) -> None:
         """``serve_listeners``' handler for the Chorus port: take a slot, serve, give the slot back."""
         refusal = self.admission.acquire(stream.address)
         if refusal is not None:
@@ -98,9 +98,9 @@ class Server:
         finally:
             self.admission.release(stream.address)
 
-    async def refuse(self, transport, message: str) -> None:
+    async def refuse(self, transport: Transport, message: str) -> None:
         """ERROR TOO_MANY_CONNECTIONS + BYE SERVER_FULL, then close (no HELLO needed, spec §7.1)."""
-        wrap = getattr(transport, "wrap", bytes)
+        wrap = transport.wrap or bytes
         frames = (wrap(proto.encode(proto.Error(ErrorCode.TOO_MANY_CONNECTIONS, self.config.reconnect_hint_ms,
                                                 message)))
                   + wrap(proto.encode(proto.Bye(CloseReason.SERVER_FULL))))
@@ -112,7 +112,7 @@ class Server:
             await transport.aclose()
         self.close_reasons[CloseReason.SERVER_FULL.name] += 1
 
-    async def handle(self, transport) -> None:
+    async def handle(self, transport: Transport) -> None:
         """Serve one admitted stream (TCP, or the WebSocket bridge's adapter); never raises for a bug."""
         if self._shutdown.is_set():
             await self.refuse(transport, "server shutting down")

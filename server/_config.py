@@ -323,8 +323,8 @@ _POSITIVE = ("ping_interval_s", "handshake_timeout_s", "auth_timeout_s", "rate_p
              "user_send_burst", "rooms_created_per_hour", "registrations_per_hour", "max_missed_pings",
              "connections_per_s_per_address", "connection_burst_per_address", "max_batch", "busy_retry_ms",
              "node_ttl_s", "pg_pool_size")
-_NOT_NEGATIVE = ("login_free_failures", "throttle_delay_s", "presence_offline_delay_s", "max_rate_violations", "shutdown_grace_s",
-                 "max_rooms_per_user", "reconnect_hint_ms")
+_NOT_NEGATIVE = ("login_free_failures", "throttle_delay_s", "presence_offline_delay_s", "max_rate_violations",
+                 "shutdown_grace_s", "max_rooms_per_user", "reconnect_hint_ms")
 
 
 def _base(hint: Any) -> tuple[Any, bool]:

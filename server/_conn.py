@@ -92,8 +92,7 @@ class ClientConnection:
         self._nursery: trio.Nursery | None = None
         # A message-framed transport (the WebSocket bridge) wraps each Chorus frame in its own
         # framing and may want to write control frames or close us; plain TCP needs neither.
-        # (TCP's None is still the absent attribute: Server.refuse reads it with getattr(..., bytes).)
-        self.wrap = getattr(transport, "wrap", None)
+        self.wrap = transport.wrap
         transport.attach(self)
 
     # -- used by the session and the broker -----------------------------------

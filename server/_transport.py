@@ -85,6 +85,9 @@ class SocketStream(trio.abc.Stream):
 
     __slots__ = ("socket", "_closed", "peer", "address", "eof")
 
+    #: A byte stream: Chorus frames go out as they are.
+    wrap: Callable[[bytes], bytes] | None = None
+
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         try:

@@ -62,6 +62,21 @@ def test_mypy_passes_on_the_whole_package(tmp_path):
     assert checked is not None and int(checked[1]) >= modules, (result.stdout, modules)
 
 
+def test_both_transports_are_transports(tmp_path):
+    """TCP's stream and the WebSocket bridge's adapter implement server/_transport.py's ``Transport`` as mypy sees
+    them: every attribute explicit, none left to ``getattr``. (``bare`` shows the probe can fail.)"""
+    run_mypy(tmp_path)  # lays out the tree
+    (tmp_path / "tree" / "chorus" / "transport_probe.py").write_text(
+        "from chorus.server._transport import SocketStream, Transport\n"
+        "from chorus.server._websocket import WebSocketTransport\n\n\n"
+        "def tcp(stream: SocketStream) -> Transport:\n    return stream\n\n\n"
+        "def websocket(adapter: WebSocketTransport) -> Transport:\n    return adapter\n\n\n"
+        "def bare(thing: object) -> Transport:\n    return thing\n")
+    result = run_mypy(tmp_path, "chorus")
+    probe = [line for line in result.stdout.splitlines() if line.startswith("chorus/transport_probe.py")]
+    assert len(probe) == 1 and '(got "object", expected "Transport")' in probe[0], probe  # bare alone
+
+
 def test_the_config_is_strict_for_proto_and_only_for_proto(tmp_path):
     untyped = "def twice(x):\n    return x * 2\n\n\nvalue = twice(2)\n"
     result = run_mypy(tmp_path, copy=True)  # lays out the copy
