@@ -6,9 +6,9 @@ write (``_Pool``: opened on first need, a broken one is dropped and the next cal
 blocks on the network and the store reconnects by itself when PostgreSQL comes back. Connections are in
 autocommit mode; multi-statement work is an explicit BEGIN ... COMMIT (``_transaction``) at READ COMMITTED.
 
-Messages are group-committed per node exactly as in the SQLite store (server/_store.py): ``append`` queues, one
-committer task takes everything pending (up to ``max_batch``) and stores it in ONE transaction, and only after
-COMMIT calls ``on_commit`` and wakes the waiters. Several nodes write into the same conversations, so the batch
+Messages are group-committed per node by the same committer as the SQLite store's (server/_groupcommit.py: one
+transaction a batch, ``on_commit`` and then the waiters only after COMMIT); this module writes the batch on the
+committer's own connection (``_write_messages``). Several nodes write into the same conversations, so the batch
 first locks its conversations' rows in id order (``FOR NO KEY UPDATE``, which still lets foreign-key checks of
 joins and cursors through); a conversation's next message therefore commits only after its previous one, and
 ``seq = last_seq + 1`` read under that lock is gapless across nodes. Locking in one order means two nodes' batches
@@ -47,12 +47,12 @@ from psycopg.pq import TransactionStatus
 from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
 
 from ._config import without_password
+from ._groupcommit import GroupCommitter
 from ._ports import (
-    AppendCallback, Appended, ConvRow, NameTaken, NewMessage, SchemaTooNew, SessionRow, StoreError, TooManyRooms,
-    UserRow,
+    Appended, ConvRow, NameTaken, NewMessage, SchemaTooNew, SessionRow, StoreError, TooManyRooms, UserRow,
 )
-# One mapping of wire u64s onto signed 64-bit integers and one waiter for both stores.
-from ._store import _I64_MAX, _U64, _clamp, _conv_row, _copy_error, _from_db_id, _to_db_id, _Waiter
+# One mapping of wire u64s onto signed 64-bit integers for both stores.
+from ._store import _I64_MAX, _clamp, _conv_row, _from_db_id, _to_db_id
 
 log = logging.getLogger(__name__)
 
@@ -366,58 +366,28 @@ async def open_pg_store(
     connect, password = _connector(url)
     store = PgStore(connect, url=url, password=password, max_batch=max_batch,
                     pool_size=pool_size, on_commit=on_commit)
-    try:
-        try:
-            await trio.to_thread.run_sync(store._writer.run, _migrate, (store._where,), False,
-                                          limiter=store._limiter)
-        except psycopg.Error as exc:
-            # Any psycopg error here (bad URL option, refused, authentication) is the operator's to fix.
-            raise StoreError(f"cannot open {store._where}: {store._scrub(exc)}") from None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store._commit_loop)
-            try:
-                yield store
-            finally:
-                store._begin_close()
-    finally:
-        with trio.CancelScope(shield=True):
-            await store._finish_close()
+    async with store._running(prepare=store._open_schema):
+        yield store
 
 
-class PgStore:
+class PgStore(GroupCommitter):
     """The PostgreSQL implementation of the ``Store`` port (server/_ports.py), whose docstrings give the guarantees.
 
     Use ``open_pg_store``. Every method may also raise ``StoreError`` when the database refuses or cannot be
     reached, and ``trio.ClosedResourceError`` once the store is closed.
     """
 
+    _recovered = "PostgreSQL answers"
+
     def __init__(self, connect: Callable[[], psycopg.Connection], *, url: str, password: str | None,
                  max_batch: int, pool_size: int, on_commit: Callable[[list[Appended]], None] | None) -> None:
+        # The committer's own connection, so a group commit never waits for a free one.
+        self._writer = _Pool(connect, 1)
+        super().__init__(limiter=self._writer.limiter, max_batch=max_batch, on_commit=on_commit)
         self._url = url  # only to mask it in messages: they show ``_where``
         self._where = without_password(url)
         self._password = password
-        # The committer's own connection, so a group commit never waits for a free one.
-        self._writer = _Pool(connect, 1)
-        self._limiter = self._writer.limiter
         self._pool = _Pool(connect, pool_size - 1) if pool_size > 1 else self._writer
-        self._max_batch = max_batch
-        #: Called in the Trio thread after each commit, before any ``append`` returns, with the batch's new
-        #: messages in seq order. Must not block; an exception is logged and the waiters still get their results.
-        self.on_commit = on_commit
-        #: Called in the Trio thread once every waiter of a committed batch got its result.
-        self.after_batch: Callable[[], None] | None = None
-        self._pending: list[_Waiter] = []
-        self._wakeup = trio.Event()
-        self._closing = False
-        self._refusals = 0
-        self._refusing = False
-        self._commits = 0
-        self._failed_batches = 0
-        self._appended = 0
-        self._duplicates = 0
-        self._batched = 0  # messages in committed batches, duplicates included
-        self._batch_max = 0
-        self._batch_histogram: dict[int, int] = {}
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
@@ -436,16 +406,17 @@ class PgStore:
         return await self._run(fn, *args, retry_lost=True)
 
     async def _call(self, pool: _Pool, fn: Callable[..., Any], args: tuple[Any, ...], retry_lost: bool) -> Any:
-        try:
-            result = await trio.to_thread.run_sync(pool.run, fn, args, retry_lost, limiter=pool.limiter)
-        except Exception as exc:
-            error = self._refusal(exc)
-            if error is None:
-                raise
-            self._refused(error)
-            raise error from exc
+        result = await self._in_thread(pool.limiter, pool.run, fn, args, retry_lost)
         self._accepted()
         return result
+
+    async def _open_schema(self) -> None:
+        """Opening: bring the schema to ``SCHEMA_VERSION`` (``_migrate``) on the committer's connection."""
+        try:
+            await trio.to_thread.run_sync(self._writer.run, _migrate, (self._where,), False, limiter=self._limiter)
+        except psycopg.Error as exc:
+            # Any psycopg error here (bad URL option, refused, authentication) is the operator's to fix.
+            raise StoreError(f"cannot open {self._where}: {self._scrub(exc)}") from None
 
     def _scrub(self, exc: BaseException) -> str:
         return _scrub(exc, self._url, self._password)
@@ -465,32 +436,10 @@ class PgStore:
             return None
         return StoreError(f"PostgreSQL refused: {self._scrub(exc)}")
 
-    def _refused(self, error: StoreError) -> None:
-        # Logged once per episode: while PostgreSQL is down every request fails, and each one is answered already.
-        self._refusals += 1
-        if not self._refusing:
-            self._refusing = True
-            log.warning("store: %s (further refusals are counted, and logged again once a request succeeds)", error)
-
-    def _accepted(self) -> None:
-        if self._refusing:
-            self._refusing = False
-            log.warning("store: PostgreSQL answers again (%d requests refused meanwhile)", self._refusals)
-
-    def _begin_close(self) -> None:
-        self._closing = True
-        self._wakeup.set()
-
-    async def _finish_close(self) -> None:
-        # Normally the committer has drained everything; if it was cancelled, what it left is committed here.
-        try:
-            while self._pending:
-                await self._commit_batch()
-        finally:
-            self._closing = True
-            await trio.to_thread.run_sync(self._writer.close, limiter=self._writer.limiter)
-            if self._pool is not self._writer:
-                await trio.to_thread.run_sync(self._pool.close)
+    async def _disconnect(self) -> None:
+        await trio.to_thread.run_sync(self._writer.close, limiter=self._writer.limiter)
+        if self._pool is not self._writer:
+            await trio.to_thread.run_sync(self._pool.close)
 
     # -- users and sessions ------------------------------------------------------------------------------------
 
@@ -746,97 +695,11 @@ class PgStore:
 
         return await self._read(run)
 
-    async def append(self, msg: NewMessage) -> Appended:
-        """Store ``msg`` (group-committed) and return it with its seq, or the original if it is a retry.
-
-        Returns only after COMMIT and after ``on_commit`` saw the message. Once called, the message is committed
-        even if this call is cancelled. Raises ``ValueError`` for a ``client_msg_id`` outside u64 (before
-        queueing), ``trio.ClosedResourceError`` after close, and whatever made its batch's transaction fail
-        (``StoreError`` when the database refused or the connection was lost, ``LookupError`` for an unknown
-        conversation, a ``psycopg.Error`` for a bug such as a broken constraint): then no message of that batch is
-        stored, or (connection lost during COMMIT) a retry finds it.
-        """
-        done = trio.Event()
-        waiter = self._enqueue(msg, done)
-        await done.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.result is not None
-        return waiter.result
-
-    def append_nowait(self, msg: NewMessage, callback: AppendCallback) -> None:
-        """Queue ``msg`` and return at once; ``callback(result, error)`` runs in the Trio thread after the commit.
-
-        The same guarantees as ``append``. Raises ``ValueError`` and ``trio.ClosedResourceError`` before queueing.
-        """
-        self._enqueue(msg, callback)
-
-    def _enqueue(self, msg: NewMessage, notify: trio.Event | AppendCallback) -> _Waiter:
-        if not 0 <= msg.client_msg_id < _U64:
-            raise ValueError(f"client_msg_id {msg.client_msg_id} is not a u64")
-        if self._closing:
-            raise trio.ClosedResourceError("the store is closed")
-        waiter = _Waiter(msg, notify)
-        self._pending.append(waiter)
-        self._wakeup.set()
-        return waiter
-
-    async def _commit_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            await self._commit_batch()
-
-    async def _commit_batch(self) -> None:
-        """Commit the oldest pending messages (up to max_batch) in one transaction, then wake their waiters."""
-        batch = self._pending[:self._max_batch]
-        del self._pending[:self._max_batch]
-        try:
-            results = await trio.to_thread.run_sync(self._writer.run, _write_batch, ([w.msg for w in batch],), True,
-                                                    limiter=self._limiter)
-        except Exception as exc:
-            self._failed_batches += 1
-            refusal = self._refusal(exc)
-            if refusal is None:
-                log.warning("store: a batch of %d messages failed: %r", len(batch), exc)
-            else:
-                self._refused(refusal)
-                refusal.__cause__ = exc
-            error = exc if refusal is None else refusal
-            for waiter in batch:
-                waiter.finish(None, _copy_error(error))
-            return
-        except BaseException:
-            # Cancelled while waiting for the limiter, before the thread ran: nothing was written. Put the batch
-            # back in front; the shielded drain in open_pg_store commits it.
-            self._pending[:0] = batch
-            raise
-        self._accepted()
-        fresh = [r for r in results if not r.duplicate]
-        size = len(batch)
-        self._commits += 1
-        self._appended += len(fresh)
-        self._duplicates += size - len(fresh)
-        self._batched += size
-        self._batch_max = max(self._batch_max, size)
-        bucket = 1 << (size - 1).bit_length()
-        self._batch_histogram[bucket] = self._batch_histogram.get(bucket, 0) + 1
-        if fresh and self.on_commit is not None:
-            try:
-                self.on_commit(fresh)
-            except Exception:
-                log.exception("store: on_commit raised; the messages are stored and their senders get an ACK")
-        for waiter, result in zip(batch, results, strict=True):
-            waiter.finish(result, None)
-        if self.after_batch is not None:
-            try:
-                self.after_batch()
-            except Exception:
-                log.exception("store: after_batch raised")
+    def _write_batch(self, msgs: list[NewMessage]) -> list[Appended]:
+        """The group committer's hook, in its worker thread: ``_write_messages`` on the committer's connection, the
+        whole batch retried after an abort or a dedup race, and once on a fresh connection if the idle one was dead.
+        Raises ``LookupError`` for an unknown conversation, ``psycopg.Error``, ``_Conflict``, ``_CommitUnknown``."""
+        return self._writer.run(_write_messages, (msgs,), True)
 
     async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
         """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
@@ -923,23 +786,12 @@ class PgStore:
     # -- counters ----------------------------------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        """Group-commit counters as the SQLite store's (``batch_histogram`` maps a power of two n to batches of
-        size (n/2, n]), plus ``retries`` (work redone after an abort, a dedup race or a dead idle connection) and
-        ``connects`` (connections opened: more than ``pool_size`` means some were replaced)."""
+        """The group committer's counters (server/_groupcommit.py), plus ``retries`` (work redone after an abort, a
+        dedup race or a dead idle connection) and ``connects`` (connections opened: more than ``pool_size`` means
+        some were replaced)."""
         pools = {self._writer, self._pool}
-        return {
-            "commits": self._commits,
-            "refused": self._refusals,
-            "failed_batches": self._failed_batches,
-            "appended": self._appended,
-            "duplicates": self._duplicates,
-            "pending": len(self._pending),
-            "batch_max": self._batch_max,
-            "batch_mean": self._batched / self._commits if self._commits else 0.0,
-            "batch_histogram": dict(sorted(self._batch_histogram.items())),
-            "retries": sum(p.retries for p in pools),
-            "connects": sum(p.connects for p in pools),
-        }
+        return {**super().statistics(), "retries": sum(p.retries for p in pools),
+                "connects": sum(p.connects for p in pools)}
 
 
 def _one(conn: psycopg.Connection, query: str, params: tuple[Any, ...]) -> Any:
@@ -949,7 +801,7 @@ def _one(conn: psycopg.Connection, query: str, params: tuple[Any, ...]) -> Any:
     return row[0]
 
 
-def _write_batch(conn: psycopg.Connection, msgs: list[NewMessage]) -> list[Appended]:
+def _write_messages(conn: psycopg.Connection, msgs: list[NewMessage]) -> list[Appended]:
     """Store ``msgs`` in one transaction (in a worker thread, on the committer's connection); returns their results.
 
     Two round trips, each a pipeline: BEGIN, lock, look up the keys; then INSERT, UPDATE, COMMIT. Every round trip

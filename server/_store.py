@@ -7,16 +7,13 @@ Autocommit mode (``isolation_level=None``): each multi-statement operation is an
 ``COMMIT``. WAL journal, ``synchronous=FULL`` by default so that a committed transaction survives power loss
 (guarantee 2, "acked means durable"); ``NORMAL`` is faster and survives a process crash but not an OS crash.
 
-Messages are group-committed. ``append`` puts the message on a pending list and waits; one committer task takes
-everything pending (up to ``max_batch``) and stores it in ONE transaction, giving each message
-``seq = conversations.last_seq + 1`` and writing the new ``last_seq`` back in the same transaction, so seqs are
-gapless per conversation (spec/PROTOCOL.md, SEND and SYNC). While that transaction runs, new appends gather for
-the next one: batches grow with load and the fsync cost is shared. ``(sender_id, client_msg_id)`` is a unique
-index: a retry, even one inside the same batch, resolves to the stored row with ``duplicate=True`` and takes no seq
-(guarantee 3). After COMMIT, still before any waiter wakes, the committer calls ``on_commit`` with the new
-(non-duplicate) messages in commit order; the server publishes from there, so live delivery order is seq order
-and a message is never seen live before it is durable. Once ``append`` has queued a message the committer owns
-it: cancelling the caller does not lose it, and closing the store commits whatever is still pending.
+Messages are group-committed by server/_groupcommit.py (the queue, the committer, ``on_commit`` before any waiter
+wakes, closing that commits what is pending); this module's part is ``_write_batch``, the ONE transaction a batch is
+stored in, which gives each message ``seq = conversations.last_seq + 1`` and writes the new ``last_seq`` back, so
+seqs are gapless per conversation (spec/PROTOCOL.md, SEND and SYNC), and the fsync cost is shared by the batch.
+``(sender_id, client_msg_id)`` is a unique index: a retry, even one inside the same batch, resolves to the stored
+row with ``duplicate=True`` and takes no seq (guarantee 3). The server publishes from ``on_commit``, so live
+delivery order is seq order and a message is never seen live before it is durable.
 
 Values from the wire are u64 and SQLite integers are signed 64-bit. ``client_msg_id`` of 2**63 and above is
 stored as its two's complement (negative) value and mapped back when read; seqs and limits are clamped by
@@ -24,11 +21,11 @@ stored as its two's complement (negative) value and mapped back when read; seqs 
 the newest one. Nothing a peer sends can raise ``OverflowError`` here.
 
 Failure is local (DESIGN.md). When SQLite refuses (disk full, I/O error, busy, read-only, corrupt: ``_REFUSED``)
-every public method raises ``StoreError`` chained from the ``sqlite3`` error, from one place (``_call`` and the
-committer); the caller answers SERVER_BUSY and the store stays usable. Other errors (constraint violations, misuse)
-are bugs and stay what they are. On a full disk, writes are refused and reads served; opening does not write when
-the schema is current, so the server also starts on a full disk (as long as the ``-shm`` index exists or 32 KiB are
-free); nothing is remembered of a refusal, so writes work again as soon as space returns.
+every public method raises ``StoreError`` chained from the ``sqlite3`` error, from one place (``_refusal``, which
+the group committer applies); the caller answers SERVER_BUSY and the store stays usable. Other errors (constraint
+violations, misuse) are bugs and stay what they are. On a full disk, writes are refused and reads served; opening
+does not write when the schema is current, so the server also starts on a full disk (as long as the ``-shm`` index
+exists or 32 KiB are free); nothing is remembered of a refusal, so writes work again as soon as space returns.
 
 The WAL stays bounded (``WAL_MAX_BYTES``). SQLite only rewinds the WAL when a checkpoint has copied all of it and
 no reader uses it, which never happens under steady load: PASSIVE checkpoints alone let it grow without limit. So
@@ -55,12 +52,13 @@ import sqlite3
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from copy import copy
 from typing import Any
 
 import trio
 
 from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
+
+from ._groupcommit import _U64, GroupCommitter
 
 # The row types and errors are the Store port's (server/_ports.py); this module is one implementation of it.
 from ._ports import (  # noqa: F401  (re-exported: tests and __main__ name them here)
@@ -83,7 +81,6 @@ WAL_MAX_BYTES = 2 * WAL_CHECKPOINT_BYTES
 #: worst); if a reader is still there, the WAL is reset at a later step.
 _CHECKPOINT_BUSY_MS = 200
 
-_U64 = 1 << 64
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 
@@ -236,17 +233,6 @@ def _new_id(cursor: sqlite3.Cursor) -> int:
     return rowid
 
 
-def _copy_error(exc: Exception) -> Exception:
-    """A copy for one waiter, so that tracebacks raised in several tasks do not pile onto one object."""
-    try:
-        dup = copy(exc)
-    except Exception:
-        return exc
-    dup.__cause__ = exc.__cause__
-    dup.__context__ = exc.__context__
-    return dup
-
-
 @contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT, rolled back if the body or the COMMIT itself raises."""
@@ -347,33 +333,6 @@ def _wal_size(path: str) -> int:
         return 0
 
 
-class _Waiter:
-    """One queued append: the committer calls ``finish`` with its result or error.
-
-    ``notify`` is an event that ``append`` waits on, or the callback ``append_nowait`` was given, so a
-    connection can pipeline sends without a task per message.
-    """
-
-    __slots__ = ("msg", "notify", "result", "error")
-
-    def __init__(self, msg: NewMessage, notify: trio.Event | AppendCallback) -> None:
-        self.msg = msg
-        self.notify = notify
-        self.result: Appended | None = None
-        self.error: BaseException | None = None
-
-    def finish(self, result: Appended | None, error: BaseException | None) -> None:
-        self.result, self.error = result, error
-        notify = self.notify
-        if isinstance(notify, trio.Event):
-            notify.set()
-            return
-        try:
-            notify(result, error)
-        except Exception:
-            log.exception("store: an append callback raised")
-
-
 def _open_connections(path: str, synchronous: str, max_page_count: int | None
                       ) -> tuple[sqlite3.Connection, sqlite3.Connection, sqlite3.Connection]:
     """The writer, the reader and the checkpointer; raises like ``_connect``."""
@@ -426,30 +385,25 @@ async def open_store(
         raise StoreError(f"cannot open {path}: {exc}") from exc
     store = Store(*conns, wal_path=path + "-wal", max_batch=max_batch, on_commit=on_commit,
                   wal_checkpoint_bytes=wal_checkpoint_bytes)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store._commit_loop)
-            nursery.start_soon(store._checkpoint_loop)
-            try:
-                yield store
-            finally:
-                store._begin_close()
-    finally:
-        with trio.CancelScope(shield=True):
-            await store._finish_close()
+    async with store._running(store._checkpoint_loop):
+        yield store
 
 
-class Store:
+class Store(GroupCommitter):
     """The SQLite implementation of the ``Store`` port (server/_ports.py), whose docstrings give the guarantees.
 
     Use ``open_store``. Every method may also raise ``StoreError`` when the database refuses (disk full...), and
     ``trio.ClosedResourceError`` once the store is closed."""
 
+    _while_refused = "reads are still served; further refusals are counted, and logged again once a write succeeds"
+    _recovered = "the database accepts writes"
+
     def __init__(self, conn: sqlite3.Connection, reader: sqlite3.Connection, checkpointer: sqlite3.Connection, *,
                  wal_path: str, max_batch: int, on_commit: Callable[[list[Appended]], None] | None,
                  wal_checkpoint_bytes: int) -> None:
+        # Every write holds the committer's limiter: the writing connection is used by one thread at a time.
+        super().__init__(limiter=trio.CapacityLimiter(1), max_batch=max_batch, on_commit=on_commit)
         self._conn: sqlite3.Connection | None = conn
-        self._limiter = trio.CapacityLimiter(1)
         # Queries use their own connection, so a page of history never waits behind a group commit.
         self._reader: sqlite3.Connection | None = reader
         self._read_limiter = trio.CapacityLimiter(1)
@@ -463,25 +417,7 @@ class Store:
         self._wal_resets = 0
         self._reset_at_writes = -1  # self._writes when the WAL was last reset
         self._checkpoint_failing = False
-        self._refusals = 0
-        self._refusing = False
-        self._max_batch = max_batch
-        #: Called in the Trio thread after each commit, before any ``append`` returns, with the batch's new
-        #: messages in seq order. Must not block; an exception is logged and the waiters still get their results.
-        self.on_commit = on_commit
-        #: Called in the Trio thread once every waiter of a committed batch got its result (the server
-        #: sends everything one batch produced for a connection, messages and ACKs, in one write).
-        self.after_batch: Callable[[], None] | None = None
-        self._pending: list[_Waiter] = []
-        self._wakeup = trio.Event()
-        self._closing = False
-        self._commits = 0
-        self._failed_batches = 0
-        self._appended = 0
-        self._duplicates = 0
-        self._batched = 0  # messages in committed batches, duplicates included
-        self._batch_max = 0
-        self._batch_histogram: dict[int, int] = {}
+        self._wal_bytes = 0  # the -wal file's size after the last group commit (stat by its worker thread)
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
@@ -489,7 +425,7 @@ class Store:
         """Run ``fn(conn, *args)`` in a worker thread, alone on the writing connection."""
         if self._closing:
             raise trio.ClosedResourceError("the store is closed")
-        result = await self._call(fn, self._conn, *args, limiter=self._limiter)
+        result = await self._in_thread(self._limiter, fn, self._conn, *args)
         self._writes += 1
         self._accepted()
         return result
@@ -498,32 +434,10 @@ class Store:
         """Run the query ``fn(conn, *args)`` on the reading connection (sees every committed write)."""
         if self._closing:
             raise trio.ClosedResourceError("the store is closed")
-        return await self._call(fn, self._reader, *args, limiter=self._read_limiter)
+        return await self._in_thread(self._read_limiter, fn, self._reader, *args)
 
-    async def _call(self, fn: Callable[..., Any], conn: sqlite3.Connection | None, *args: Any,
-                    limiter: trio.CapacityLimiter) -> Any:
-        """``fn(conn, *args)`` in a worker thread; a refusal by the database becomes ``StoreError``."""
-        try:
-            return await trio.to_thread.run_sync(fn, conn, *args, limiter=limiter)
-        except sqlite3.Error as exc:
-            error = _refusal(exc)
-            if error is None:
-                raise
-            self._refused(exc)
-            raise error from exc
-
-    def _refused(self, exc: BaseException) -> None:
-        # Logged once per episode: a full disk refuses every write, and each one is answered already.
-        self._refusals += 1
-        if not self._refusing:
-            self._refusing = True
-            log.warning("store: the database refused: %s (reads are still served; further refusals are counted, "
-                        "and logged again once a write succeeds)", exc)
-
-    def _accepted(self) -> None:
-        if self._refusing:
-            self._refusing = False
-            log.warning("store: the database accepts writes again (%d refused meanwhile)", self._refusals)
+    # The group committer's hook: a refusal by the database (see ``_REFUSED``) becomes ``StoreError``.
+    _refusal = staticmethod(_refusal)
 
     async def set_max_page_count(self, pages: int) -> int:
         """Cap the database at ``pages`` pages, as a full disk would (a hook for tests); returns the cap in force.
@@ -593,23 +507,17 @@ class Store:
         return _wal_size(self._wal_path)
 
     def _begin_close(self) -> None:
-        self._closing = True
-        self._wakeup.set()
+        super()._begin_close()
         self._wal_grown.set()
 
-    async def _finish_close(self) -> None:
-        # Normally the committer has drained everything; if it was cancelled, what it left is committed here.
-        try:
-            while self._pending:
-                await self._commit_batch()
-        finally:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
-            for side in (self._reader, self._checkpointer):
-                if side is not None:
-                    await trio.to_thread.run_sync(side.close)
-            self._reader = self._checkpointer = None
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+        for side in (self._reader, self._checkpointer):
+            if side is not None:
+                await trio.to_thread.run_sync(side.close)
+        self._reader = self._checkpointer = None
 
     # -- users and sessions ------------------------------------------------------------------------------------
 
@@ -874,107 +782,12 @@ class Store:
 
         return await self._read(run)
 
-    async def append(self, msg: NewMessage) -> Appended:
-        """Store ``msg`` (group-committed) and return it with its seq, or the original if it is a retry.
+    def _write_batch(self, msgs: list[NewMessage]) -> list[Appended]:
+        """The group committer's hook, in its worker thread: store ``msgs`` in one transaction; their results.
 
-        Returns only after COMMIT and after ``on_commit`` saw the message. Once called, the message is committed
-        even if this call is cancelled. Raises ``ValueError`` for a ``client_msg_id`` outside u64 (before
-        queueing), ``trio.ClosedResourceError`` after close, and whatever made its batch's transaction fail
-        (``StoreError`` when the database refused, ``LookupError`` for an unknown conversation, a
-        ``sqlite3.Error`` for a bug such as a broken constraint): then no message of that batch is stored.
+        Raises ``LookupError`` for an unknown conversation, ``sqlite3.Error`` (nothing stored).
         """
-        done = trio.Event()
-        waiter = self._enqueue(msg, done)
-        await done.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.result is not None
-        return waiter.result
-
-    def append_nowait(self, msg: NewMessage, callback: AppendCallback) -> None:
-        """Queue ``msg`` and return at once; ``callback(result, error)`` runs in the Trio thread after the commit.
-
-        The same guarantees as ``append`` (callback after COMMIT and after ``on_commit``). Raises ``ValueError``
-        and ``trio.ClosedResourceError`` like ``append``, before queueing.
-        """
-        self._enqueue(msg, callback)
-
-    def _enqueue(self, msg: NewMessage, notify: trio.Event | AppendCallback) -> _Waiter:
-        if not 0 <= msg.client_msg_id < _U64:
-            raise ValueError(f"client_msg_id {msg.client_msg_id} is not a u64")
-        if self._closing:
-            raise trio.ClosedResourceError("the store is closed")
-        waiter = _Waiter(msg, notify)
-        self._pending.append(waiter)
-        self._wakeup.set()
-        return waiter
-
-    async def _commit_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            await self._commit_batch()
-
-    async def _commit_batch(self) -> None:
-        """Commit the oldest pending messages (up to max_batch) in one transaction, then wake their waiters."""
-        batch = self._pending[:self._max_batch]
-        del self._pending[:self._max_batch]
-        try:
-            results, wal_bytes = await trio.to_thread.run_sync(self._write_batch, _open(self._conn), self._wal_path,
-                                                               [w.msg for w in batch], limiter=self._limiter)
-        except Exception as exc:
-            self._failed_batches += 1
-            refusal = _refusal(exc)
-            if refusal is None:
-                log.warning("store: a batch of %d messages failed: %r", len(batch), exc)
-            else:
-                self._refused(exc)
-            error = exc if refusal is None else refusal
-            for waiter in batch:
-                waiter.finish(None, _copy_error(error))
-            return
-        except BaseException:
-            # Cancelled while waiting for the limiter, before the thread ran: nothing was written. Put the batch
-            # back in front; the shielded drain in open_store commits it.
-            self._pending[:0] = batch
-            raise
-        fresh = [r for r in results if not r.duplicate]
-        size = len(batch)
-        self._commits += 1
-        self._writes += 1
-        self._accepted()
-        if wal_bytes >= self._wal_checkpoint_bytes:
-            self._wal_grown.set()
-        self._appended += len(fresh)
-        self._duplicates += size - len(fresh)
-        self._batched += size
-        self._batch_max = max(self._batch_max, size)
-        bucket = 1 << (size - 1).bit_length()
-        self._batch_histogram[bucket] = self._batch_histogram.get(bucket, 0) + 1
-        if fresh and self.on_commit is not None:
-            try:
-                self.on_commit(fresh)
-            except Exception:
-                log.exception("store: on_commit raised; the messages are stored and their senders get an ACK")
-        for waiter, result in zip(batch, results, strict=True):
-            waiter.finish(result, None)
-        if self.after_batch is not None:
-            try:
-                self.after_batch()
-            except Exception:
-                log.exception("store: after_batch raised")
-        if wal_bytes >= 2 * self._wal_checkpoint_bytes:
-            # The checkpointer is not keeping up (the disk is slower than the writes): wait for a step, so the WAL
-            # stays bounded; appends gather meanwhile and go in the next batch.
-            await self._checkpoint(at_least=2 * self._wal_checkpoint_bytes)
-
-    @staticmethod
-    def _write_batch(conn: sqlite3.Connection, wal_path: str, msgs: list[NewMessage]) -> tuple[list[Appended], int]:
-        """Store ``msgs`` in one transaction; returns their results and the WAL's size after the COMMIT."""
+        conn = _open(self._conn)
         results: list[Appended] = []
         last: dict[int, int] = {}  # conv_id -> last_seq as of this transaction
         with _transaction(conn):
@@ -1005,7 +818,18 @@ class Store:
             conn.executemany("UPDATE conversations SET last_seq = ? WHERE id = ?",
                              [(seq, conv_id) for conv_id, seq in last.items()])
         # One stat beside an fsync: how the checkpointer learns early that the WAL needs a reset.
-        return results, _wal_size(wal_path)
+        self._wal_bytes = _wal_size(self._wal_path)
+        return results
+
+    async def _batch_done(self) -> None:
+        """The group committer's hook after a batch: count the write, and keep the WAL bounded."""
+        self._writes += 1
+        if self._wal_bytes >= self._wal_checkpoint_bytes:
+            self._wal_grown.set()
+        if self._wal_bytes >= 2 * self._wal_checkpoint_bytes:
+            # The checkpointer is not keeping up (the disk is slower than the writes): wait for a step, so the WAL
+            # stays bounded; appends gather meanwhile and go in the next batch.
+            await self._checkpoint(at_least=2 * self._wal_checkpoint_bytes)
 
     async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
         """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
@@ -1100,17 +924,6 @@ class Store:
     # -- counters ----------------------------------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        """Group-commit counters: ``batch_histogram`` maps a power of two n to batches of size (n/2, n]."""
-        return {
-            "commits": self._commits,
-            "checkpoints": self._checkpoints,
-            "wal_resets": self._wal_resets,
-            "refused": self._refusals,
-            "failed_batches": self._failed_batches,
-            "appended": self._appended,
-            "duplicates": self._duplicates,
-            "pending": len(self._pending),
-            "batch_max": self._batch_max,
-            "batch_mean": self._batched / self._commits if self._commits else 0.0,
-            "batch_histogram": dict(sorted(self._batch_histogram.items())),
-        }
+        """The group committer's counters (server/_groupcommit.py), plus the WAL's: ``checkpoints`` (steps that
+        copied the WAL back) and ``wal_resets`` (RESTART checkpoints that rewound it)."""
+        return {**super().statistics(), "checkpoints": self._checkpoints, "wal_resets": self._wal_resets}
