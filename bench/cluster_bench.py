@@ -41,6 +41,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import socket
 import statistics
 import struct
@@ -74,6 +75,7 @@ class Sizes(run.Sizes):
     scale_users: int = 1000
     scale_per_worker: int = 15_000  # sockets per load-generator process (the file limit is 20,000)
     scale_concurrency: int = 200  # connections being set up at once per load-generator process
+    scale_storms: int = 1  # kill-all-and-resume repetitions: each is scale_conns RESUMEs (minutes at 100,000)
     baseline_s: float = 3.0  # the nodes' CPU without clients is read over this long
     fanout_nodes: tuple[int, ...] = (1, 2, 3)
     durable_nodes: tuple[int, ...] = (1, 2)
@@ -387,11 +389,14 @@ class ClusterBench:
 
     def setup(self, workers: run.Workers, group: NodeGroup) -> dict:
         """Open and set up every connection; never raises for connections that failed: says how many got ready."""
-        started = time.monotonic()
+        cpu0, svc0, busy0, started = sum(group.cpu()), service_cpu(group), run.machine_busy_s(), time.monotonic()
         replies = workers.command({"cmd": "setup", "timeout_s": self.sizes.setup_timeout_s})
         seconds = time.monotonic() - started
+        cpu, services = sum(group.cpu()) - cpu0, sum(service_delta(svc0, service_cpu(group)).values())
         ready = sum(r["ready"] for r in replies)
         out = {"ready": ready, "wanted": workers.n_conns, "seconds": seconds, "per_s": ready / seconds,
+               "cpu_us_per_conn": cpu * 1e6 / max(ready, 1), "services_us_per_conn": services * 1e6 / max(ready, 1),
+               "nodes_cores": cpu / seconds, "machine_util": (run.machine_busy_s() - busy0) / seconds / os.cpu_count(),
                "worker_seconds": [round(r["setup_s"], 2) for r in replies],
                "finished": all(r["finished"] for r in replies)}
         failures, errors = _merge(replies, "failures"), _merge(replies, "errors")
@@ -492,18 +497,16 @@ class ClusterBench:
                 rep["rss_mb"] = rep["rss_kb"] / 1024
                 idle.append(rep)
             resume = []
-            for _ in range(s.reps):
+            for _ in range(s.scale_storms):
                 resume.append(self.kill_and_resume(group, workers, base_files))
                 self.log(f"scale: killed and resumed {resume[-1]['ready']:,} in {resume[-1]['seconds']:.1f}s "
                          f"(the nodes let go of the killed ones in {resume[-1]['teardown_s']:.1f}s)")
-            reps = [{**i, "connect_s": connect["seconds"], "connect_per_s": connect["per_s"],
-                     "resume_s": r["seconds"], "resume_per_s": r["per_s"], "teardown_s": r["teardown_s"],
-                     "resumed": r["ready"], "complete": i["complete"] and r["ready"] == s.scale_conns}
-                    for i, r in zip(idle, resume, strict=True)]
+            for rep in idle:
+                rep["complete"] = rep["complete"] and all(r["ready"] == s.scale_conns for r in resume)
             note = (f"{len(group)} nodes sharing port {group.port} (SO_REUSEPORT); {len(workers)} load-generator "
                     f"processes from 127.0.0.2–{len(workers) + 1}; {s.scale_users} users, each connection RESUMEs "
                     f"with one of their tokens, then SYNC")
-            self.add_row("scale", "connections", system, "ok", reps, note, register=register, connect=connect,
+            self.add_row("scale", "connections", system, "ok", idle, note, register=register, connect=connect,
                          resume=resume, baseline={"rss_kb": base_rss, "cpu_pct": base_cpu_s * 100,
                                                   "services_cpu_pct": base_svc_s * 100, "open_files": base_files},
                          target=s.scale_conns)
@@ -520,7 +523,8 @@ class ClusterBench:
         killed = sum(r["aborted"] for r in workers.command({"cmd": "abort"}))
         started = time.monotonic()
         deadline = started + self.sizes.setup_timeout_s
-        slack = max(10, killed // 1000)
+        # Done when what is left open is what the nodes hold without clients, give or take their pools growing.
+        slack = 16 * len(group) + killed // 200
         while time.monotonic() < deadline:
             left = sum(group.open_files()) - sum(base_files)
             if left <= slack:
@@ -611,9 +615,10 @@ class ClusterBench:
 
 # -- reporting -------------------------------------------------------------------------------------------------------
 
-def _spread(row: dict, key: str, spec: str = ".1f", scale: float = 1.0) -> str:
-    """The median and, over several repetitions, its range: ``12.3 (11.9–13.0)``."""
-    values = [r[key] * scale for r in row["reps"] if isinstance(r.get(key), (int, float))]
+def _spread(row: dict | list, key: str, spec: str = ".1f", scale: float = 1.0) -> str:
+    """The median and, over several repetitions (a row's, or a list of them), its range: ``12.3 (11.9–13.0)``."""
+    values = [r[key] * scale for r in (row["reps"] if isinstance(row, dict) else row)
+              if isinstance(r.get(key), (int, float))]
     if not values:
         return "–"
     text = format(statistics.median(values), spec)
@@ -650,9 +655,10 @@ def render(results: dict, markdown: bool = False) -> str:
                 row["system"] + ("" if row["status"] == "ok" else " (incomplete)"),
                 f"{connect['ready']:,} of {row['target']:,}",
                 f"{register['seconds']:.1f}",
-                f"{connect['seconds']:.1f} ({connect['per_s']:,.0f}/s)",
-                _spread(row, "resume_s") + f" ({_spread(row, 'resume_per_s', ',.0f')}/s)",
-                _spread(row, "teardown_s"),
+                f"{connect['seconds']:.1f} ({connect['per_s']:,.0f}/s, {connect['cpu_us_per_conn'] / 1000:.1f}"
+                f"+{connect['services_us_per_conn'] / 1000:.1f} ms CPU)",
+                f"{_spread(row['resume'], 'seconds')} ({_spread(row['resume'], 'per_s', ',.0f')}/s)",
+                _spread(row["resume"], "teardown_s"),
                 _spread(row, "kb_per_connection", ".2f"),
                 _spread(row, "net_cpu_us_per_conn_per_s", ".2f"),
                 _spread(row, "services_us_per_conn_per_s", ".2f"),
@@ -661,8 +667,9 @@ def render(results: dict, markdown: bool = False) -> str:
                      f"users' tokens, then SYNC), heartbeat every {sizes.heartbeat_s}s, idle windows of "
                      f"{sizes.idle_s:g}s ({reps}){nl}" + run._table(
                          ["nodes", "connected", f"register {sizes.scale_users:,} users s",
-                          "connect + auth s", "kill all → resumed s", "nodes let go s", "KB/conn (RSS, all nodes)",
-                          "idle µs/conn/s (nodes)", "idle µs/conn/s (Redis+PG)", "open files per node"],
+                          "connect + auth s (CPU per conn: nodes+Redis+PG)", "kill all → resumed s",
+                          "nodes let go s", "KB/conn (RSS, all nodes)", "idle µs/conn/s (nodes)",
+                          "idle µs/conn/s (Redis+PG)", "open files per node"],
                          lines, markdown=markdown))
     for scenario, title in (
             ("fanout", f"Cross-node fan-out: one room of {sizes.fanout_members:,} members spread evenly over the "
@@ -749,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("cluster-smoke" if args.smoke else "cluster")
 
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the nodes on the way out
     meta = run.machine_info(args, sizes)
     meta["command"] = "python -m bench.cluster_bench " + " ".join(argv)
     started = time.monotonic()

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 SIGNED = {"net_cpu_us_per_conn_per_s", "services_us_per_conn_per_s"}
 NUMERIC = {
     "scale": ["connections", "kb_per_connection", "net_cpu_us_per_conn_per_s", "services_us_per_conn_per_s",
-              "connect_s", "resume_s", "teardown_s", "rss_kb"],
+              "rss_kb"],
     "fanout": ["deliveries_per_s", "cpu_us_per_delivery", "with_services_us_per_delivery", "p50_ms", "p99_ms",
                "busiest_node_util", "machine_util", "redis_cpu_s", "postgresql_cpu_s"],
     "durable": ["acked_per_s", "ack_p50_ms", "ack_p99_ms", "cpu_us_per_ack", "with_services_us_per_ack",
