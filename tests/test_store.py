@@ -603,18 +603,29 @@ async def test_append_nowait_calls_back_after_commit_and_publish(store):
         store.append_nowait(msg(conv, alice, -1), callback)
 
 
-async def test_wal_is_checkpointed_beside_the_writer(tmp_path, autojump_clock):
+async def test_wal_is_checkpointed_beside_the_writer(tmp_path, mock_clock):
+    # Virtual time moves only when the test moves it: a checkpoint step runs in a worker thread, and an autojump
+    # clock jumps while any thread works (Trio sees every task blocked), so "a quiet second" could be a step still
+    # under way, counted only after the test had looked.
+    async def a_second_passes():
+        """The checkpointer's second: it wakes, and the step it starts, if any, is over when this returns."""
+        mock_clock.jump(1)
+        await wait_all_tasks_blocked()  # it woke and either started its step (a thread) or went back to waiting
+        async with store._checkpoint_lock:  # its step holds this (reaches in: nothing public tells a step is over)
+            pass
+
     async with open_store(tmp_path / "chorus.db") as store:
         alice, bob = await make_users(store, "alice", "bob")
         conv = await store.direct(alice.id, bob.id)
         await store.append(msg(conv, alice, 1))
-        checkpoints = 0
-        while True:  # virtual time: the checkpointer runs once a second after writes, then falls quiet
-            await trio.sleep(2)
-            if store.statistics()["checkpoints"] == checkpoints > 0:
-                break
-            checkpoints = store.statistics()["checkpoints"]
-        await trio.sleep(5)
-        assert store.statistics()["checkpoints"] == checkpoints  # nothing new committed, nothing to copy
+        assert store.statistics()["checkpoints"] == 0  # not inside the writes: beside them, a second later
+        await a_second_passes()
+        assert store.statistics()["checkpoints"] == 1
+        for _ in range(5):
+            await a_second_passes()
+        assert store.statistics()["checkpoints"] == 1  # nothing new committed, nothing to copy
+        await store.append(msg(conv, alice, 2))
+        await a_second_passes()
+        assert store.statistics()["checkpoints"] == 2
         messages, _ = await store.messages_after(conv, 0, 10)
-        assert [m.seq for m in messages] == [1]
+        assert [m.seq for m in messages] == [1, 2]
