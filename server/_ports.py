@@ -150,6 +150,10 @@ class Store(Protocol):
 
     async def get_user(self, name: str) -> UserRow | None: ...
 
+    async def get_user_by_id(self, user_id: int) -> UserRow | None:
+        """The user with this id, or None."""
+        ...
+
     async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int) -> None: ...
 
     async def get_session(self, token_hash: bytes, now_ms: int) -> SessionRow | None:
@@ -178,8 +182,20 @@ class Store(Protocol):
         """
         ...
 
+    async def join(self, user_id: int, conv_id: int) -> bool:
+        """Add the user to room ``conv_id`` (no room limit); True if newly joined. Raises ``ValueError`` if no room."""
+        ...
+
     async def leave(self, user_id: int, conv_id: int) -> bool:
         """True if the user was a member; cursors are kept."""
+        ...
+
+    async def is_member(self, user_id: int, conv_id: int) -> bool:
+        """Whether the user is in room ``conv_id`` or is one of its DIRECT pair."""
+        ...
+
+    async def room_count(self, user_id: int) -> int:
+        """How many rooms the user is in."""
         ...
 
     async def members(self, conv_id: int) -> list[tuple[int, str]]:
@@ -193,6 +209,10 @@ class Store(Protocol):
 
     async def conversations(self, user_id: int) -> list[ConvRow]:
         """The user's rooms and DIRECT pairs, by kind then name, each with its ``last_seq``."""
+        ...
+
+    async def conversation(self, user_id: int, conv_id: int) -> ConvRow | None:
+        """``conv_id`` as the user sees it: any room, or a DIRECT pair the user is in; else None."""
         ...
 
     async def list_rooms(self, user_id: int, limit: int) -> list[RoomInfo]:
