@@ -24,6 +24,7 @@ import collections
 import logging
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -172,8 +173,11 @@ class Server:
     async def _drain(self) -> None:
         config = self.config
         deadline = trio.current_time() + config.shutdown_grace_s
+        self.broker.set_draining(True)
+        nodes = tuple(replace(n, draining=True) if n.port == self.port and n.host == config.advertised_host else n
+                      for n in self.broker.live_nodes())
         for conn in list(self.connections):
-            conn.goaway(config.reconnect_hint_ms, "server shutting down")
+            conn.goaway(config.reconnect_hint_ms, "server shutting down", nodes)
         with trio.move_on_at(deadline):
             for conn in list(self.connections):
                 await conn.wait_quiet()
@@ -249,6 +253,7 @@ async def _serve_until_shutdown(server: Server, listener, task_status) -> None:
                 from ._websocket import serve_websocket
 
                 server.ws_port = await accepting.start(serve_websocket, server, handlers)
+            server.broker.set_address(listener.port, server.ws_port)
             log.info("listening on %s:%d (data %s)", config.host, server.port, config.storage)
             task_status.started(server)
             await server._shutdown.wait()

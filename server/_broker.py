@@ -144,6 +144,16 @@ class LocalBroker:
         for conn in list(self._users.get(event.user_id, ())):
             conn.user_event(event)
 
+    # -- nodes: one process is the whole server, so there is no list to give --------------------------------------
+    def live_nodes(self) -> list[proto.NodeInfo]:
+        return []
+
+    def set_address(self, port: int, ws_port: int | None) -> None:
+        pass
+
+    def set_draining(self, draining: bool) -> None:
+        pass
+
     async def online(self, user_ids: Iterable[int]) -> set[int]:
         """As announced: a user whose OFFLINE is still pending counts as online."""
         return {uid for uid in user_ids if uid in self._users or uid in self._offline}

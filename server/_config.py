@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+import socket
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -114,6 +115,8 @@ class Config:
     broker_prefix: str = _opt("chorus", "node mode: prefix of every Redis key and channel (clusters sharing one Redis "
                                         "need different ones)")
     node_id: str | None = _opt(None, "node mode: this node's name in the registry (default: host name and process id)")
+    advertise_host: str | None = _opt(None, "node mode: the host name or address clients are told to reach this node "
+                                            "at (NODES); default: host, or this machine's name if host is 0.0.0.0")
     reuse_port: bool = _opt(False, "share the ports with other processes (SO_REUSEPORT): several nodes on one machine")
     node_ttl_s: float = _opt(10.0, "node mode: a node silent this long is dead; its users go offline")
     pg_pool_size: int = _opt(4, "node mode: PostgreSQL connections per node (one writes, the rest read)")
@@ -252,6 +255,13 @@ class Config:
     @property
     def db_path(self) -> Path:
         return Path(self.data_dir) / "chorus.db"
+
+    @property
+    def advertised_host(self) -> str:
+        """Where other nodes' clients reach this node (NODES, spec §9.14)."""
+        if self.advertise_host:
+            return self.advertise_host
+        return socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def storage(self) -> str:

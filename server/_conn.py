@@ -152,8 +152,11 @@ class ClientConnection:
             except Exception as exc:
                 self._internal_error(exc, 0)
 
-    def goaway(self, reconnect_after_ms: int, message: str) -> None:
+    def goaway(self, reconnect_after_ms: int, message: str, nodes: tuple[proto.NodeInfo, ...] = ()) -> None:
+        """GOAWAY; on a node of a cluster, NODES first, so that the client knows where to go (spec §9.14)."""
         if self.reason is None and self.wire.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
+            if nodes and self.wire.version >= proto.FrameType.NODES.version:
+                self.send(proto.Nodes(nodes))
             self.send(proto.GoAway(CloseReason.SHUTDOWN, reconnect_after_ms, message))
 
     def send_finished(self) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from chorus.proto import (
-    CloseReason, ConversationInfo, ConvKind, CursorInfo, Event, ReceiptKind, RoomInfo, StoredMessage,
+    CloseReason, ConversationInfo, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo, StoredMessage,
 )
 
 if TYPE_CHECKING:
@@ -396,6 +396,19 @@ class Broker(Protocol):
     def user_event(self, event: UserEvent) -> None:
         """``event`` to ``conn.user_event`` of every connection of ``event.user_id`` on every node; this node's
         connections get it before this returns."""
+        ...
+
+    # -- nodes (spec §9.14) --
+    def live_nodes(self) -> list[NodeInfo]:
+        """The cluster's live nodes and their load, as last heard (none in single-node mode): for NODES."""
+        ...
+
+    def set_address(self, port: int, ws_port: int | None) -> None:
+        """The ports this node's listeners got (the real ones when the config says 0)."""
+        ...
+
+    def set_draining(self, draining: bool) -> None:
+        """This node is shutting down: the others and NODES say so."""
         ...
 
     async def online(self, user_ids: Iterable[int]) -> set[int]:

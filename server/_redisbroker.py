@@ -89,6 +89,9 @@ if TYPE_CHECKING:
     from ._ports import Store, Subscriber, UserEvent
 
 log = logging.getLogger("chorus.redisbroker")
+# coredis logs a cancelled connection attempt (every shutdown) as an ERROR with a traceback; this module says in one
+# line what the link does, so coredis's own lines add nothing but noise.
+logging.getLogger("coredis").setLevel(logging.CRITICAL)
 
 #: Publishes (a conversation's share of a batch, a push, an event) waiting for the writer; past it, messages are
 #: owed (below) and pushes dropped.
@@ -448,7 +451,7 @@ class RedisBroker:
         self._ttl_s = config.node_ttl_s
         self._heartbeat_s = config.node_ttl_s / 3
         self._offline_delay_s = config.presence_offline_delay_s
-        self.host, self.port, self.ws_port = config.host, config.port, config.ws_port
+        self.host, self.port, self.ws_port = config.advertised_host, config.port, config.ws_port
         self.draining = False
         self.started_ms = int(time.time() * 1000)
         self._max_queued = max_queued
@@ -527,7 +530,15 @@ class RedisBroker:
 
             try:
                 await self._session(up)
-            except Exception as exc:
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Cancelled (shutdown), perhaps grouped with the link errors coredis raises while its tasks are
+                    # cancelled mid-connect: those are moot now, the cancellation goes on.
+                    if isinstance(exc, BaseExceptionGroup):
+                        _, rest = exc.split(_LINK_ERRORS)
+                        if rest is not None:
+                            raise rest from None
+                    raise
                 cause = _link_error(exc)
                 if lost_at is None:
                     lost_at = time.monotonic()
@@ -787,6 +798,12 @@ class RedisBroker:
         """Mark this node draining (or not) in the registry, at once if Redis is up."""
         self.draining = draining
         self._heartbeat_now.set()
+
+    def live_nodes(self) -> list[proto.NodeInfo]:
+        """The live nodes as of the last heartbeat, least loaded first, for NODES (spec §5.40)."""
+        nodes = sorted(self._nodes, key=lambda n: (n.connections, n.id))[:proto.MAX_LIST_ITEMS]
+        return [proto.NodeInfo(n.id, n.host, n.port, n.ws_port or 0, min(n.connections, 0xFFFF_FFFF), n.draining)
+                for n in nodes]
 
     async def nodes(self) -> list[NodeInfo]:
         """The live nodes, by id: read from Redis, or as last read (at most a heartbeat old) while it is down."""

@@ -226,6 +226,9 @@ class Session:
         fields = {f: getattr(welcome, f) for f in welcome.__dataclass_fields__ if f != "request_id"}
         # The connection's proto.Connection records the version as this WELCOME goes out (spec §6.3).
         self.conn.send(proto.Welcome(**{**fields, "version": version}, request_id=ev.request_id))
+        nodes = self.server.broker.live_nodes()
+        if nodes and version >= proto.FrameType.NODES.version:  # one node of a cluster (spec §9.14)
+            self.conn.send(proto.Nodes(tuple(nodes)))
 
     def _address(self) -> str:
         """The peer's IP address: the key of per-address budgets."""

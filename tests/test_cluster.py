@@ -134,8 +134,11 @@ def nodes(database, broker_prefix):
     yield start
     for node in started:
         node.stop()
-    for node in started:  # a traceback in any node's log is a bug, whatever the test checked
-        assert "Traceback" not in node.stderr(), node.stderr()
+    logs = {node.node_id: node.stderr() for node in started}
+    for node_id, log in logs.items():
+        print(f"--- {node_id} ---\n{log}")  # shown by pytest when the test failed
+    for log in logs.values():  # a traceback in any node's log is a bug, whatever the test checked
+        assert "Traceback" not in log, log
 
 
 async def collect(client, room: proto.Conversation, count: int, seen: list[int]) -> None:
@@ -278,7 +281,9 @@ async def test_nodes_sharing_a_port_with_reuse_port_all_take_connections(nodes):
     for stream, wire in zip(streams, wires, strict=True):
         try:
             await stream.send_all(wire.send(proto.Ping(7, request_id=1)))
-            alive += isinstance(await next_event(stream, wire), proto.Pong)
+            while not isinstance(await next_event(stream, wire), proto.Pong):  # NODES came after WELCOME
+                pass
+            alive += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
             pass
     # both nodes took some: the killed one's connections ended, the other's answer (2/2**24 odds of a false fail)
@@ -407,3 +412,57 @@ async def test_postgresql_connections_cut_under_load_lose_nothing(nodes, databas
                           "pg_backend_pid()", (name,))
 
     await chat_under_fault(cluster, cut, None)
+
+
+async def nodes_seen(port: int, version: int = proto.PROTOCOL_VERSION) -> list[proto.Event]:
+    """What a raw connection of ``version`` gets after HELLO, up to (not including) the first PING or EOF."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    wire = proto.Connection(proto.CLIENT)
+    await stream.send_all(wire.send(proto.Hello(1, version, "probe", request_id=1)))
+    events = [await next_event(stream, wire)]  # WELCOME: then a PING's PONG marks the end of what came with it
+    await stream.send_all(wire.send(proto.Ping(5, request_id=2)))
+    while not isinstance(event := await next_event(stream, wire), proto.Pong):
+        events.append(event)
+    await stream.aclose()
+    return events
+
+
+async def test_nodes_tell_version_2_clients_the_cluster_and_a_draining_node_sends_them_on(nodes):
+    a, b = nodes(2)
+    ports = {a.port, b.port}
+    with trio.fail_after(TTL_S * 2 + 5):  # each node learns the other at its next heartbeat (ttl/3)
+        while True:
+            welcome, *rest = await nodes_seen(b.port)
+            if rest and {n.port for n in rest[0].nodes} == ports:
+                break
+            await trio.sleep(TTL_S / 6)
+    assert isinstance(welcome, proto.Welcome) and welcome.version == 2
+    [listed] = rest
+    assert isinstance(listed, proto.Nodes)
+    assert {(n.node, n.host, n.port, n.draining) for n in listed.nodes} == {
+        ("n1", "127.0.0.1", a.port, False), ("n2", "127.0.0.1", b.port, False)}
+    assert [type(e) for e in await nodes_seen(b.port, version=1)] == [proto.Welcome]  # never to version 1
+
+    room = proto.Conversation.room("hall")
+    async with open_client("127.0.0.1", b.port, username="erin", password="correct horse", register=True,
+                           backoff_base_s=0.05) as erin:
+        assert {n.port for n in erin.nodes} == ports  # learnt from NODES: no servers= needed
+        await erin.join("hall")
+        await erin.send(room, "before")
+        goaway = trio.Event()
+
+        async def watch() -> None:
+            async for event in erin.events():
+                if isinstance(event, proto.GoAway):
+                    goaway.set()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            b.proc.send_signal(signal.SIGTERM)  # b drains: NODES (b draining), GOAWAY, BYE
+            with trio.fail_after(10):
+                await goaway.wait()
+        ack = await erin.send(room, "after")  # sent once erin is on a
+        assert erin.address == ("127.0.0.1", a.port)
+        assert ack.seq == 2
+    assert b.proc.wait(15) == 0
