@@ -1,6 +1,7 @@
-"""server/_pgstore.py against a real PostgreSQL (a fresh database per test; the Store contract itself runs against it
-in test_store.py): several nodes on one database, schema migrations, real faults (backends terminated, the server
-gone and back through a relay, a connection lost during COMMIT), and the whole server on it."""
+"""server/_pgstore.py against a real PostgreSQL (a fresh database per test; the Store contract itself, the room limit
+between two stores included, runs against it in test_store.py): several nodes on one database, schema migrations,
+real faults (backends terminated, the server gone and back through a relay, a connection lost during COMMIT), and the
+whole server on it."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +13,10 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-import test_store_faults
 from chorus import proto
 from chorus.server import serve
 from chorus.server._pgstore import SCHEMA_VERSION, open_pg_store
-from chorus.server._ports import Appended, SchemaTooNew, StoreError, TooManyRooms
+from chorus.server._ports import Appended, SchemaTooNew, StoreError
 from conftest import test_config as config_for
 from rawclient import RawClient, alice_and_bob_in_lobby
 from test_store import POSTGRES, Hold, make_users, msg, pg_database
@@ -202,50 +202,6 @@ async def test_two_nodes_create_one_direct_conversation_per_pair(pg_url):
             assert len({got[n, a.id, b.id] for n in range(4)}) == 1
         assert sql(pg_url, "SELECT count(*) FROM conversations WHERE kind = %s",
                    (int(proto.ConvKind.DIRECT),)) == [(len(pairs),)]
-
-
-async def test_the_room_limit_holds_across_nodes(pg_url):
-    limit = 7
-    async with open_pg_store(pg_url) as one, open_pg_store(pg_url) as two:
-        users = await make_users(one, "u0", "u1", "u2")
-        outcomes: dict[tuple[int, int], object] = {}
-
-        async def join(node, user, i):
-            try:
-                outcomes[user.id, i] = await node.join_room(user.id, f"room{i % 20}", max_rooms=limit)
-            except TooManyRooms as exc:
-                outcomes[user.id, i] = exc
-
-        async with trio.open_nursery() as nursery:
-            for i in range(40):
-                for n, user in enumerate(users):
-                    nursery.start_soon(join, (one, two)[(i + n) % 2], user, i)
-        for user in users:
-            joined = [v for (uid, _), v in outcomes.items() if uid == user.id and isinstance(v, tuple) and v[1]]
-            assert len(joined) == limit == await two.room_count(user.id)
-        assert sql(pg_url, "SELECT count(*) FROM conversations c WHERE NOT EXISTS"
-                           " (SELECT 1 FROM memberships m WHERE m.conv_id = c.id)") == [(0,)]  # no room for nobody
-
-
-# -- the SQLite store's fault tests that are contract tests, run here against PostgreSQL --------------------------
-
-@pytest.fixture
-def faults_on_postgres(pg_url, monkeypatch):
-    """test_store_faults' ``open_store`` replaced by this test's database (its path and SQLite options ignored)."""
-    monkeypatch.setattr(test_store_faults, "open_store", lambda *args, **kw: open_pg_store(pg_url))
-
-
-@pytest.mark.parametrize("big", test_store_faults.BOUNDARIES)
-async def test_wire_u64s_never_overflow(faults_on_postgres, tmp_path, big):
-    await test_store_faults.test_wire_u64s_never_overflow(tmp_path, big)
-
-
-async def test_join_room(faults_on_postgres, tmp_path):
-    await test_store_faults.test_join_room(tmp_path)
-
-
-async def test_empty_rooms_do_not_bury_real_ones(faults_on_postgres, tmp_path):
-    await test_store_faults.test_empty_rooms_do_not_bury_real_ones(tmp_path)
 
 
 # -- schema ---------------------------------------------------------------------------------------------------------

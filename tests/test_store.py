@@ -1,6 +1,7 @@
 """The Store port's contract against both stores, SQLite (real files in tmp_path) and PostgreSQL (a fresh database
-per test): group commit, gapless seqs, dedup, paging, cursors, durability. server/_store.py's own behaviour (WAL,
-file modes) is tested at the end and in test_store_faults.py; PostgreSQL's (two nodes, faults) in test_pgstore.py."""
+per test): group commit, gapless seqs, dedup, wire u64s, the room limit (also between two stores on one database),
+paging, cursors, durability. server/_store.py's own behaviour (WAL, file modes, a full or read-only disk) is tested
+at the end and in test_store_faults.py; PostgreSQL's (two nodes, faults) in test_pgstore.py."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from chorus.proto import ConvKind, CursorInfo, ReceiptKind, RoomInfo
-from chorus.server._store import SCHEMA_VERSION, Appended, ConvRow, NameTaken, NewMessage, open_store
+from chorus.server._store import SCHEMA_VERSION, Appended, ConvRow, NameTaken, NewMessage, TooManyRooms, open_store
 from conftest import service_required
 
 #: The PostgreSQL server the tests create their databases on (trust auth); each test gets a fresh one.
@@ -255,6 +256,66 @@ async def test_direct_pair_is_symmetric(store):
     assert await store.conversation(carol.id, lobby) == ConvRow(lobby, ConvKind.ROOM, "lobby", 0, None)
     assert [c.name for c in await store.conversations(bob.id)] == ["alice"]
     assert [c.name for c in await store.conversations(alice.id)] == ["bob", "carol"]
+
+
+async def test_join_room(store):
+    alice, bob = await make_users(store, "alice", "bob")
+    lobby, new = await store.join_room(alice.id, "lobby", max_rooms=2)
+    assert new and await store.room("lobby", create=False) == lobby
+    assert await store.join_room(alice.id, "lobby", max_rooms=2) == (lobby, False)
+    dev, _ = await store.join_room(alice.id, "dev", max_rooms=2)
+    assert await store.join_room(alice.id, "dev", max_rooms=2) == (dev, False)  # a member rejoins at the limit
+    with pytest.raises(TooManyRooms) as info:
+        await store.join_room(alice.id, "zoo", max_rooms=2)
+    assert info.value.limit == 2
+    assert await store.room("zoo", create=False) is None  # refused: no room was created
+    with pytest.raises(LookupError):
+        await store.join_room(bob.id, "nowhere", max_rooms=2, create=False)
+    assert await store.room("nowhere", create=False) is None
+    assert await store.join_room(bob.id, "dev", max_rooms=2, create=False) == (dev, True)
+    assert await store.room_count(alice.id) == 2 and await store.members(dev) == [(alice.id, "alice"),
+                                                                                   (bob.id, "bob")]
+
+
+async def test_concurrent_joins_on_two_stores_never_exceed_the_limit(backend):
+    limit = 7
+    # Two stores on one database, as two processes or nodes: only the database serialises their joins.
+    async with backend.open() as one, backend.open() as two:
+        users = await make_users(one, "u0", "u1", "u2")
+        outcomes: dict[tuple[int, int], object] = {}
+
+        async def join(store, user, i):
+            try:
+                outcomes[user.id, i] = await store.join_room(user.id, f"room{i % 20}", max_rooms=limit)
+            except TooManyRooms as exc:
+                outcomes[user.id, i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                for n, user in enumerate(users):
+                    nursery.start_soon(join, (one, two)[(i + n) % 2], user, i)
+        for user in users:
+            mine = [v for (uid, _), v in outcomes.items() if uid == user.id]
+            joined = [v for v in mine if isinstance(v, tuple) and v[1]]
+            assert len(joined) == limit == await two.room_count(user.id)
+            assert any(isinstance(v, TooManyRooms) for v in mine)
+        for i in range(20):  # a refused join created no room: every room that exists has a member
+            conv = await one.room(f"room{i}", create=False)
+            assert conv is None or await one.members(conv), f"room{i}"
+
+
+async def test_empty_rooms_do_not_bury_real_ones(store):
+    hoarder, alice, carol = await make_users(store, "hoarder", "alice", "carol")
+    for i in range(300):  # JOIN then LEAVE: each leaves an empty room behind
+        conv, _ = await store.join_room(hoarder.id, f"a{i:03}", max_rooms=5)
+        assert await store.leave(hoarder.id, conv)
+    real, _ = await store.join_room(alice.id, "zzz", max_rooms=5)
+    mine, _ = await store.join_room(carol.id, "mine", max_rooms=5)
+    assert await store.list_rooms(carol.id, 100) == [RoomInfo("mine", 1, 0, True), RoomInfo("zzz", 1, 0, False)]
+    assert await store.leave(alice.id, real)
+    assert await store.list_rooms(carol.id, 100) == [RoomInfo("mine", 1, 0, True)]
+    assert await store.join_room(carol.id, "a000", max_rooms=5) == (await store.room("a000", create=False), True)
+    assert [r.name for r in await store.list_rooms(hoarder.id, 100)] == ["a000", "mine"]
 
 
 # -- group commit ----------------------------------------------------------------------------------------------------
@@ -494,6 +555,29 @@ async def test_undelivered(store):
     assert await undelivered(alice) == [("bob", 2, 1)]
     assert await undelivered(bob) == [("alice", 2, 0)]
     assert await undelivered(carol) == []  # carol wrote in busy but never joined it
+
+
+@pytest.mark.parametrize("big", [2**63 - 1, 2**63, 2**64 - 1])
+async def test_wire_u64s_never_overflow(store, big):
+    """Seqs, limits and ids from the wire are u64; the databases' integers are signed 64-bit."""
+    alice, bob = await make_users(store, "alice", "bob")
+    lobby, _ = await store.join_room(alice.id, "lobby", max_rooms=10)
+    for i in range(5):
+        await store.append(msg(lobby, alice, i))
+
+    assert await store.messages_after(lobby, big, 10) == ([], False)
+    page, more = await store.messages_after(lobby, 0, big)
+    assert [m.seq for m in page] == [1, 2, 3, 4, 5] and not more
+    newest, more = await store.messages_before(lobby, big, 2)  # everything is before it: the newest page
+    assert ([m.seq for m in newest], more) == ([4, 5], True)
+    assert (await store.messages_before(lobby, 0, 2)) == (newest, more)
+    page, more = await store.messages_before(lobby, big, big)
+    assert [m.seq for m in page] == [1, 2, 3, 4, 5] and not more
+
+    assert await store.advance_cursor(bob.id, lobby, ReceiptKind.DELIVERED, big) == 5  # capped at last_seq
+    assert await store.advance_cursor(bob.id, lobby, ReceiptKind.READ, big) == 5
+    assert await store.advance_cursor(bob.id, lobby, ReceiptKind.READ, big) is None
+    assert await store.list_rooms(bob.id, big) == [RoomInfo("lobby", 1, 5, False)]
 
 
 # -- lifecycle -------------------------------------------------------------------------------------------------------
