@@ -887,5 +887,6 @@ def _rollback(conn: psycopg.Connection) -> None:
     if not _lost(conn) and conn.info.transaction_status != TransactionStatus.IDLE:
         try:
             conn.execute("ROLLBACK")
-        except psycopg.Error:
-            log.warning("pgstore: ROLLBACK failed", exc_info=True)
+        except psycopg.Error as exc:  # e.g. a pipeline cut off mid-way: the connection is beyond repair
+            log.warning("pgstore: ROLLBACK failed (%s); dropping the connection", str(exc).splitlines()[0])
+            conn.close()
