@@ -72,8 +72,10 @@ def start_nodes(count: int, *, port: int = 7420, ws_port: int | None = 7421, sto
                     "--reuse-port", "--node-id", f"{prefix}-{index}", *extra]
             if ws_port is not None:
                 argv += ["--ws-port", str(ws_port)]
+            # A session of its own: Ctrl-C reaches this launcher only, which stops each node once (SIGTERM); a
+            # second signal during a node's drain would cut it short.
             node = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
             cluster.nodes.append(node)
             output = []
             assert node.stdout is not None
@@ -110,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while True:
             signal.pause()
-    except KeyboardInterrupt:  # Ctrl-C reaches the nodes too (one process group): they are already draining
+    except KeyboardInterrupt:
         pass
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the nodes' drain short
+        signal.signal(signum, signal.SIG_IGN)
     codes = cluster.stop()
     print(f"stopped: exit codes {codes}")
     return 0 if all(code == 0 for code in codes) else 1
