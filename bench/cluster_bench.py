@@ -1,16 +1,19 @@
 """``python -m bench.cluster_bench``: Chorus in node mode (PostgreSQL store, Redis broker) on this machine (issue 11).
 
 How a run works. Each scenario starts its own nodes (``bench/cluster.py``: ``chorus-server --store postgresql://…
---broker redis://… --reuse-port``) against a fresh PostgreSQL database ``chorus_bench_<scenario>`` (dropped
-afterwards) and a Redis database of its own (``REDIS_DBS``, flushed first: the bench claims databases 13–15), and
-drives them with the load-generator processes of ``bench/loadgen.py`` through ``bench.run.Workers``; the measured
-windows are ``bench.run.Bench``'s own (``_idle_rep``, ``_fanout_rep``, ``_durable_rep``) with the nodes standing
-in for its one server: CPU (utime + stime of ``/proc/PID/stat``) and RSS (``/proc/PID/status``) are summed over
-every node. Around each window the CPU of Redis and of every PostgreSQL process is read the same way, so each row
-gives the nodes' cost and the cost including the services they lean on. Every node runs with the bench's lifted
-per-client limits (``NODE_FLAGS``): cheap password hashing (argon2id 1 pass, 1 MiB), ``--max-connections 19000``,
-``--max-connections-per-user 1000``, the per-address budgets of ``bench.run`` (``--max-connections-per-address
-20000``, ``--connections-per-s-per-address`` and ``--connection-burst-per-address`` 1,000,000, …).
+--broker redis://… --reuse-port``) against a fresh PostgreSQL database ``chorus_bench_<scenario>_<pid>`` on the
+machine's server (dropped afterwards, as are those of runs that died) and a ``redis-server`` of their own on a free
+port (no persistence; the machine's Redis is shared with everyone's tests, and its CPU would not be the nodes'
+alone), and drives them with the load-generator processes of ``bench/loadgen.py`` through ``bench.run.Workers``.
+The measured windows are ``bench.run.Bench``'s own (``_idle_rep``, ``_fanout_rep``, ``_durable_rep``) with the
+nodes standing in for its one server: CPU (utime + stime of ``/proc/PID/stat``) and RSS (``/proc/PID/status``)
+summed over every node. Around each window the CPU of the bench's Redis and of the PostgreSQL backends serving the
+bench's database is read the same way (PostgreSQL's shared WAL writer and checkpointer are not counted), so each
+row gives the nodes' cost and the cost including the services they lean on. Every node runs with the bench's
+lifted per-client limits (``NODE_FLAGS``): cheap password hashing (argon2id 1 pass, 1 MiB),
+``--max-connections 19000``, ``--max-connections-per-user 1000``, the per-address budgets of ``bench.run``
+(``--max-connections-per-address 20000``, ``--connections-per-s-per-address`` and ``--connection-burst-per-address``
+1,000,000, …).
 
 Scenarios:
 
@@ -231,6 +234,14 @@ def drop_database(name: str) -> None:
     _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def drop_stale_databases() -> None:
+    """Drop the databases of bench runs that are gone (``chorus_bench_<scenario>_<pid>``, that pid not running)."""
+    for (name,) in _admin("SELECT datname FROM pg_database WHERE datname LIKE 'chorus_bench_%'"):
+        pid = name.rpartition("_")[2]
+        if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
+            drop_database(name)
+
+
 def _cpu_s(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -327,8 +338,8 @@ def start_sqlite(heartbeat_s: int) -> NodeGroup:
 def start_node_group(scenario: str, count: int, *, shared_port: bool, heartbeat_s: int) -> NodeGroup:
     """``count`` nodes on a fresh database and a Redis of their own; one shared port or one port each."""
     run.Bench.code_now = run.code_fingerprint()
-    database = f"chorus_bench_{scenario}"
-    drop_database(database)
+    drop_stale_databases()
+    database = f"chorus_bench_{scenario}_{os.getpid()}"  # runs at the same time (a test, a bench) never meet
     redis = PrivateRedis()
     extra = [*NODE_FLAGS, "--ping-interval-s", str(heartbeat_s)]
     clusters: list[cluster.Cluster] = []
@@ -440,6 +451,11 @@ class ClusterBench:
         row = {"scenario": scenario, "variant": variant, "system": system, "status": status, "note": note,
                "code": run.Bench.code_now, "reps": reps or [], "median": run.median_metrics(reps) if reps else {},
                **extra}
+        m = row["median"]
+        if "limit" in m:  # the limit of the medians, not a list of each repetition's
+            m["limit"] = run.limit_of(m["busiest_node_util"], m["generator_util"], scenario == "fanout",
+                                      m.get("others_cores", 0.0)) + (" (machine busy)" if m["machine_util"] >= 0.9
+                                                                     else "")
         if status == "ok" and reps and not all(r.get("complete", True) for r in reps):
             row["status"] = "incomplete"
         self.rows.append(row)
