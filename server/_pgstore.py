@@ -686,6 +686,16 @@ class PgStore(GroupCommitter):
 
     # -- messages ----------------------------------------------------------------------------------------------
 
+    async def sent_in(self, sender_id: int, client_msg_id: int) -> int | None:
+        """The conversation holding the sender's message ``client_msg_id`` (any u64), or None if there is none."""
+
+        def run(conn: psycopg.Connection) -> int | None:
+            row = conn.execute("SELECT conv_id FROM messages WHERE sender_id = %s AND client_msg_id = %s",
+                               (_clamp(sender_id), _to_db_id(client_msg_id))).fetchone()
+            return row[0] if row else None
+
+        return await self._read(run)
+
     async def last_seq(self, conv_id: int) -> int:
         """The conversation's newest seq; 0 if it has no messages or does not exist."""
 

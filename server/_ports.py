@@ -225,6 +225,10 @@ class Store(Protocol):
         ...
 
     # -- messages --
+    async def sent_in(self, sender_id: int, client_msg_id: int) -> int | None:
+        """The conversation holding the sender's message ``client_msg_id`` (any u64), or None if there is none."""
+        ...
+
     async def last_seq(self, conv_id: int) -> int:
         """The conversation's newest seq; 0 if none or no such conversation."""
         ...

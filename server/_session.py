@@ -161,7 +161,7 @@ class Session:
     async def handle_send(self, ev: proto.Send) -> None:
         """The slow path of SEND: open the direct conversation first, then store and wait."""
         try:
-            state = self._send_target(ev) or await self._open_direct(ev.conv.name)
+            state = self._send_target(ev) or await self._open_new_direct(ev)
         except (RequestError, StoreError) as exc:
             self.conn.send_finished()
             if isinstance(exc, StoreError):
@@ -407,6 +407,17 @@ class Session:
                 raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{conv.name}")
             raise RequestError(ErrorCode.NOT_FOUND, f"no conversation with {conv.name}")
         return state
+
+    async def _open_new_direct(self, ev: proto.Send) -> ConvState:
+        """The direct conversation of a first SEND to it, unless the SEND is refused anyway: a client_msg_id
+        stored in another conversation would leave an empty conversation behind (spec §9.4)."""
+        store = self.server.store
+        conv_id = await store.sent_in(self.me.user_id, ev.client_msg_id)
+        if conv_id is not None:  # a retry into this very conversation (opened by another device) is fine
+            row = await store.conversation(self.me.user_id, conv_id)
+            if row is None or row.kind != ConvKind.DIRECT or row.name != ev.conv.name:
+                raise RequestError(ErrorCode.INVALID_REQUEST, "client_msg_id already used in another conversation")
+        return await self._open_direct(ev.conv.name)
 
     async def _open_direct(self, peer_name: str) -> ConvState:
         store, me = self.server.store, self.me

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 import trio
 
 from chorus import proto
@@ -109,9 +108,6 @@ async def test_an_id_reused_in_another_conversation_is_refused_and_nothing_is_st
     assert (await bob.next_of(proto.Message)).client_msg_id == 9
 
 
-@pytest.mark.xfail(strict=True, reason="server/_session.py Session.handle_send opens the direct conversation "
-                   "(store.direct, both users subscribed) before the append is refused, so the refused SEND leaves "
-                   "an empty direct conversation: HISTORY answers an empty page instead of NOT_FOUND (§9.7)")
 async def test_a_refused_first_send_to_a_new_direct_conversation_starts_no_conversation(server):
     alice, bob = await in_lobby(server.port)
     await alice.request(proto.Send, LOBBY, 7, "in the lobby")

@@ -388,6 +388,9 @@ async def test_duplicates_return_the_original(store):
     assert [(a.seq, a.client_msg_id) for a in published] == [(1, 7), (2, 7), (3, 2**64 - 1)]
     page, _ = await store.messages_after(lobby, 0, 10)
     assert [m.client_msg_id for m in page] == [7, 7, 2**64 - 1]
+    # where a sender's id is stored: what a first SEND to a new direct conversation checks before opening it
+    assert (await store.sent_in(alice.id, 7), await store.sent_in(alice.id, 2**64 - 1)) == (lobby, lobby)
+    assert (await store.sent_in(alice.id, 8), await store.sent_in(bob.id, 2**64 - 1)) == (None, None)
 
     # the same (sender, id) twice inside one batch resolves to one row
     published.clear()
