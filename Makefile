@@ -8,6 +8,9 @@ ARGS ?=
 # The WebSocket bridge and chat page of `make run` (http://127.0.0.1:7421/); WS_PORT= turns it off.
 WS_PORT ?= 7421
 BENCH_ARGS ?=
+# The cluster section of `make bench` (issue 11; ~10 min on a quiet machine): CLUSTER_ARGS="--size scale_conns=20000"
+# for a quick scale row, "--scenarios fanout durable" to skip the 100,000 connections.
+CLUSTER_ARGS ?=
 
 .PHONY: run-cluster fuzz-session install run test test-js js-tables js-vectors corpus browser screenshot fuzz bench bench-smoke clean
 
@@ -77,10 +80,12 @@ fuzz-session: $(STAMP)
 # and a py-spy profile of the fan-out. BENCH_ARGS="--reps 5 --scenarios fanout" to change what runs.
 bench: $(STAMP)
 	$(BIN)/python -m bench --profile $(BENCH_ARGS)
+	$(BIN)/python -m bench.cluster_bench $(CLUSTER_ARGS)
 
 # The same harness at tiny sizes (seconds); `make test` runs it too, via tests/test_bench_smoke.py.
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
+	$(BIN)/python -m bench.cluster_bench --smoke
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
