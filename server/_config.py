@@ -162,6 +162,13 @@ class Config:
     shutdown_grace_s: float = _opt(5.0, "time in-flight work gets on shutdown before connections are cut")
     reconnect_hint_ms: int = _opt(1000, "GOAWAY's reconnect-after hint on shutdown")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_json: bool = _opt(False, "log one JSON object per line instead of text")
+    admin_host: str = _opt("127.0.0.1", "address of the admin HTTP listener (/metrics, /healthz, /readyz)")
+    admin_port: int | None = _opt(None, "port of the admin HTTP listener: Prometheus metrics and health (off when "
+                                        "unset; keep it off the public network)")
+    tls_cert_file: str | None = _opt(None, "PEM certificate chain: TLS on the Chorus port and HTTPS/WSS on the web "
+                                           "port (reloaded on SIGHUP)")
+    tls_key_file: str | None = _opt(None, "PEM private key of tls_cert_file")
 
     def __post_init__(self) -> None:
         """Check every value; raises ``ConfigError`` naming the first wrong one and the fix."""
@@ -208,10 +215,13 @@ class Config:
 
     def _check_ranges(self) -> None:
         """Ranges of single values: ports, and what the WELCOME fields and the store can hold."""
-        for name in ("port", "ws_port"):
+        for name in ("port", "ws_port", "admin_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_PORT:
                 raise ConfigError(name, f"must be 0..{MAX_PORT} (0 picks a free port), not {value}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError(None, lambda name: f"{name('tls_cert_file')} and {name('tls_key_file')} go together; "
+                                                 f"give both, or neither for no TLS")
         if self.ws_port is not None and self.ws_port == self.port != 0:
             raise ConfigError(None, lambda name: f"{name('ws_port')} and {name('port')} are both {self.port}; "
                                                  f"give the WebSocket bridge a port of its own")
