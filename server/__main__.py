@@ -23,6 +23,7 @@ import trio
 
 from ._app import serve
 from ._config import Config, config_from_args, without_password
+from ._logs import configure as configure_logging
 from ._store import SchemaTooNew, StoreError
 from ._transport import open_listener
 
@@ -60,8 +61,7 @@ async def _run(config: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)  # a usage error prints its line and exits 2
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_json)  # text or JSON lines, repeated lines rate-limited
     try:
         problem = preflight(config)
         if problem is None:

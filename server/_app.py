@@ -39,6 +39,7 @@ from ._broker import LocalBroker
 from ._budgets import Budgets
 from ._config import Config
 from ._conn import ClientConnection, _bugs
+from ._metrics import Counters
 from ._ports import Broker, BrokerFactory, Store, StoreError
 from ._store import open_store
 from ._transport import SocketStream, Transport, open_listener
@@ -67,12 +68,19 @@ class Server:
                                    config.connections_per_s_per_address, config.connection_burst_per_address)
         self.port: int | None = None
         self.ws_port: int | None = None
+        self.admin_port: int | None = None  # the admin listener's (server/_admin.py), when config.admin_port is set
         self.close_reasons: collections.Counter[str] = collections.Counter()
+        self.counters = Counters()  # for the metrics (server/_metrics.py): frames by type, auth, rate limits
         self._shutdown = trio.Event()
 
     def shutdown(self) -> None:
         """Ask ``serve`` to shut down gracefully; returns at once."""
         self._shutdown.set()
+
+    @property
+    def draining(self) -> bool:
+        """True from ``shutdown()`` on: not ready for new clients (``/readyz``)."""
+        return self._shutdown.is_set()
 
     def statistics(self) -> dict:
         broker = self.broker.statistics()
@@ -239,6 +247,10 @@ async def _serve(config: Config, store: Store, broker: Broker, task_status) -> N
         await timers.start(broker.run)
         timers.start_soon(server.watch_connections)
         timers.start_soon(server.purge_sessions)
+        if config.admin_port is not None:  # metrics and health, until the drain is over (server/_admin.py)
+            from ._admin import serve_admin
+
+            server.admin_port = await timers.start(serve_admin, server)
         await _serve_until_shutdown(server, listener, task_status)
         timers.cancel_scope.cancel()
 

@@ -35,7 +35,7 @@ import trio
 from chorus import proto
 from chorus.proto import CloseReason, ErrorCode
 
-from ._logs import safe
+from ._logs import episode, safe
 from ._output import Output
 from ._ports import StoreError, UserEvent
 from ._ratelimit import TokenBucket
@@ -108,12 +108,14 @@ class ClientConnection:
         """Reply or push one event through the state machine and the output."""
         if self.reason is not None:
             return
+        self.server.counters.frames_out[event.FRAME] += 1
         if not self._write(self.wire.send(event)):
             self.output_failed()
 
     def push(self, frame: bytes) -> None:
         """An ephemeral frame: dropped rather than queued when this client is behind."""
         if self.reason is None and self.user_id is not None and self.output.buffered_bytes < 65536:
+            self.server.counters.frames_out[frame[4]] += 1  # the header's type byte (spec §2.2)
             if not self._write(frame):
                 self.output_failed()
 
@@ -186,10 +188,19 @@ class ClientConnection:
         if ok:
             self._violations = 0
             return True
-        self._violations += 1
+        self.rate_limited()
         if self._violations > self.config.max_rate_violations:
             self.close(CloseReason.RATE_LIMITED)
         return False
+
+    def rate_limited(self) -> None:
+        """Count one frame refused by this connection's rate bucket; the first of an episode is logged."""
+        self._violations += 1
+        self.server.counters.refusals["frames"] += 1
+        if self._violations == 1 and episode("frames", self.transport.address):
+            log.info("rate limited peer=%s user=%s (frames; logged once a minute per address)", self.transport.peer,
+                     safe(self.session.username or "-"), extra={"event": "rate_limited", "kind": "frames",
+                                                                "peer": str(self.transport.peer)})
 
     def mark_idle(self, idle: bool) -> None:
         self._idle = idle
@@ -279,6 +290,7 @@ class ClientConnection:
     async def _reader(self) -> None:
         wire = self.wire
         transport = self.transport
+        frames_in = self.server.counters.frames_in
         while True:
             self.mark_idle(True)
             try:
@@ -305,6 +317,7 @@ class ClientConnection:
                     self.close(CloseReason.PEER_CLOSED)
                     return
                 events += 1
+                frames_in[event.FRAME] += 1
                 await self._dispatch(event)
                 if self.reason is not None:
                     return
@@ -324,7 +337,7 @@ class ClientConnection:
                 self.protocol_error(ErrorCode.INVALID_REQUEST, "PONG does not answer an outstanding PING")
             return
         if not isinstance(event, proto.Bye) and not self._bucket.take(trio.current_time()):
-            self._violations += 1
+            self.rate_limited()
             if self._violations > self.config.max_rate_violations:
                 self.close(CloseReason.RATE_LIMITED)
                 return

@@ -19,6 +19,7 @@ counted here, whichever call met them (``_in_thread``), and logged once per epis
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from copy import copy
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: ``client_msg_id`` is a u64: below this.
 _U64 = 1 << 64
+#: Upper bounds (seconds) of the commit-latency buckets in ``statistics()["commit_seconds"]`` (the metrics' histogram).
+COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, float("inf"))
 
 
 def _copy_error(exc: Exception) -> Exception:
@@ -106,6 +109,9 @@ class GroupCommitter:
         self._batched = 0  # messages in committed batches, duplicates included
         self._batch_max = 0
         self._batch_histogram: dict[int, int] = {}
+        self._commit_seconds = [0] * len(COMMIT_SECONDS_BUCKETS)  # committed batches per latency bucket
+        self._commit_seconds_sum = 0.0
+        self._refused_at: float | None = None  # trio.current_time() of the latest refusal
 
     # -- what the store supplies ---------------------------------------------------------------------------------
 
@@ -200,6 +206,7 @@ class GroupCommitter:
         """Commit the oldest pending messages (up to max_batch) in one transaction, then wake their waiters."""
         batch = self._pending[:self._max_batch]
         del self._pending[:self._max_batch]
+        started = time.perf_counter()
         try:
             results = await trio.to_thread.run_sync(self._write_batch, [w.msg for w in batch], limiter=self._limiter)
         except Exception as exc:
@@ -219,6 +226,7 @@ class GroupCommitter:
             # back in front; the shielded drain in ``_running`` commits it.
             self._pending[:0] = batch
             raise
+        self._timed(time.perf_counter() - started)
         self._accepted()
         fresh = [r for r in results if not r.duplicate]
         size = len(batch)
@@ -273,6 +281,7 @@ class GroupCommitter:
         # Logged once per episode: a full disk or a database that is down refuses every request, and each one is
         # answered already.
         self._refusals += 1
+        self._refused_at = trio.current_time()
         if not self._refusing:
             self._refusing = True
             log.warning("store: %s (%s)", error, self._while_refused)
@@ -284,9 +293,19 @@ class GroupCommitter:
 
     # -- counters ------------------------------------------------------------------------------------------------
 
+    def _timed(self, seconds: float) -> None:
+        """Count one committed batch's latency (waiting for the connection, the transaction, the thread hops)."""
+        self._commit_seconds_sum += seconds
+        for i, bound in enumerate(COMMIT_SECONDS_BUCKETS):
+            if seconds <= bound:
+                self._commit_seconds[i] += 1
+                return
+
     def statistics(self) -> dict[str, Any]:
         """Group-commit counters: ``batch_histogram`` maps a power of two n to batches of size (n/2, n]; ``refused``
-        counts every request the database refused, appends or not."""
+        counts every request the database refused, appends or not; ``refusing`` is true from a refusal until a request
+        succeeds, ``refused_at`` the ``trio.current_time()`` of the latest refusal; ``commit_seconds`` counts committed
+        batches per latency bucket (upper bounds ``COMMIT_SECONDS_BUCKETS``, not cumulative)."""
         return {
             "commits": self._commits,
             "refused": self._refusals,
@@ -297,4 +316,8 @@ class GroupCommitter:
             "batch_max": self._batch_max,
             "batch_mean": self._batched / self._commits if self._commits else 0.0,
             "batch_histogram": dict(sorted(self._batch_histogram.items())),
+            "refusing": self._refusing,
+            "refused_at": self._refused_at,
+            "commit_seconds": dict(zip(COMMIT_SECONDS_BUCKETS, self._commit_seconds, strict=True)),
+            "commit_seconds_sum": self._commit_seconds_sum,
         }

@@ -38,7 +38,7 @@ from chorus.proto import ConvKind, ErrorCode
 from ._auth import MIN_PASSWORD_BYTES, Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of
 from ._fanout import Subscription
-from ._logs import safe
+from ._logs import episode, safe
 from ._ports import (
     ConvRow, MemberJoined, MemberLeft, NameTaken, NewMessage, StoreError, TokenRevoked, TooManyRooms, UserEvent,
 )
@@ -150,6 +150,7 @@ class Session:
         state = self._send_target(ev)
         wait = self.budgets.sends.take(self.me.user_id, trio.current_time())
         if wait:
+            self._limit_hit("sends", self.me.username)
             raise RequestError(ErrorCode.RATE_LIMITED, "too many messages from this user; slow down", retry_ms(wait))
         if state is None:
             return False
@@ -201,7 +202,8 @@ class Session:
         """Commit callback of one SEND: ACK only now that the message is durable (guarantee 2)."""
         self.conn.send_finished()
         if error is not None:
-            log.warning("store refused a message from %s: %r", self.username, error)
+            # The store logs each episode of refusals once (server/_groupcommit.py); one line per SEND would flood.
+            log.debug("store refused a message from %s: %r", self.username, error)
             self.conn.send(proto.Error(ErrorCode.SERVER_BUSY, self._busy_retry_ms(error),
                                        "not stored; retry with the same id", request_id=ev.request_id))
             return
@@ -246,6 +248,7 @@ class Session:
         registrations = self.budgets.registrations
         wait = registrations.take(address, trio.current_time())
         if wait:
+            self._limit_hit("registrations", address)
             await trio.sleep(min(wait, config.throttle_delay_s))  # as for logins: a refusal a second at most
             raise RequestError(ErrorCode.RATE_LIMITED,
                                f"at most {config.registrations_per_hour} registrations per hour from one address",
@@ -258,9 +261,12 @@ class Session:
         except (NameTaken, RequestError, StoreError) as exc:  # no account, no charge (cancelled: charged)
             registrations.give_back(address)
             if isinstance(exc, NameTaken):
+                self.server.counters.auth["register", False] += 1
                 raise RequestError(ErrorCode.USERNAME_TAKEN, f"{ev.username} is taken") from None
             raise
-        log.info("registered peer=%s user=%s", self.conn.transport.peer, user.name)
+        self.server.counters.auth["register", True] += 1
+        log.info("registered peer=%s user=%s", self.conn.transport.peer, user.name,
+                 extra={"event": "register", "peer": str(self.conn.transport.peer), "user": user.name})
         await self._logged_in(user.id, user.name, None, ev.request_id)
 
     async def _login(self, ev: proto.Login) -> None:
@@ -269,6 +275,7 @@ class Session:
         now = trio.current_time()
         wait = budgets.login_wait_s(address, name, now)
         if wait:  # refused without hashing: guessing costs the guesser time, not us CPU
+            self._limit_hit("logins", address)
             # ...and the refusal itself comes late (this connection reads nothing meanwhile), so a guesser
             # cannot make us answer thousands of refusals a second: a sleeping task costs nothing.
             await trio.sleep(min(wait, self.server.config.throttle_delay_s))
@@ -287,10 +294,13 @@ class Session:
             budgets.login_undone(address, name)
             raise
         if not ok or user is None:
+            self.server.counters.auth["password", False] += 1
             log.warning("login failed peer=%s user=%s failures=%d,%d", self.conn.transport.peer, safe(name),
-                        *failures)
+                        *failures, extra={"event": "login_failed", "peer": str(self.conn.transport.peer),
+                                          "address": address, "user": safe(name)})
             raise RequestError(ErrorCode.AUTH_FAILED, "wrong user name or password")
         budgets.login_succeeded(address, name)
+        self.server.counters.auth["password", True] += 1
         await self._logged_in(user.id, user.name, None, ev.request_id)
 
     async def _hashed(self, address: str, fn, *args):
@@ -299,11 +309,13 @@ class Session:
             async with self.budgets.hashes.slot(address):
                 return await fn(*args)
         except Busy as exc:
+            self._limit_hit("hashes", address)
             raise RequestError(ErrorCode.SERVER_BUSY, str(exc), retry_ms(exc.retry_after_s)) from None
 
     async def _resume(self, ev: proto.Resume) -> None:
         hashed = token_hash(ev.token)
         row = await self.server.store.get_session(hashed, now_ms())
+        self.server.counters.auth["token", row is not None] += 1
         if row is None:
             raise RequestError(ErrorCode.INVALID_TOKEN, "session expired or revoked; log in again")
         await self._logged_in(row.user_id, row.username, ev.token, ev.request_id)
@@ -342,6 +354,14 @@ class Session:
 
     def _refuse_full(self, limit: int, request_id: int) -> None:
         self.conn.refuse(ErrorCode.TOO_MANY_CONNECTIONS, f"at most {limit} connections per user", request_id)
+
+    def _limit_hit(self, kind: str, key: str) -> None:
+        """Count a refusal by budget ``kind`` (server/_metrics.py); log the first of an episode per ``key``."""
+        self.server.counters.refusals[kind] += 1
+        if episode(kind, key):
+            log.info("rate limited peer=%s user=%s (%s; logged once a minute per %s)", self.conn.transport.peer,
+                     safe(self.username or "-"), kind, "user" if self.identity else "address",
+                     extra={"event": "rate_limited", "kind": kind, "peer": str(self.conn.transport.peer)})
 
     def _rooms(self) -> tuple[int, ...]:
         return tuple(state.conv_id for state in self.convs.values() if state.view.kind == ConvKind.ROOM)
@@ -460,6 +480,8 @@ class Session:
         self.server.broker.user_event(MemberJoined(me.user_id, replace(row, last_seq=last_seq)))
         self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
         if joined:  # a JOIN of a room the user is in changes nothing
+            log.info("join peer=%s user=%s room=%s", self.conn.transport.peer, me.username, ev.room,
+                     extra={"event": "join", "user": me.username, "room": ev.room})
             self._announce_membership(conv_id, ev.room, proto.MembershipChange.JOINED)
 
     async def _subscribe_at_end(self, row: ConvRow) -> int:
@@ -493,6 +515,7 @@ class Session:
         rooms_created = self.budgets.rooms_created
         wait = rooms_created.take(me.user_id, trio.current_time())
         if wait:
+            self._limit_hit("rooms_created", me.username)
             raise RequestError(ErrorCode.RATE_LIMITED, f"at most {config.rooms_created_per_hour} new rooms per hour",
                                retry_ms(wait))
         try:
@@ -510,6 +533,8 @@ class Session:
         self._drop_conv(conv_id)
         self.server.broker.user_event(MemberLeft(me.user_id, conv_id))
         self.conn.send(proto.Ok(request_id=ev.request_id))
+        log.info("leave peer=%s user=%s room=%s", self.conn.transport.peer, me.username, ev.room,
+                 extra={"event": "leave", "user": me.username, "room": ev.room})
         self._announce_membership(conv_id, ev.room, proto.MembershipChange.LEFT)
 
     async def _list_rooms(self, ev: proto.ListRooms) -> None:
