@@ -1,4 +1,5 @@
-"""``chorus-server``: run the server until SIGINT/SIGTERM, then shut down gracefully (exit code 0).
+"""``chorus-server``: run the server until SIGINT/SIGTERM, then shut down gracefully (exit code 0); SIGHUP reloads
+the TLS certificate and key for new connections.
 
 An operator's mistake is one line on stderr, ``chorus-server: error: <what>; <fix>``, never a traceback:
 exit status 2 for a usage error (flag, config file, value: ``config_from_args``) and 1 for what the
@@ -15,6 +16,7 @@ import logging
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +27,7 @@ from ._app import serve
 from ._config import Config, config_from_args, without_password
 from ._logs import configure as configure_logging
 from ._store import SchemaTooNew, StoreError
+from ._tls import load_context
 from ._transport import open_listener
 
 PROG = "chorus-server"
@@ -38,7 +41,7 @@ class StartupError(Exception):
 
 
 async def _run(config: Config) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             try:
                 server = await nursery.start(serve, config)
@@ -50,11 +53,15 @@ async def _run(config: Config) -> None:
             # Everything made so far (modules, construct's declarations, Trio) lives as long as the process,
             # yet every full garbage collection walked it: about 32 ms of stall each time, under load.
             gc.freeze()
-            ws = f", chat page on http://{config.host}:{server.ws_port}/" if server.ws_port else ""
+            scheme = "https" if config.tls_cert_file is not None else "http"
+            ws = f", chat page on {scheme}://{config.host}:{server.ws_port}/" if server.ws_port else ""
             node = f", node {server.broker.node_id} via {without_password(config.broker)}" if config.broker else ""
             print(f"Chorus listening on {config.host}:{server.port}{ws} (data in {config.storage}{node})", flush=True)
             async for signum in signals:
                 logging.getLogger("chorus.server").info("%s received", signal.Signals(signum).name)
+                if signum == signal.SIGHUP:  # new certificate and key for new connections (a bad file: the old)
+                    server.reload_tls()
+                    continue
                 server.shutdown()
                 break
 
@@ -87,7 +94,19 @@ def only_exception(exc: BaseException) -> BaseException:
 def preflight(config: Config) -> str | None:
     """What would stop ``serve`` from starting, as one line (None if nothing): checked here, where it is
     clear which thing failed, rather than guessed from an exception out of the event loop."""
-    return _check_data_dir(config) or _check_host(config) or _check_ports(config)
+    return _check_data_dir(config) or _check_host(config) or _check_ports(config) or _check_tls(config)
+
+
+def _check_tls(config: Config) -> str | None:
+    """The certificate and key load (as ``Server`` loads them) when TLS is configured."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    try:
+        load_context(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        return (f"cannot load the TLS certificate {config.tls_cert_file} and key {config.tls_key_file}: {exc}; "
+                "check the paths and that the key matches the certificate (PEM)")
+    return None
 
 
 def _check_data_dir(config: Config) -> str | None:

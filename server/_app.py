@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import ssl
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import replace
@@ -42,6 +43,8 @@ from ._conn import ClientConnection, _bugs
 from ._metrics import Counters
 from ._ports import Broker, BrokerFactory, Store, StoreError
 from ._store import open_store
+from ._tls import accept as tls_accept
+from ._tls import load_context as load_tls_context
 from ._transport import SocketStream, Transport, open_listener
 
 log = logging.getLogger("chorus.server")
@@ -72,6 +75,24 @@ class Server:
         self.close_reasons: collections.Counter[str] = collections.Counter()
         self.counters = Counters()  # for the metrics (server/_metrics.py): frames by type, auth, rate limits
         self._shutdown = trio.Event()
+        # TLS (server/_tls.py): the context new connections use; reload_tls() swaps it.
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            self.tls = load_tls_context(config.tls_cert_file, config.tls_key_file)
+
+    def reload_tls(self) -> bool:
+        """Read the certificate and key again (SIGHUP) for new connections; on a bad file keep the old context and
+        log one line. Returns whether the new files were taken; False too when TLS is off."""
+        config = self.config
+        if self.tls is None or config.tls_cert_file is None or config.tls_key_file is None:
+            return False
+        try:
+            self.tls = load_tls_context(config.tls_cert_file, config.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("TLS reload failed, keeping the old certificate: %s", exc)
+            return False
+        log.info("TLS certificate reloaded from %s", config.tls_cert_file)
+        return True
 
     def shutdown(self) -> None:
         """Ask ``serve`` to shut down gracefully; returns at once."""
@@ -100,10 +121,17 @@ class Server:
         """``serve_listeners``' handler for the Chorus port: take a slot, serve, give the slot back."""
         refusal = self.admission.acquire(stream.address)
         if refusal is not None:
-            await self.refuse(stream, refusal)
+            if self.tls is None:
+                await self.refuse(stream, refusal)
+            else:  # a TLS client cannot read a plaintext ERROR, and a handshake is what a refusal must not cost
+                self.close_reasons[CloseReason.SERVER_FULL.name] += 1
+                await stream.aclose(linger_s=0)
             return
         try:
-            await self.handle(stream)
+            if self.tls is None:
+                await self.handle(stream)
+            elif (secure := await tls_accept(stream, self.tls, self.config.handshake_timeout_s)) is not None:
+                await self.handle(secure)
         finally:
             self.admission.release(stream.address)
 

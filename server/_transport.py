@@ -1,10 +1,11 @@
 """Transports: what a ``ClientConnection`` runs on, and non-blocking TCP sockets for the write-through output path
 (DESIGN.md "Fan-out").
 
-``Transport`` is the protocol both transports implement: ``SocketStream`` here (TCP) and the WebSocket bridge's
-``WebSocketTransport`` (server/_websocket.py). What differs between them is explicit in it, not discovered: ``wrap``
-(None for a byte stream, the message framing of a message-based transport) and ``attach`` (a transport that needs
-its connection, to write control frames or to close it, keeps it; TCP needs nothing).
+``Transport`` is the protocol the transports implement: ``SocketStream`` here (TCP), ``TLSStream`` over it
+(server/_tls.py) and the WebSocket bridge's ``WebSocketTransport`` (server/_websocket.py). What differs between
+them is explicit in it, not discovered: ``wrap`` (None for a byte stream, the message framing of a message-based
+transport) and ``attach`` (a transport that needs its connection, to write control frames or to close it, keeps it;
+TCP needs nothing).
 
 Trio's ``SocketStream`` only offers ``await send_all``; a broadcast wants to hand
 bytes to the kernel *now* and fall back to a buffer only for what the kernel
@@ -168,9 +169,13 @@ class SocketStream(trio.abc.Stream):
             self.socket.close()
         await trio.lowlevel.checkpoint()
 
+    def shutdown_write(self) -> None:
+        """Half-close: the peer reads EOF after what was sent. Raises ``OSError``."""
+        self.socket.shutdown(socket.SHUT_WR)
+
     async def _linger(self) -> None:
         try:
-            self.socket.shutdown(socket.SHUT_WR)
+            self.shutdown_write()
         except OSError:
             return
         received = 0

@@ -47,7 +47,6 @@ import hashlib
 import ipaddress
 import logging
 import math
-import socket
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -59,6 +58,8 @@ from chorus import proto
 from chorus.proto import CloseReason, ErrorCode
 
 from . import _http
+from ._tls import TLSStream
+from ._tls import accept as tls_accept
 from ._transport import SocketStream, open_listener
 from ._wsframe import (
     NEED_DATA,
@@ -117,7 +118,7 @@ class WebSocketTransport:
     #: Each Chorus frame is one binary message.
     wrap: Callable[[bytes], bytes] | None = staticmethod(wrap)
 
-    def __init__(self, stream: SocketStream, max_frame_bytes: int, leftover: bytes = b""):
+    def __init__(self, stream: SocketStream | TLSStream, max_frame_bytes: int, leftover: bytes = b""):
         self._stream = stream
         # The socket's own methods, not wrappers: a delivery costs what it costs on TCP.
         self.try_send = stream.try_send
@@ -297,7 +298,7 @@ class WebSocketTransport:
 
     async def _linger(self) -> None:
         try:
-            self._stream.socket.shutdown(socket.SHUT_WR)
+            self._stream.shutdown_write()
             received = 0
             while received < _LINGER_BYTES:
                 data = await self._stream.receive_some(_RECV_BYTES)
@@ -427,7 +428,10 @@ async def _serve_connection(server, site: _Site, stream: SocketStream) -> None:
         await _refuse(server, site, stream, refusal)
         return
     try:
-        await _serve_admitted(server, site, stream)
+        if server.tls is None:
+            await _serve_admitted(server, site, stream)
+        elif (secure := await tls_accept(stream, server.tls, site.config.handshake_timeout_s)) is not None:
+            await _serve_admitted(server, site, secure)  # HTTPS and WSS: the same, over TLS
     finally:
         server.admission.release(address)  # the socket is closed by now, whatever happened
 
@@ -436,6 +440,9 @@ async def _refuse(server, site: _Site, stream: SocketStream, refusal: str) -> No
     """503 at once, before reading the request: a refused socket must cost as little as it can."""
     log.info("http peer=%s 503 %s", stream.peer, refusal)
     server.close_reasons[CloseReason.SERVER_FULL.name] += 1
+    if server.tls is not None:  # a 503 would need a handshake, which is what a refusal must not cost
+        await stream.aclose(linger_s=0)
+        return
     try:
         stream.try_send(_http.error_response(503, f"{refusal}; retry later",
                                              [("retry-after", str(site.retry_after_s))]))
@@ -445,7 +452,7 @@ async def _refuse(server, site: _Site, stream: SocketStream, refusal: str) -> No
         await stream.aclose()  # half-close and drain, so the request still arriving cannot reset the 503
 
 
-async def _serve_admitted(server, site: _Site, stream: SocketStream) -> None:
+async def _serve_admitted(server, site: _Site, stream: SocketStream | TLSStream) -> None:
     config = site.config
     transport = None
     try:
@@ -470,7 +477,7 @@ async def _serve_admitted(server, site: _Site, stream: SocketStream) -> None:
             await transport.aclose(linger_s=0)  # (done already unless handle failed)
 
 
-async def _answer_http(stream: SocketStream, site: _Site) -> WebSocketTransport | None:
+async def _answer_http(stream: SocketStream | TLSStream, site: _Site) -> WebSocketTransport | None:
     """Answer one request; returns the upgraded transport for /ws, None when the response was the end.
 
     Raises ``EOFError`` or ``trio.BrokenResourceError`` when the client goes away.
@@ -509,8 +516,9 @@ async def serve_websocket(server, handler_nursery: trio.Nursery, *, task_status=
     config = server.config
     listener = open_listener(config.host, config.ws_port, reuse_port=config.reuse_port)
     site = _Site(config, listener.port)
-    log.info("chat page and WebSocket bridge on http://%s:%d/ (WebSocket at %s; origins allowed: %s)",
-             config.host, listener.port, WS_PATH, " ".join(sorted(site.origins)))
+    log.info("chat page and WebSocket bridge on %s://%s:%d/ (WebSocket at %s; origins allowed: %s)",
+             "https" if server.tls is not None else "http", config.host, listener.port, WS_PATH,
+             " ".join(sorted(site.origins)))
     if not config.ws_allowed_origins and config.host.strip("[]") in _WILDCARD_HOSTS:
         log.warning("listening on every address: only pages at localhost may use the WebSocket; "
                     "set ws_allowed_origins to the address people open (e.g. https://chat.example.org)")
