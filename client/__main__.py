@@ -1,6 +1,7 @@
 """``chorus``: the terminal client (interactive) and its script commands ``send`` and ``tail``.
 
     chorus [--server HOST:PORT] [--user NAME] [--register]          chat in the terminal
+           [--tls] [--ca-file PEM]                                   over TLS (spec/PROTOCOL.md §1)
     chorus [...] send '#room' 'text' ['more text'...]                  send (reads stdin lines if no text)
     chorus [...] tail '#room' [--since SEQ] [--json]                   print messages until interrupted
 
@@ -18,10 +19,12 @@ import argparse
 import contextlib
 import logging
 import os
+import ssl
 import sys
 
 import trio
 
+from ._client import client_tls_context
 from ._config_dir import SessionStore
 from ._login import DEFAULT_SERVER, LoginError, choose_user, open_session, parse_servers
 from ._render import Renderer, use_colour
@@ -31,6 +34,8 @@ _EPILOG = """\
 environment:
   CHORUS_SERVER    default for --server (else 127.0.0.1:7420)
   CHORUS_USER      default for --user
+  CHORUS_TLS       set to 1 for --tls
+  CHORUS_CA_FILE   default for --ca-file
   CHORUS_PASSWORD  password to use instead of asking (for scripts; with --register it sets the new
                    account's password). After one login the session token is saved (mode 0600) in
                    $XDG_CONFIG_HOME/chorus (default ~/.config/chorus) and later runs need no password.
@@ -47,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--user", metavar="NAME", default=argparse.SUPPRESS, help="who to log in as")
     common.add_argument("--register", action="store_true", default=argparse.SUPPRESS,
                         help="create the account first")
+    common.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
+                        help="connect with TLS, checking the server's certificate against the system's CAs "
+                             "(default: $CHORUS_TLS)")
+    common.add_argument("--ca-file", metavar="PEM", default=argparse.SUPPRESS,
+                        help="trust this CA certificate (PEM) instead of the system's; implies --tls "
+                             "(default: $CHORUS_CA_FILE)")
     parser = argparse.ArgumentParser(
         prog="chorus", parents=[common], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Chat on a Chorus server. With no command: the interactive client (/help inside lists "
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (host, port), *args.servers = parse_servers(
             getattr(args, "server", None) or os.environ.get("CHORUS_SERVER") or DEFAULT_SERVER)
+        args.tls = _tls_context(args)
         interactive = args.command is None or sys.stdin.isatty()
         user = choose_user(getattr(args, "user", None), SessionStore(host, port), interactive)
         if args.command is None:
@@ -101,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")
         return 0
+
+
+def _tls_context(args) -> ssl.SSLContext | None:
+    """--tls/--ca-file (or $CHORUS_TLS/$CHORUS_CA_FILE) as the client's TLS context; None for plain TCP.
+    Raises ``ValueError`` (one line) when the CA file cannot be read."""
+    ca_file = getattr(args, "ca_file", None) or os.environ.get("CHORUS_CA_FILE") or None
+    tls = getattr(args, "tls", False) or os.environ.get("CHORUS_TLS", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return client_tls_context(tls, ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot read the CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _run(fn, *args) -> int:
@@ -131,7 +154,8 @@ async def _interactive(host: str, port: int, user: str, args, colour: bool) -> i
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     async with open_session(host, port, user, register=getattr(args, "register", False), interactive=True,
                             say=lambda text: print(renderer.info(text), flush=True),
-                            client_name="chorus-terminal", sync_on_connect=False, servers=args.servers) as client:
+                            client_name="chorus-terminal", sync_on_connect=False, servers=args.servers,
+                            tls=args.tls or False) as client:
         renderer.me = client.username or user
         if not terminal:
             return await Tui(client, renderer, terminal=False, out=lambda line: print(line, flush=True)).run()
@@ -145,7 +169,8 @@ async def _script(host: str, port: int, user: str, args) -> int:
     conv = target(args.conv)
     async with open_session(host, port, user, register=getattr(args, "register", False),
                             interactive=sys.stdin.isatty(), say=lambda text: print(f"chorus: {text}", file=sys.stderr),
-                            client_name="chorus-script", sync_on_connect=False, servers=args.servers) as client:
+                            client_name="chorus-script", sync_on_connect=False, servers=args.servers,
+                            tls=args.tls or False) as client:
         if args.command == "send":
             bodies = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
             if not bodies:

@@ -33,6 +33,7 @@ import inspect
 import logging
 import random
 import secrets
+import ssl
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Sequence
 
@@ -75,6 +76,20 @@ _FATAL = {
 _NOT_OURS = (ErrorCode.NOT_MEMBER, ErrorCode.NOT_FOUND)
 #: When a refusal gives no retry hint (retry_after_ms 0), wait this long before asking again.
 _DEFAULT_RETRY_S = 1.0
+
+
+def client_tls_context(tls: bool | ssl.SSLContext, ca_file: str | None = None) -> ssl.SSLContext | None:
+    """The context for ``Client(tls=..., ca_file=...)``: None (plain TCP) when neither is given; the given context; or
+    the system's trusted CAs, or only ``ca_file``'s (a PEM file, which turns TLS on by itself). TLS 1.2 at least."""
+    if isinstance(tls, ssl.SSLContext):
+        if ca_file is not None:
+            raise ValueError("give either an SSLContext or ca_file, not both")
+        return tls
+    if not tls and ca_file is None:
+        return None
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _retry_delay_s(error: ServerError) -> float:
@@ -164,7 +179,8 @@ class Client:
     both. ``max_protocol_version`` is the newest protocol version HELLO offers (spec §6; the default
     is the newest this library speaks); ``version`` is the one the server chose. ``servers``: other nodes of the
     same cluster (node mode); when its node is lost or going away the client moves to the next one at once and
-    resumes by seq there, and the first connection tries each before it gives up.
+    resumes by seq there, and the first connection tries each before it gives up. ``tls``: True (the system's
+    trusted CAs, or ``ca_file``'s), or an ``ssl.SSLContext``; every node then speaks TLS (spec §1).
     """
 
     def __init__(
@@ -188,6 +204,8 @@ class Client:
         retry_rate_limited: bool = True,
         max_protocol_version: int = proto.PROTOCOL_VERSION,
         servers: Sequence[tuple[str, int]] = (),
+        tls: bool | ssl.SSLContext = False,
+        ca_file: str | None = None,
     ):
         credentials = (username, password) if username is not None and password is not None else None
         if token is None and credentials is None:
@@ -195,6 +213,8 @@ class Client:
         if not proto.MIN_PROTOCOL_VERSION <= max_protocol_version <= proto.PROTOCOL_VERSION:
             raise ValueError(f"max_protocol_version must be in {proto.MIN_PROTOCOL_VERSION}..{proto.PROTOCOL_VERSION}")
         self._max_version = max_protocol_version
+        #: TLS (spec §1): None for plain TCP; else the context every connection's handshake uses.
+        self._tls = client_tls_context(tls, ca_file)
         #: Where to connect: (host, port) first, then ``servers`` (other nodes of the same cluster), in turn.
         self._addresses = [(host, port)] + [(h, p) for h, p in servers if (h, p) != (host, port)]
         self._address_index = 0
@@ -742,7 +762,7 @@ class Client:
         """
         self._gen += 1
         with trio.fail_after(self._timeout):
-            stream = await trio.open_tcp_stream(*self.address)
+            stream = await self._connect()
         t = Transport(stream, self._gen, pace=self._pace)
         self._transport = t
         error: BaseException | None = None
@@ -768,6 +788,23 @@ class Client:
         if error is not None:
             raise error
         return t
+
+    async def _connect(self) -> trio.abc.Stream:
+        """A TCP stream to ``address``, with its TLS handshake done when TLS is on. Raises ``OSError`` (an
+        ``ssl.SSLError`` such as ``SSLCertVerificationError`` among them) or ``TransportClosed``."""
+        tcp = await trio.open_tcp_stream(*self.address)
+        if self._tls is None:
+            return tcp
+        stream = trio.SSLStream(tcp, self._tls, server_hostname=self.address[0], https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.BrokenResourceError):
+                cause = exc.__cause__
+                raise cause if isinstance(cause, ssl.SSLError) else TransportClosed(f"TLS handshake: {exc}") from None
+            raise
+        return stream
 
     async def _establish(self, t: Transport, first: bool) -> None:
         # The connection (proto) refuses a WELCOME outside the range offered, and from then on any frame of a
@@ -877,8 +914,9 @@ async def open_client(host: str, port: int, **kwargs) -> AsyncIterator[Client]:
     Keyword arguments are those of ``Client``: ``username``, ``password``, ``token``,
     ``register``, ``reconnect``, ``client_name``, ``on_token``, ``request_timeout_s``,
     ``event_buffer``, ``sync_on_connect``, ``backoff_base_s``, ``backoff_cap_s``,
-    ``pace``, ``retry_rate_limited``, ``max_protocol_version``, ``servers``. Raises what the first connection attempt
-    raised: ``OSError`` (unreachable), ``ServerError`` (AUTH_FAILED, USERNAME_TAKEN...),
+    ``pace``, ``retry_rate_limited``, ``max_protocol_version``, ``servers``, ``tls`` (True, or an
+    ``ssl.SSLContext``), ``ca_file`` (a PEM CA to trust instead of the system's; turns TLS on). Raises what the
+    first connection attempt raised: ``OSError`` (unreachable), ``ServerError`` (AUTH_FAILED, USERNAME_TAKEN...),
     ``ConnectionLost``, ``trio.TooSlowError``.
     """
     client = Client(host, port, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import ssl
 import sys
 from typing import AsyncIterator, Callable
 
@@ -148,6 +149,8 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
                     password = None
                     continue
                 raise LoginError(_refusal(exc, user)) from None
+            except ssl.SSLError as exc:  # before OSError, which it is
+                raise LoginError(f"TLS with {host}:{port} failed: {_tls_problem(exc)}") from None
             except OSError as exc:
                 raise LoginError(f"cannot reach {host}:{port}: {exc.strerror or exc}"
                                  " (is the server running? `make run` starts one)") from None
@@ -156,6 +159,13 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
             yield client
             return
         raise LoginError("giving up after three tries")
+
+
+def _tls_problem(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the server's certificate is not trusted ({exc.verify_message}); give its CA with --ca-file"
+                if exc.verify_code != 62 else f"the server's certificate is not for this name ({exc.verify_message})")
+    return f"{exc.reason or exc} (is it a TLS port? without --tls the client speaks plain TCP)"
 
 
 def _refusal(exc: ServerError, user: str) -> str:

@@ -19,6 +19,7 @@ import trio
 from chorus import proto
 
 _READ_BYTES = 65536
+_CLOSE_S = 1.0
 # The server's bucket starts at the same time as ours but sees our frames later and
 # possibly bunched together by the network: stay well inside its limits.
 _RATE_MARGIN = 0.9
@@ -120,4 +121,5 @@ class Transport:
         """Close the stream now (idempotent); blocked readers and writers raise at once."""
         self._shut = True
         with trio.CancelScope(shield=True):
-            await self.stream.aclose()
+            with trio.move_on_after(_CLOSE_S):  # TLS says close_notify first: not for longer than this
+                await self.stream.aclose()
