@@ -144,6 +144,23 @@ def _check_ports(config: Config) -> str | None:
         except OSError as exc:
             return bind_problem(exc, config, [(port, what)])
         listener.socket.close()
+    return _check_admin_port(config)
+
+
+def _check_admin_port(config: Config) -> str | None:
+    """The admin listener's port (server/_admin.py), on ``admin_host``, as trio binds it (SO_REUSEADDR)."""
+    if not config.admin_port:
+        return None
+    family = socket.AF_INET6 if ":" in config.admin_host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((config.admin_host, config.admin_port))
+            sock.listen()
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            return f"admin host {config.admin_host} is not an address of this machine; give --admin-host one"
+        return bind_problem(exc, config, [(config.admin_port, "admin_port")])
     return None
 
 

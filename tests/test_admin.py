@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 
 import h11
 import trio
@@ -260,3 +261,14 @@ def test_the_repeat_filter_reports_what_it_suppressed():
     assert [repeat.filter(record(t)) for t in (0, 1, 2, 3)] == [True, True, False, False]
     later = record(11)
     assert repeat.filter(later) and later.suppressed == 2
+
+
+def test_a_taken_admin_port_is_one_line_before_start(make_config):
+    from chorus.server.__main__ import preflight
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        problem = preflight(make_config(admin_port=port))
+    assert problem == f"port {port} is in use (another chorus-server?); pick another with --admin-port"
