@@ -25,7 +25,6 @@ import logging
 import ssl
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -210,8 +209,7 @@ class Server:
         config = self.config
         deadline = trio.current_time() + config.shutdown_grace_s
         self.broker.set_draining(True)
-        nodes = tuple(replace(n, draining=True) if n.port == self.port and n.host == config.advertised_host else n
-                      for n in self.broker.live_nodes())
+        nodes = tuple(self.broker.live_nodes())
         for conn in list(self.connections):
             conn.goaway(config.reconnect_hint_ms, "server shutting down", nodes)
         with trio.move_on_at(deadline):

@@ -802,8 +802,9 @@ class RedisBroker:
     def live_nodes(self) -> list[proto.NodeInfo]:
         """The live nodes as of the last heartbeat, least loaded first, for NODES (spec §5.40)."""
         nodes = sorted(self._nodes, key=lambda n: (n.connections, n.id))[:proto.MAX_LIST_ITEMS]
-        return [proto.NodeInfo(n.id, n.host, n.port, n.ws_port or 0, min(n.connections, 0xFFFF_FFFF), n.draining)
-                for n in nodes]
+        # This node's own entry says draining at once, without waiting for the registry's next read.
+        return [proto.NodeInfo(n.id, n.host, n.port, n.ws_port or 0, min(n.connections, 0xFFFF_FFFF),
+                               n.draining or (n.id == self.node_id and self.draining)) for n in nodes]
 
     async def nodes(self) -> list[NodeInfo]:
         """The live nodes, by id: read from Redis, or as last read (at most a heartbeat old) while it is down."""

@@ -449,12 +449,16 @@ async def test_the_registry_lists_live_nodes_with_load_and_draining_and_a_clean_
     n1, n2 = await cluster.node("n1"), await cluster.node("n2")
     alice = await client(n1, "alice", register=True)  # noqa: F841 - held open
     n2.broker.set_draining(True)
+    # n2's NODES say so at once (what its GOAWAY goes with), before any registry read
+    assert [n.draining for n in n2.broker.live_nodes() if n.node == "n2"] == [True]
     await eventually(lambda: _draining(n1), "n1 reads n2 draining")
     await eventually(lambda: _connections(n1), "n1's entry counts alice (at most a heartbeat later)")
     nodes = await n1.broker.nodes()
     assert [(n.id, n.port, n.connections, n.draining) for n in nodes] == [
         ("n1", n1.port, 1, False), ("n2", n2.port, 0, True)]
     assert all(isinstance(n, NodeInfo) and n.host == "127.0.0.1" and n.started_ms > 0 for n in nodes)
+    assert [(n.node, n.connections, n.draining) for n in n1.broker.live_nodes()] == [  # least loaded first
+        ("n2", 0, True), ("n1", 1, False)]
     await n2.stop()
     assert await _ids(n1) == ["n1"]  # gone from the registry at once: it left
     await n1.stop()
