@@ -81,6 +81,7 @@ fuzz-session: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench --profile $(BENCH_ARGS)
 	$(BIN)/python -m bench.cluster_bench $(CLUSTER_ARGS)
+	$(BIN)/python -m bench.tls_fanout --members 500 | tee bench/results/tls_fanout.txt
 
 # The same harness at tiny sizes (seconds); `make test` runs it too, via tests/test_bench_smoke.py.
 bench-smoke: $(STAMP)
