@@ -49,7 +49,8 @@ from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, R
 from ._config import without_password
 from ._groupcommit import GroupCommitter
 from ._ports import (
-    Appended, ConvRow, NameTaken, NewMessage, SchemaTooNew, SessionRow, StoreError, TooManyRooms, UserRow,
+    AdminAction, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionRow, StoreError,
+    TooManyRooms, UserRow,
 )
 # One mapping of wire u64s onto signed 64-bit integers for both stores.
 from ._store import _I64_MAX, _clamp, _conv_row, _from_db_id, _to_db_id
@@ -130,7 +131,19 @@ CREATE TABLE cursors (
 
 #: Schema migrations: step n takes a database from version n to n + 1; ``_migrate`` applies the missing ones in
 #: order in one transaction. A shipped step never changes: a change to the schema is a new step at the end.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA,)
+_MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA,
+    # 2: administration (chorus-admin): accounts an operator disabled, and the actions every node applies to its
+    # live connections, polled by id (the primary key: one range read a second per node).
+    """ALTER TABLE users ADD COLUMN disabled boolean NOT NULL DEFAULT false;
+    CREATE TABLE admin_actions (
+        id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        kind    text NOT NULL,
+        user_id bigint,
+        room_id bigint,
+        at_ms   bigint NOT NULL
+    );""",
+)
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -155,6 +168,7 @@ _CONVERSATIONS = """
 """
 
 _MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
+_USER_COLUMNS = "id, name, password_hash, disabled"
 
 
 class _CommitUnknown(Exception):
@@ -459,15 +473,14 @@ class PgStore(GroupCommitter):
 
     async def get_user(self, name: str) -> UserRow | None:
         def run(conn: psycopg.Connection) -> UserRow | None:
-            row = conn.execute("SELECT id, name, password_hash FROM users WHERE name = %s", (name,)).fetchone()
+            row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE name = %s", (name,)).fetchone()
             return UserRow(*row) if row else None
 
         return await self._read(run)
 
     async def get_user_by_id(self, user_id: int) -> UserRow | None:
         def run(conn: psycopg.Connection) -> UserRow | None:
-            row = conn.execute("SELECT id, name, password_hash FROM users WHERE id = %s",
-                               (_clamp(user_id),)).fetchone()
+            row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = %s", (_clamp(user_id),)).fetchone()
             return UserRow(*row) if row else None
 
         return await self._read(run)
@@ -485,7 +498,8 @@ class PgStore(GroupCommitter):
 
         def run(conn: psycopg.Connection) -> SessionRow | None:
             row = conn.execute(
-                "SELECT s.user_id, u.name, s.expires_at_ms FROM sessions s JOIN users u ON u.id = s.user_id"
+                "SELECT s.user_id, u.name, s.expires_at_ms, u.disabled"
+                " FROM sessions s JOIN users u ON u.id = s.user_id"
                 " WHERE s.token_hash = %s AND s.expires_at_ms > %s", (token_hash, _clamp(now_ms))).fetchone()
             return SessionRow(*row) if row else None
 
@@ -510,6 +524,83 @@ class PgStore(GroupCommitter):
             return conn.execute("DELETE FROM sessions WHERE expires_at_ms <= %s", (_clamp(now_ms),)).rowcount
 
         return await self._run(run, retry_lost=True)  # harmless to repeat (the count only goes to a log line)
+
+    # -- administration --------------------------------------------------------------------------------------
+
+    async def list_users(self) -> list[UserRow]:
+        def run(conn: psycopg.Connection) -> list[UserRow]:
+            return [UserRow(*row) for row in conn.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name")]
+
+        return await self._read(run)
+
+    async def set_disabled(self, user_id: int, disabled: bool) -> bool:
+        def run(conn: psycopg.Connection) -> bool:
+            return conn.execute("UPDATE users SET disabled = %s WHERE id = %s",
+                                (disabled, _clamp(user_id))).rowcount == 1
+
+        return await self._run(run, retry_lost=True)  # harmless to repeat
+
+    async def set_password_hash(self, user_id: int, password_hash: str) -> bool:
+        def run(conn: psycopg.Connection) -> bool:
+            return conn.execute("UPDATE users SET password_hash = %s WHERE id = %s",
+                                (password_hash, _clamp(user_id))).rowcount == 1
+
+        return await self._run(run, retry_lost=True)  # harmless to repeat
+
+    async def delete_user_sessions(self, user_id: int) -> int:
+        def run(conn: psycopg.Connection) -> int:
+            return conn.execute("DELETE FROM sessions WHERE user_id = %s", (_clamp(user_id),)).rowcount
+
+        return await self._run(run)
+
+    async def room_stats(self) -> list[RoomStats]:
+        def run(conn: psycopg.Connection) -> list[RoomStats]:
+            rows = conn.execute(
+                "SELECT c.id, c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq"
+                f" FROM conversations c WHERE c.kind = {_ROOM} ORDER BY c.name").fetchall()
+            return [RoomStats(*row) for row in rows]
+
+        return await self._read(run)
+
+    async def delete_room(self, name: str) -> int | None:
+        def run(conn: psycopg.Connection) -> int | None:
+            with _transaction(conn):
+                # Locked first: a group commit appending to it meanwhile waits, then finds no conversation.
+                row = conn.execute(f"SELECT id FROM conversations WHERE kind = {_ROOM} AND name = %s FOR UPDATE",
+                                   (name,)).fetchone()
+                if row is None:
+                    return None
+                for table in ("messages", "cursors", "memberships"):
+                    conn.execute(f"DELETE FROM {table} WHERE conv_id = %s", (row[0],))
+                conn.execute("DELETE FROM conversations WHERE id = %s", (row[0],))
+                return row[0]
+
+        return await self._run(run, retry_lost=True)  # one transaction
+
+    async def append_admin_action(self, kind: str, user_id: int | None, room_id: int | None, at_ms: int) -> int:
+        # The table lock makes ids commit in id order (a sequence alone does not), so a node that read id n has
+        # seen every smaller id; it blocks only other inserts, never the nodes' reads.
+        def run(conn: psycopg.Connection) -> int:
+            with _transaction(conn):
+                conn.execute("LOCK TABLE admin_actions IN SHARE ROW EXCLUSIVE MODE")
+                return _one(conn, "INSERT INTO admin_actions (kind, user_id, room_id, at_ms)"
+                                  " VALUES (%s, %s, %s, %s) RETURNING id", (kind, user_id, room_id, at_ms))
+
+        return await self._run(run, retry_lost=True)  # one transaction
+
+    async def admin_actions_after(self, after_id: int, limit: int) -> list[AdminAction]:
+        def run(conn: psycopg.Connection) -> list[AdminAction]:
+            rows = conn.execute("SELECT id, kind, user_id, room_id, at_ms FROM admin_actions WHERE id > %s"
+                                " ORDER BY id LIMIT %s", (_clamp(after_id), _clamp(limit))).fetchall()
+            return [AdminAction(*row) for row in rows]
+
+        return await self._read(run)
+
+    async def last_admin_action_id(self) -> int:
+        def run(conn: psycopg.Connection) -> int:
+            return _one(conn, "SELECT coalesce(max(id), 0) FROM admin_actions", ())
+
+        return await self._read(run)
 
     # -- rooms, pairs, membership ------------------------------------------------------------------------------
 

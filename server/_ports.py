@@ -43,6 +43,7 @@ class UserRow:
     id: int
     name: str
     password_hash: str
+    disabled: bool = False  # by an operator (chorus-admin users disable): LOGIN and RESUME are refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class SessionRow:
     user_id: int
     username: str
     expires_at_ms: int
+    disabled: bool = False  # the user's account is disabled: RESUME is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,30 @@ class ConvRow:
     name: str
     last_seq: int
     peer_id: int | None  # the other user of a DIRECT pair; None for rooms
+
+
+@dataclass(frozen=True, slots=True)
+class RoomStats:
+    """A room as an operator sees it (chorus-admin rooms list): its members and its messages (= its last seq)."""
+
+    id: int
+    name: str
+    members: int
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAction:
+    """An operator's change that running nodes apply to their live connections (server/_adminactions.py).
+
+    ``kind`` is one of server/_adminactions.py's ``KINDS``; ``user_id`` or ``room_id`` names what it is about.
+    """
+
+    id: int
+    kind: str
+    user_id: int | None
+    room_id: int | None
+    at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +192,44 @@ class Store(Protocol):
 
     async def purge_sessions(self, now_ms: int) -> int:
         """Delete expired session tokens; returns how many went."""
+        ...
+
+    # -- administration (chorus-admin, server/_admin_cli.py; applied live by server/_adminactions.py) --
+    async def list_users(self) -> list[UserRow]:
+        """Every user, by name."""
+        ...
+
+    async def set_disabled(self, user_id: int, disabled: bool) -> bool:
+        """Disable or enable the user's account; False if there is no such user."""
+        ...
+
+    async def set_password_hash(self, user_id: int, password_hash: str) -> bool:
+        """Replace the user's password hash; False if there is no such user."""
+        ...
+
+    async def delete_user_sessions(self, user_id: int) -> int:
+        """Delete every session token of the user (RESUME then fails); returns how many went."""
+        ...
+
+    async def room_stats(self) -> list[RoomStats]:
+        """Every room (empty ones too) with its member and message counts, by name."""
+        ...
+
+    async def delete_room(self, name: str) -> int | None:
+        """Delete room ``name`` with its messages, memberships and cursors; its former id, or None if none."""
+        ...
+
+    async def append_admin_action(self, kind: str, user_id: int | None, room_id: int | None, at_ms: int) -> int:
+        """Record an action for running nodes to apply; returns its id, greater than every earlier action's
+        (ids become visible in id order, so a reader that saw id n has seen every id below n)."""
+        ...
+
+    async def admin_actions_after(self, after_id: int, limit: int) -> list[AdminAction]:
+        """Up to ``limit`` actions with id > ``after_id``, by id (one indexed range read)."""
+        ...
+
+    async def last_admin_action_id(self) -> int:
+        """The newest action's id; 0 if there is none."""
         ...
 
     # -- conversations and membership --

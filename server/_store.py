@@ -62,8 +62,8 @@ from ._groupcommit import _U64, GroupCommitter
 
 # The row types and errors are the Store port's (server/_ports.py); this module is one implementation of it.
 from ._ports import (  # noqa: F401  (re-exported: tests and __main__ name them here)
-    AppendCallback, Appended, ConvRow, NameTaken, NewMessage, SchemaTooNew, SessionRow, StoreError, TooManyRooms,
-    UserRow,
+    AdminAction, AppendCallback, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionRow,
+    StoreError, TooManyRooms, UserRow,
 )
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,16 @@ _MIGRATIONS: tuple[str, ...] = (
     # 2: expired sessions are found by an index range: the hourly purge no longer scans every session while it
     # holds the writer (group commits wait behind it).
     "CREATE INDEX sessions_expiry ON sessions(expires_at_ms)",
+    # 3: administration (chorus-admin): accounts an operator disabled, and the actions running servers apply to
+    # their live connections, polled by id (the primary key: one range read a second).
+    """ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE admin_actions (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind    TEXT NOT NULL,
+        user_id INTEGER,
+        room_id INTEGER,
+        at_ms   INTEGER NOT NULL
+    )""",
 )
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -180,6 +190,7 @@ _CONVERSATIONS = """
 """
 
 _MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
+_USER_COLUMNS = "id, name, password_hash, disabled"
 
 
 def _refusal(exc: BaseException) -> StoreError | None:
@@ -211,6 +222,11 @@ def _from_db_id(value: int) -> int:
 def _stored(row: tuple[Any, ...]) -> StoredMessage:
     seq, ts_ms, sender, client_msg_id, body = row
     return StoredMessage(seq, ts_ms, sender, _from_db_id(client_msg_id), body)
+
+
+def _user(row: tuple[Any, ...]) -> UserRow:
+    user_id, name, password_hash, disabled = row
+    return UserRow(user_id, name, password_hash, bool(disabled))
 
 
 def _conv_row(row: tuple[Any, ...]) -> ConvRow:
@@ -535,15 +551,15 @@ class Store(GroupCommitter):
 
     async def get_user(self, name: str) -> UserRow | None:
         def run(conn: sqlite3.Connection) -> UserRow | None:
-            row = conn.execute("SELECT id, name, password_hash FROM users WHERE name = ?", (name,)).fetchone()
-            return UserRow(*row) if row else None
+            row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
+            return _user(row) if row else None
 
         return await self._read(run)
 
     async def get_user_by_id(self, user_id: int) -> UserRow | None:
         def run(conn: sqlite3.Connection) -> UserRow | None:
-            row = conn.execute("SELECT id, name, password_hash FROM users WHERE id = ?", (user_id,)).fetchone()
-            return UserRow(*row) if row else None
+            row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,)).fetchone()
+            return _user(row) if row else None
 
         return await self._read(run)
 
@@ -559,9 +575,10 @@ class Store(GroupCommitter):
 
         def run(conn: sqlite3.Connection) -> SessionRow | None:
             row = conn.execute(
-                "SELECT s.user_id, u.name, s.expires_at_ms FROM sessions s JOIN users u ON u.id = s.user_id"
+                "SELECT s.user_id, u.name, s.expires_at_ms, u.disabled"
+                " FROM sessions s JOIN users u ON u.id = s.user_id"
                 " WHERE s.token_hash = ? AND s.expires_at_ms > ?", (token_hash, now_ms)).fetchone()
-            return SessionRow(*row) if row else None
+            return SessionRow(row[0], row[1], row[2], bool(row[3])) if row else None
 
         return await self._read(run)
 
@@ -584,6 +601,79 @@ class Store(GroupCommitter):
             return conn.execute("DELETE FROM sessions WHERE expires_at_ms <= ?", (now_ms,)).rowcount
 
         return await self._run(run)
+
+    # -- administration --------------------------------------------------------------------------------------
+
+    async def list_users(self) -> list[UserRow]:
+        def run(conn: sqlite3.Connection) -> list[UserRow]:
+            return [_user(row) for row in conn.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name")]
+
+        return await self._read(run)
+
+    async def set_disabled(self, user_id: int, disabled: bool) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute("UPDATE users SET disabled = ? WHERE id = ?",
+                                (int(disabled), _clamp(user_id))).rowcount == 1
+
+        return await self._run(run)
+
+    async def set_password_hash(self, user_id: int, password_hash: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute("UPDATE users SET password_hash = ? WHERE id = ?",
+                                (password_hash, _clamp(user_id))).rowcount == 1
+
+        return await self._run(run)
+
+    async def delete_user_sessions(self, user_id: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM sessions WHERE user_id = ?", (_clamp(user_id),)).rowcount
+
+        return await self._run(run)
+
+    async def room_stats(self) -> list[RoomStats]:
+        def run(conn: sqlite3.Connection) -> list[RoomStats]:
+            rows = conn.execute(
+                "SELECT c.id, c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq"
+                f" FROM conversations c WHERE c.kind = {_ROOM} ORDER BY c.name").fetchall()
+            return [RoomStats(*row) for row in rows]
+
+        return await self._read(run)
+
+    async def delete_room(self, name: str) -> int | None:
+        def run(conn: sqlite3.Connection) -> int | None:
+            with _transaction(conn):
+                row = conn.execute(f"SELECT id FROM conversations WHERE kind = {_ROOM} AND name = ?",
+                                   (name,)).fetchone()
+                if row is None:
+                    return None
+                for table in ("messages", "cursors", "memberships"):
+                    conn.execute(f"DELETE FROM {table} WHERE conv_id = ?", (row[0],))
+                conn.execute("DELETE FROM conversations WHERE id = ?", (row[0],))
+                return row[0]
+
+        return await self._run(run)
+
+    async def append_admin_action(self, kind: str, user_id: int | None, room_id: int | None, at_ms: int) -> int:
+        # AUTOINCREMENT: ids are never reused; SQLite has one writer at a time, so they commit in id order.
+        def run(conn: sqlite3.Connection) -> int:
+            return _new_id(conn.execute("INSERT INTO admin_actions(kind, user_id, room_id, at_ms) VALUES (?, ?, ?, ?)",
+                                        (kind, user_id, room_id, at_ms)))
+
+        return await self._run(run)
+
+    async def admin_actions_after(self, after_id: int, limit: int) -> list[AdminAction]:
+        def run(conn: sqlite3.Connection) -> list[AdminAction]:
+            rows = conn.execute("SELECT id, kind, user_id, room_id, at_ms FROM admin_actions WHERE id > ?"
+                                " ORDER BY id LIMIT ?", (_clamp(after_id), _clamp(limit))).fetchall()
+            return [AdminAction(*row) for row in rows]
+
+        return await self._read(run)
+
+    async def last_admin_action_id(self) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT coalesce(max(id), 0) FROM admin_actions").fetchone()[0]
+
+        return await self._read(run)
 
     # -- rooms, pairs, membership ------------------------------------------------------------------------------
 

@@ -200,6 +200,72 @@ async def test_purge_removes_only_expired_sessions(store):
     assert await store.purge_sessions(now_ms=20_000) == 0
 
 
+# -- administration (chorus-admin) ---------------------------------------------------------------------------------
+
+async def test_admin_users_disable_password_and_sessions(store):
+    alice, bob = await make_users(store, "alice", "bob")
+    assert [u.name for u in await store.list_users()] == ["alice", "bob"]
+    assert not alice.disabled and not (await store.get_user("alice")).disabled
+    await store.add_session(b"\x01" * 32, alice.id, expires_at_ms=10_000)
+    await store.add_session(b"\x02" * 32, alice.id, expires_at_ms=10_000)
+    await store.add_session(b"\x03" * 32, bob.id, expires_at_ms=10_000)
+
+    assert await store.set_disabled(alice.id, True)
+    assert (await store.get_user("alice")).disabled and (await store.get_user_by_id(alice.id)).disabled
+    assert (await store.get_session(b"\x01" * 32, now_ms=0)).disabled
+    assert [(u.name, u.disabled) for u in await store.list_users()] == [("alice", True), ("bob", False)]
+    assert await store.set_disabled(alice.id, False)
+    assert not (await store.get_user("alice")).disabled
+    assert not await store.set_disabled(alice.id + bob.id + 100, True)
+
+    assert await store.set_password_hash(alice.id, "new-hash")
+    assert (await store.get_user("alice")).password_hash == "new-hash"
+    assert not await store.set_password_hash(alice.id + bob.id + 100, "x")
+
+    assert await store.delete_user_sessions(alice.id) == 2
+    assert await store.get_session(b"\x01" * 32, now_ms=0) is None
+    assert await store.get_session(b"\x03" * 32, now_ms=0) is not None  # bob's stay
+    assert await store.delete_user_sessions(alice.id) == 0
+
+
+async def test_admin_room_stats_and_delete(store):
+    alice, bob = await make_users(store, "alice", "bob")
+    lobby, _ = await store.join_room(alice.id, "lobby", max_rooms=10)
+    await store.join_room(bob.id, "lobby", max_rooms=10)
+    empty = await store.room("empty", create=True)
+    pair = await store.direct(alice.id, bob.id)
+    for n in range(3):
+        await store.append(msg(lobby, alice, n + 1))
+    await store.append(msg(pair, bob, 9))
+    await store.advance_cursor(bob.id, lobby, ReceiptKind.READ, 2)
+    stats = await store.room_stats()
+    assert [(r.id, r.name, r.members, r.messages) for r in stats] == [(empty, "empty", 0, 0), (lobby, "lobby", 2, 3)]
+
+    assert await store.delete_room("lobby") == lobby
+    assert await store.delete_room("lobby") is None
+    assert await store.room("lobby", create=False) is None
+    assert [r.name for r in await store.room_stats()] == ["empty"]
+    assert await store.conversations(bob.id) == [ConvRow(pair, ConvKind.DIRECT, "alice", 1, alice.id)]
+    assert await store.room_count(alice.id) == 0
+    # The name can be used again, for a new room with a history of its own.
+    again, _ = await store.join_room(alice.id, "lobby", max_rooms=10)
+    assert again != lobby and await store.last_seq(again) == 0
+
+
+async def test_admin_actions_are_read_in_id_order(store):
+    assert await store.last_admin_action_id() == 0
+    assert await store.admin_actions_after(0, 10) == []
+    first = await store.append_admin_action("disable", 7, None, 1000)
+    second = await store.append_admin_action("delete-room", None, 3, 2000)
+    assert 0 < first < second and await store.last_admin_action_id() == second
+    actions = await store.admin_actions_after(0, 10)
+    assert [(a.id, a.kind, a.user_id, a.room_id, a.at_ms) for a in actions] == [
+        (first, "disable", 7, None, 1000), (second, "delete-room", None, 3, 2000)]
+    assert [a.id for a in await store.admin_actions_after(first, 10)] == [second]
+    assert [a.id for a in await store.admin_actions_after(0, 1)] == [first]
+    assert await store.admin_actions_after(second, 10) == []
+
+
 # -- rooms, pairs, membership ----------------------------------------------------------------------------------------
 
 async def test_rooms_and_membership(store):
