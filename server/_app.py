@@ -33,6 +33,7 @@ import trio
 from chorus import proto
 from chorus.proto import CloseReason, ErrorCode
 
+from ._adminactions import poll_admin_actions
 from ._admission import Admission, open_file_budget
 from ._auth import Passwords
 from ._broker import LocalBroker
@@ -273,6 +274,7 @@ async def _serve(config: Config, store: Store, broker: Broker, task_status) -> N
         await timers.start(broker.run)
         timers.start_soon(server.watch_connections)
         timers.start_soon(server.purge_sessions)
+        timers.start_soon(poll_admin_actions, server)  # chorus-admin's changes to live connections
         if config.admin_port is not None:  # metrics and health, until the drain is over (server/_admin.py)
             from ._admin import serve_admin
 

@@ -300,6 +300,9 @@ class Session:
                                           "address": address, "user": safe(name)})
             raise RequestError(ErrorCode.AUTH_FAILED, "wrong user name or password")
         budgets.login_succeeded(address, name)
+        if user.disabled:  # said only to whoever knows the password (chorus-admin users disable)
+            self.server.counters.auth["password", False] += 1
+            raise RequestError(ErrorCode.AUTH_FAILED, "account disabled")
         self.server.counters.auth["password", True] += 1
         await self._logged_in(user.id, user.name, None, ev.request_id)
 
@@ -315,9 +318,11 @@ class Session:
     async def _resume(self, ev: proto.Resume) -> None:
         hashed = token_hash(ev.token)
         row = await self.server.store.get_session(hashed, now_ms())
-        self.server.counters.auth["token", row is not None] += 1
+        self.server.counters.auth["token", row is not None and not row.disabled] += 1
         if row is None:
             raise RequestError(ErrorCode.INVALID_TOKEN, "session expired or revoked; log in again")
+        if row.disabled:  # chorus-admin users disable: the token stays, refused until the account is enabled
+            raise RequestError(ErrorCode.AUTH_FAILED, "account disabled")
         await self._logged_in(row.user_id, row.username, ev.token, ev.request_id)
 
     async def _logged_in(self, user_id: int, username: str, token: str | None, request_id: int) -> None:
