@@ -355,9 +355,10 @@ async def test_a_version_1_database_is_migrated_at_open_and_keeps_its_data(tmp_p
     path = tmp_path / "v1.db"
     _version_1_database(path)
     assert _schema(path) == (1, _schema(path)[1]) and "sessions_expiry" not in _schema(path)[1]
-    assert _store.SCHEMA_VERSION == len(_store._MIGRATIONS) == 2
+    assert _store.SCHEMA_VERSION == len(_store._MIGRATIONS) == 3
     async with _store.open_store(path) as store:
         assert await store.purge_sessions(now_ms=1000) == 1  # the step's index at work
+        assert not (await store.get_user("bob")).disabled  # step 3: existing accounts stay enabled
         assert (await store.get_session(b"\x02", 1000)).username == "bob"
         listed = await store.conversation_list(1, 1000)
         assert listed == [
@@ -366,10 +367,10 @@ async def test_a_version_1_database_is_migrated_at_open_and_keeps_its_data(tmp_p
         ]
         messages, has_more = await store.messages_after(1, 0, 10)
         assert [m.body for m in messages] == ["hi", "there"] and not has_more
-    assert _schema(path)[0] == 2 and "sessions_expiry" in _schema(path)[1]
+    assert _schema(path)[0] == 3 and "sessions_expiry" in _schema(path)[1]
     async with _store.open_store(path) as store:  # opening a current database changes nothing
         assert await store.last_seq(1) == 2
-    assert _schema(path)[0] == 2
+    assert _schema(path)[0] == 3
 
 
 async def test_a_migration_that_fails_leaves_the_database_at_its_version(tmp_path, monkeypatch):
