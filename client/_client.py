@@ -64,6 +64,9 @@ _REPLY: dict[type, type] = {
     proto.History: proto.HistoryPage,
     proto.GetCursors: proto.Cursors,
     proto.ListConversations: proto.ConversationList,  # version 2
+    proto.ChangePassword: proto.Ok,  # version 2
+    proto.ListSessions: proto.SessionList,  # version 2
+    proto.RevokeSession: proto.Ok,  # version 2
     proto.Ping: proto.Pong,
 }
 #: Pushes handed to ``events()`` as they are (MEMBERSHIP only arrives on a version 2 connection).
@@ -370,6 +373,14 @@ class Client:
 
     async def logout(self) -> None:
         """Revoke the token (the server closes the connection) and close the client."""
+        await self._end_session(proto.Logout())
+
+    async def logout_all(self) -> None:
+        """Revoke every session of the user, on every device (their connections close with BYE LOGGED_OUT), and
+        close the client (version 2, spec §5.42)."""
+        await self._end_session(proto.LogoutAll())
+
+    async def _end_session(self, event: proto.Logout | proto.LogoutAll) -> None:
         t = self._transport
         if not self._ready or t is None:
             raise ConnectionLost("not connected")
@@ -377,12 +388,28 @@ class Client:
         self._ready = False
         with trio.move_on_after(self._timeout):
             try:
-                await t.send(proto.Logout(request_id=self._new_rid()))
+                await t.send(dataclasses.replace(event, request_id=self._new_rid()))
             except TransportClosed:
                 pass
             await t.closed.wait()
         self.token = None
         await self.close()
+
+    async def change_password(self, old: str, new: str) -> None:
+        """Replace the user's password; every other session of the user is revoked and its connections close,
+        this one stays (version 2, spec §5.41). Raises ``ServerError`` (AUTH_FAILED: ``old`` is wrong,
+        WEAK_PASSWORD: ``new`` breaks ``proto.PASSWORD_RULE``)."""
+        await self._request(proto.ChangePassword(old, new))
+
+    async def sessions(self) -> list[proto.SessionInfo]:
+        """The user's sessions (one per logged-in device or login), oldest first; ``current`` marks this
+        connection's (version 2, spec §5.43)."""
+        return list((await self._request(proto.ListSessions())).sessions)
+
+    async def revoke_session(self, session_id: int) -> None:
+        """Revoke one of the user's sessions (an id from ``sessions()``): its connections close. Revoking the
+        current one ends this connection as ``logout()`` would. Raises ``ServerError`` (NOT_FOUND)."""
+        await self._request(proto.RevokeSession(session_id))
 
     async def close(self) -> None:
         """Say BYE(CLIENT_QUIT), close the connection and end the event stream. Idempotent."""

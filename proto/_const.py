@@ -85,6 +85,11 @@ class FrameType(enum.IntEnum):
     CONVERSATION_LIST = 0x18, 2
     MEMBERSHIP = 0x19, 2
     NODES = 0x1A, 2
+    CHANGE_PASSWORD = 0x1B, 2
+    LOGOUT_ALL = 0x1C, 2
+    LIST_SESSIONS = 0x1D, 2
+    SESSION_LIST = 0x1E, 2
+    REVOKE_SESSION = 0x1F, 2
     SEND = 0x20, 1
     ACK = 0x21, 1
     MESSAGE = 0x22, 1

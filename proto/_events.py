@@ -162,6 +162,16 @@ class NodeInfo(_Checked):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionInfo(_Checked):
+    """One of the user's session tokens in a SESSION_LIST: an opaque id, never the token or its hash."""
+
+    session_id: int
+    created_ms: int  # 0: unknown (a session from before the server recorded it)
+    last_used_ms: int
+    current: bool  # the token this connection authenticated with
+
+
+@dataclass(frozen=True, slots=True)
 class Event(_Checked):
     """Base of every frame event; ``FRAME`` names its frame type, ``request_id`` is the header's (§2.2)."""
 
@@ -353,6 +363,48 @@ class Nodes(Event):
 
     FRAME = FrameType.NODES
     nodes: tuple[NodeInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePassword(Event):
+    """C→S (version 2): replace the user's password; every other session of the user is revoked."""
+
+    FRAME = FrameType.CHANGE_PASSWORD
+    old_password: str
+    new_password: str
+
+    def __repr__(self) -> str:  # passwords never reach logs
+        return f"ChangePassword(old_password='***', new_password='***', request_id={self.request_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class LogoutAll(Event):
+    """C→S (version 2): revoke every session of the user; every connection of the user gets BYE(LOGGED_OUT)."""
+
+    FRAME = FrameType.LOGOUT_ALL
+
+
+@dataclass(frozen=True, slots=True)
+class ListSessions(Event):
+    """C→S (version 2): the user's session tokens, by opaque id."""
+
+    FRAME = FrameType.LIST_SESSIONS
+
+
+@dataclass(frozen=True, slots=True)
+class SessionList(Event):
+    """S→C reply to LIST_SESSIONS (version 2), oldest first."""
+
+    FRAME = FrameType.SESSION_LIST
+    sessions: tuple[SessionInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeSession(Event):
+    """C→S (version 2): revoke one of the user's sessions by id; its connections get BYE(LOGGED_OUT)."""
+
+    FRAME = FrameType.REVOKE_SESSION
+    session_id: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Both ends run the same machine over the frames they see, so a frame that is
 illegal for its sender is caught on either side: ``Connection.send`` raises
 ``LocalProtocolError``, ``Connection.next_event`` raises ``RemoteProtocolError``
 with ``WRONG_STATE``. The conversation moves HANDSHAKE → NEGOTIATING →
-UNAUTHENTICATED → AUTHENTICATED; LOGOUT moves it to CLOSING, where only the
+UNAUTHENTICATED → AUTHENTICATED; LOGOUT (and LOGOUT_ALL) moves it to CLOSING, where only the
 server may still speak. A BYE silences its sender for good; the other side may
 still send until it says BYE too or closes.
 """
@@ -42,12 +42,12 @@ _LIVE = {F.PING, F.PONG}
 _CLIENT_REQUESTS = {
     F.JOIN, F.LEAVE, F.LIST_ROOMS, F.MEMBERS, F.SEND, F.SYNC, F.HISTORY,
     F.DELIVERED, F.READ, F.GET_CURSORS, F.TYPING,
-    F.LIST_CONVERSATIONS,  # version 2
+    F.LIST_CONVERSATIONS, F.CHANGE_PASSWORD, F.LIST_SESSIONS, F.REVOKE_SESSION,  # version 2
 }
 _SERVER_PUSHES = {
     F.OK, F.JOINED, F.ROOM_LIST, F.MEMBER_LIST, F.ACK, F.MESSAGE, F.SYNC_PAGE, F.SYNC_DONE,
     F.HISTORY_PAGE, F.RECEIPT, F.CURSORS, F.PRESENCE, F.USER_TYPING,
-    F.CONVERSATION_LIST, F.MEMBERSHIP, F.NODES,  # version 2
+    F.CONVERSATION_LIST, F.MEMBERSHIP, F.NODES, F.SESSION_LIST,  # version 2
 }
 
 #: (state, sender) → {frame type: state after it}. Absent means illegal. A frame type newer than the
@@ -70,7 +70,7 @@ _allow(State.UNAUTHENTICATED, CLIENT, {F.REGISTER, F.LOGIN, F.RESUME} | _LIVE | 
 _allow(State.UNAUTHENTICATED, SERVER, {F.AUTH_OK}, State.AUTHENTICATED)
 _allow(State.UNAUTHENTICATED, SERVER, {F.GOAWAY, F.NODES} | _LIVE | _ANYTIME)
 
-_allow(State.AUTHENTICATED, CLIENT, {F.LOGOUT}, State.CLOSING)
+_allow(State.AUTHENTICATED, CLIENT, {F.LOGOUT, F.LOGOUT_ALL}, State.CLOSING)
 _allow(State.AUTHENTICATED, CLIENT, _CLIENT_REQUESTS | _LIVE | _ANYTIME)
 _allow(State.AUTHENTICATED, SERVER, _SERVER_PUSHES | {F.GOAWAY} | _LIVE | _ANYTIME)
 

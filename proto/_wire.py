@@ -232,6 +232,9 @@ NodeInfo = _Record(
            "connections" / U32, "draining" / Bool),
 )
 
+SessionInfo = _Record(
+    ev.SessionInfo, Struct("session_id" / U64, "created_ms" / U64, "last_used_ms" / U64, "current" / Bool))
+
 _EMPTY: tuple[Construct, ...] = ()
 
 #: Frame type → body fields, in wire order. Every body ends exactly where its frame ends.
@@ -265,6 +268,12 @@ FIELDS: dict[FrameType, tuple[Construct, ...]] = {
     FrameType.CONVERSATION_LIST: ("conversations" / _Array(ConversationInfo),),
     FrameType.MEMBERSHIP: ("room" / Name, "user" / Name, "change" / _Enum(U8, MembershipChange)),
     FrameType.NODES: ("nodes" / _Array(NodeInfo),),
+    FrameType.CHANGE_PASSWORD: ("old_password" / _Text(Int8ub, MAX_PASSWORD_BYTES),
+                                "new_password" / _Text(Int8ub, MAX_PASSWORD_BYTES)),
+    FrameType.LOGOUT_ALL: _EMPTY,
+    FrameType.LIST_SESSIONS: _EMPTY,
+    FrameType.SESSION_LIST: ("sessions" / _Array(SessionInfo),),
+    FrameType.REVOKE_SESSION: ("session_id" / U64,),
     FrameType.SEND: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
     FrameType.ACK: (
         "conv" / Conversation,

@@ -49,8 +49,8 @@ from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, R
 from ._config import without_password
 from ._groupcommit import GroupCommitter
 from ._ports import (
-    AdminAction, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionRow, StoreError,
-    TooManyRooms, UserRow,
+    AdminAction, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionEntry, SessionRow,
+    StoreError, TooManyRooms, UserRow,
 )
 # One mapping of wire u64s onto signed 64-bit integers for both stores.
 from ._store import _I64_MAX, _clamp, _conv_row, _from_db_id, _to_db_id
@@ -143,6 +143,13 @@ _MIGRATIONS: tuple[str, ...] = (
         room_id bigint,
         at_ms   bigint NOT NULL
     );""",
+    # 3: a user's own sessions (LIST_SESSIONS, REVOKE_SESSION, spec §9.1): each token gets an opaque id (an
+    # identity: existing tokens are numbered as the column is added) and its creation and last use (0 for the
+    # tokens made before this step).
+    """ALTER TABLE sessions ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY UNIQUE;
+    ALTER TABLE sessions ADD COLUMN created_ms bigint NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN last_used_ms bigint NOT NULL DEFAULT 0;
+    CREATE INDEX sessions_user ON sessions(user_id);""",
 )
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -485,11 +492,12 @@ class PgStore(GroupCommitter):
 
         return await self._read(run)
 
-    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int) -> None:
+    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int, *, now_ms: int = 0) -> None:
         def run(conn: psycopg.Connection) -> None:
             # A token is 32 random bytes: the one conflict there can be is this very INSERT, redone.
-            conn.execute("INSERT INTO sessions (token_hash, user_id, expires_at_ms) VALUES (%s, %s, %s)"
-                         " ON CONFLICT (token_hash) DO NOTHING", (token_hash, user_id, expires_at_ms))
+            conn.execute("INSERT INTO sessions (token_hash, user_id, expires_at_ms, created_ms, last_used_ms)"
+                         " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (token_hash) DO NOTHING",
+                         (token_hash, user_id, expires_at_ms, _clamp(now_ms), _clamp(now_ms)))
 
         await self._run(run, retry_lost=True)
 
@@ -505,11 +513,29 @@ class PgStore(GroupCommitter):
 
         return await self._read(run)
 
-    async def touch_session(self, token_hash: bytes, expires_at_ms: int) -> None:
+    async def touch_session(self, token_hash: bytes, expires_at_ms: int, *, now_ms: int = 0) -> None:
         def run(conn: psycopg.Connection) -> None:
-            conn.execute("UPDATE sessions SET expires_at_ms = %s WHERE token_hash = %s", (expires_at_ms, token_hash))
+            conn.execute("UPDATE sessions SET expires_at_ms = %s, last_used_ms = greatest(last_used_ms, %s)"
+                         " WHERE token_hash = %s", (expires_at_ms, _clamp(now_ms), token_hash))
 
         await self._run(run, retry_lost=True)  # harmless to repeat
+
+    async def list_sessions(self, user_id: int, now_ms: int) -> list[SessionEntry]:
+        def run(conn: psycopg.Connection) -> list[SessionEntry]:
+            rows = conn.execute(
+                "SELECT id, token_hash, created_ms, last_used_ms, expires_at_ms FROM sessions"
+                " WHERE user_id = %s AND expires_at_ms > %s ORDER BY id", (_clamp(user_id), _clamp(now_ms)))
+            return [SessionEntry(row[0], bytes(row[1]), *row[2:]) for row in rows]
+
+        return await self._read(run)
+
+    async def delete_session_by_id(self, user_id: int, session_id: int) -> bytes | None:
+        def run(conn: psycopg.Connection) -> bytes | None:
+            row = conn.execute("DELETE FROM sessions WHERE id = %s AND user_id = %s RETURNING token_hash",
+                               (_clamp(session_id), _clamp(user_id))).fetchone()
+            return bytes(row[0]) if row else None
+
+        return await self._run(run)
 
     async def delete_session(self, token_hash: bytes) -> None:
         def run(conn: psycopg.Connection) -> None:
@@ -547,9 +573,10 @@ class PgStore(GroupCommitter):
 
         return await self._run(run, retry_lost=True)  # harmless to repeat
 
-    async def delete_user_sessions(self, user_id: int) -> int:
+    async def delete_user_sessions(self, user_id: int, *, keep: bytes | None = None) -> int:
         def run(conn: psycopg.Connection) -> int:
-            return conn.execute("DELETE FROM sessions WHERE user_id = %s", (_clamp(user_id),)).rowcount
+            return conn.execute("DELETE FROM sessions WHERE user_id = %s AND token_hash IS DISTINCT FROM %s",
+                                (_clamp(user_id), keep)).rowcount
 
         return await self._run(run)
 

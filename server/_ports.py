@@ -57,6 +57,20 @@ class SessionRow:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionEntry:
+    """One of a user's stored session tokens, for LIST_SESSIONS and REVOKE_SESSION (version 2, spec §9.1).
+
+    ``id`` is opaque to the client; ``token_hash`` stays on the server (it tells the current session apart).
+    """
+
+    id: int
+    token_hash: bytes
+    created_ms: int  # 0: made before the store recorded it
+    last_used_ms: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class ConvRow:
     """A conversation as one user sees it: ``name`` is the room's, or for DIRECT the other user's."""
 
@@ -180,13 +194,25 @@ class Store(Protocol):
         """The user with this id, or None."""
         ...
 
-    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int) -> None: ...
+    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int, *, now_ms: int = 0) -> None:
+        """A new session token, created and last used at ``now_ms``."""
+        ...
 
     async def get_session(self, token_hash: bytes, now_ms: int) -> SessionRow | None:
         """The token's session, or None if there is none or it expired at or before ``now_ms``."""
         ...
 
-    async def touch_session(self, token_hash: bytes, expires_at_ms: int) -> None: ...
+    async def touch_session(self, token_hash: bytes, expires_at_ms: int, *, now_ms: int = 0) -> None:
+        """Slide the token's expiry; its last use becomes ``now_ms`` (if later)."""
+        ...
+
+    async def list_sessions(self, user_id: int, now_ms: int) -> list[SessionEntry]:
+        """The user's unexpired session tokens, by id (oldest first)."""
+        ...
+
+    async def delete_session_by_id(self, user_id: int, session_id: int) -> bytes | None:
+        """Delete the user's session ``session_id``; its token hash, or None if the user has no such session."""
+        ...
 
     async def delete_session(self, token_hash: bytes) -> None: ...
 
@@ -207,8 +233,9 @@ class Store(Protocol):
         """Replace the user's password hash; False if there is no such user."""
         ...
 
-    async def delete_user_sessions(self, user_id: int) -> int:
-        """Delete every session token of the user (RESUME then fails); returns how many went."""
+    async def delete_user_sessions(self, user_id: int, *, keep: bytes | None = None) -> int:
+        """Delete every session token of the user (RESUME then fails) but ``keep`` (a token hash, if given);
+        returns how many went."""
         ...
 
     async def room_stats(self) -> list[RoomStats]:
@@ -371,7 +398,16 @@ class TokenRevoked:
     token_hash: bytes
 
 
-UserEvent = MemberJoined | MemberLeft | TokenRevoked
+@dataclass(frozen=True, slots=True)
+class SessionsRevoked:
+    """LOGOUT_ALL, CHANGE_PASSWORD: every connection of ``user_id`` closes, but those that authenticated with
+    ``keep`` (a token hash; None: none is kept) (spec §9.1)."""
+
+    user_id: int
+    keep: bytes | None
+
+
+UserEvent = MemberJoined | MemberLeft | TokenRevoked | SessionsRevoked
 
 
 class Subscriber(Protocol):

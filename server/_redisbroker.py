@@ -82,7 +82,7 @@ from chorus.proto import ConvKind
 
 from ._broker import announce, push
 from ._fanout import MAX_HELD, Fanout, Subscription
-from ._ports import Appended, ConvRow, MemberJoined, MemberLeft, TokenRevoked
+from ._ports import Appended, ConvRow, MemberJoined, MemberLeft, SessionsRevoked, TokenRevoked
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -417,6 +417,8 @@ def _encode_user_event(event: UserEvent) -> bytes:
             return _dumps(["L", uid, conv_id])
         case TokenRevoked(user_id=uid, token_hash=token):
             return _dumps(["T", uid, token.hex()])
+        case SessionsRevoked(user_id=uid, keep=keep):
+            return _dumps(["S", uid, None if keep is None else keep.hex()])
     raise TypeError(f"not a user event: {event!r}")
 
 
@@ -429,6 +431,8 @@ def _decode_user_event(body: bytes) -> UserEvent:
         return MemberLeft(value[1], value[2])
     if value[0] == "T":
         return TokenRevoked(value[1], bytes.fromhex(value[2]))
+    if value[0] == "S":
+        return SessionsRevoked(value[1], None if value[2] is None else bytes.fromhex(value[2]))
     raise ValueError(f"unknown user event {value[0]!r}")
 
 

@@ -40,7 +40,8 @@ from ._budgets import budgets_of
 from ._fanout import Subscription
 from ._logs import episode, safe
 from ._ports import (
-    ConvRow, MemberJoined, MemberLeft, NameTaken, NewMessage, StoreError, TokenRevoked, TooManyRooms, UserEvent,
+    ConvRow, MemberJoined, MemberLeft, NameTaken, NewMessage, SessionsRevoked, StoreError, TokenRevoked,
+    TooManyRooms, UserEvent, UserRow,
 )
 from ._ratelimit import retry_ms
 
@@ -270,7 +271,18 @@ class Session:
         await self._logged_in(user.id, user.name, None, ev.request_id)
 
     async def _login(self, ev: proto.Login) -> None:
-        budgets, name = self.budgets, ev.username
+        user = await self._checked_password(ev.username, ev.password)
+        if user.disabled:  # said only to whoever knows the password (chorus-admin users disable)
+            self.server.counters.auth["password", False] += 1
+            raise RequestError(ErrorCode.AUTH_FAILED, "account disabled")
+        self.server.counters.auth["password", True] += 1
+        await self._logged_in(user.id, user.name, None, ev.request_id)
+
+    async def _checked_password(self, name: str, password: str) -> UserRow:
+        """The user ``name`` if ``password`` is theirs (LOGIN, CHANGE_PASSWORD), checked under the login budgets:
+        RATE_LIMITED while the address or the name is backing off (refused without hashing), AUTH_FAILED (a
+        failed login, counted) when it is wrong, SERVER_BUSY when the hashing queue is full."""
+        budgets = self.budgets
         address = self._address()
         now = trio.current_time()
         wait = budgets.login_wait_s(address, name, now)
@@ -289,7 +301,7 @@ class Session:
             ok = False
             if valid_name(name):
                 ok = await self._hashed(address, self.server.passwords.verify,
-                                        user.password_hash if user else None, ev.password)
+                                        user.password_hash if user else None, password)
         except (RequestError, StoreError):  # busy, or no user lookup: no verdict (cancelled: a failure)
             budgets.login_undone(address, name)
             raise
@@ -300,11 +312,7 @@ class Session:
                                           "address": address, "user": safe(name)})
             raise RequestError(ErrorCode.AUTH_FAILED, "wrong user name or password")
         budgets.login_succeeded(address, name)
-        if user.disabled:  # said only to whoever knows the password (chorus-admin users disable)
-            self.server.counters.auth["password", False] += 1
-            raise RequestError(ErrorCode.AUTH_FAILED, "account disabled")
-        self.server.counters.auth["password", True] += 1
-        await self._logged_in(user.id, user.name, None, ev.request_id)
+        return user
 
     async def _hashed(self, address: str, fn, *args):
         """``await fn(*args)`` (a password hash) in a slot of the hashing queue; SERVER_BUSY when it is full."""
@@ -332,9 +340,9 @@ class Session:
         expires = now_ms() + server.config.session_ttl_s * 1000
         if token is None:
             token = new_token()
-            await server.store.add_session(token_hash(token), user_id, expires)
+            await server.store.add_session(token_hash(token), user_id, expires, now_ms=now_ms())
         else:
-            await server.store.touch_session(token_hash(token), expires)
+            await server.store.touch_session(token_hash(token), expires, now_ms=now_ms())
         rows = await server.store.conversations(user_id)
         if self.conn.closing:
             return
@@ -401,6 +409,9 @@ class Session:
                 self._drop_conv(conv_id)
             case TokenRevoked(token_hash=revoked):
                 if revoked == me.token_hash:
+                    self.conn.close(proto.CloseReason.LOGGED_OUT)
+            case SessionsRevoked(keep=keep):
+                if keep != me.token_hash:
                     self.conn.close(proto.CloseReason.LOGGED_OUT)
 
     # -- conversations --------------------------------------------------------
@@ -642,6 +653,54 @@ class Session:
         conversations = await self.server.store.conversation_list(self.me.user_id, proto.MAX_LIST_ITEMS)
         self.conn.send(proto.ConversationList(tuple(conversations), request_id=ev.request_id))
 
+    async def _change_password(self, ev: proto.ChangePassword) -> None:
+        """Check the old password as a LOGIN would (its budgets, its failure count), store the new one's hash, and
+        revoke every other session of the user: their connections, on any node, end with BYE(LOGGED_OUT), and
+        this one's token stays valid (spec §9.1)."""
+        me, store = self.me, self.server.store
+        if len(ev.new_password.encode("utf-8")) < proto.MIN_PASSWORD_BYTES:  # refused before any hash is spent
+            raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords are {proto.PASSWORD_RULE}")
+        try:
+            await self._checked_password(me.username, ev.old_password)
+        except RequestError as exc:
+            if exc.code != ErrorCode.AUTH_FAILED:
+                raise
+            raise RequestError(ErrorCode.AUTH_FAILED, "wrong password") from None
+        hashed = await self._hashed(self._address(), self.server.passwords.hash, ev.new_password)
+        await store.set_password_hash(me.user_id, hashed)
+        revoked = await store.delete_user_sessions(me.user_id, keep=me.token_hash)
+        self.server.broker.user_event(SessionsRevoked(me.user_id, me.token_hash))
+        log.info("password changed peer=%s user=%s (%d other sessions revoked)", self.conn.transport.peer,
+                 me.username, revoked, extra={"event": "password_changed", "user": me.username})
+        self.conn.send(proto.Ok(request_id=ev.request_id))
+
+    async def _logout_all(self, ev: proto.LogoutAll) -> None:
+        """Revoke every session of the user and end every connection of the user, this one included (spec §9.1)."""
+        me = self.me
+        revoked = await self.server.store.delete_user_sessions(me.user_id)
+        self.server.broker.user_event(SessionsRevoked(me.user_id, None))
+        log.info("logout everywhere peer=%s user=%s (%d sessions revoked)", self.conn.transport.peer, me.username,
+                 revoked, extra={"event": "logout_all", "user": me.username})
+        self.conn.close(proto.CloseReason.LOGGED_OUT)
+
+    async def _list_sessions(self, ev: proto.ListSessions) -> None:
+        """The user's unexpired sessions by opaque id, oldest first (the newest 1000): never a token or its hash."""
+        me = self.me
+        rows = (await self.server.store.list_sessions(me.user_id, now_ms()))[-proto.MAX_LIST_ITEMS:]
+        infos = tuple(proto.SessionInfo(row.id, row.created_ms, row.last_used_ms, row.token_hash == me.token_hash)
+                      for row in rows)
+        self.conn.send(proto.SessionList(infos, request_id=ev.request_id))
+
+    async def _revoke_session(self, ev: proto.RevokeSession) -> None:
+        """Revoke one of the user's sessions: OK, then its connections end as after LOGOUT (this one too, if it
+        is the current session)."""
+        me = self.me
+        revoked = await self.server.store.delete_session_by_id(me.user_id, ev.session_id)
+        if revoked is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no session {ev.session_id} of yours")
+        self.conn.send(proto.Ok(request_id=ev.request_id))
+        self.server.broker.user_event(TokenRevoked(me.user_id, revoked))
+
     def _announce_membership(self, conv_id: int, room: str, change: proto.MembershipChange) -> None:
         """MEMBERSHIP (version 2, spec §5.39) to the connections of the room's other members; the broker sends it
         only to connections of version 2 or later."""
@@ -667,5 +726,10 @@ _HANDLERS: dict[type[proto.Event], Callable[[Session, Any], Awaitable[None]]] = 
     proto.Read: Session._cursor,
     proto.GetCursors: Session._get_cursors,
     proto.Typing: Session._typing,
-    proto.ListConversations: Session._list_conversations,  # version 2: the connection refuses it at version 1
+    # version 2: the connection refuses these at version 1
+    proto.ListConversations: Session._list_conversations,
+    proto.ChangePassword: Session._change_password,
+    proto.LogoutAll: Session._logout_all,
+    proto.ListSessions: Session._list_sessions,
+    proto.RevokeSession: Session._revoke_session,
 }

@@ -62,8 +62,8 @@ from ._groupcommit import _U64, GroupCommitter
 
 # The row types and errors are the Store port's (server/_ports.py); this module is one implementation of it.
 from ._ports import (  # noqa: F401  (re-exported: tests and __main__ name them here)
-    AdminAction, AppendCallback, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionRow,
-    StoreError, TooManyRooms, UserRow,
+    AdminAction, AppendCallback, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionEntry,
+    SessionRow, StoreError, TooManyRooms, UserRow,
 )
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,24 @@ _MIGRATIONS: tuple[str, ...] = (
         room_id INTEGER,
         at_ms   INTEGER NOT NULL
     )""",
+    # 4: a user's own sessions (LIST_SESSIONS, REVOKE_SESSION, spec §9.1): each token gets an opaque id (never
+    # reused: AUTOINCREMENT) and its creation and last use (0 for the tokens made before this step). SQLite
+    # cannot add a key to a WITHOUT ROWID table, so the table is made anew and the tokens copied, ids in token
+    # order; the expiry index goes with the old table and is made again, beside one by user.
+    """CREATE TABLE sessions_v4 (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        token_hash    BLOB NOT NULL UNIQUE,
+        user_id       INTEGER NOT NULL REFERENCES users(id),
+        expires_at_ms INTEGER NOT NULL,
+        created_ms    INTEGER NOT NULL DEFAULT 0,
+        last_used_ms  INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO sessions_v4 (token_hash, user_id, expires_at_ms)
+        SELECT token_hash, user_id, expires_at_ms FROM sessions ORDER BY token_hash;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v4 RENAME TO sessions;
+    CREATE INDEX sessions_expiry ON sessions(expires_at_ms);
+    CREATE INDEX sessions_user ON sessions(user_id)""",
 )
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -563,10 +581,10 @@ class Store(GroupCommitter):
 
         return await self._read(run)
 
-    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int) -> None:
+    async def add_session(self, token_hash: bytes, user_id: int, expires_at_ms: int, *, now_ms: int = 0) -> None:
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO sessions(token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
-                         (token_hash, user_id, expires_at_ms))
+            conn.execute("INSERT INTO sessions(token_hash, user_id, expires_at_ms, created_ms, last_used_ms)"
+                         " VALUES (?, ?, ?, ?, ?)", (token_hash, user_id, expires_at_ms, now_ms, now_ms))
 
         await self._run(run)
 
@@ -582,11 +600,29 @@ class Store(GroupCommitter):
 
         return await self._read(run)
 
-    async def touch_session(self, token_hash: bytes, expires_at_ms: int) -> None:
+    async def touch_session(self, token_hash: bytes, expires_at_ms: int, *, now_ms: int = 0) -> None:
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE sessions SET expires_at_ms = ? WHERE token_hash = ?", (expires_at_ms, token_hash))
+            conn.execute("UPDATE sessions SET expires_at_ms = ?, last_used_ms = max(last_used_ms, ?)"
+                         " WHERE token_hash = ?", (expires_at_ms, now_ms, token_hash))
 
         await self._run(run)
+
+    async def list_sessions(self, user_id: int, now_ms: int) -> list[SessionEntry]:
+        def run(conn: sqlite3.Connection) -> list[SessionEntry]:
+            rows = conn.execute(
+                "SELECT id, token_hash, created_ms, last_used_ms, expires_at_ms FROM sessions"
+                " WHERE user_id = ? AND expires_at_ms > ? ORDER BY id", (_clamp(user_id), _clamp(now_ms)))
+            return [SessionEntry(*row) for row in rows]
+
+        return await self._read(run)
+
+    async def delete_session_by_id(self, user_id: int, session_id: int) -> bytes | None:
+        def run(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("DELETE FROM sessions WHERE id = ? AND user_id = ? RETURNING token_hash",
+                               (_clamp(session_id), _clamp(user_id))).fetchone()
+            return bytes(row[0]) if row else None
+
+        return await self._run(run)
 
     async def delete_session(self, token_hash: bytes) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -624,9 +660,10 @@ class Store(GroupCommitter):
 
         return await self._run(run)
 
-    async def delete_user_sessions(self, user_id: int) -> int:
+    async def delete_user_sessions(self, user_id: int, *, keep: bytes | None = None) -> int:
         def run(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM sessions WHERE user_id = ?", (_clamp(user_id),)).rowcount
+            return conn.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash IS NOT ?",
+                                (_clamp(user_id), keep)).rowcount
 
         return await self._run(run)
 

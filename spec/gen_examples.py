@@ -54,7 +54,7 @@ LEGAL_ROW_RE = re.compile(r"^- Legal in: (?P<legal>.*)$", re.M)
 RECORDS = {
     name: getattr(_wire, name)
     for name in ("Conversation", "StoredMessage", "RoomInfo", "MemberInfo", "Position", "CursorInfo",
-                 "ConversationInfo", "NodeInfo")
+                 "ConversationInfo", "NodeInfo", "SessionInfo")
 }
 
 

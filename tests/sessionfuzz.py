@@ -266,7 +266,8 @@ class Peer:
     server may not send in the current state.
     """
 
-    def __init__(self, name: str, stream: trio.SocketStream, revoked: set[str]):
+    def __init__(self, name: str, stream: trio.SocketStream, revoked: set[str],
+                 issued: dict[str, set[str]] | None = None):
         self.name = name  # the slot: whom it logs in as when it reconnects
         self.check_gaps = name in BYSTANDERS  # a fuzzer's own SYNC positions may legitimately skip seqs
         self.user: str | None = None  # whom this connection is logged in as (a fuzzed LOGIN may pick another)
@@ -275,13 +276,15 @@ class Peer:
         self.closed = False
         self.token: str | None = None  # this connection's session token, once authenticated
         self.revoked = revoked  # tokens a LOGOUT revoked: a connection resumed with one may be closed any time
+        self.issued = {} if issued is None else issued  # user → every token AUTH_OK gave it (shared by the peers)
         self._ids = itertools.count(1)
         self.seen_seq: dict[proto.Conversation, int] = {}  # highest seq pushed or paged, per conversation
         self.max_page = 0  # from WELCOME
 
     @classmethod
-    async def connect(cls, name: str, port: int, revoked: set[str]) -> "Peer":
-        return cls(name, await trio.open_tcp_stream("127.0.0.1", port), revoked)
+    async def connect(cls, name: str, port: int, revoked: set[str],
+                      issued: dict[str, set[str]] | None = None) -> "Peer":
+        return cls(name, await trio.open_tcp_stream("127.0.0.1", port), revoked, issued)
 
     def rid(self) -> int:
         return next(self._ids)
@@ -336,6 +339,7 @@ class Peer:
             self.max_page = event.max_page
         elif isinstance(event, proto.AuthOk):
             self.user, self.token = event.username, event.token
+            self.issued.setdefault(event.username, set()).add(event.token)
         elif isinstance(event, proto.Message):
             last = self.seen_seq.get(event.conv, 0)
             if event.seq <= last:  # spec §9.5: after a conversation's pages, only later messages are pushed
@@ -346,6 +350,15 @@ class Peer:
         elif isinstance(event, proto.SyncPage) and event.messages:
             self.seen_seq[event.conv] = max(self.seen_seq.get(event.conv, 0), event.messages[-1].seq)
         return event
+
+    def may_revoke(self, ftype: FrameType) -> None:
+        """Before ``ftype`` goes out: the user's tokens it may revoke (spec §9.1, version 2) count as revoked, so the
+        BYE LOGGED_OUT of a connection using one is expected from then on. REVOKE_SESSION's id is fuzzed and may name
+        any of the user's sessions (this one too); CHANGE_PASSWORD revokes all but this one if it succeeds."""
+        if ftype in (FrameType.REVOKE_SESSION, FrameType.CHANGE_PASSWORD) and self.user is not None:
+            self.revoked.update(self.issued.get(self.user, ()))
+            if ftype is FrameType.CHANGE_PASSWORD and self.token is not None:
+                self.revoked.discard(self.token)
 
     def logged_out_elsewhere(self, event) -> bool:
         """``event`` is the BYE LOGGED_OUT of a token another connection logged out (spec §9.1; issue 9 item 13)."""
@@ -464,12 +477,15 @@ async def _answer(peer: Peer, event: proto.Event):
         await peer.expect_close(event, code=code, bye=CloseReason.PROTOCOL_ERROR)
         return f"{code.name}, closed"
     token = peer.token
+    peer.may_revoke(ftype)
     await peer.send(event)
     if ftype is FrameType.BYE:  # the server closes without a BYE of its own (spec §5.36)
         await peer.expect_close(event, code=None, bye=None)
         return "closed"
-    if ftype is FrameType.LOGOUT:
+    if ftype in (FrameType.LOGOUT, FrameType.LOGOUT_ALL):
         peer.revoked.add(token)
+        if ftype is FrameType.LOGOUT_ALL and peer.user is not None:  # every connection of the user ends
+            peer.revoked.update(peer.issued.get(peer.user, ()))
         await peer.expect_close(event, code=None, bye=CloseReason.LOGGED_OUT)
         return "BYE LOGGED_OUT, closed"
     reply = REPLIES[ftype]
@@ -562,6 +578,7 @@ async def answer_many(peer: Peer, events: list[proto.Event], acks: list) -> list
     try:
         with trio.fail_after(STEP_TIMEOUT_S):
             for event in events + [ping]:
+                peer.may_revoke(event.FRAME)
                 await peer.send(event)
             pending[ping.request_id] = REPLIES[FrameType.PING]
             by_id[ping.request_id] = ping
@@ -624,6 +641,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.clients: list[Peer] = []
         self.acks: list[tuple[str, proto.Ack, str]] = []  # (sender, ACK, body sent) of every fresh ACK
         self.revoked: set[str] = set()
+        self.issued: dict[str, set[str]] = {}  # user → the tokens AUTH_OK gave it
         self._cmids = itertools.count(1)
         self._failed = False  # a step raised: teardown then only cleans up
         limit = self.live.config.max_body_bytes
@@ -666,7 +684,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     async def _user(self, name: str, password: str, rooms: list[str]) -> Peer:
         """A connection of a new user ``name``, live (SYNC) and in ``rooms``."""
-        peer = await Peer.connect(name, self.live.port, self.revoked)
+        peer = await Peer.connect(name, self.live.port, self.revoked, self.issued)
         for request in [proto.Hello(*VERSIONS, "setup"), proto.Register(name, password), proto.Sync(())] + [
                 proto.Join(room) for room in rooms]:
             reply = await peer.reply_to(dataclasses.replace(request, request_id=peer.rid()))
@@ -677,7 +695,7 @@ class SessionMachine(RuleBasedStateMachine):
         """A new connection of slot ``name``: "raw" (nothing sent), "hello" (UNAUTHENTICATED), "login" or
         "resume" (with ``token``, else login; then SYNC), or "pipelined" (resume or login, all in one write). The
         server's answers are checked like any fuzzed frame's."""
-        peer = await Peer.connect(name, self.live.port, self.revoked)
+        peer = await Peer.connect(name, self.live.port, self.revoked, self.issued)
         peer.token = token
         if mode == "pipelined":
             await self._pipelined_login(peer, token)

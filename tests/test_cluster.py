@@ -439,3 +439,40 @@ async def test_nodes_tell_version_2_clients_the_cluster_and_a_draining_node_send
         assert erin.address == ("127.0.0.1", a.port)
         assert ack.seq == 2
     assert b.proc.wait(15) == 0
+
+
+async def test_account_revocations_reach_the_users_connections_on_other_nodes(nodes):
+    """CHANGE_PASSWORD, REVOKE_SESSION and LOGOUT_ALL on one node close the user's connections on another (issue 12,
+    spec §9.1): the revocations are user events, carried by Redis."""
+    from rawclient import RawClient
+
+    a, b = nodes(2)
+
+    async def logged_in(port: int, password: str = "correct horse", *, register: bool = False) -> RawClient:
+        raw = await RawClient.connect(port, hello=False)
+        await raw.send(proto.Hello(1, 2, "accounts"))
+        assert (await raw.next()).version == 2
+        auth = await raw.request(proto.Register if register else proto.Login, "alice", password)
+        assert isinstance(auth, proto.AuthOk), auth
+        await raw.go_live()
+        return raw
+
+    async def logged_out(raw: RawClient) -> None:
+        with trio.fail_after(10):
+            events = await raw.drain_until_closed()
+        assert [e.reason for e in events if isinstance(e, proto.Bye)] == [proto.CloseReason.LOGGED_OUT], events
+
+    phone = await logged_in(a.port, register=True)
+    laptop = await logged_in(b.port)
+    assert isinstance(await phone.request(proto.ChangePassword, "correct horse", "battery staple"), proto.Ok)
+    await logged_out(laptop)
+
+    tablet = await logged_in(b.port, "battery staple")
+    _, theirs = (await phone.request(proto.ListSessions)).sessions
+    assert isinstance(await phone.request(proto.RevokeSession, theirs.session_id), proto.Ok)
+    await logged_out(tablet)
+
+    desktop = await logged_in(b.port, "battery staple")
+    await phone.send(proto.LogoutAll(request_id=phone.rid()))
+    await logged_out(phone)
+    await logged_out(desktop)

@@ -200,6 +200,43 @@ async def test_purge_removes_only_expired_sessions(store):
     assert await store.purge_sessions(now_ms=20_000) == 0
 
 
+async def test_a_users_own_sessions_listed_by_id_and_revoked(store):
+    """LIST_SESSIONS, REVOKE_SESSION, LOGOUT_ALL and CHANGE_PASSWORD's store side (spec §9.1)."""
+    alice, bob = await make_users(store, "alice", "bob")
+    await store.add_session(b"\x01" * 32, alice.id, expires_at_ms=50_000, now_ms=1_000)
+    await store.add_session(b"\x02" * 32, alice.id, expires_at_ms=50_000, now_ms=2_000)
+    await store.add_session(b"\x03" * 32, alice.id, expires_at_ms=5_000, now_ms=3_000)
+    await store.add_session(b"\x04" * 32, bob.id, expires_at_ms=50_000, now_ms=4_000)
+    listed = await store.list_sessions(alice.id, now_ms=6_000)  # the expired third is not listed
+    assert [(s.token_hash, s.created_ms, s.last_used_ms, s.expires_at_ms) for s in listed] == [
+        (b"\x01" * 32, 1_000, 1_000, 50_000), (b"\x02" * 32, 2_000, 2_000, 50_000)]
+    first, second = listed
+    assert first.id < second.id  # oldest first
+
+    await store.touch_session(b"\x01" * 32, expires_at_ms=60_000, now_ms=7_000)  # a RESUME
+    await store.touch_session(b"\x01" * 32, expires_at_ms=60_000, now_ms=6_500)  # last use never goes back
+    [touched, _] = await store.list_sessions(alice.id, now_ms=6_000)
+    assert (touched.id, touched.created_ms, touched.last_used_ms, touched.expires_at_ms) == (
+        first.id, 1_000, 7_000, 60_000)
+
+    [bobs] = await store.list_sessions(bob.id, now_ms=0)
+    assert await store.delete_session_by_id(alice.id, bobs.id) is None  # not hers
+    assert await store.get_session(b"\x04" * 32, now_ms=0) is not None
+    assert await store.delete_session_by_id(alice.id, 2**64 - 1) is None  # any wire u64
+    assert await store.delete_session_by_id(alice.id, second.id) == b"\x02" * 32
+    assert await store.delete_session_by_id(alice.id, second.id) is None
+    assert await store.get_session(b"\x02" * 32, now_ms=0) is None
+
+    await store.add_session(b"\x05" * 32, alice.id, expires_at_ms=50_000, now_ms=8_000)
+    newest = (await store.list_sessions(alice.id, now_ms=0))[-1]
+    assert newest.token_hash == b"\x05" * 32 and newest.id > second.id  # ids are not reused
+    assert await store.delete_user_sessions(alice.id, keep=b"\x05" * 32) == 2  # the first and the expired one
+    assert [s.token_hash for s in await store.list_sessions(alice.id, now_ms=0)] == [b"\x05" * 32]
+    assert await store.delete_user_sessions(alice.id) == 1
+    assert await store.list_sessions(alice.id, now_ms=0) == []
+    assert [s.token_hash for s in await store.list_sessions(bob.id, now_ms=0)] == [b"\x04" * 32]  # bob's stay
+
+
 # -- administration (chorus-admin) ---------------------------------------------------------------------------------
 
 async def test_admin_users_disable_password_and_sessions(store):

@@ -27,6 +27,12 @@ V2_EXAMPLES = {
         (proto.ConversationInfo(proto.Conversation.direct("bob"), 5, 1764250000000, 5, 3),), request_id=3)),
     FrameType.MEMBERSHIP: (SERVER, proto.Membership("general", "bob", proto.MembershipChange.JOINED)),
     FrameType.NODES: (SERVER, proto.Nodes((proto.NodeInfo("n1", "10.0.0.1", 7420, 7421, 1200, False),))),
+    FrameType.CHANGE_PASSWORD: (CLIENT, proto.ChangePassword("password1", "password2", request_id=4)),
+    FrameType.LOGOUT_ALL: (CLIENT, proto.LogoutAll(request_id=5)),
+    FrameType.LIST_SESSIONS: (CLIENT, proto.ListSessions(request_id=6)),
+    FrameType.SESSION_LIST: (SERVER, proto.SessionList(
+        (proto.SessionInfo(7, 1764250000000, 1764336400000, True),), request_id=6)),
+    FrameType.REVOKE_SESSION: (CLIENT, proto.RevokeSession(7, request_id=8)),
 }
 
 
@@ -58,7 +64,8 @@ def test_every_frame_type_has_a_version_this_implementation_speaks():
     assert all(OLDEST <= t.version <= NEWEST for t in FrameType)
     assert {t.version for t in FrameType} == set(range(OLDEST, NEWEST + 1))  # every version adds something
     assert V2_FRAMES == [FrameType.LIST_CONVERSATIONS, FrameType.CONVERSATION_LIST, FrameType.MEMBERSHIP,
-                         FrameType.NODES]
+                         FrameType.NODES, FrameType.CHANGE_PASSWORD, FrameType.LOGOUT_ALL, FrameType.LIST_SESSIONS,
+                         FrameType.SESSION_LIST, FrameType.REVOKE_SESSION]
     assert set(V2_EXAMPLES) == set(V2_FRAMES)
 
 
@@ -355,11 +362,14 @@ async def test_a_version_1_database_is_migrated_at_open_and_keeps_its_data(tmp_p
     path = tmp_path / "v1.db"
     _version_1_database(path)
     assert _schema(path) == (1, _schema(path)[1]) and "sessions_expiry" not in _schema(path)[1]
-    assert _store.SCHEMA_VERSION == len(_store._MIGRATIONS) == 3
+    assert _store.SCHEMA_VERSION == len(_store._MIGRATIONS) == 4
     async with _store.open_store(path) as store:
         assert await store.purge_sessions(now_ms=1000) == 1  # the step's index at work
         assert not (await store.get_user("bob")).disabled  # step 3: existing accounts stay enabled
         assert (await store.get_session(b"\x02", 1000)).username == "bob"
+        # step 4: the tokens kept have an id each, and no creation or last use known
+        [bobs] = await store.list_sessions(2, 1000)
+        assert (bobs.token_hash, bobs.created_ms, bobs.last_used_ms) == (b"\x02", 0, 0) and bobs.id >= 1
         listed = await store.conversation_list(1, 1000)
         assert listed == [
             proto.ConversationInfo(proto.Conversation.direct("bob"), 1, 3000, 0, 0),
@@ -367,10 +377,10 @@ async def test_a_version_1_database_is_migrated_at_open_and_keeps_its_data(tmp_p
         ]
         messages, has_more = await store.messages_after(1, 0, 10)
         assert [m.body for m in messages] == ["hi", "there"] and not has_more
-    assert _schema(path)[0] == 3 and "sessions_expiry" in _schema(path)[1]
+    assert _schema(path)[0] == 4 and {"sessions_expiry", "sessions_user"} <= _schema(path)[1]
     async with _store.open_store(path) as store:  # opening a current database changes nothing
         assert await store.last_seq(1) == 2
-    assert _schema(path)[0] == 3
+    assert _schema(path)[0] == 4
 
 
 async def test_a_migration_that_fails_leaves_the_database_at_its_version(tmp_path, monkeypatch):
