@@ -27,13 +27,14 @@ from typing import AsyncIterator
 import argon2
 import trio
 
+from chorus import proto
+
 #: Hashing threads: every core but one, so a login flood can never take the event loop's core (argon2
 #: releases the GIL, so each thread is a whole core while it hashes).
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
 _HASH_THREADS = max(1, _CORES - 1)
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
-MIN_PASSWORD_BYTES = 8
+NAME_RE = re.compile(proto.NAME_PATTERN)  # the one rule (spec §9.1), also the clients' and the page's
 #: How long a hash may expect to wait behind its own address's earlier ones before it is refused instead.
 MAX_ADDRESS_WAIT_S = 5.0
 

@@ -35,7 +35,7 @@ import trio
 from chorus import proto
 from chorus.proto import ConvKind, ErrorCode
 
-from ._auth import MIN_PASSWORD_BYTES, Busy, new_token, token_hash, valid_name
+from ._auth import Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of
 from ._fanout import Subscription
 from ._logs import episode, safe
@@ -243,8 +243,8 @@ class Session:
             raise RequestError(ErrorCode.INVALID_REQUEST, "registration is closed on this server")
         if not valid_name(ev.username):
             raise RequestError(ErrorCode.INVALID_NAME, f"names are {proto.NAME_RULE}")
-        if len(ev.password.encode()) < MIN_PASSWORD_BYTES:
-            raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords need at least {MIN_PASSWORD_BYTES} bytes")
+        if len(ev.password.encode()) < proto.MIN_PASSWORD_BYTES:
+            raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords are {proto.PASSWORD_RULE}")
         address = self._address()
         registrations = self.budgets.registrations
         wait = registrations.take(address, trio.current_time())
