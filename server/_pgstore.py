@@ -53,7 +53,7 @@ from ._ports import (
     StoreError, TooManyRooms, UserRow,
 )
 # One mapping of wire u64s onto signed 64-bit integers for both stores.
-from ._store import _I64_MAX, _clamp, _conv_row, _from_db_id, _to_db_id
+from ._store import _I64_MAX, _clamp, _conv_row, _from_db_id, _room_stats, _to_db_id
 
 log = logging.getLogger(__name__)
 
@@ -581,13 +581,7 @@ class PgStore(GroupCommitter):
         return await self._run(run)
 
     async def room_stats(self) -> list[RoomStats]:
-        def run(conn: psycopg.Connection) -> list[RoomStats]:
-            rows = conn.execute(
-                "SELECT c.id, c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq"
-                f" FROM conversations c WHERE c.kind = {_ROOM} ORDER BY c.name").fetchall()
-            return [RoomStats(*row) for row in rows]
-
-        return await self._read(run)
+        return await self._read(_room_stats)
 
     async def delete_room(self, name: str) -> int | None:
         def run(conn: psycopg.Connection) -> int | None:

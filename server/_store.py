@@ -221,6 +221,14 @@ def _refusal(exc: BaseException) -> StoreError | None:
     return error
 
 
+def _room_stats(conn: Any) -> list[RoomStats]:
+    """Every room with its member count and newest seq, by name: the same SQL on SQLite and PostgreSQL."""
+    rows = conn.execute(
+        "SELECT c.id, c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq"
+        f" FROM conversations c WHERE c.kind = {_ROOM} ORDER BY c.name").fetchall()
+    return [RoomStats(*row) for row in rows]
+
+
 def _clamp(value: int) -> int:
     """``value`` (a wire u64: seq or limit) in SQLite's signed 64-bit range, so binding it never overflows.
 
@@ -668,13 +676,7 @@ class Store(GroupCommitter):
         return await self._run(run)
 
     async def room_stats(self) -> list[RoomStats]:
-        def run(conn: sqlite3.Connection) -> list[RoomStats]:
-            rows = conn.execute(
-                "SELECT c.id, c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq"
-                f" FROM conversations c WHERE c.kind = {_ROOM} ORDER BY c.name").fetchall()
-            return [RoomStats(*row) for row in rows]
-
-        return await self._read(run)
+        return await self._read(_room_stats)
 
     async def delete_room(self, name: str) -> int | None:
         def run(conn: sqlite3.Connection) -> int | None:
