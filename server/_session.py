@@ -74,6 +74,12 @@ class RequestError(Exception):
         return proto.Error(self.code, self.retry_after_ms, clipped(str(self)), request_id=request_id)
 
 
+def _check_new_password(password: str) -> None:
+    """REGISTER's and CHANGE_PASSWORD's rule for a new password (the wire caps the length). Raises WEAK_PASSWORD."""
+    if len(password.encode("utf-8")) < proto.MIN_PASSWORD_BYTES:
+        raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords are {proto.PASSWORD_RULE}")
+
+
 @dataclass(slots=True)
 class ConvState:
     """A conversation of this session: how its user names it, and its live delivery (``sub``, the fan-out's)."""
@@ -243,8 +249,7 @@ class Session:
             raise RequestError(ErrorCode.INVALID_REQUEST, "registration is closed on this server")
         if not valid_name(ev.username):
             raise RequestError(ErrorCode.INVALID_NAME, f"names are {proto.NAME_RULE}")
-        if len(ev.password.encode()) < proto.MIN_PASSWORD_BYTES:
-            raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords are {proto.PASSWORD_RULE}")
+        _check_new_password(ev.password)
         address = self._address()
         registrations = self.budgets.registrations
         wait = registrations.take(address, trio.current_time())
@@ -658,8 +663,7 @@ class Session:
         revoke every other session of the user: their connections, on any node, end with BYE(LOGGED_OUT), and
         this one's token stays valid (spec §9.1)."""
         me, store = self.me, self.server.store
-        if len(ev.new_password.encode("utf-8")) < proto.MIN_PASSWORD_BYTES:  # refused before any hash is spent
-            raise RequestError(ErrorCode.WEAK_PASSWORD, f"passwords are {proto.PASSWORD_RULE}")
+        _check_new_password(ev.new_password)  # refused before any hash is spent
         try:
             await self._checked_password(me.username, ev.old_password)
         except RequestError as exc:
