@@ -3,8 +3,9 @@
 How this works. ``parse`` turns a typed line into a ``Command`` or a ``Text``
 without side effects, so the interactive client (``_tui.py``) decides what to
 do and the rules here can be tested without a terminal. A line starting with
-"/" is a command (a unique prefix is enough: "/j" is /join); "//" sends a line
-that starts with "/"; anything else is text for the current conversation.
+"/" is a command (a unique prefix is enough: "/j" is /join; IRC's names are
+aliases: /part and /close are /leave, /s is /switch); "//" sends a line that
+starts with "/"; anything else is text for the current conversation.
 Conversations are written as in the library: "#room" or "@user" (spec/PROTOCOL.md
 §3.6); a bare name means a room where a room is expected.
 """
@@ -27,20 +28,27 @@ class Spec:
 
 COMMANDS: dict[str, Spec] = {
     "join": Spec("/join #room", "join (or create) a room and switch to it", "rooms"),
-    "leave": Spec("/leave [#room]", "leave the current room, or the one named", "joined"),
-    "switch": Spec("/switch #room|@user|N", "send plain text to another room, person, or number N in the status bar",
-                   "convs"),
+    "leave": Spec("/leave [#room|@user]", "leave a room, or close a direct conversation (also /part, /close); "
+                  "the current one if none is named", "convs"),
+    "switch": Spec("/switch #room|@user|N", "send plain text to another room, person, or number N in the status bar "
+                   "(Alt-N too)", "convs"),
+    "query": Spec("/query USER [text]", "open a direct conversation with USER and switch to it", "users"),
     "rooms": Spec("/rooms", "list the rooms on the server"),
     "who": Spec("/who [#room]", "who is in the current room, online or not", "joined"),
     "msg": Spec("/msg USER text", "send a direct message (/switch @USER to keep talking)", "users"),
-    "history": Spec("/history [N]", "show N (default 20) older messages here; repeat to page further back"),
+    "history": Spec("/history [N]", "show N (default 20) older messages here, oldest first; repeat to page further "
+                    "back"),
     "me": Spec("/me action", "send an action, shown as: * you action"),
     "help": Spec("/help [command]", "list the commands, or explain one", "commands"),
     "quit": Spec("/quit", "leave chorus (Ctrl-D and Ctrl-C do too)"),
 }
+#: Other names for commands (IRC's habits); an alias wins over a prefix ("/s" is /switch, not ambiguous).
+ALIASES = {"part": "leave", "close": "leave", "s": "switch"}
 DEFAULT_HISTORY = 20
-#: Most messages one /history may ask for before WELCOME says (``max_page``, spec §5.2): the server's default.
-MAX_HISTORY = 100
+#: Most messages one /history shows (fetched in as many pages as WELCOME's ``max_page`` requires).
+MAX_HISTORY = 1000
+#: The page size to assume before WELCOME says (``max_page``, spec §5.2): the server's default.
+DEFAULT_PAGE = 100
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,12 @@ def resolve(word: str) -> str:
     word = word.lower()
     if word in COMMANDS:
         return word
+    if word in ALIASES:
+        return ALIASES[word]
     matches = [name for name in COMMANDS if word and name.startswith(word)]
-    if len(matches) == 1:
-        return matches[0]
+    matches += [alias for alias, name in ALIASES.items() if word and alias.startswith(word) and name not in matches]
+    if len({ALIASES.get(m, m) for m in matches}) == 1:
+        return ALIASES.get(matches[0], matches[0])
     if matches:
         raise UsageError(f"/{word} is ambiguous: " + ", ".join("/" + m for m in matches))
     raise UsageError(f"unknown command /{word} (try /help)")
@@ -124,36 +135,40 @@ def completions(before_cursor: str, *, rooms: Iterable[str], joined: Iterable[st
                 convs: Iterable[str]) -> list[tuple[str, int]]:
     """Tab completion for the text left of the cursor: (replacement, start) pairs, start <= 0 counting
     back from the cursor over the word being replaced. ``rooms``/``joined`` are room names, ``users``
-    user names, ``convs`` "#room"/"@user" strings."""
-    if not before_cursor.startswith("/") or before_cursor.startswith("//"):
+    user names, ``convs`` "#room"/"@user" strings.
+
+    A command's name, then its first argument by what it takes; any other word, anywhere in the line:
+    "#..." a room, "@..." a person, else a person's name ("bob: " at the start of a message, IRC's habit)."""
+    if before_cursor.startswith("/") and not before_cursor.startswith("//"):
+        if " " not in before_cursor:
+            word = before_cursor[1:].lower()
+            names = (*COMMANDS, *(alias for alias in ALIASES if len(alias) > 1))  # not "/s" beside "/switch"
+            return [("/" + name, -len(before_cursor)) for name in names if name.startswith(word)]
+        head, rest = before_cursor[1:].split(" ", 1)
+        if " " not in rest:  # the first argument completes to what the command takes
+            try:
+                spec = COMMANDS[resolve(head)]
+            except UsageError:
+                return []
+            kinds = {"rooms": ["#" + r for r in rooms], "joined": ["#" + r for r in joined], "convs": list(convs),
+                     "users": list(users), "commands": list(COMMANDS)}
+            if spec.completes is not None:
+                return _matching(rest, kinds[spec.completes])
+    word = before_cursor.rsplit(" ", 1)[-1]
+    if word.startswith("#"):
+        return _matching(word, ["#" + r for r in rooms])
+    if word.startswith("@"):
+        return _matching(word, ["@" + u for u in users])
+    if not word:
         return []
-    if " " not in before_cursor:
-        word = before_cursor[1:].lower()
-        return [("/" + name, -len(before_cursor)) for name in COMMANDS if name.startswith(word)]
-    head, rest = before_cursor[1:].split(" ", 1)
-    if " " in rest:  # only the first argument completes
-        return []
-    try:
-        spec = COMMANDS[resolve(head)]
-    except UsageError:
-        return []
-    candidates: Iterable[str]
-    if spec.completes == "rooms":
-        candidates = ["#" + r for r in rooms]
-    elif spec.completes == "joined":
-        candidates = ["#" + r for r in joined]
-    elif spec.completes == "convs":
-        candidates = convs
-    elif spec.completes == "users":
-        candidates = users
-    elif spec.completes == "commands":
-        candidates = COMMANDS
-    else:
-        return []
-    word = rest
-    bare = word.lstrip("#@")
-    found = []
-    for c in sorted(set(candidates)):
-        if c.startswith(word) or (word == bare and c.lstrip("#@").startswith(bare)):
-            found.append((c, -len(word)))
+    found = _matching(word, list(users))
+    if word == before_cursor:  # the first word of a message: addressed to someone, as on IRC
+        return [(name + ": ", start) for name, start in found]
     return found
+
+
+def _matching(word: str, candidates: Iterable[str]) -> list[tuple[str, int]]:
+    """The candidates ``word`` begins (or begins without its "#"/"@", when it has none), sorted."""
+    bare = word.lstrip("#@")
+    return [(c, -len(word)) for c in sorted(set(candidates))
+            if c.startswith(word) or (word == bare and c.lstrip("#@").startswith(bare))]

@@ -11,9 +11,14 @@ so the next start resumes. The password is held only in memory (the library
 needs it to log in again if the token is revoked while reconnecting); it is
 never written to a file or a log.
 
+Before asking anyone for a password the server is tried (a TCP connection,
+closed at once), so a server that is down is said before a password is typed
+in vain. Ctrl-D at a prompt ends the program with one line, no traceback.
+
 Refusals become ``LoginError`` with one sentence for the user: a stale token is
 forgotten and a password asked for; a wrong password is asked again (three
-tries) when there is a person to ask. Names, passwords and ports are checked,
+tries) when there is a person to ask, and the third refusal suggests
+``--register`` (the account may not exist on this server). Names, passwords and ports are checked,
 and every sentence about them worded, by ``_rules`` from the protocol's constants.
 """
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ._rules import is_port, is_user_name, not_a_user_name, password_problem, pa
 DEFAULT_SERVER = "127.0.0.1:7420"
 _DEFAULT_PORT = 7420
 _TRIES = 3
+_PROBE_TIMEOUT_S = 10.0
 
 
 class LoginError(Exception):
@@ -93,15 +99,41 @@ def choose_user(given: str | None, store: SessionStore, interactive: bool) -> st
     return user
 
 
+def _secret(prompt: str) -> str:
+    """A line typed without echo. Raises ``LoginError`` at end of input (Ctrl-D)."""
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        print(file=sys.stderr, flush=True)  # getpass leaves the cursor after the prompt
+        raise LoginError("no password given") from None
+
+
 def _ask_password(user: str, register: bool) -> str:
     if not register:
-        return getpass.getpass(f"Password for {user}: ")
+        return _secret(f"Password for {user}: ")
     while True:
-        first = getpass.getpass(f"Choose a password for {user} ({proto.PASSWORD_RULE}): ")
+        first = _secret(f"Choose a password for {user} ({proto.PASSWORD_RULE}): ")
         problem = password_problem(first, register)
-        if problem is None and getpass.getpass("Type it again: ") == first:
+        if problem is None and _secret("Type it again: ") == first:
             return first
         print(f"{problem or 'The two passwords differ'}; once more.", file=sys.stderr, flush=True)
+
+
+def _unreachable(host: str, port: int, exc: OSError) -> LoginError:
+    return LoginError(f"cannot reach {host}:{port}: {exc.strerror or exc}"
+                      " (is the server running? `make run` starts one)")
+
+
+async def check_reachable(host: str, port: int) -> None:
+    """Open and close a TCP connection to the server. Raises ``LoginError`` when nothing answers there."""
+    try:
+        with trio.fail_after(_PROBE_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise _unreachable(host, port, exc) from None
+    except trio.TooSlowError:
+        raise LoginError(f"cannot reach {host}:{port}: no answer in {_PROBE_TIMEOUT_S:g} s") from None
+    await stream.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -116,6 +148,7 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
     token = store.load(user)
     password = os.environ.get("CHORUS_PASSWORD") or None
     typed = False
+    refusals = 0
 
     def save(new_token: str) -> None:
         try:
@@ -129,6 +162,8 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
                 if not interactive:
                     raise LoginError(f"no saved session for {user} on {host}:{port}: set CHORUS_PASSWORD"
                                      " or log in once with chorus")
+                if not typed:
+                    await check_reachable(host, port)  # before the password is typed, not after
                 password, typed = _ask_password(user, register), True
             problem = password and password_problem(password, register and token is None)
             if problem:
@@ -144,16 +179,19 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
                     token = None
                     say("the saved session has expired; log in again")
                     continue
+                refusals += code == ErrorCode.AUTH_FAILED
                 if code in (ErrorCode.AUTH_FAILED, ErrorCode.WEAK_PASSWORD) and typed and attempt + 1 < _TRIES:
                     say(_refusal(exc, user))
                     password = None
                     continue
+                if refusals == _TRIES and not register:
+                    raise LoginError(f"{_refusal(exc, user)}, {_TRIES} times; if there is no account {user} on "
+                                     f"{host}:{port} yet, --register creates it") from None
                 raise LoginError(_refusal(exc, user)) from None
             except ssl.SSLError as exc:  # before OSError, which it is
                 raise LoginError(f"TLS with {host}:{port} failed: {_tls_problem(exc)}") from None
             except OSError as exc:
-                raise LoginError(f"cannot reach {host}:{port}: {exc.strerror or exc}"
-                                 " (is the server running? `make run` starts one)") from None
+                raise _unreachable(host, port, exc) from None
             except (ConnectionLost, trio.TooSlowError, proto.ProtocolError) as exc:
                 raise LoginError(f"could not connect to {host}:{port}: {exc or 'timed out'}") from None
             yield client

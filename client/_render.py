@@ -10,6 +10,22 @@ How this works. Every message becomes one line (newlines in a body are shown as
       12:07 @bob     <bob> psst              a direct conversation shows the partner
     -- reconnecting…                         status lines start "-- ", errors "!! "
 
+Text is cut into grapheme clusters (Unicode UAX #29, by ``wcwidth``) before
+anything is neutralised, so the joiners and selectors that belong to a cluster
+stay in it: 👨‍👩‍👧 (three emoji joined by U+200D), ❤️ (U+FE0F), Persian and Indic
+words that need U+200C. A cluster never contains a C0/C1 control or a bidi
+embedding/override/isolate (UAX #29 makes each its own cluster), and those are
+shown as "\ufffd": an ESC cannot drive the terminal, and U+202E cannot reorder
+the line so that text appears to say what it does not.
+
+In a terminal, ``Renderer.message(width=...)`` wraps a long message at word
+boundaries, measuring each cluster's width in cells, and indents the following
+lines under the text column (where the body begins), so a message stays one
+visually separate block; a word is split only if it is longer than a line.
+
+A message from someone else that names you (``@you`` or ``you`` as a word) is
+marked "! " in the gutter and its body highlighted; the client rings the bell.
+
 Times are local HH:MM, with the date in front for another day. Colours (ANSI
 SGR) only when asked for: ``use_colour`` decides from the NO_COLOR convention
 (https://no-color.org), TERM=dumb and whether the output is a terminal. For
@@ -18,14 +34,19 @@ scripts, ``json_line`` gives one JSON object per message.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
+import re
 import zlib
+
+import wcwidth
 
 from chorus import proto
 
 _RESET = "\x1b[0m"
 _DIM, _BOLD, _RED, _GREEN, _YELLOW, _CYAN = "\x1b[2m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[36m"
+_MENTION = "\x1b[1;7m"  # bold reverse: visible in any colour scheme
 #: Colours for other people's names, picked by a stable hash so a name keeps its colour.
 _NAME_COLOURS = ("\x1b[34m", "\x1b[35m", "\x1b[33m", "\x1b[36m", "\x1b[94m", "\x1b[95m", "\x1b[93m", "\x1b[96m")
 _ACTION = "/me "
@@ -46,21 +67,48 @@ def is_action(body: str) -> bool:
     return body.startswith(_ACTION)
 
 
+#: Format characters kept inside a grapheme cluster: they join or select, they cannot move the cursor or
+#: reorder text. U+200D (ZWJ: emoji sequences, Indic conjuncts), U+200C (ZWNJ: Persian, Indic), and the tag
+#: characters of subdivision flags (🏴 + tags + cancel tag). Variation selectors are marks (Mn) and printable.
+_JOINERS = frozenset("\u200c\u200d") | frozenset(map(chr, range(0xE0020, 0xE0080)))
+_LINE_BREAKS = frozenset("\n\r\u2028\u2029\x85")
+
+
 def one_line(text: str) -> str:
-    """``text`` with line breaks and other control characters made visible, so it stays one line."""
+    """``text`` with line breaks and other control characters made visible, so it stays one line and cannot
+    drive the terminal; grapheme clusters (with their joiners) are kept whole."""
     if text.isprintable():
         return text
-    out = []
-    for ch in text:
-        if ch == "\n":
-            out.append("⏎")
-        elif ch == "\t":
-            out.append(" ")
-        elif not ch.isprintable():
-            out.append("\ufffd")  # escape sequences in a body must not drive the terminal
-        else:
-            out.append(ch)
-    return "".join(out)
+    return "".join(map(_cluster, wcwidth.iter_graphemes(text)))
+
+
+def _cluster(cluster: str) -> str:
+    if cluster.isprintable():
+        return cluster
+    if all(ch in _LINE_BREAKS for ch in cluster):  # "\r\n" is one cluster
+        return "⏎"
+    if cluster == "\t":
+        return " "
+    if len(cluster) > 1 and cluster[0].isprintable():
+        # A base with joiners; anything else unprintable in it (there should be none) is replaced.
+        return "".join(ch if ch.isprintable() or ch in _JOINERS else "\ufffd" for ch in cluster)
+    return "\ufffd" * len(cluster)  # escape sequences and bidi controls in a body must not act
+
+
+def cells(text: str) -> int:
+    """Terminal cells ``text`` takes, cluster by cluster (escape sequences take none)."""
+    return max(0, wcwidth.width(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _mention_pattern(me: str) -> re.Pattern[str]:
+    # Not inside a longer name or an address: "alice-bot", "alice.b", "alice@example.org"; "alice." ends a sentence.
+    return re.compile(rf"(?<![\w@.-])@?{re.escape(me)}(?![\w@-]|\.\w)", re.IGNORECASE)
+
+
+def mentions(body: str, me: str) -> bool:
+    """Whether ``body`` names ``me``: "@me" or "me" as a word ("me-bot" and "meg" do not)."""
+    return bool(me) and _mention_pattern(me).search(body) is not None
 
 
 def clock(ts_ms: int, today: datetime.date | None = None) -> str:
@@ -100,20 +148,31 @@ class Renderer:
             return self._c(_BOLD + _GREEN, name)
         return self._c(_NAME_COLOURS[zlib.crc32(name.encode()) % len(_NAME_COLOURS)], name)
 
-    def message(self, msg: proto.Message, *, pending: bool = False, today: datetime.date | None = None) -> str:
-        """The line for ``msg``; ``pending`` marks one typed offline and not yet acknowledged."""
+    def message(self, msg: proto.Message, *, pending: bool = False, today: datetime.date | None = None,
+                width: int | None = None) -> str:
+        """The line for ``msg``; ``pending`` marks one typed offline and not yet acknowledged. With ``width``
+        (a terminal's columns) a long message is word-wrapped, the lines after the first indented under the
+        text column."""
         own = msg.sender == self.me
+        named = not own and mentions(msg.body, self.me)
         conv = str(msg.conv).ljust(_CONV_WIDTH)
         if is_action(msg.body):
-            text = f"* {self._name(msg.sender)} {one_line(msg.body[len(_ACTION):])}"
+            lead, body = f"* {self._name(msg.sender)} ", one_line(msg.body[len(_ACTION):])
         else:
-            text = f"<{self._name(msg.sender)}> {one_line(msg.body)}"
-        line = f"{self._c(_DIM, clock(msg.ts_ms, today))} {self._c(_CYAN, conv)} {text}"
+            lead, body = f"<{self._name(msg.sender)}> ", one_line(msg.body)
         if pending:
-            line = f"{line}  {self._c(_DIM, '(pending)')}"
-        if not self.gutter:
-            return line
-        return ("~ " if pending else "> " if own else "  ") + line
+            body = f"{body}  {self._c(_DIM, '(pending)')}"
+        head = f"{self._c(_DIM, clock(msg.ts_ms, today))} {self._c(_CYAN, conv)} {lead}"
+        if self.gutter:
+            head = ("~ " if pending else "! " if named else "> " if own else "  ") + head
+        if width is None or cells(head) + cells(body) <= width:
+            return head + (self._c(_MENTION, body) if named else body)
+        first, indent = cells(head), min(cells(head), width // 2)
+        lines = wcwidth.wrap(body, width, initial_indent=" " * first, subsequent_indent=" " * indent)
+        texts = [lines[0][first:], *(line[indent:] for line in lines[1:])]
+        if named:  # highlight the text only, not the indent under it
+            texts = [self._c(_MENTION, text) for text in texts]
+        return "\n".join([head + texts[0], *(" " * indent + text for text in texts[1:])])
 
     def info(self, text: str) -> str:
         return self._c(_YELLOW, f"-- {one_line(text)}")

@@ -23,7 +23,20 @@ first job of ``_worker``, so the prompt is up at once.
 
 The prompt shows where plain text goes, unread counts elsewhere and
 "[offline]"; the bottom toolbar (drawn by prompt_toolkit when the terminal
-answers cursor-position requests) numbers every conversation for /switch N.
+answers cursor-position requests) numbers every conversation for /switch N and
+Alt-N. A conversation keeps its number while it is open; a new one takes the
+lowest free number, so joining never renumbers the others.
+
+What is on screen is not news: a message counts as unread only when it
+arrives live in another conversation (the start's backlog, recaps and
+/history pages do not). Joining a room, or switching to a conversation with
+nothing of it on screen, first shows its last RECENT messages (a recap, from
+HISTORY §5.19); a live message the recap already printed is not printed again
+(``printed``). /history N fetches as many pages as N needs and prints them as
+one block, oldest first.
+
+Quitting (Ctrl-C, Ctrl-D, /quit) with messages not yet acknowledged asks
+first; a second request quits.
 
 Lines are handled at once, in the Trio thread, when typed: text gets its
 client_msg_id then (so a retry after a reconnect reuses it, §9.4), and while
@@ -47,6 +60,7 @@ import asyncio
 import contextlib
 import functools
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -58,14 +72,16 @@ from chorus import proto
 from chorus.proto import ConvKind, ErrorCode
 
 from ._client import Client
-from ._commands import COMMANDS, MAX_HISTORY, Command, Text, UsageError, completions, help_lines, history_count, \
+from ._commands import COMMANDS, DEFAULT_PAGE, Command, Text, UsageError, completions, help_lines, history_count, \
     msg_args, parse, room_arg
 from ._errors import ConnectionLost, ServerError
 from ._events import Disconnected, Reconnected
-from ._render import Renderer
+from ._render import Renderer, mentions
 
 #: At start, a room shows at most this many messages that arrived since we last looked; /history shows more.
 STARTUP_BACKLOG = 30
+#: Joining a room, or switching to a conversation with nothing of it on screen, shows its last RECENT messages.
+RECENT = 10
 _QUEUE_LIMIT = 1000  # lines waiting for the server; more is refused (a paste of a whole file, say)
 _QUIT_GRACE_S = 5.0  # on /quit, time given to lines still waiting for the server
 _MARK_INTERVAL_S = 1.0
@@ -80,14 +96,14 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def conv_arg(text: str) -> proto.Conversation:
-    """"#room", "@user" or a bare room name. Raises ``UsageError``."""
+def conv_arg(text: str, usage: str) -> proto.Conversation:
+    """"#room", "@user" or a bare room name. Raises ``UsageError`` (saying ``usage``)."""
     text = text.strip()
-    if text.startswith("@") and len(text) > 1:
+    if text.startswith("@") and len(text) > 1 and " " not in text:
         return proto.Conversation.direct(text[1:])
     name = text.removeprefix("#")
-    if not name or " " in name:
-        raise UsageError(f"usage: {COMMANDS['switch'].usage}")
+    if not name or " " in name or name.startswith("@"):
+        raise UsageError(f"usage: {usage}")
     return proto.Conversation.room(name)
 
 
@@ -110,11 +126,18 @@ class Tui:
         self.current: proto.Conversation | None = None
         self.joined: set[str] = set()
         self.directs: set[str] = set()
+        #: Each open conversation's number in the status bar (/switch N, Alt-N): a new one takes the lowest free
+        #: number, so joining or closing one never renumbers the others.
+        self.numbers: dict[proto.Conversation, int] = {}
         self.known_rooms: set[str] = set()
         self.users: set[str] = set()
         self.unread: dict[proto.Conversation, int] = {}
         self.shown: dict[proto.Conversation, int] = {}  # highest seq shown (or not news any more)
         self.first_shown: dict[proto.Conversation, int] = {}  # where /history starts paging back
+        self.printed: dict[proto.Conversation, int] = {}  # highest seq on screen (recaps may race live ones)
+        self._live = False  # catch-up done: from now on a message elsewhere is unread
+        self._quit_asked = False  # quitting with messages not sent asks first; a second request quits
+        self._recapped: set[proto.Conversation] = set()
         self.history_cursor: dict[proto.Conversation, int] = {}
         self.history_done: set[proto.Conversation] = set()
         self.pending: dict[int, _Pending] = {}
@@ -145,17 +168,44 @@ class Tui:
     def error(self, text: str) -> None:
         self.out(self.r.error(text))
 
+    def width(self) -> int | None:
+        """Columns to wrap messages at: the terminal's; None (one line per message) without a terminal."""
+        return shutil.get_terminal_size().columns if self.terminal else None
+
+    def message_line(self, msg: proto.Message, *, pending: bool = False) -> str:
+        return self.r.message(msg, pending=pending, width=self.width())
+
     def conv_list(self) -> list[proto.Conversation]:
-        """The conversations numbered in the status bar: rooms, then people, each by name."""
-        return ([proto.Conversation.room(r) for r in sorted(self.joined)]
-                + [proto.Conversation.direct(u) for u in sorted(self.directs)])
+        """The open conversations in the order of their numbers in the status bar."""
+        return sorted(self.numbers, key=self.numbers.__getitem__)
+
+    def _open(self, conv: proto.Conversation) -> None:
+        """``conv`` is one of ours now: give it the lowest free number (rooms also go into ``joined``)."""
+        if conv.kind == ConvKind.ROOM:
+            self.joined.add(conv.name)
+        else:
+            self.directs.add(conv.name)
+        if conv not in self.numbers:
+            taken = set(self.numbers.values())
+            self.numbers[conv] = next(n for n in range(1, len(taken) + 2) if n not in taken)
+
+    def _close(self, conv: proto.Conversation) -> None:
+        """Forget ``conv`` (left, or a direct conversation closed); its number is free for the next one."""
+        (self.joined if conv.kind == ConvKind.ROOM else self.directs).discard(conv.name)
+        self.numbers.pop(conv, None)
+        for table in (self.unread, self.first_shown, self.history_cursor, self.printed):
+            table.pop(conv, None)
+        self.history_done.discard(conv)
+        self._recapped.discard(conv)
+        if self.current == conv:
+            self.current = self._fallback()
 
     def refresh(self) -> None:
         """Rebuild the status bar, prompt and completion sources, and have the prompt redraw."""
         parts = []
-        for i, conv in enumerate(self.conv_list(), 1):
+        for conv in self.conv_list():
             n = self.unread.get(conv, 0)
-            label = f"{i}:{conv}" + (f"({n})" if n else "")
+            label = f"{self.numbers[conv]}:{conv}" + (f"({n})" if n else "")
             parts.append(f"[{label}]" if conv == self.current else label)
         status = " ".join(parts) or "no rooms yet: /join #room"
         if not self.connected:
@@ -215,8 +265,9 @@ class Tui:
     async def _catch_up_once(self) -> None:
         rooms = await self.client.rooms()
         self.known_rooms = {r.name for r in rooms}
-        mine = [r for r in rooms if r.joined]
-        self.joined = {r.name for r in mine}
+        mine = sorted((r for r in rooms if r.joined), key=lambda r: r.name)
+        for r in mine:
+            self._open(proto.Conversation.room(r.name))
         delivered: dict[str, int] = {}
 
         async def fetch(room: str) -> None:
@@ -227,9 +278,12 @@ class Tui:
         async with trio.open_nursery() as nursery:
             for r in mine:
                 nursery.start_soon(fetch, r.name)
+        quiet: dict[proto.Conversation, int] = {}  # rooms with nothing new: a recap shows where they stand
         for r in mine:
             conv = proto.Conversation.room(r.name)
             seen = delivered.get(r.name, 0)
+            if r.last_seq <= seen:
+                quiet[conv] = r.last_seq
             start = max(seen, r.last_seq - STARTUP_BACKLOG)
             if start > seen:
                 self.info(f"{conv}: {r.last_seq - seen} messages since you last looked; the last {STARTUP_BACKLOG}"
@@ -241,6 +295,9 @@ class Tui:
         where = ", ".join(f"#{r.name}" for r in mine) or "no rooms yet (/join #room)"
         self.info(f"logged in as {self.me}; in {where}. /help lists the commands")
         await self.client.sync()
+        self._live = True
+        if self.current in quiet and quiet[self.current]:
+            await self._recap(self.current, upto=quiet[self.current])
 
     async def _finish(self) -> None:
         """Give queued lines a moment to reach the server, then record how far we have read."""
@@ -254,6 +311,18 @@ class Tui:
 
     def quit(self) -> None:
         self._done.set()
+
+    def request_quit(self) -> None:
+        """Ctrl-C, Ctrl-D or /quit: quit, unless messages are still unsent; then ask, and quit on a second
+        request (a line typed in between cancels the question)."""
+        if not self.pending or self._quit_asked:
+            self.quit()
+            return
+        self._quit_asked = True
+        n = len(self.pending)
+        why = "the server is away" if not self.connected else "the server has not acknowledged them yet"
+        self.error(f"{n} message{'s' if n > 1 else ''} not sent yet ({why}): quit anyway and lose "
+                   f"{'them' if n > 1 else 'it'}? Ctrl-C again (or /quit) quits; keep typing to stay")
 
     # -- input -----------------------------------------------------------------------------
     async def _read_input(self) -> None:
@@ -273,6 +342,8 @@ class Tui:
             parsed = parse(line)
             if parsed is None:
                 return
+            if not (isinstance(parsed, Command) and parsed.name == "quit"):
+                self._quit_asked = False
             if isinstance(parsed, Text):
                 self._queue_text(self.current, parsed.body)
             else:
@@ -310,21 +381,32 @@ class Tui:
             for line in help_lines(args):
                 self.info(line)
         elif name == "quit":
-            self.quit()
+            self.request_quit()
         elif name == "join":
             room = room_arg(args, COMMANDS["join"].usage)
             previous, self.current = self.current, proto.Conversation.room(room)
             self._enqueue(self._join, room, previous)
         elif name == "leave":
-            if args:
-                room = room_arg(args, COMMANDS["leave"].usage)
-            elif self.current is not None and self.current.kind == ConvKind.ROOM:
-                room = self.current.name
-            else:
+            conv = conv_arg(args, COMMANDS["leave"].usage) if args else self.current
+            if conv is None:
                 raise UsageError(f"usage: {COMMANDS['leave'].usage}")
-            self._enqueue(self._leave, room)
+            if conv.kind == ConvKind.DIRECT:
+                if conv not in self.numbers:
+                    raise UsageError(f"no open conversation with {conv.name}")
+                self._close(conv)  # the server keeps it; a new message from them opens it again
+                self.info(f"closed {conv}" + (f"; now talking in {self.current}" if self.current else ""))
+            else:
+                self._enqueue(self._leave, conv.name)
         elif name == "switch":
             self._switch(args)
+        elif name == "query":
+            user, _, text = args.partition(" ")
+            conv = conv_arg("@" + user.removeprefix("@"), COMMANDS["query"].usage) if user else None
+            if conv is None:
+                raise UsageError(f"usage: {COMMANDS['query'].usage}")
+            self._switch(str(conv))
+            if text.strip():
+                self._queue_text(conv, text)
         elif name == "rooms":
             self._enqueue(self._rooms)
         elif name == "who":
@@ -347,32 +429,42 @@ class Tui:
         elif name == "history":
             if self.current is None:
                 raise UsageError("no conversation yet: /join #room first")
-            self._enqueue(self._history, self.current, history_count(args, self.page_size()))
+            self._enqueue(self._history, self.current, history_count(args))
+
+    def switch_number(self, n: int) -> None:
+        """Alt-N (from the prompt thread): as /switch N."""
+        self.on_line(f"/switch {n}")
 
     def _switch(self, args: str) -> None:
         if not args:
             raise UsageError(f"usage: {COMMANDS['switch'].usage}")
         if args.strip().isdigit():
-            convs = self.conv_list()
             n = int(args)
-            if not 1 <= n <= len(convs):
-                raise UsageError(f"no conversation number {n}; the status bar numbers them 1 to {len(convs)}")
-            conv = convs[n - 1]
+            found = [conv for conv, number in self.numbers.items() if number == n]
+            if not found:
+                numbers = ", ".join(str(number) for number in sorted(self.numbers.values())) or "none yet"
+                raise UsageError(f"no conversation number {n}; the status bar numbers them ({numbers})")
+            conv = found[0]
         else:
-            conv = conv_arg(args)
+            conv = conv_arg(args, COMMANDS["switch"].usage)
             if conv.kind == ConvKind.ROOM and conv.name not in self.joined:
                 raise UsageError(f"you are not in {conv}; /join {conv} first")
             if conv.kind == ConvKind.DIRECT:
                 if conv.name == self.me:
                     raise UsageError("that is you; /switch @someone else")
-                self.directs.add(conv.name)
+                self._open(conv)
+        if conv == self.current:
+            self.info(f"already talking in {conv}")
+            return
         self.current = conv
         self.unread.pop(conv, None)
         self.info(f"now talking in {conv}")
+        if conv not in self.first_shown:
+            self._enqueue(self._recap, conv)
 
     def page_size(self) -> int:
         """Most messages a HISTORY page holds: WELCOME's ``max_page`` (§5.2)."""
-        return self.client.welcome.max_page if self.client.welcome else MAX_HISTORY
+        return self.client.welcome.max_page if self.client.welcome else DEFAULT_PAGE
 
     def _queue_text(self, conv: proto.Conversation | None, body: str) -> None:
         if conv is None:
@@ -382,13 +474,13 @@ class Tui:
         if size > limit:
             raise UsageError(f"message too long: {size} bytes, the server takes at most {limit}")
         if conv.kind == ConvKind.DIRECT:
-            self.directs.add(conv.name)
+            self._open(conv)
         p = _Pending(conv, body, secrets.randbits(63) or 1)
         self._enqueue(self._send, p)
         self.pending[p.client_msg_id] = p
         if not self.connected:
             shown = proto.Message(conv, 0, int(time.time() * 1000), self.me, p.client_msg_id, body)
-            self.out(self.r.message(shown, pending=True))
+            self.out(self.message_line(shown, pending=True))
 
     def _enqueue(self, fn: Callable[..., Awaitable[None]], *args) -> None:
         try:
@@ -423,9 +515,7 @@ class Tui:
                     continue  # still away: keep trying, with the same id so it is stored once
                 except ServerError as exc:
                     if exc.code == ErrorCode.NOT_FOUND and p.conv.kind == ConvKind.DIRECT:
-                        self.directs.discard(p.conv.name)
-                        if self.current == p.conv:
-                            self.current = self._fallback()
+                        self._close(p.conv)
                         self.error(f"not sent: there is no user {p.conv.name}")
                     else:
                         self.error(f"not sent to {p.conv}: {describe(exc)}")
@@ -449,13 +539,17 @@ class Tui:
             if self.current == conv:
                 self.current = previous
             return
-        self.joined.add(joined.room)
+        self._open(conv)
         self.known_rooms.add(joined.room)
         # What was said before we joined is history, not news for the next start.
         self.shown[conv] = max(self.shown.get(conv, 0), joined.last_seq)
         people = "1 member" if joined.members == 1 else f"{joined.members} members"
-        said = f"{joined.last_seq} messages so far; /history shows them" if joined.last_seq else "no messages yet"
+        said = f"{joined.last_seq} messages so far" if joined.last_seq else "no messages yet"
         self.info(f"joined #{joined.room} ({people}, {said})")
+        with contextlib.suppress(ServerError):  # names to complete; a failure here costs nothing else
+            self.users |= {m.user for m in await self.client.members(joined.room)}
+        if conv not in self.first_shown:
+            await self._recap(conv, upto=joined.last_seq)
 
     async def _leave(self, room: str) -> None:
         conv = proto.Conversation.room(room)
@@ -464,11 +558,9 @@ class Tui:
         except ServerError as exc:
             self.error(f"cannot leave #{room}: {describe(exc)}")
             return
-        self.joined.discard(room)
-        for table in (self.unread, self.shown, self._marked, self.first_shown, self.history_cursor):
+        self._close(conv)
+        for table in (self.shown, self._marked):
             table.pop(conv, None)
-        if self.current == conv:
-            self.current = self._fallback()
         self.info(f"left #{room}" + (f"; now talking in {self.current}" if self.current else ""))
 
     async def _rooms(self) -> None:
@@ -492,29 +584,67 @@ class Tui:
         order = sorted(members, key=lambda m: (m.status != proto.Status.ONLINE, m.user))
         self.info(f"#{room}: " + ", ".join(f"{m.user} ({m.status.name.lower()})" for m in order))
 
+    async def _older(self, conv: proto.Conversation, before: int | None, n: int) -> tuple[list, bool]:
+        """Up to ``n`` stored messages of ``conv`` before seq ``before`` (None: the newest), oldest first, in as
+        many HISTORY pages as that takes (§5.19), and whether they reach the beginning. Raises ``ServerError``."""
+        found: list = []
+        while len(found) < n:
+            page = await self.client.history(conv, before=before, limit=min(self.page_size(), n - len(found)))
+            found[:0] = page.messages
+            if not page.messages or not page.has_more:
+                return found, True
+            before = page.messages[0].seq
+        return found, False
+
     async def _history(self, conv: proto.Conversation, limit: int) -> None:
         if conv in self.history_done:
             self.info(f"no older messages in {conv}")
             return
         before = self.history_cursor.get(conv) or self.first_shown.get(conv) or None
         try:
-            page = await self.client.history(conv, before=before, limit=limit)
+            messages, done = await self._older(conv, before, limit)
         except ServerError as exc:
             self.error(f"no history for {conv}: {describe(exc)}")
             return
-        if not page.messages:
+        if done:
             self.history_done.add(conv)
+        if not messages:
             self.info(f"no older messages in {conv}")
             return
-        first, last = page.messages[0].seq, page.messages[-1].seq
-        self.info(f"{conv} history, messages {first} to {last}:")
-        for m in page.messages:
-            self.out(self.r.message(proto.Message(conv, m.seq, m.ts_ms, m.sender, m.client_msg_id, m.body)))
+        # One block, oldest first, whatever the number of pages it took.
+        self.info(f"{conv} history, messages {messages[0].seq} to {messages[-1].seq}:")
+        for m in messages:
+            self.out(self.message_line(proto.Message(conv, m.seq, m.ts_ms, m.sender, m.client_msg_id, m.body)))
             self.users.add(m.sender)
-        self.history_cursor[conv] = first
-        if not page.has_more:
-            self.history_done.add(conv)
+        self.history_cursor[conv] = messages[0].seq
+        if done:
             self.info(f"that is the beginning of {conv}")
+
+    async def _recap(self, conv: proto.Conversation, upto: int | None = None) -> None:
+        """Show the last RECENT messages of ``conv`` (up to seq ``upto``) when nothing of it is on screen yet:
+        on joining, or on switching to it. Messages printed meanwhile are not shown twice."""
+        if conv in self._recapped:
+            return
+        self._recapped.add(conv)
+        try:
+            messages, done = await self._older(conv, None, RECENT)
+        except ServerError as exc:
+            if not (exc.code == ErrorCode.NOT_FOUND and conv.kind == ConvKind.DIRECT):  # else: nothing said yet
+                self.error(f"no history for {conv}: {describe(exc)}")
+            return
+        # Live messages may have been printed while the page was on its way: show only what came before them.
+        live = self.first_shown.get(conv)
+        messages = [m for m in messages if (upto is None or m.seq <= upto) and (live is None or m.seq < live)]
+        if not messages:
+            return
+        older = "; /history shows older ones" if not done or messages[0].seq > 1 else ""
+        self.info(f"{conv}: the last {len(messages)} message{'s' if len(messages) > 1 else ''}{older}")
+        for m in messages:
+            self.out(self.message_line(proto.Message(conv, m.seq, m.ts_ms, m.sender, m.client_msg_id, m.body)))
+            self.users.add(m.sender)
+        self.first_shown[conv] = messages[0].seq
+        self.printed[conv] = max(self.printed.get(conv, 0), messages[-1].seq)
+        self.shown[conv] = max(self.shown.get(conv, 0), messages[-1].seq)
 
     # -- what the server says ---------------------------------------------------------------
     async def _events(self) -> None:
@@ -542,20 +672,24 @@ class Tui:
 
     def _show(self, msg: proto.Message) -> None:
         conv = msg.conv
-        if conv.kind == ConvKind.DIRECT:
-            self.directs.add(conv.name)
-        else:
-            self.joined.add(conv.name)  # e.g. joined from another device
+        if msg.seq <= self.printed.get(conv, 0):
+            return  # a recap printed it already
+        self._open(conv)  # a room: e.g. joined from another device
         self.users.add(msg.sender)
         self.typing.pop((conv, msg.sender), None)
-        self.out(self.r.message(msg))
+        line = self.message_line(msg)
+        if self._live and self.terminal and msg.sender != self.me and mentions(msg.body, self.me):
+            line += "\a"  # the bell: someone named us
+        self.out(line)
         self.shown[conv] = max(self.shown.get(conv, 0), msg.seq)
+        self.printed[conv] = msg.seq
         self.first_shown.setdefault(conv, msg.seq)
-        if conv != self.current and msg.sender != self.me:
+        # The start's backlog is on screen as it arrives: only what comes later elsewhere is unread.
+        if self._live and conv != self.current and msg.sender != self.me:
             self.unread[conv] = self.unread.get(conv, 0) + 1
         if self.current is None:
             self.current = conv
-        if not self.connected:
+        if not self.connected and msg.sender != self.me:  # our own, re-sent from the outbox, were not missed
             self._caught_up += 1
 
     def _disconnected(self, event: Disconnected) -> None:
@@ -601,6 +735,7 @@ class _PromptThread:
     def __init__(self, tui: Tui):
         from prompt_toolkit import PromptSession
         from prompt_toolkit.completion import Completer, Completion
+        from prompt_toolkit.key_binding import KeyBindings
 
         self.tui = tui
         self.token = trio.lowlevel.current_trio_token()
@@ -612,14 +747,23 @@ class _PromptThread:
                 for text, start in completions(document.text_before_cursor, **tui.completion_sources):
                     yield Completion(text, start_position=start)
 
+        keys = KeyBindings()
+        for n in range(1, 10):  # Alt-1…9 (Esc then the digit): /switch N, as in irssi and weechat
+            keys.add("escape", str(n))(functools.partial(self._alt_number, n))
+
         self.session: PromptSession[str] = PromptSession(
             message=lambda: tui.prompt_text,
             bottom_toolbar=lambda: tui.status,
+            key_bindings=keys,
             completer=_Complete(),
             complete_while_typing=False,
             erase_when_done=True,  # the line comes back as a message line; don't show it twice
         )
         self.session.default_buffer.on_text_changed += self._changed
+
+    def _alt_number(self, n: int, event) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(self.tui.switch_number, n)
 
     def _changed(self, buffer) -> None:
         with contextlib.suppress(trio.RunFinishedError):
@@ -636,8 +780,8 @@ class _PromptThread:
                 line = await self.session.prompt_async(pre_run=self._pre_run)
             except (EOFError, KeyboardInterrupt):
                 if not self.stopping:
-                    trio.from_thread.run_sync(self.tui.quit, trio_token=self.token)
-                return
+                    trio.from_thread.run_sync(self.tui.request_quit, trio_token=self.token)
+                continue  # the Trio side stops us, or asked first because messages are unsent
             if self.stopping:
                 return
             trio.from_thread.run_sync(self.tui.on_line, line, trio_token=self.token)

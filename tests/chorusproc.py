@@ -26,15 +26,16 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *args: str):
         self.data_dir = data_dir
+        self.args = args  # more chorus-server flags, e.g. "--max-page", "4"
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         """Start (or start again, on the same port); returns once it listens."""
         cmd = [sys.executable, "-m", "chorus.server", "--port", str(self.port), "--data-dir", str(self.data_dir),
-               "--argon2-time-cost", "1", "--argon2-memory-kib", "1024"]
+               "--argon2-time-cost", "1", "--argon2-memory-kib", "1024", *self.args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         assert line.startswith("Chorus listening on"), line
@@ -61,10 +62,10 @@ def chorus_env(config_home: Path, **extra: str) -> dict[str, str]:
 class Terminal:
     """``chorus ARGS`` in a pseudo-terminal."""
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], columns: int = 200):
         self.log = io.StringIO()
         self.child = pexpect.spawn(sys.executable, ["-m", "chorus.client", *args], cwd=str(REPO), env=env,
-                                   encoding="utf-8", dimensions=(40, 200), timeout=EXPECT_TIMEOUT_S)
+                                   encoding="utf-8", dimensions=(40, columns), timeout=EXPECT_TIMEOUT_S)
         self.child.logfile_read = self.log
 
     async def expect(self, text: str) -> str:

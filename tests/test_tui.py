@@ -15,10 +15,11 @@ import trio.testing
 
 from chorus import proto
 from chorus.client import ServerError, open_client
-from chorus.client._commands import Command, Text, UsageError, completions, help_lines, history_count, parse
+from chorus.client._commands import MAX_HISTORY, Command, Text, UsageError, completions, help_lines, history_count, \
+    parse
 from chorus.client._config_dir import SessionStore, config_dir
 from chorus.client._login import LoginError, _ask_password, _refusal, choose_user, parse_server, parse_servers
-from chorus.client._render import Renderer, one_line, use_colour
+from chorus.client._render import Renderer, cells, mentions, one_line, use_colour
 from chorus.client._rules import password_problem
 from chorus.client._tui import Tui
 from chorus.proto import ErrorCode
@@ -41,12 +42,18 @@ def test_parse_lines():
     with pytest.raises(UsageError, match="ambiguous"):
         parse("/h")  # history or help
     assert history_count("") == 20 and history_count("5") == 5
-    for bad in ("x", "0", "101"):
+    assert history_count("250") == 250  # more than a page: fetched in several, shown as one block
+    for bad in ("x", "0", str(MAX_HISTORY + 1)):
         with pytest.raises(UsageError):
             history_count(bad)
-    assert history_count("", 10) == 10 and history_count("40", 40) == 40  # WELCOME's max_page bounds N
+    assert history_count("", 10) == 10 and history_count("40", 40) == 40
     with pytest.raises(UsageError, match="1 to 40 messages"):
         history_count("41", 40)
+    # IRC's names: aliases win over prefixes, and a prefix of several commands is refused, never guessed.
+    assert parse("/part") == Command("leave", "") and parse("/close @bob") == Command("leave", "@bob")
+    assert parse("/s 2") == Command("switch", "2") and parse("/query bob hi") == Command("query", "bob hi")
+    with pytest.raises(UsageError, match="ambiguous: /query, /quit"):
+        parse("/q")
     assert any("/history [N]" in line for line in help_lines())
     assert help_lines("/who") == help_lines("who")
 
@@ -58,11 +65,19 @@ def test_tab_completion():
     assert {c for c, _ in completions("/", **sources)} >= {"/join", "/help", "/quit", "/history"}
     assert completions("/join #r", **sources) == [("#random", -2)]
     assert completions("/join d", **sources) == [("#dev", -1)]
-    assert completions("/leave ", **sources) == [("#lobby", 0)]
+    assert completions("/leave ", **sources) == [("#lobby", 0), ("@bob", 0)]
     assert completions("/msg b", **sources) == [("bea", -1), ("bob", -1)]
     assert completions("/switch @", **sources) == [("@bob", -1)]
-    assert completions("/msg bob te", **sources) == []  # only the first argument completes
+    assert completions("/s", **sources) == [("/switch", -2)]  # the alias /s is not offered beside /switch
     assert completions("hello /jo", **sources) == []
+    # Names anywhere in the line: a message's first word is addressed ("bob: "), later ones are plain names.
+    assert completions("b", **sources) == [("bea: ", -1), ("bob: ", -1)]
+    assert completions("ask bo", **sources) == [("bob", -2)]
+    assert completions("/msg bob ask bo", **sources) == [("bob", -2)]
+    assert completions("/me waves at be", **sources) == [("bea", -2)]
+    assert completions("ping @b", **sources) == [("@bea", -2), ("@bob", -2)]
+    assert completions("see #d", **sources) == [("#dev", -2)]
+    assert completions("ask x", **sources) == [] and completions("ask ", **sources) == []
 
 
 def test_render_lines():
@@ -70,9 +85,9 @@ def test_render_lines():
     ts = int(datetime.datetime.combine(today, datetime.time(9, 5)).timestamp() * 1000)
     r = Renderer("alice", colour=False)
     mine = proto.Message(LOBBY, 1, ts, "alice", 7, "hi bob")
-    theirs = proto.Message(LOBBY, 2, ts, "bob", 8, "hi\nalice\x1b[2J")
+    theirs = proto.Message(LOBBY, 2, ts, "bob", 8, "hi\nthere\x1b[2J")
     assert r.message(mine) == "> 09:05 #lobby   <alice> hi bob"
-    assert r.message(theirs) == "  09:05 #lobby   <bob> hi⏎alice\ufffd[2J"  # one line, no escape sequence
+    assert r.message(theirs) == "  09:05 #lobby   <bob> hi⏎there\ufffd[2J"  # one line, no escape sequence
     assert r.message(proto.Message(LOBBY, 3, ts, "bob", 9, "/me waves")) == "  09:05 #lobby   * bob waves"
     assert r.message(mine, pending=True) == "~ 09:05 #lobby   <alice> hi bob  (pending)"
     dm = proto.Message(proto.Conversation.direct("bob"), 1, ts, "bob", 1, "psst")
@@ -84,6 +99,67 @@ def test_render_lines():
     coloured = Renderer("alice", colour=True)
     assert "\x1b[" in coloured.message(mine) and "\x1b[" in coloured.error("bad")
     assert one_line("a\tb") == "a b"
+
+
+FAMILY = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # 👨‍👩‍👧: three emoji joined by ZWJ
+PERSIAN = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # می‌خواهم: ZWNJ keeps می apart from خواهم
+
+
+def test_grapheme_clusters_are_kept_and_controls_still_neutralised():
+    """ZWJ and ZWNJ are format characters (not "printable"), but inside a grapheme cluster they are part of the
+    text: 👨‍👩‍👧 must not become 👨�👩�👧. A C0/C1 control or a bidi override is always a cluster of its own
+    (UAX #29) and is still replaced."""
+    for text in (FAMILY, PERSIAN, "\u0915\u094d\u200d\u0937",  # Devanagari half-form with ZWJ
+                 "\u2764\ufe0f", "e\u0301", "\U0001F44B\U0001F3FD",  # ❤️ (VS16), é (combining), 👋🏽
+                 "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"):  # Scotland's flag
+        assert one_line(f"hi {text} there") == f"hi {text} there", ascii(text)
+    assert cells(FAMILY) == 2 and cells("\u2764\ufe0f") == 2 and cells("e\u0301") == 1 and cells("表") == 2
+    # Bidi embeddings, overrides and isolates (Trojan Source), C0, C1 and DEL: never reach the terminal.
+    for control in ("\u202e", "\u202a", "\u2066", "\u2069", "\x1b", "\x07", "\x9b", "\x7f", "\x00"):
+        assert one_line(f"a{control}b") == "a\ufffdb", ascii(control)
+        assert one_line(f"{FAMILY}{control}") == f"{FAMILY}\ufffd", ascii(control)
+    assert one_line("\u200dlone") == "\ufffdlone"  # a joiner joining nothing is not text
+    assert one_line("a\r\nb\u2028c") == "a⏎b⏎c"
+    r = Renderer("alice", colour=False)
+    line = r.message(proto.Message(LOBBY, 1, 1_700_000_000_000, "bob", 1, f"{FAMILY} {PERSIAN} \u202eevil"))
+    assert line.endswith(f"<bob> {FAMILY} {PERSIAN} \ufffdevil")
+
+
+def test_long_messages_wrap_at_words_under_the_text_column():
+    today = datetime.date.today()
+    ts = int(datetime.datetime.combine(today, datetime.time(9, 5)).timestamp() * 1000)
+    r = Renderer("alice", colour=False)
+    body = "the quick brown fox jumps over the lazy dog " * 3 + FAMILY + " " + "x" * 50
+    lines = r.message(proto.Message(LOBBY, 1, ts, "bob", 1, body), width=60).split("\n")
+    head = "  09:05 #lobby   <bob> "
+    assert lines[0].startswith(head + "the quick")
+    assert all(cells(line) <= 60 for line in lines), lines
+    assert all(line.startswith(" " * len(head)) and line[len(head)] != " " for line in lines[1:]), lines
+    words = [w for line in lines for w in line[len(head):].split()]
+    pieces = [w for w in words if set(w) == {"x"}]
+    assert [w for w in words if set(w) != {"x"}] == body.split()[:-1]  # no word split...
+    assert "".join(pieces) == "x" * 50 and len(pieces) > 1  # ...unless longer than the line
+    assert FAMILY in "".join(lines)
+    # A short message, or no width (a pipe): one line, as before.
+    assert "\n" not in r.message(proto.Message(LOBBY, 2, ts, "bob", 2, "short"), width=60)
+    assert "\n" not in r.message(proto.Message(LOBBY, 3, ts, "bob", 3, body))
+    # On a narrow terminal the indent is at most half the width, so there is room for the words.
+    narrow = r.message(proto.Message(LOBBY, 4, ts, "bob", 4, body), width=30).split("\n")
+    assert all(cells(line) <= 30 for line in narrow)
+    assert all(line.startswith(" " * 15) and line[15] != " " for line in narrow[1:]), narrow
+
+
+def test_a_message_naming_you_is_marked():
+    r = Renderer("alice", colour=False)
+    ts = 1_700_000_000_000
+    for body in ("hey @alice", "alice: lunch?", "ALICE!", "is (alice) there", "thanks alice."):
+        assert mentions(body, "alice") and r.message(proto.Message(LOBBY, 1, ts, "bob", 1, body)).startswith("! ")
+    for body in ("malice", "alice-bot says hi", "mail alice@example.org", "alice_2", "@alicex", "alice.b"):
+        assert not mentions(body, "alice"), body
+    assert r.message(proto.Message(LOBBY, 1, ts, "alice", 1, "I am alice")).startswith("> ")  # not by yourself
+    coloured = Renderer("alice", colour=True).message(proto.Message(LOBBY, 1, ts, "bob", 1, "x " * 40 + "alice"),
+                                                      width=50)
+    assert all("\x1b[1;7m" in line and not line.startswith(" \x1b[1;7m") for line in coloured.split("\n"))
 
 
 class _Stream:
@@ -192,23 +268,41 @@ class _StubClient:
         self.typed.append(conv)
 
 
-async def test_status_and_prompt_show_unread_counts():
+async def test_status_and_prompt_show_unread_counts_and_numbers_stay():
     lines = []
     tui = Tui(_StubClient(), Renderer("alice", colour=False), terminal=False, out=lines.append)
-    tui.joined = {"lobby", "dev"}
-    tui.current = proto.Conversation.room("dev")
+    dev, bob = proto.Conversation.room("dev"), proto.Conversation.direct("bob")
+    tui._open(dev)
+    tui._open(LOBBY)
+    tui.current = dev
     ts = 1_700_000_000_000
-    for seq in (1, 2):
-        tui._show(proto.Message(LOBBY, seq, ts, "bob", seq, f"m{seq}"))
-    tui._show(proto.Message(proto.Conversation.direct("bob"), 1, ts, "bob", 9, "psst"))
-    tui._show(proto.Message(proto.Conversation.room("dev"), 1, ts, "bob", 10, "here"))
+    tui._show(proto.Message(LOBBY, 1, ts, "bob", 1, "printed while catching up"))
+    tui._live = True  # the start's backlog is on screen: not unread; what comes later elsewhere is
+    tui._show(proto.Message(LOBBY, 2, ts, "bob", 2, "m2"))
+    tui._show(proto.Message(LOBBY, 3, ts, "bob", 3, "m3"))
+    tui._show(proto.Message(LOBBY, 3, ts, "bob", 3, "m3"))  # already printed (by a recap): not twice
+    tui._show(proto.Message(bob, 1, ts, "bob", 9, "psst"))
+    tui._show(proto.Message(dev, 1, ts, "bob", 10, "here"))
     tui.refresh()
     assert tui.status == "[1:#dev] 2:#lobby(2) 3:@bob(1)"
     assert tui.prompt_text == "#dev (#lobby 2, @bob 1)> "
+    assert sum("m3" in line for line in lines) == 1
     tui.on_line("/switch 2")
     assert tui.current == LOBBY and tui.prompt_text == "#lobby (@bob 1)> "
     tui.on_line("/switch #nowhere")
     assert lines[-1] == "!! you are not in #nowhere; /join #nowhere first"
+    # Closing one frees its number for the next; the others keep theirs (/switch 3 still means @bob).
+    tui._close(LOBBY)
+    assert tui.current == dev and tui.numbers == {dev: 1, bob: 3}
+    tui._open(proto.Conversation.room("new"))
+    tui._open(proto.Conversation.room("newer"))
+    assert tui.numbers == {dev: 1, bob: 3, proto.Conversation.room("new"): 2, proto.Conversation.room("newer"): 4}
+    tui.on_line("/switch 3")
+    assert tui.current == bob
+    tui.on_line("/switch 5")
+    assert lines[-1] == "!! no conversation number 5; the status bar numbers them (1, 2, 3, 4)"
+    tui.on_line("/part")  # in a direct conversation: closes it (the server keeps it)
+    assert lines[-1] == "-- closed @bob; now talking in #dev" and bob not in tui.numbers
     tui.connected = False
     tui.refresh()
     assert tui.prompt_text.startswith("[offline] ") and tui.status.startswith("reconnecting… | ")
@@ -218,7 +312,7 @@ async def test_typing_notices_only_where_the_server_knows_us(nursery):
     stub = _StubClient()
     tui = Tui(stub, Renderer("alice", colour=False), terminal=False, out=lambda line: None)
     tui._nursery = nursery
-    tui.joined = {"lobby"}
+    tui._open(LOBBY)
     for conv in (proto.Conversation.room("elsewhere"), proto.Conversation.direct("stranger"), LOBBY):
         tui.current = conv
         tui.on_keystroke("h")
@@ -241,8 +335,8 @@ def server(tmp_path):
 def spawn(tmp_path):
     opened: list[Terminal] = []
 
-    def start(*args: str, **env: str) -> Terminal:
-        t = Terminal(list(args), chorus_env(tmp_path / "config", **env))
+    def start(*args: str, columns: int = 200, **env: str) -> Terminal:
+        t = Terminal(list(args), chorus_env(tmp_path / "config", **env), columns=columns)
         opened.append(t)
         return t
 
@@ -268,10 +362,18 @@ async def message_from(c, sender: str) -> proto.Message:
     raise AssertionError("event stream ended")
 
 
-async def start_alice(spawn, server, *, colour: bool = False) -> Terminal:
+async def start_alice(spawn, server, *, colour: bool = False, columns: int = 200) -> Terminal:
     env = {"CHORUS_PASSWORD": PASSWORD} if colour is False else {"CHORUS_PASSWORD": PASSWORD, "NO_COLOR": ""}
-    t = spawn("--server", server.address, "--user", "alice", "--register", **env)
+    t = spawn("--server", server.address, "--user", "alice", "--register", columns=columns, **env)
     await t.expect("logged in as alice")
+    return t
+
+
+async def alice_in_lobby(spawn, server, **kwargs) -> Terminal:
+    """alice's terminal, registered, logged in and in #lobby."""
+    t = await start_alice(spawn, server, **kwargs)
+    t.line("/join #lobby")
+    await t.expect("joined #lobby")
     return t
 
 
@@ -321,37 +423,44 @@ async def test_register_chat_and_a_half_typed_line_survives_incoming(spawn, serv
         assert (await message_from(bob, "alice")).body == "back again"
 
 
-async def test_history_pages_back_by_cursor(spawn, server):
+@pytest.fixture
+def small_pages(tmp_path):
+    """A server whose HISTORY pages hold 4 messages: /history N pages several times for one block."""
+    s = ServerProcess(tmp_path / "data", "--max-page", "4")
+    s.start()
+    yield s
+    s.kill()
+
+
+async def test_join_shows_the_last_messages_and_history_pages_back_in_order(spawn, small_pages):
+    server = small_pages
     async with other_user(server) as bob:
         for i in range(1, 26):
             await bob.send("#lobby", f"old {i:02d}")
         t = await start_alice(spawn, server)
         t.line("/join #lobby")
-        await t.expect("joined #lobby")
-        t.line("/history 10")
-        await t.expect("#lobby history, messages 16 to 25:")
+        await t.expect("joined #lobby (2 members, 25 messages so far)")
+        await t.expect("#lobby: the last 10 messages; /history shows older ones")  # in 3 pages of 4
         for i in range(16, 26):
             await t.expect(f"<bob> old {i:02d}")
+        t.line("/history 12")
+        await t.expect("#lobby history, messages 4 to 15:")
         t.line("/history 10")
-        await t.expect("messages 6 to 15:")
-        for i in range(6, 16):
-            await t.expect(f"<bob> old {i:02d}")
-        t.line("/history 10")
-        await t.expect("messages 1 to 5:")
-        await t.expect("<bob> old 05")
+        await t.expect("#lobby history, messages 1 to 3:")
         await t.expect("that is the beginning of #lobby")
         t.line("/history")
         await t.expect("no older messages in #lobby")
+        await bob.send("#lobby", "new 26")
+        await t.expect("<bob> new 26")
         screen = t.text()
-        assert [int(n) for n in re.findall(r"<bob> old (\d\d)", screen)] == (
-            list(range(16, 26)) + list(range(6, 16)) + list(range(1, 6)))
+        # Each block oldest first, however many pages it took; nothing twice.
+        assert [int(n) for n in re.findall(r"<bob> (?:old|new) (\d\d)", screen)] == (
+            list(range(16, 26)) + list(range(4, 16)) + list(range(1, 4)) + [26])
 
 
 async def test_server_restart_reconnects_catches_up_and_sends_what_was_typed_offline(spawn, server):
     async with other_user(server) as bob:
-        t = await start_alice(spawn, server)
-        t.line("/join #lobby")
-        await t.expect("joined #lobby")
+        t = await alice_in_lobby(spawn, server)
         await bob.send("#lobby", "before the restart")
         await t.expect("<bob> before the restart")
 
@@ -408,9 +517,7 @@ async def test_bad_commands_and_server_errors_are_one_line(spawn, server):
 
 async def test_direct_messages_switching_and_tab_completion(spawn, server):
     async with other_user(server) as bob:
-        t = await start_alice(spawn, server)
-        t.line("/join #lobby")
-        await t.expect("joined #lobby")
+        t = await alice_in_lobby(spawn, server)
         t.line("/join #dev")
         await t.expect("joined #dev")
         await bob.send("#lobby", "ping in lobby")
@@ -440,3 +547,124 @@ async def test_direct_messages_switching_and_tab_completion(spawn, server):
         t.type("half a thought\x03")  # Ctrl-C quits too, cleanly
         assert await t.wait_exit() == 0
         assert "Traceback" not in t.text()
+
+
+async def test_emoji_and_scripts_stay_whole_and_long_messages_wrap_under_the_text(spawn, server):
+    async with other_user(server) as bob:
+        t = await alice_in_lobby(spawn, server, columns=60)
+        await bob.send("#lobby", f"family {FAMILY} and {PERSIAN} but \u202eevil\x1b[2J")
+        await t.expect(f"family {FAMILY} and {PERSIAN} but \ufffdevil\ufffd[2J")  # joiners kept, controls not
+        long = " ".join(f"word{i:02d}" for i in range(30))
+        await bob.send("#lobby", long)
+        await t.expect("word29")
+        await bob.send("#lobby", "done")
+        await t.expect("<bob> done")
+        lines = t.text().splitlines()
+        first = next(i for i, line in enumerate(lines) if "<bob> word00" in line)
+        start = re.search(r"  \d\d:\d\d #lobby", lines[first]).start()  # after the prompt it was printed over
+        end = next(i for i, line in enumerate(lines) if "<bob> done" in line)
+        block = [lines[first][start:], *lines[first + 1:end]]
+        indent = block[0].index("word00")
+        assert indent == len("  00:00 #lobby   <bob> ")
+        assert all(len(line) <= 60 for line in block), block
+        assert all(line.startswith(" " * indent + "word") for line in block[1:]), block  # under the text column
+        assert len(block) == 6 and " ".join(" ".join(block).split()[3:]) == long  # every word whole, in order
+        assert "\u202e" not in t.log.getvalue() and "\x1b[2J" not in t.log.getvalue()
+
+
+async def test_stable_numbers_alt_n_part_query_and_names_completed_anywhere(spawn, server):
+    async with other_user(server) as bob:
+        t = await start_alice(spawn, server)
+        for room in ("lobby", "dev"):
+            t.line(f"/join #{room}")
+            await t.expect(f"joined #{room}")
+        await bob.send("@alice", "psst")
+        await t.expect_re(r"@bob +<bob> psst")  # @bob is number 3
+        t.line("/part #dev")
+        await t.expect("left #dev")
+        t.line("/join #zed")  # takes the free number 2; @bob keeps 3
+        await t.expect("joined #zed")
+        t.type("\x1b3")  # Alt-3
+        await t.expect("now talking in @bob")
+        t.line("/switch 2")
+        await t.expect("now talking in #zed")
+        t.type("\x1b1")
+        await t.expect("now talking in #lobby")
+        t.type("thanks b\t")  # a name completes anywhere in the line
+        await t.expect("ob")
+        t.line("!")
+        got = await message_from(bob, "alice")
+        assert (got.conv, got.body) == (LOBBY, "thanks bob!")
+        t.line("/query bob still there?")  # opens (here: returns to) the direct conversation and sends
+        await t.expect("now talking in @bob")
+        got = await message_from(bob, "alice")
+        assert (got.conv, got.body) == (proto.Conversation.direct("alice"), "still there?")
+        t.line("/close")
+        await t.expect("closed @bob; now talking in #lobby")
+        t.line("/switch 3")
+        await t.expect("!! no conversation number 3; the status bar numbers them (1, 2)")
+        await bob.send("@alice", "back")  # a new message opens it again, with the lowest free number
+        await t.expect_re(r"@bob +<bob> back")
+        t.type("\x1b3")
+        await t.expect("now talking in @bob")
+        assert "Traceback" not in t.text()
+
+
+async def test_a_mention_is_marked_and_rings_the_bell(spawn, server):
+    async with other_user(server) as bob:
+        t = await alice_in_lobby(spawn, server)
+        await bob.send("#lobby", "nothing for anyone")
+        await t.expect("<bob> nothing for anyone")
+        assert "\x07" not in t.log.getvalue()
+        await bob.send("#lobby", "@alice have a look")
+        await t.expect("<bob> @alice have a look")
+        await bob.send("#lobby", "malice is not a mention")
+        await t.expect("<bob> malice is not a mention")
+        screen = t.text()
+        assert re.search(r"(^|>)! \d\d:\d\d #lobby +<bob> @alice have a look", screen, re.M)
+        assert re.search(r"(^|>)  \d\d:\d\d #lobby +<bob> malice is not a mention", screen, re.M)
+        assert t.log.getvalue().count("\x07") == 1
+
+
+async def test_ctrl_d_at_the_password_prompt_and_three_wrong_passwords(spawn, server):
+    async with other_user(server, "alice"):  # alice exists, with another password
+        pass
+    t = spawn("--server", server.address, "--user", "alice")
+    await t.expect("Password for alice: ")
+    t.type("\x04")
+    assert await t.wait_exit() == 1
+    assert "!! no password given" in t.text() and "Traceback" not in t.text()
+
+    t = spawn("--server", server.address, "--user", "alice")
+    for _ in range(3):
+        await t.expect("Password for alice: ")
+        t.line("not the password")
+    await t.expect("if there is no account alice on " + server.address + " yet, --register creates it")
+    assert await t.wait_exit() == 1
+    assert t.text().count("wrong user name or password") == 3 and "Traceback" not in t.text()
+
+
+async def test_a_server_that_is_down_is_said_before_asking_for_a_password(spawn, server):
+    server.kill()
+    t = spawn("--server", server.address, "--user", "alice")
+    await t.expect(f"!! cannot reach {server.address}")
+    assert await t.wait_exit() == 1
+    assert "Password" not in t.text() and "Traceback" not in t.text()
+
+
+async def test_ctrl_c_with_unsent_messages_asks_first(spawn, server):
+    t = await alice_in_lobby(spawn, server)
+    server.kill()
+    await t.expect("reconnecting")
+    t.line("one")
+    await t.expect("(pending)")
+    t.type("\x03")
+    await t.expect("1 message not sent yet (the server is away): quit anyway and lose it? Ctrl-C again")
+    t.line("two")  # typing on keeps the session (and the question is asked again)
+    await t.expect("<alice> two  (pending)")
+    t.type("\x03")
+    await t.expect("2 messages not sent yet")
+    assert t.child.isalive()
+    t.type("\x03")
+    assert await t.wait_exit() == 0
+    assert "!! 2 message(s) not sent" in t.text() and "Traceback" not in t.text()
