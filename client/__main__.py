@@ -2,8 +2,8 @@
 
     chorus [--server HOST:PORT] [--user NAME] [--register]          chat in the terminal
            [--tls] [--ca-file PEM]                                   over TLS (spec/PROTOCOL.md §1)
-    chorus [...] send '#room' 'text' ['more text'...]                  send (reads stdin lines if no text)
-    chorus [...] tail '#room' [--since SEQ] [--json]                   print messages until interrupted
+    chorus [...] send '#room' 'text' ['more text'...] [--create]       send (reads stdin lines if no text)
+    chorus [...] tail '#room' [--last N | --since SEQ] [--json]        print the last N, then follow
 
 How this works. Arguments are parsed here; ``_login.open_session`` connects and
 authenticates (saved token, $CHORUS_PASSWORD, or a password typed without
@@ -28,7 +28,7 @@ from ._client import client_tls_context
 from ._config_dir import SessionStore
 from ._login import DEFAULT_SERVER, LoginError, choose_user, open_session, parse_servers
 from ._render import Renderer, use_colour
-from ._script import ScriptError, send, tail, target
+from ._script import DEFAULT_LAST, ScriptError, send, tail, target
 
 _EPILOG = """\
 environment:
@@ -65,16 +65,30 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{send,tail}")
     p_send = commands.add_parser("send", parents=[common], help="send messages and exit once they are stored",
                                  description="Send each TEXT as one message (or each line of stdin if no TEXT); "
-                                             "exit 0 once all are stored. Joins the room if needed.")
+                                             "exit 0 once all are stored. Joins the room if needed; a room that "
+                                             "does not exist is refused (exit 1) unless --create.")
     p_send.add_argument("conv", metavar="#ROOM|@USER")
     p_send.add_argument("text", nargs="*", metavar="TEXT")
-    p_tail = commands.add_parser("tail", parents=[common], help="print messages as they arrive",
-                                 description="Print the messages of a room or direct conversation as they arrive, "
-                                             "until interrupted. Joins the room if needed.")
+    p_send.add_argument("--create", action="store_true", help="create the room if there is none of that name")
+    p_tail = commands.add_parser("tail", parents=[common], help="print the last messages, then new ones as they arrive",
+                                 description="Print the last messages of a room or direct conversation, then new "
+                                             "ones as they arrive, until interrupted. Joins the room if needed; a "
+                                             "room that does not exist is refused (exit 1) unless --create.")
     p_tail.add_argument("conv", metavar="#ROOM|@USER")
-    p_tail.add_argument("--since", type=int, metavar="SEQ", help="first print the messages after SEQ (0 = all)")
+    since = p_tail.add_mutually_exclusive_group()
+    since.add_argument("--last", type=_count, default=DEFAULT_LAST, metavar="N",
+                       help=f"first print the last N messages (default {DEFAULT_LAST}; 0 = only new ones)")
+    since.add_argument("--since", type=_count, metavar="SEQ", help="first print the messages after SEQ (0 = all)")
+    p_tail.add_argument("--create", action="store_true", help="create the room if there is none of that name")
     p_tail.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
+
+
+def _count(text: str) -> int:
+    """A number >= 0 (for argparse: a bad one is a usage error, exit 2)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {text!r}")
+    return int(text)
 
 
 class _OneLineHandler(logging.Handler):
@@ -175,9 +189,9 @@ async def _script(host: str, port: int, user: str, args) -> int:
             bodies = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
             if not bodies:
                 raise ScriptError("nothing to send")
-            await send(client, conv, bodies)
+            await send(client, conv, bodies, create=args.create)
         else:
-            await tail(client, conv, since=args.since, as_json=args.json)
+            await tail(client, conv, since=args.since, last=args.last, as_json=args.json, create=args.create)
     return 0
 
 

@@ -2,17 +2,21 @@
 
 How this works. ``send`` sends each message with its own client_msg_id and
 waits for the ACK (§9.4), so exit status 0 means stored; a room the user is not
-in is joined first (joining twice is harmless, §9.2). ``tail`` joins the room,
-then starts live delivery with a SYNC that lists every joined room at its
-current last seq (so nothing but the tailed room is paged) and the tailed one
-at ``--since`` (so its history after that seq comes first, then live messages,
-with no gap and no duplicate between them, §9.5). It follows until interrupted,
+in is joined first (joining twice is harmless, §9.2). A room that does not exist
+is refused (a typo such as '#lobyy' must not create a room and exit 0) unless
+``--create`` says to make it; the refusal names the closest existing room.
+``tail`` does the same, then starts live delivery with a SYNC that lists every
+joined room at its current last seq (so nothing but the tailed room is paged)
+and the tailed one ``--last`` N (default 20) messages back, or at ``--since``
+(so that history comes first, then live messages, with no gap and no duplicate
+between them, §9.5). It follows until interrupted,
 across reconnects (the library resumes by seq). Connection news goes to stderr
 so that stdout holds only messages: "following #room" once the backlog is
 printed and live delivery has begun, then "reconnecting…" and "reconnected".
 """
 from __future__ import annotations
 
+import difflib
 import sys
 
 import trio
@@ -40,8 +44,13 @@ def target(text: str) -> proto.Conversation:
         raise ScriptError(str(exc)) from None
 
 
-async def send(client: Client, conv: proto.Conversation, bodies: list[str]) -> None:
-    """Send ``bodies`` in order, joining the room first if needed. Raises ``ScriptError``."""
+#: How many messages ``tail`` shows before following, unless ``--last`` or ``--since`` says otherwise.
+DEFAULT_LAST = 20
+
+
+async def send(client: Client, conv: proto.Conversation, bodies: list[str], *, create: bool = False) -> None:
+    """Send ``bodies`` in order, joining the room first if needed (creating it only if ``create``). Raises
+    ``ScriptError``."""
     joined = False
     for body in bodies:
         while True:
@@ -50,24 +59,32 @@ async def send(client: Client, conv: proto.Conversation, bodies: list[str]) -> N
                 break
             except ServerError as exc:
                 if exc.code == ErrorCode.NOT_MEMBER and conv.kind == ConvKind.ROOM and not joined:
-                    await _join(client, conv)
+                    await _join(client, conv, create)
                     joined = True
                     continue
                 raise ScriptError(f"not sent to {conv}: {exc.message or exc.code.name}") from None
 
 
-async def _join(client: Client, conv: proto.Conversation) -> proto.Joined:
+async def _join(client: Client, conv: proto.Conversation, create: bool) -> proto.Joined:
+    """Join the room ``conv``; unless ``create``, only if it exists. Raises ``ScriptError``."""
+    if not create:
+        names = [r.name for r in await client.rooms()]
+        if conv.name not in names:
+            close = difflib.get_close_matches(conv.name, names, n=1)
+            hint = f"did you mean #{close[0]}? " if close else ""
+            raise ScriptError(f"there is no room {conv} on this server ({hint}--create makes it)")
     try:
         return await client.join(conv.name)
     except ServerError as exc:
         raise ScriptError(f"cannot join {conv}: {exc.message or exc.code.name}") from None
 
 
-async def tail(client: Client, conv: proto.Conversation, *, since: int | None, as_json: bool,
-               out=sys.stdout, err=sys.stderr) -> None:
-    """Print the messages of ``conv`` (those after ``since`` first) until cancelled. Raises ``ScriptError``."""
+async def tail(client: Client, conv: proto.Conversation, *, since: int | None, as_json: bool, last: int = DEFAULT_LAST,
+               create: bool = False, out=sys.stdout, err=sys.stderr) -> None:
+    """Print the messages of ``conv`` (the ``last`` ones, or those after ``since``, first) until cancelled. Raises
+    ``ScriptError``."""
     if conv.kind == ConvKind.ROOM:
-        top = (await _join(client, conv)).last_seq
+        top = (await _join(client, conv, create)).last_seq
     else:
         try:
             page = await client.history(conv, limit=1)
@@ -77,7 +94,7 @@ async def tail(client: Client, conv: proto.Conversation, *, since: int | None, a
     for room in await client.rooms():
         if room.joined:
             client.last_seq[proto.Conversation.room(room.name)] = room.last_seq
-    client.last_seq[conv] = top if since is None else max(0, since)
+    client.last_seq[conv] = max(0, top - last) if since is None else max(0, since)
     renderer = Renderer(client.username or "", colour=use_colour(out), gutter=False)
     events = client.events()
 

@@ -267,7 +267,7 @@ async def test_terminal_client_and_sighup(tmp_path, certs):
                                   text=True, timeout=30)
 
         done = await trio.to_thread.run_sync(lambda: run("--register", "--tls", "--ca-file", str(certs.ca_file),
-                                                         "send", "#lobby", "hello over TLS"))
+                                                         "send", "--create", "#lobby", "hello over TLS"))
         assert done.returncode == 0, done.stderr
         # Without the CA the certificate is refused: one line, no traceback.
         refused = await trio.to_thread.run_sync(lambda: run("--tls", "send", "#lobby", "nope"))
