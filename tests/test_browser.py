@@ -1,10 +1,8 @@
 """The chat page in a real browser: headless Debian Chromium driven by Playwright, next to a TCP client.
 
-The server runs in this test's Trio loop; the browser is driven from one worker thread
-(Playwright's sync API stays on the thread that started it), which calls back into Trio
-for the TCP client's steps with ``trio.from_thread.run``. No browser is downloaded:
-``make test`` installs Debian's ``chromium`` when it is missing. Without it the test
-skips, except under CI where it fails.
+How the browser is driven (and skipped without Chromium): tests/pagekit.py. This test keeps its
+own steps in one function, the way a person's session runs; tests/test_page.py has one test per
+feature of the page.
 
 The screenshot goes to the test's temporary directory; ``make screenshot`` runs this test
 with ``CHORUS_SCREENSHOT_DIR=docs`` to refresh docs/screenshot.png (phone) and
@@ -21,27 +19,13 @@ import trio
 
 from chorus import proto
 from chorus.proto import CloseReason
-from conftest import service_required
+from pagekit import CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE
+from pagekit import sync_playwright as _playwright
 from rawclient import RawClient
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 LOBBY = proto.Conversation.room("lobby")
-PHONE = {"width": 390, "height": 780}
-DESKTOP = {"width": 1100, "height": 680}
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _playwright():
-    if not Path(CHROMIUM).exists():
-        service_required("chromium", f"{CHROMIUM} (Debian package chromium; `make test` installs it when apt is there)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        service_required("playwright", "the Python package playwright (setup.cfg test extra)")
-    return sync_playwright
 
 
 async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
@@ -117,6 +101,8 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
                 page.wait_for_selector('#status[data-state="live"]')
                 seqs = page.eval_on_selector_all(".message[data-seq]", "ns => ns.map(n => Number(n.dataset.seq))")
                 assert seqs == list(range(1, len(seqs) + 1)), seqs  # in order, no gap, no duplicate
+                # What caught up while the page was open at the end is read: no badge, no count in the tab's title.
+                page.wait_for_function("() => document.title === '#lobby · Chorus'")
 
                 page.screenshot(path=str(tmp_path / "screenshot.png"))
                 page.set_viewport_size(DESKTOP)

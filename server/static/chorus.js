@@ -495,8 +495,11 @@ const HISTORY_PAGE = 50;
 const TYPING_EVERY_MS = TYPING_INTERVAL_S * 1000; // send TYPING at most this often (spec §9.9)
 const TYPING_SHOWN_MS = TYPING_SHOW_S * 1000; // show "… is typing" this long after USER_TYPING
 const DELIVERED_EVERY_MS = 1000;
-const BACKOFF_MIN_MS = 500;
-const BACKOFF_MAX_MS = 30000;
+// Reconnect: the first retry after a quarter second, then every 0.6-1 s (jittered), so the page is back within 2 s
+// of the server's return (a refused connection costs the server nothing); GOAWAY's hint still comes first (§9.13).
+const BACKOFF_MIN_MS = 250;
+const BACKOFF_MAX_MS = 1000;
+const COUNTDOWN_TICK_MS = 250;
 
 /** A request refused with ERROR (request-level, spec §7): `code`, `retryAfterMs`. */
 export class RequestError extends Error {
@@ -520,11 +523,14 @@ class ConversationState {
     this.key = convKey(conv);
     this.messages = new Map(); // seq (Number) → {seq, ts_ms, sender, client_msg_id, body}
     this.lastSeq = 0; // highest seq held with no gap before it, or the known end when history is not loaded
+    this.latestSeq = 0; // highest seq known to exist (CONVERSATION_LIST, JOINED, MESSAGE), loaded or not
+    this.readSeq = 0; // the user's read marker as far as this page knows (CONVERSATION_LIST, our own READ)
+    this.lastTs = 0; // server time of the newest message known: sorts direct conversations
     this.oldest = Infinity; // lowest seq loaded
     this.hasOlder = true;
     this.loadingOlder = false;
-    this.unread = 0;
-    this.members = null;
+    this.members = null; // Map user → Status, once MEMBERS answered (rooms only)
+    this.missing = false; // a direct conversation whose user does not exist (SEND refused NOT_FOUND)
     this.typing = new Map(); // user → timeout id
     this.deliveredSent = 0;
     this.readSent = 0;
@@ -538,6 +544,8 @@ class ConversationState {
       const msg = { seq, ts_ms: Number(m.ts_ms), sender: m.sender, client_msg_id: m.client_msg_id, body: m.body };
       this.messages.set(seq, msg);
       this.oldest = Math.min(this.oldest, seq);
+      this.latestSeq = Math.max(this.latestSeq, seq);
+      this.lastTs = Math.max(this.lastTs, msg.ts_ms);
       added.push(msg);
     }
     while (this.messages.has(this.lastSeq + 1)) this.lastSeq += 1;
@@ -545,6 +553,12 @@ class ConversationState {
   }
   sorted() {
     return [...this.messages.values()].sort((a, b) => a.seq - b.seq);
+  }
+  /** Messages after the read marker, less those of `me` that are loaded (one's own words are not news). */
+  unread(me) {
+    let count = Math.max(0, this.latestSeq - this.readSeq);
+    for (const msg of this.messages.values()) if (msg.seq > this.readSeq && msg.sender === me) count -= 1;
+    return Math.max(0, count);
   }
 }
 
@@ -556,11 +570,10 @@ class ConversationState {
 const PUSH_HANDLERS = Object.freeze({
   MESSAGE: (client, event) => client._message(event),
   PING: (client, event) => client._send({ type: "PONG", nonce: event.nonce, request_id: event.request_id }),
-  PRESENCE: (client, event) => client._emit("presence", event),
+  PRESENCE: (client, event) => client._presence(event.user, event.status),
   USER_TYPING: (client, event) => client._emit("typing", { conv: event.conv, user: event.user }),
   RECEIPT: (client, event) => client._emit("receipt", event),
-  MEMBERSHIP: (client, event) =>  // version 2: someone joined or left a room we are in
-    client._emit("notice", `${event.user} ${event.change === MembershipChange.JOINED ? "joined" : "left"} #${event.room}`),
+  MEMBERSHIP: (client, event) => client._membership(event), // version 2: someone joined or left a room we are in
   // version 2, node mode: the cluster's live nodes. The page stays with the node that served it (its origin); a
   // load balancer in front of the web port is how browsers are spread. Kept for anyone who wants to show it.
   NODES: (client, event) => { client.nodes = event.nodes; },
@@ -593,6 +606,10 @@ export class ChorusClient extends EventTarget {
     this._nextId = 1;
     this._backoff = BACKOFF_MIN_MS;
     this._reconnectTimer = null;
+    this._reconnectAt = 0; // when the scheduled reconnect fires (the status counts down to it)
+    this._countdown = null;
+    this.failedAttempts = 0; // connections lost or refused since the last time the page was live
+    this.presence = new Map(); // user → Status, from MEMBER_LIST and PRESENCE
     this._notBefore = 0;
     this._lastHeard = 0;
     this._livenessTimer = null;
@@ -634,11 +651,13 @@ export class ChorusClient extends EventTarget {
   stop() {
     this._stopped = true;
     clearTimeout(this._reconnectTimer);
+    clearInterval(this._countdown);
     if (this.ws) this._quit();
   }
 
   _connect() {
     clearTimeout(this._reconnectTimer);
+    clearInterval(this._countdown);
     if (this._stopped || this.ws) return;
     this._setState("connecting");
     let ws;
@@ -666,16 +685,24 @@ export class ChorusClient extends EventTarget {
     clearInterval(this._livenessTimer);
     for (const { reject } of this._pending.values()) reject(new Error("connection closed"));
     this._pending.clear();
+    this.failedAttempts += 1;
     this._setState("offline", closing.code === 1000 || closing.code === 1001 ? "" : `closed (${closing.code})`);
     this._scheduleReconnect();
   }
 
   _scheduleReconnect(note = "") {
     if (this._stopped) return;
-    // Exponential back-off with jitter, never sooner than GOAWAY asked (spec §9.13).
-    const delay = Math.max(this._backoff * (0.5 + Math.random()), this._notBefore - Date.now());
+    // Back-off with jitter up to BACKOFF_MAX_MS, never sooner than GOAWAY asked (spec §9.13).
+    const delay = Math.max(this._backoff * (0.6 + 0.4 * Math.random()), this._notBefore - Date.now());
     this._backoff = Math.min(this._backoff * 2, BACKOFF_MAX_MS);
-    this._setState("offline", `${note ? note + "; " : ""}reconnecting in ${Math.ceil(delay / 1000)} s`);
+    this._reconnectAt = Date.now() + delay;
+    const tick = () => {
+      const left = Math.max(0, Math.ceil((this._reconnectAt - Date.now()) / 1000));
+      this._setState("offline", `${note ? note + "; " : ""}reconnecting in ${left} s`);
+    };
+    tick();
+    clearInterval(this._countdown);
+    this._countdown = setInterval(tick, COUNTDOWN_TICK_MS);
     this._reconnectTimer = setTimeout(() => this._connect(), delay);
   }
 
@@ -835,22 +862,28 @@ export class ChorusClient extends EventTarget {
     this._setState("syncing");
     this._emit("authenticated", authOk.username);
     try {
-      // Rooms first, so that a fresh page can say "up to now" for each room and load history on
-      // demand instead of being paged everything since its delivered cursor.
-      const list = await this.request({ type: "LIST_ROOMS" });
-      const joined = new Set();
-      for (const info of list.rooms) {
-        if (!info.joined) continue;
-        const state = this.conversation(room(info.name));
-        joined.add(state.key);
+      // The user's conversations first (rooms and direct ones, with the user's own cursors, spec §5.38), so that a
+      // fresh page or a second device shows every thread and its unread count, says "up to now" for each and
+      // loads history on demand instead of being paged everything since its delivered cursor.
+      const list = await this.request({ type: "LIST_CONVERSATIONS" });
+      const listed = new Set();
+      for (const info of list.conversations) {
+        const state = this.conversation(info.conv);
+        listed.add(state.key);
+        const last = Number(info.last_seq);
         if (state.messages.size === 0 && state.lastSeq === 0) {
-          state.lastSeq = Number(info.last_seq);
-          state.oldest = state.lastSeq + 1;
+          state.lastSeq = last;
+          state.oldest = last + 1;
         }
+        state.latestSeq = Math.max(state.latestSeq, last);
+        state.readSeq = Math.max(state.readSeq, Number(info.read_seq));
+        state.readSent = Math.max(state.readSent, Number(info.read_seq));
+        state.lastTs = Math.max(state.lastTs, Number(info.last_ts_ms));
       }
-      for (const state of [...this.convs.values()]) { // left on another device meanwhile
-        if (state.conv.kind === ConvKind.ROOM && !joined.has(state.key)) this.convs.delete(state.key);
+      for (const state of [...this.convs.values()]) { // a room left on another device meanwhile
+        if (state.conv.kind === ConvKind.ROOM && !listed.has(state.key)) this.convs.delete(state.key);
       }
+      this.listed = true;
       this._emit("conversations");
       // Every conversation held, from its last_seq; a direct one only once it exists (spec §9.5).
       const positions = [...this.convs.values()]
@@ -862,7 +895,9 @@ export class ChorusClient extends EventTarget {
         if (!(err instanceof RequestError)) throw err;
         await this.request({ type: "SYNC", positions: [] }); // a conversation vanished meanwhile
       }
+      this.failedAttempts = 0;
       this._setState("live");
+      this._emit("listed");
       for (const item of this.outbox.values()) this._sendOutboxItem(item); // resend, same ids (spec §9.4)
     } catch (err) {
       if (err instanceof RequestError) this._emit("notice", `sync refused: ${err.message}`);
@@ -905,30 +940,75 @@ export class ChorusClient extends EventTarget {
   markRead(state) {
     if (!state || this.state !== "live" || state.lastSeq <= state.readSent || !state.messages.has(state.lastSeq)) return;
     state.readSent = state.lastSeq;
+    state.readSeq = Math.max(state.readSeq, state.lastSeq);
     this._send({ type: "READ", conv: state.conv, seq: BigInt(state.lastSeq) });
+    this._emit("read", state);
   }
 
   // -- requests the UI makes ----------------------------------------------------------------------
   async join(name) {
+    const known = this.convs.has(convKey(room(name)));
     const joined = await this.request({ type: "JOIN", room: name });
     const state = this.conversation(room(joined.room));
+    const last = Number(joined.last_seq);
     if (state.messages.size === 0) {
-      state.lastSeq = Math.max(state.lastSeq, Number(joined.last_seq));
+      state.lastSeq = Math.max(state.lastSeq, last);
       state.oldest = state.lastSeq + 1;
     }
+    state.latestSeq = Math.max(state.latestSeq, last);
+    if (!known && last > state.readSeq) {
+      // A room's past is not unread news to someone who has just joined: move the read marker to the end,
+      // or every other device (and the next reload) would count all of it as unread.
+      state.readSeq = state.readSent = last;
+      this._send({ type: "READ", conv: state.conv, seq: BigInt(last) });
+    }
+    this._emit("conversations");
     return state;
   }
 
   async leave(state) {
     await this.request({ type: "LEAVE", room: state.conv.name });
-    this.convs.delete(state.key);
-    this._emit("conversations");
+    this.forget(state);
   }
 
+  /** Drop a conversation from the page (after LEAVE, or a direct one the user closes). */
+  forget(state) {
+    this.convs.delete(state.key);
+    this.outbox.forEach((item, id) => convKey(item.conv) === state.key && this.outbox.delete(id));
+    this._emit("conversations");
+    this._emit("forgotten", state);
+  }
+
+  /** MEMBERS of a room: the member list with each one's status (spec §5.14). */
   async members(state) {
     const list = await this.request({ type: "MEMBERS", room: state.conv.name });
-    state.members = list.members;
-    return list.members;
+    state.members = new Map(list.members.map((m) => [m.user, m.status]));
+    for (const m of list.members) if (m.user !== this.username) this.presence.set(m.user, m.status);
+    this._emit("members", state);
+    return state.members;
+  }
+
+  /** LIST_ROOMS: every room with a member, the user's own first (spec §5.13), for the room browser. */
+  async rooms() {
+    return (await this.request({ type: "LIST_ROOMS" })).rooms;
+  }
+
+  _presence(user, status) {
+    this.presence.set(user, status);
+    for (const state of this.convs.values()) if (state.members?.has(user)) state.members.set(user, status);
+    this._emit("presence", { user, status });
+  }
+
+  _membership({ room: name, user, change }) {
+    const state = this.convs.get(convKey(room(name)));
+    if (!state?.members) return;
+    if (change === MembershipChange.JOINED) {
+      state.members.set(user, this.presence.get(user) ?? Status.ONLINE); // a JOIN needs a connection
+      this.presence.set(user, state.members.get(user));
+    } else {
+      state.members.delete(user);
+    }
+    this._emit("members", state);
   }
 
   /** Load the page of history before the oldest loaded message (spec §9.7). */
@@ -983,8 +1063,15 @@ export class ChorusClient extends EventTarget {
           return;
         }
         this.outbox.delete(String(item.client_msg_id));
-        this._emit("outbox", this.conversation(item.conv));
-        this._emit("notice", `not sent: ${err.message}`);
+        const state = this.conversation(item.conv);
+        if (err.code === ErrorCode.NOT_FOUND && item.conv.kind === ConvKind.DIRECT) {
+          state.missing = true;
+          this._emit("conversations");
+          this._emit("notice", `Not sent: there is no user ${item.conv.name}.`);
+        } else {
+          this._emit("notice", `Not sent: ${err.message}`);
+        }
+        this._emit("outbox", state);
       });
   }
 
@@ -1013,6 +1100,107 @@ export class ChorusClient extends EventTarget {
 // UI
 // ------------------------------------------------------------------------------------------------
 
+// -- message text: a small markup, turned into DOM nodes, never into HTML ------------------------------------------
+// ```block```, `code`, *bold*, _italic_, http(s) links and @mentions. Everything else is text, set with textContent.
+
+const FENCE_RE = /```\n?([\s\S]*?)\n?```/g;
+const INLINE_RE = new RegExp([
+  "(`[^`\\n]+`)", // code
+  "(\\bhttps?:\\/\\/[^\\s<>\"'`]+)", // a link (trailing punctuation is trimmed below)
+  "((?<![\\w*])\\*(?=[^*\\s])[^*\\n]*?[^*\\s]\\*(?![\\w*]))", // *bold*
+  "((?<![\\w_])_(?=[^_\\s])[^_\\n]*?[^_\\s]_(?![\\w_]))", // _italic_
+  `((?<![\\w@])@${NAME_PATTERN})`, // @mention: a user name by proto's rule
+].join("|"), "giu");
+const ACTION = "/me "; // a body starting so is an action, shown "* alice waves" (as the terminal client does)
+const SAFE_PROTOCOLS = new Set(["http:", "https:"]);
+
+/** The link in `candidate` (trailing punctuation and unbalanced ")" left out): {href, text}, or null if none. */
+function linkOf(candidate) {
+  let text = candidate;
+  for (;;) {
+    const last = text.at(-1);
+    const unbalanced = last === ")" && text.split("(").length < text.split(")").length;
+    if (!(".,;:!?'\"".includes(last) || unbalanced)) break;
+    text = text.slice(0, -1);
+  }
+  let url;
+  try {
+    url = new URL(text);
+  } catch {
+    return null;
+  }
+  return SAFE_PROTOCOLS.has(url.protocol) && url.hostname ? { href: url.href, text } : null;
+}
+
+/**
+ * A message body as tokens: [{kind, text, href?}] with kind text | code | pre | link | bold | italic | mention.
+ * Pure (no DOM), so that what is a link is decided in one place; only http: and https: are ever links.
+ */
+export function tokenize(body) {
+  const tokens = [];
+  const inline = (part) => {
+    let at = 0;
+    for (const m of part.matchAll(INLINE_RE)) {
+      let kind = m[1] ? "code" : m[2] ? "link" : m[3] ? "bold" : m[4] ? "italic" : "mention";
+      let text = m[0];
+      let href;
+      if (kind === "link") {
+        const link = linkOf(text);
+        if (!link) continue;
+        ({ text, href } = link);
+      } else if (kind === "mention") {
+        text = text.replace(/[.-]+$/, "");
+      } else {
+        text = text.slice(1, -1);
+      }
+      if (m.index > at) tokens.push({ kind: "text", text: part.slice(at, m.index) });
+      tokens.push(href ? { kind, text, href } : { kind, text });
+      at = m.index + (kind === "link" || kind === "mention" ? text.length : m[0].length);
+    }
+    if (at < part.length) tokens.push({ kind: "text", text: part.slice(at) });
+  };
+  let at = 0;
+  for (const m of body.matchAll(FENCE_RE)) {
+    if (m.index > at) inline(body.slice(at, m.index));
+    tokens.push({ kind: "pre", text: m[1] });
+    at = m.index + m[0].length;
+  }
+  if (at < body.length) inline(body.slice(at));
+  return tokens;
+}
+
+/** Whether `body` mentions `user` (@user, any case). */
+export function mentions(body, user) {
+  return !!user && tokenize(body).some((t) => t.kind === "mention" && t.text.slice(1).toLowerCase() === user);
+}
+
+/** DOM nodes for a body's tokens; text only ever through textContent. */
+function bodyNodes(body, me) {
+  return tokenize(body).map((token) => {
+    switch (token.kind) {
+      case "text": return document.createTextNode(token.text);
+      case "code": return element("code", null, token.text);
+      case "pre": {
+        const pre = element("pre");
+        pre.append(element("code", null, token.text));
+        return pre;
+      }
+      case "bold": return element("strong", null, token.text);
+      case "italic": return element("em", null, token.text);
+      case "mention":
+        return element("span", "mention" + (token.text.slice(1).toLowerCase() === me ? " me" : ""), token.text);
+      case "link": {
+        const a = element("a", null, token.text);
+        a.href = token.href;
+        a.target = "_blank";
+        a.rel = "noopener noreferrer";
+        return a;
+      }
+    }
+    return document.createTextNode(token.text);
+  });
+}
+
 const $ = (id) => document.getElementById(id);
 
 function element(tag, className, text) {
@@ -1024,11 +1212,28 @@ function element(tag, className, text) {
 
 const timeFormat = globalThis.Intl ? new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" }) : null;
 const dayFormat = globalThis.Intl ? new Intl.DateTimeFormat(undefined, { dateStyle: "medium" }) : null;
+const GROUP_WITHIN_MS = 5 * 60 * 1000; // consecutive messages of one sender this close share one header
+const LAST_KEY = "chorus.last"; // the conversation open when the page was left, reopened on the next load
+const NOTIFY_CHARS = 140;
+
+/** The slash commands of the message box; anything else starting with "/" is answered here, never sent. */
+const COMMANDS = Object.freeze({
+  join: "/join #room: join a room and open it",
+  leave: "/leave [#room]: leave this room (or the one named)",
+  msg: "/msg user text: send a direct message",
+  me: "/me text: an action, shown as * you text",
+  help: "/help: this list",
+});
+const COMMAND_ALIASES = Object.freeze({ part: "leave", query: "msg", j: "join" });
 
 class ChatView {
-  constructor(client) {
+  constructor(client, { lastKey = LAST_KEY } = {}) {
     this.client = client;
+    this.lastKey = lastKey;
     this.current = null; // ConversationState shown
+    this.dividerSeq = null; // "New messages" goes above the first message after this seq
+    this.positioned = false; // scrolled to the divider or the end since the conversation opened
+    this.newBelow = 0; // messages arrived while scrolled up (the jump-to-latest button counts them)
     this.app = $("app");
     this.messagesBox = $("messages");
     // The inputs' limits and hints come from proto too (names are ASCII, so characters are bytes; a password's
@@ -1045,16 +1250,24 @@ class ChatView {
     c.addEventListener("needlogin", () => this.showLogin());
     c.addEventListener("authenticated", (e) => this.showChat(e.detail));
     c.addEventListener("loggedout", () => {
-      this.current = null;
+      this.close();
       this.showLogin();
       this.renderRooms();
     });
     c.addEventListener("conversations", () => this.renderRooms());
+    c.addEventListener("listed", () => this.restoreLast());
+    c.addEventListener("read", () => this.renderRooms());
+    c.addEventListener("forgotten", (e) => this.onForgotten(e.detail));
     c.addEventListener("messages", (e) => this.onMessages(e.detail));
     c.addEventListener("history", (e) => this.onHistory(e.detail));
-    c.addEventListener("outbox", (e) => e.detail === this.current && this.renderMessages(true));
+    c.addEventListener("outbox", (e) => e.detail === this.current && this.renderMessages());
     c.addEventListener("typing", (e) => this.onTyping(e.detail));
     c.addEventListener("typingchanged", (e) => e.detail === this.current && this.renderTyping());
+    c.addEventListener("members", (e) => e.detail === this.current && this.renderMembers());
+    c.addEventListener("presence", () => {
+      this.renderMembers();
+      this.renderRooms();
+    });
     c.addEventListener("notice", (e) => this.notice(e.detail));
 
     $("login-form").addEventListener("submit", (e) => {
@@ -1065,9 +1278,19 @@ class ChatView {
     $("username").addEventListener("input", (e) => { e.target.value = e.target.value.toLowerCase(); });
     $("logout").addEventListener("click", () => this.client.logout());
     $("back").addEventListener("click", () => this.setView("rooms"));
+    $("status").addEventListener("click", () => this.client.reconnectNow());
     $("join-form").addEventListener("submit", (e) => {
       e.preventDefault();
       this.submitJoin();
+    });
+    $("browse").addEventListener("click", () => this.browseRooms());
+    $("browser-close").addEventListener("click", () => $("room-browser").close());
+    $("members-button").addEventListener("click", () => this.toggleMembers());
+    $("leave").addEventListener("click", () => this.current && this.leave(this.current));
+    $("notify").addEventListener("click", () => this.askNotifications());
+    $("jump").addEventListener("click", () => {
+      this.scrollToBottom();
+      this.client.markRead(this.current);
     });
     $("composer").addEventListener("submit", (e) => {
       e.preventDefault();
@@ -1083,12 +1306,16 @@ class ChatView {
     input.addEventListener("input", () => {
       input.style.height = "auto";
       input.style.height = Math.min(input.scrollHeight, 160) + "px";
-      if (this.current && input.value) this.client.typing(this.current);
+      if (this.current && input.value && !input.value.startsWith("/")) this.client.typing(this.current);
     });
     this.messagesBox.addEventListener("scroll", () => {
       if (!this.current) return;
       if (this.messagesBox.scrollTop < 80) this.client.loadOlder(this.current).catch(() => {});
-      if (this.atBottom()) this.client.markRead(this.current);
+      if (this.atBottom()) {
+        this.newBelow = 0;
+        if (document.visibilityState !== "hidden") this.client.markRead(this.current);
+      }
+      this.renderJump();
     });
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState === "visible") {
@@ -1097,6 +1324,8 @@ class ChatView {
       }
     });
     globalThis.addEventListener("online", () => this.client.reconnectNow());
+    this.renderComposer();
+    this.renderNotify();
   }
 
   setView(view) {
@@ -1109,9 +1338,9 @@ class ChatView {
     const status = $("status");
     const labels = { offline: "offline", connecting: "connecting…", unauthenticated: "connected", syncing: "syncing…", live: "online" };
     status.textContent = labels[state] + (note && state !== "live" ? ` · ${note}` : "");
+    status.title = state === "offline" ? "Reconnect now" : "";
     status.dataset.state = state;
     $("login").disabled = $("register").disabled = state !== "unauthenticated";
-    $("send").disabled = false; // messages written while offline wait in the outbox
   }
 
   showLogin() {
@@ -1154,38 +1383,114 @@ class ChatView {
     }
   }
 
-  async submitJoin() {
-    const input = $("join-input");
-    const name = input.value.trim().toLowerCase();
-    if (!name) return;
+  /** Open "#room" / "room" (joined first) or "@user"; a notice and false when the name is not one. */
+  async openByName(text) {
+    const name = text.trim();
     const user = name.startsWith("@");
     const bare = user ? name.slice(1) : name.replace(/^#/, "");
     if (!isName(bare)) {
       this.notice(`${user ? "User" : "Room"} names are ${NAME_RULE}.`);
-      return;
+      return false;
+    }
+    if (user && bare === this.client.username) {
+      this.notice("That is you: direct messages go to someone else.");
+      return false;
     }
     try {
-      const state = user ? this.client.conversation(direct(bare)) : await this.client.join(bare);
-      input.value = "";
-      this.open(state);
+      this.open(user ? this.client.conversation(direct(bare)) : await this.client.join(bare));
+      return true;
     } catch (err) {
       this.notice(err.message);
+      return false;
     }
+  }
+
+  async submitJoin() {
+    const input = $("join-input");
+    if (input.value.trim() && await this.openByName(input.value)) input.value = "";
   }
 
   submitMessage() {
     const input = $("message-input");
     const body = input.value.trim();
     if (!body || !this.current) return;
+    if (body.startsWith("/") && !body.startsWith("//")) {
+      this.command(body).then((done) => {
+        if (done) this.clearInput();
+      });
+      return;
+    }
+    if (this.post(this.current, body.startsWith("//") ? body.slice(1) : body)) this.clearInput();
+  }
+
+  clearInput() {
+    const input = $("message-input");
+    input.value = "";
+    input.style.height = "auto";
+  }
+
+  /** Queue `body` in `state`; false (with a notice) when it is too long for the server. */
+  post(state, body) {
     const max = this.client.welcome?.max_body_bytes ?? MAX_BODY_BYTES; // the server's limit, once it has said
     if (utf8Encoder.encode(body).length > max) {
       this.notice(`Messages are at most ${max} bytes.`);
-      return;
+      return false;
     }
-    input.value = "";
-    input.style.height = "auto";
-    this.client.send(this.current, body);
-    this.scrollToBottom();
+    if (state === this.current) {
+      this.dividerSeq = null; // answering means the new ones are read
+      this.scrollToBottom();
+    }
+    this.client.send(state, body);
+    return true;
+  }
+
+  /** Run a slash command; resolves to whether it was done (the box is then cleared). Never sent as text. */
+  async command(line) {
+    const [, word, rest = ""] = line.match(/^\/(\S+)\s*([\s\S]*)$/);
+    const name = COMMAND_ALIASES[word.toLowerCase()] ?? word.toLowerCase();
+    const args = rest.trim();
+    switch (name) {
+      case "join":
+        if (!args) break;
+        return this.openByName(args.startsWith("@") ? args : "#" + args.replace(/^#/, ""));
+      case "leave": {
+        const state = args ? this.client.convs.get(convKey(room(args.replace(/^#/, "").toLowerCase()))) : this.current;
+        if (!state || state.conv.kind !== ConvKind.ROOM) {
+          this.notice(args ? `You are not in ${args}.` : "This is not a room: /leave leaves rooms.");
+          return false;
+        }
+        return this.leave(state);
+      }
+      case "msg": {
+        const m = args.match(/^@?(\S+)\s+([\s\S]+)$/);
+        if (!m) break;
+        if (!(await this.openByName("@" + m[1].toLowerCase()))) return false;
+        return this.post(this.current, m[2].trim());
+      }
+      case "me":
+        if (!args) break;
+        return this.post(this.current, ACTION + args);
+      case "help":
+        this.notice(Object.values(COMMANDS).join(" · "));
+        return true;
+      default:
+        this.notice(`Unknown command /${word}. ${Object.keys(COMMANDS).map((c) => "/" + c).join(" ")}; ` +
+          "start with // to send a slash.");
+        return false;
+    }
+    this.notice(`Usage: ${COMMANDS[name]}`);
+    return false;
+  }
+
+  async leave(state) {
+    try {
+      await this.client.leave(state);
+      this.notice(`You left ${convLabel(state.conv)}.`);
+      return true;
+    } catch (err) {
+      this.notice(err.message);
+      return false;
+    }
   }
 
   notice(text) {
@@ -1200,36 +1505,199 @@ class ChatView {
   renderRooms() {
     const list = $("rooms");
     list.replaceChildren();
-    const states = [...this.client.convs.values()].sort((a, b) =>
-      a.conv.kind - b.conv.kind || a.conv.name.localeCompare(b.conv.name));
+    const me = this.client.username;
+    // Rooms by name, then direct conversations, most recently active first.
+    const states = [...this.client.convs.values()].sort((a, b) => a.conv.kind - b.conv.kind ||
+      (a.conv.kind === ConvKind.DIRECT ? b.lastTs - a.lastTs : 0) || a.conv.name.localeCompare(b.conv.name));
+    let total = 0;
+    let elsewhere = 0;
     for (const state of states) {
-      const item = element("li");
-      const button = element("button", "room" + (state === this.current ? " current" : ""));
+      const unread = state.unread(me);
+      total += unread;
+      if (state !== this.current) elsewhere += unread;
+      const item = element("li", "room-item");
+      const button = element("button", "room" + (state === this.current ? " current" : "") + (unread ? " unread" : ""));
       button.type = "button";
       button.dataset.conv = state.key;
-      button.append(element("span", "room-name", convLabel(state.conv)));
-      if (state.unread) button.append(element("span", "badge", String(state.unread)));
+      const label = element("span", "room-name", convLabel(state.conv));
+      if (state.conv.kind === ConvKind.DIRECT && this.client.presence.has(state.conv.name)) {
+        label.dataset.status = this.client.presence.get(state.conv.name) === Status.ONLINE ? "online" : "offline";
+      }
+      button.append(label);
+      if (unread) button.append(element("span", "badge", String(unread)));
       button.addEventListener("click", () => this.open(state));
       item.append(button);
+      if (state.conv.kind === ConvKind.DIRECT) { // a direct conversation can be closed (it returns with a message)
+        const remove = element("button", "remove", "×");
+        remove.type = "button";
+        remove.title = remove.ariaLabel = `Close ${convLabel(state.conv)}`;
+        remove.addEventListener("click", () => this.client.forget(state));
+        item.append(remove);
+      }
       list.append(item);
     }
     $("empty-rooms").hidden = states.length > 0;
+    document.title = (total ? `(${total}) ` : "") + (this.current ? `${convLabel(this.current.conv)} · ` : "") + "Chorus";
+    const back = $("back");
+    back.dataset.unread = elsewhere ? String(elsewhere) : "";
+    back.ariaLabel = "Back to the rooms" + (elsewhere ? ` (${elsewhere} unread)` : "");
   }
 
-  open(state) {
+  async browseRooms() {
+    const dialog = $("room-browser");
+    const list = $("room-list");
+    list.replaceChildren(element("li", "placeholder", "Loading…"));
+    if (!dialog.open) dialog.showModal();
+    let rooms;
+    try {
+      rooms = await this.client.rooms();
+    } catch (err) {
+      list.replaceChildren(element("li", "placeholder", `Could not list the rooms: ${err.message}`));
+      return;
+    }
+    list.replaceChildren(...rooms.map((info) => {
+      const item = element("li", "room-info");
+      item.dataset.room = info.name;
+      const name = element("span", "room-name", "#" + info.name);
+      const count = element("span", "count", `${info.members} member${info.members === 1 ? "" : "s"}`);
+      const button = element("button", info.joined ? "secondary" : "", info.joined ? "Open" : "Join");
+      button.type = "button";
+      button.addEventListener("click", async () => {
+        if (await this.openByName("#" + info.name)) dialog.close();
+      });
+      item.append(name, count, button);
+      return item;
+    }));
+    if (!rooms.length) list.replaceChildren(element("li", "placeholder", "No rooms yet: join one by name."));
+  }
+
+  /** Once live after (re)connecting: reopen the last conversation on a fresh page, or mark read what caught up. */
+  restoreLast() {
+    if (this.current) {
+      if (this.atBottom() && document.visibilityState !== "hidden") this.client.markRead(this.current);
+      return;
+    }
+    const key = this.client.storage?.getItem(this.lastKey);
+    const state = key && this.client.convs.get(key);
+    if (state) this.open(state, { focus: false });
+  }
+
+  open(state, { focus = true } = {}) {
+    if (this.current !== state) {
+      this.dividerSeq = state.unread(this.client.username) ? state.readSeq : null;
+      this.positioned = false;
+      this.newBelow = 0;
+    }
     this.current = state;
-    state.unread = 0;
+    this.client.storage?.setItem(this.lastKey, state.key);
     this.renderRooms();
     this.setView("conversation");
-    $("composer").hidden = false;
-    $("message-input").placeholder = `Message ${convLabel(state.conv)}`;
-    this.renderMessages(false);
-    this.scrollToBottom();
+    this.renderComposer();
+    this.renderMessages();
+    this.position();
     if (state.messages.size < HISTORY_PAGE && state.hasOlder) {
       this.client.loadOlder(state).catch(() => {});
     }
-    this.client.markRead(state);
-    if (!this.isNarrow()) $("message-input").focus();
+    if (state.conv.kind === ConvKind.ROOM) this.client.members(state).catch(() => {});
+    this.renderMembers();
+    if (this.atBottom()) this.client.markRead(state);
+    if (focus && !this.isNarrow()) $("message-input").focus();
+  }
+
+  close() {
+    this.current = null;
+    this.dividerSeq = null;
+    $("members-panel").hidden = true;
+    this.renderComposer();
+    this.renderMessages();
+    this.renderRooms();
+  }
+
+  onForgotten(state) {
+    if (this.client.storage?.getItem(this.lastKey) === state.key) this.client.storage.removeItem(this.lastKey);
+    if (state !== this.current) return;
+    this.close();
+    this.setView("rooms");
+  }
+
+  renderComposer() {
+    const open = !!this.current;
+    $("message-input").disabled = $("send").disabled = !open;
+    $("message-input").placeholder = open ? `Message ${convLabel(this.current.conv)}` : "Pick a conversation first";
+    $("members-button").hidden = !open || this.current.conv.kind !== ConvKind.ROOM;
+  }
+
+  // -- members --------------------------------------------------------------------------------------
+  toggleMembers() {
+    const panel = $("members-panel");
+    panel.hidden = !panel.hidden;
+    $("members-button").ariaPressed = String(!panel.hidden);
+    this.renderMembers();
+  }
+
+  renderMembers() {
+    const state = this.current;
+    const list = $("member-list");
+    if (!state || state.conv.kind !== ConvKind.ROOM) {
+      $("members-panel").hidden = true;
+      return;
+    }
+    const members = [...(state.members ?? new Map()).entries()]
+      .map(([user, status]) => [user, user === this.client.username ? Status.ONLINE : status])
+      .sort(([a, s], [b, t]) => t - s || a.localeCompare(b)); // online first, then by name
+    const online = members.filter(([, s]) => s === Status.ONLINE).length;
+    $("members-title").textContent = `${convLabel(state.conv)}: ${online} online of ${members.length}`;
+    $("members-button").textContent = state.members ? String(members.length) : "";
+    $("members-button").ariaLabel = `Members of ${convLabel(state.conv)}` + (state.members ? ` (${members.length})` : "");
+    list.replaceChildren(...members.map(([user, status]) => {
+      const item = element("li", "member");
+      item.dataset.user = user;
+      item.dataset.status = status === Status.ONLINE ? "online" : "offline";
+      const name = element("button", "link-button", user + (user === this.client.username ? " (you)" : ""));
+      name.type = "button";
+      name.title = `Message ${user}`;
+      name.disabled = user === this.client.username;
+      name.addEventListener("click", () => this.openByName("@" + user));
+      item.append(name);
+      return item;
+    }));
+    $("leave").textContent = `Leave ${convLabel(state.conv)}`;
+  }
+
+  // -- notifications --------------------------------------------------------------------------------
+  renderNotify() {
+    $("notify").hidden = !("Notification" in globalThis) || Notification.permission !== "default";
+  }
+
+  async askNotifications() {
+    try {
+      await Notification.requestPermission();
+    } finally {
+      this.renderNotify();
+    }
+  }
+
+  /** A system notification for a message from someone else that is direct or mentions the user, when permitted
+   * and the user is not looking at that conversation. */
+  notify(state, added) {
+    if (!("Notification" in globalThis) || Notification.permission !== "granted") return;
+    const me = this.client.username;
+    const watching = state === this.current && document.visibilityState === "visible" && document.hasFocus();
+    if (watching) return;
+    for (const msg of added) {
+      if (msg.sender === me) continue;
+      if (state.conv.kind !== ConvKind.DIRECT && !mentions(msg.body, me)) continue;
+      const body = msg.body.startsWith(ACTION) ? `* ${msg.sender} ${msg.body.slice(ACTION.length)}` : msg.body;
+      const title = state.conv.kind === ConvKind.DIRECT ? msg.sender : `${msg.sender} in ${convLabel(state.conv)}`;
+      try {
+        const note = new Notification(title, { body: [...body].slice(0, NOTIFY_CHARS).join(""), tag: `${state.key}:${msg.seq}` });
+        note.onclick = () => {
+          globalThis.focus();
+          this.open(state);
+          note.close();
+        };
+      } catch { /* e.g. a platform that wants a service worker: the badge and the title still tell */ }
+    }
   }
 
   // -- messages -------------------------------------------------------------------------------------
@@ -1238,20 +1706,53 @@ class ChatView {
     return box.scrollHeight - box.scrollTop - box.clientHeight < 40;
   }
 
-  scrollToBottom() { this.messagesBox.scrollTop = this.messagesBox.scrollHeight; }
+  scrollToBottom() {
+    this.messagesBox.scrollTop = this.messagesBox.scrollHeight;
+    this.newBelow = 0;
+    this.renderJump();
+  }
+
+  /** After opening: the "New messages" divider near the top if the unread do not fit, else the end. */
+  position() {
+    if (!this.current?.messages.size) return;
+    this.positioned = true;
+    this.scrollToBottom();
+    const divider = this.messagesBox.querySelector(".divider");
+    if (divider && divider.offsetTop < this.messagesBox.scrollTop) {
+      this.messagesBox.scrollTop = divider.offsetTop - 8;
+    }
+  }
+
+  renderJump() {
+    const jump = $("jump");
+    jump.hidden = !this.current || this.atBottom();
+    jump.textContent = this.newBelow ? `${this.newBelow} new message${this.newBelow > 1 ? "s" : ""} ↓` : "Jump to latest ↓";
+    jump.classList.toggle("news", this.newBelow > 0);
+  }
 
   onMessages({ state, added, live }) {
+    if (live) this.notify(state, added);
     if (state !== this.current) {
-      if (live) state.unread += added.filter((m) => m.sender !== this.client.username).length;
       this.renderRooms();
       return;
     }
-    const stick = this.atBottom() || added.some((m) => m.sender === this.client.username);
-    this.renderMessages(true);
-    if (stick) {
-      this.scrollToBottom();
-      if (document.visibilityState !== "hidden") this.client.markRead(state);
+    const mine = added.some((m) => m.sender === this.client.username);
+    const stick = this.atBottom() || mine;
+    const away = document.visibilityState === "hidden";
+    if (live && !mine && (!stick || away) && this.dividerSeq === null) {
+      this.dividerSeq = Math.min(...added.map((m) => m.seq)) - 1;
     }
+    this.renderMessages();
+    if (!this.positioned) {
+      this.position();
+    } else if (stick) {
+      this.scrollToBottom();
+    } else if (live) {
+      this.newBelow += added.filter((m) => m.sender !== this.client.username).length;
+      this.renderJump();
+    }
+    if (this.atBottom() && !away) this.client.markRead(state);
+    this.renderRooms();
   }
 
   onHistory({ state, added }) {
@@ -1259,8 +1760,13 @@ class ChatView {
     // Keep what the reader sees in place while older messages appear above it.
     const box = this.messagesBox;
     const fromBottom = box.scrollHeight - box.scrollTop;
-    this.renderMessages(true);
-    box.scrollTop = box.scrollHeight - fromBottom;
+    this.renderMessages();
+    if (!this.positioned) {
+      this.position();
+    } else {
+      box.scrollTop = box.scrollHeight - fromBottom;
+    }
+    if (this.atBottom() && document.visibilityState !== "hidden") this.client.markRead(state);
     if (added.length && box.scrollHeight <= box.clientHeight + 80 && state.hasOlder) {
       this.client.loadOlder(state).catch(() => {}); // the page is not full yet
     }
@@ -1272,6 +1778,7 @@ class ChatView {
     const nodes = [];
     if (!state) {
       box.replaceChildren(element("p", "placeholder", "Pick a room, or join one."));
+      this.renderJump();
       return;
     }
     nodes.push(element("p", "history-edge", state.hasOlder ? "Scroll up for older messages" : "Beginning of the conversation"));
@@ -1285,33 +1792,52 @@ class ChatView {
         day = thisDay;
         previous = null;
       }
+      if (this.dividerSeq !== null && msg.seq > this.dividerSeq && (!previous || previous.seq <= this.dividerSeq)) {
+        nodes.push(element("p", "divider", "New messages"));
+        previous = null;
+      }
       nodes.push(this.messageNode(msg, previous, date));
       previous = msg;
     }
     for (const item of this.client.pendingFor(state)) {
-      const node = this.messageNode({ sender: this.client.username, body: item.body, seq: "" }, previous, new Date(item.sentAt));
+      const msg = { sender: this.client.username, body: item.body, seq: "", ts_ms: item.sentAt };
+      const node = this.messageNode(msg, previous, new Date(item.sentAt));
       node.classList.add("pending");
       node.title = "sending…";
       nodes.push(node);
-      previous = { sender: this.client.username };
+      previous = msg;
     }
     box.replaceChildren(...nodes);
     this.renderTyping();
   }
 
   messageNode(msg, previous, date) {
-    const mine = msg.sender === this.client.username;
+    const me = this.client.username;
+    const mine = msg.sender === me;
+    const action = msg.body.startsWith(ACTION);
     const node = element("article", "message" + (mine ? " mine" : ""));
     node.dataset.seq = String(msg.seq);
-    if (!previous || previous.sender !== msg.sender) {
+    node.dataset.sender = msg.sender;
+    // One header for a run of one sender's messages within a few minutes (an action always has its own line).
+    const continued = previous && previous.sender === msg.sender && !action && !previous.body.startsWith(ACTION) &&
+      msg.ts_ms - previous.ts_ms < GROUP_WITHIN_MS;
+    if (continued) {
+      node.classList.add("continued");
+    } else if (!action) {
       const meta = element("header", "meta");
       meta.append(element("span", "sender", msg.sender));
       meta.append(element("time", "time", timeFormat ? timeFormat.format(date) : date.toLocaleTimeString()));
       node.append(meta);
-    } else {
-      node.classList.add("continued");
     }
-    node.append(element("p", "body", msg.body));
+    const body = element("div", "body" + (action ? " action" : ""));
+    if (action) {
+      body.append(element("span", "sender", `* ${msg.sender} `), ...bodyNodes(msg.body.slice(ACTION.length), me));
+      body.title = timeFormat ? timeFormat.format(date) : date.toLocaleTimeString();
+    } else {
+      body.append(...bodyNodes(msg.body, me));
+    }
+    if (!mine && mentions(msg.body, me)) node.classList.add("mentions-me");
+    node.append(body);
     return node;
   }
 
@@ -1334,14 +1860,14 @@ class ChatView {
 
 /**
  * Start the page: connect to /ws on the host that served it. The URL's fragment names a separate
- * login slot (http://host:7421/#bob keeps its own token), so two tabs can be two users.
+ * login slot (http://host:7421/#bob keeps its own token and last conversation), so two tabs can be two users.
  */
 export function startApp() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const slot = decodeURIComponent(location.hash.slice(1));
-  const client = new ChorusClient(`${scheme}//${location.host}/ws`,
-    { tokenKey: slot ? `${TOKEN_KEY}#${slot}` : TOKEN_KEY });
-  const view = new ChatView(client);
+  const suffix = slot ? `#${slot}` : "";
+  const client = new ChorusClient(`${scheme}//${location.host}/ws`, { tokenKey: TOKEN_KEY + suffix });
+  const view = new ChatView(client, { lastKey: LAST_KEY + suffix });
   globalThis.chorus = { client, view }; // for the curious, and for tests
   view.setView("login");
   view.renderMessages();
