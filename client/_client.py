@@ -949,12 +949,10 @@ async def open_client(host: str, port: int, **kwargs) -> AsyncIterator[Client]:
     client = Client(host, port, **kwargs)
     pending: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        client._nursery = nursery
         # Exceptions are caught here and re-raised outside the nursery, so that callers see
         # them as they are rather than wrapped in an ExceptionGroup.
         try:
-            nursery.start_soon(client._run)
-            nursery.start_soon(client._repair)
+            await nursery.start(_client_tasks, client)
             await client._first_done.wait()
             if client._first_error is not None:
                 raise client._first_error
@@ -967,3 +965,13 @@ async def open_client(host: str, port: int, **kwargs) -> AsyncIterator[Client]:
             nursery.cancel_scope.cancel()
     if pending is not None:
         raise pending
+
+
+async def _client_tasks(client: Client, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The client's own tasks, in a nursery of their own that ``close()`` cancels: ``close()``, ``logout()`` or
+    ``logout_all()`` called inside ``open_client``'s block ends the client, not the caller's code with it."""
+    async with trio.open_nursery() as tasks:
+        client._nursery = tasks
+        tasks.start_soon(client._run)
+        tasks.start_soon(client._repair)
+        task_status.started()
