@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -171,12 +172,15 @@ async def _interactive(host: str, port: int, user: str, args, colour: bool) -> i
                             client_name="chorus-terminal", sync_on_connect=False, servers=args.servers,
                             tls=args.tls or False) as client:
         renderer.me = client.username or user
+        forget = functools.partial(SessionStore(host, port).forget, user)
         if not terminal:
-            return await Tui(client, renderer, terminal=False, out=lambda line: print(line, flush=True)).run()
+            return await Tui(client, renderer, terminal=False, out=lambda line: print(line, flush=True),
+                             forget_session=forget).run()
         from prompt_toolkit.patch_stdout import patch_stdout
 
         with patch_stdout(raw=True):
-            return await Tui(client, renderer, terminal=True, out=lambda line: print(line, flush=True)).run()
+            return await Tui(client, renderer, terminal=True, out=lambda line: print(line, flush=True),
+                             forget_session=forget).run()
 
 
 async def _script(host: str, port: int, user: str, args) -> int:

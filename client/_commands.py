@@ -39,6 +39,10 @@ COMMANDS: dict[str, Spec] = {
     "history": Spec("/history [N]", "show N (default 20) older messages here, oldest first; repeat to page further "
                     "back"),
     "me": Spec("/me action", "send an action, shown as: * you action"),
+    "passwd": Spec("/passwd", "change your password (typed without echo); your other sessions are logged out"),
+    "sessions": Spec("/sessions", "list your sessions (devices and logins), numbered for /revoke"),
+    "revoke": Spec("/revoke N", "log out session N of the last /sessions list"),
+    "logout-all": Spec("/logout-all", "log out every session, this one too, and quit"),
     "help": Spec("/help [command]", "list the commands, or explain one", "commands"),
     "quit": Spec("/quit", "leave chorus (Ctrl-D and Ctrl-C do too)"),
 }

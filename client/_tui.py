@@ -38,6 +38,12 @@ one block, oldest first.
 Quitting (Ctrl-C, Ctrl-D, /quit) with messages not yet acknowledged asks
 first; a second request quits.
 
+Accounts (spec §5.41-§5.45): /passwd asks three questions on the input line
+with echo off (``secret``: the answers are never printed, never kept in the
+input history, never completed, and send no typing notice); Ctrl-C cancels.
+/sessions numbers the user's sessions for /revoke N; /logout-all ends every
+session and forgets the saved token.
+
 Lines are handled at once, in the Trio thread, when typed: text gets its
 client_msg_id then (so a retry after a reconnect reuses it, §9.4), and while
 offline it is printed as pending. Work that needs the server goes to a
@@ -76,7 +82,8 @@ from ._commands import COMMANDS, DEFAULT_PAGE, Command, Text, UsageError, comple
     msg_args, parse, room_arg
 from ._errors import ConnectionLost, ServerError
 from ._events import Disconnected, Reconnected
-from ._render import Renderer, mentions
+from ._render import Renderer, clock, mentions
+from ._rules import password_problem
 
 #: At start, a room shows at most this many messages that arrived since we last looked; /history shows more.
 STARTUP_BACKLOG = 30
@@ -85,6 +92,8 @@ RECENT = 10
 _QUEUE_LIMIT = 1000  # lines waiting for the server; more is refused (a paste of a whole file, say)
 _QUIT_GRACE_S = 5.0  # on /quit, time given to lines still waiting for the server
 _MARK_INTERVAL_S = 1.0
+#: /passwd's questions, in order; the prompt while it asks.
+_SECRET_PROMPTS = ("Current password: ", "New password ({rule}): ", "New password again: ")
 
 
 def describe(exc: BaseException) -> str:
@@ -117,7 +126,8 @@ class _Pending:
 class Tui:
     """One interactive session on a connected ``client``; ``await run()`` until the user quits."""
 
-    def __init__(self, client: Client, renderer: Renderer, *, terminal: bool, out: Callable[[str], None] = print):
+    def __init__(self, client: Client, renderer: Renderer, *, terminal: bool, out: Callable[[str], None] = print,
+                 forget_session: Callable[[], None] | None = None):
         self.client = client
         self.me = client.username or ""
         self.r = renderer
@@ -138,6 +148,11 @@ class Tui:
         self._live = False  # catch-up done: from now on a message elsewhere is unread
         self._quit_asked = False  # quitting with messages not sent asks first; a second request quits
         self._recapped: set[proto.Conversation] = set()
+        #: /passwd's answers so far while it asks (input unechoed); None otherwise.
+        self.secret: list[str] | None = None
+        self._sessions_listed: list[proto.SessionInfo] = []  # the last /sessions, numbered from 1 for /revoke
+        self._forget_session = forget_session  # drops the saved token (after /logout-all)
+        self._logging_out = False
         self.history_cursor: dict[proto.Conversation, int] = {}
         self.history_done: set[proto.Conversation] = set()
         self.pending: dict[int, _Pending] = {}
@@ -221,6 +236,8 @@ class Tui:
                      if conv != self.current and (unread := self.unread.get(conv))]
         self.prompt_text = (("" if self.connected else "[offline] ") + str(self.current or "(no room)")
                             + (f" ({', '.join(elsewhere)})" if elsewhere else "") + "> ")
+        if self.secret is not None:
+            self.prompt_text = _SECRET_PROMPTS[len(self.secret)].format(rule=proto.PASSWORD_RULE)
         convs = [str(c) for c in self.conv_list()]
         self.completion_sources = {
             "rooms": tuple(self.known_rooms | self.joined), "joined": tuple(self.joined),
@@ -315,6 +332,11 @@ class Tui:
     def request_quit(self) -> None:
         """Ctrl-C, Ctrl-D or /quit: quit, unless messages are still unsent; then ask, and quit on a second
         request (a line typed in between cancels the question)."""
+        if self.secret is not None:
+            self.secret = None
+            self.info("password not changed")
+            self.refresh()
+            return
         if not self.pending or self._quit_asked:
             self.quit()
             return
@@ -339,6 +361,9 @@ class Tui:
     def on_line(self, line: str) -> None:
         """Act on one typed line (in the Trio thread). Never raises: errors become one line."""
         try:
+            if self.secret is not None:
+                self._secret_answer(line)
+                return
             parsed = parse(line)
             if parsed is None:
                 return
@@ -360,6 +385,8 @@ class Tui:
         conv = self.current
         if conv is None or not text or text.startswith("/") or not self.connected or self._nursery is None:
             return
+        if self.secret is not None:
+            return  # a password being typed is nobody's business
         # Only where the server knows us: a room being joined, or a direct conversation not started
         # yet, would answer with an ERROR.
         if (conv.name not in self.joined) if conv.kind == ConvKind.ROOM else (conv not in self.shown):
@@ -430,6 +457,46 @@ class Tui:
             if self.current is None:
                 raise UsageError("no conversation yet: /join #room first")
             self._enqueue(self._history, self.current, history_count(args))
+        elif name == "passwd":
+            if not self.terminal:
+                raise UsageError("/passwd needs a terminal (the password is typed without echo)")
+            self.secret = []
+            self.info("changing your password (Ctrl-C cancels)")
+        elif name == "sessions":
+            self._enqueue(self._sessions)
+        elif name == "revoke":
+            self._revoke_command(args)
+        elif name == "logout-all":
+            self._enqueue(self._logout_all)
+
+    def _secret_answer(self, text: str) -> None:
+        """One answer to /passwd's questions: the current password, a new one, the new one again."""
+        answers = self.secret
+        assert answers is not None
+        answers.append(text)
+        if len(answers) == 2 and (problem := password_problem(text, register=True)):
+            answers.pop()
+            self.error(f"{problem}; type another (Ctrl-C cancels)")
+        elif len(answers) == 3:
+            self.secret = None
+            old, new, again = answers
+            if again != new:
+                self.error("the two new passwords differ; not changed (/passwd to try again)")
+            else:
+                self._enqueue(self._change_password, old, new)
+
+    def _revoke_command(self, args: str) -> None:
+        listed = self._sessions_listed
+        if not args.strip().isdigit():
+            raise UsageError(f"usage: {COMMANDS['revoke'].usage}")
+        if not listed:
+            raise UsageError("list them first: /sessions")
+        n = int(args)
+        if not 1 <= n <= len(listed):
+            raise UsageError(f"no session number {n}; /sessions numbered them 1 to {len(listed)}")
+        if listed[n - 1].current:
+            raise UsageError("that is this session: /quit leaves it, /logout-all ends every one")
+        self._enqueue(self._revoke, n, listed[n - 1].session_id)
 
     def switch_number(self, n: int) -> None:
         """Alt-N (from the prompt thread): as /switch N."""
@@ -574,6 +641,42 @@ class Tui:
             people = "1 member" if r.members == 1 else f"{r.members} members"
             self.info(f"  #{r.name}  {people}, {r.last_seq} messages" + (", joined" if r.joined else ""))
 
+    async def _change_password(self, old: str, new: str) -> None:
+        try:
+            await self.client.change_password(old, new)
+        except ServerError as exc:
+            self.error("wrong password; not changed" if exc.code == ErrorCode.AUTH_FAILED
+                       else f"password not changed: {describe(exc)}")
+            return
+        self.info("password changed; your other sessions are logged out")
+
+    async def _sessions(self) -> None:
+        sessions = await self.client.sessions()
+        self._sessions_listed = sessions
+        self.info(f"{len(sessions)} session{'s' if len(sessions) > 1 else ''}, oldest first (/revoke N logs one out):")
+        for n, info in enumerate(sessions, 1):
+            started = clock(info.created_ms) if info.created_ms else "before the server kept the time"
+            self.info(f"  {n}  started {started}, last used {clock(info.last_used_ms)}"
+                      + ("  (this one)" if info.current else ""))
+
+    async def _revoke(self, n: int, session_id: int) -> None:
+        try:
+            await self.client.revoke_session(session_id)
+        except ServerError as exc:
+            if exc.code != ErrorCode.NOT_FOUND:
+                raise
+            self.error(f"session {n} is already gone")
+            return
+        self.info(f"session {n} logged out")
+
+    async def _logout_all(self) -> None:
+        self._logging_out = True  # the connection's end is ours, not a failure
+        await self.client.logout_all()
+        if self._forget_session is not None:
+            self._forget_session()
+        self.info("logged out everywhere")
+        self.quit()
+
     async def _who(self, room: str) -> None:
         try:
             members = await self.client.members(room)
@@ -694,6 +797,8 @@ class Tui:
 
     def _disconnected(self, event: Disconnected) -> None:
         self.connected = False
+        if self._logging_out:
+            return
         self._caught_up = 0
         if event.will_reconnect:
             self.info(f"{event.message}; reconnecting…")
@@ -735,7 +840,9 @@ class _PromptThread:
     def __init__(self, tui: Tui):
         from prompt_toolkit import PromptSession
         from prompt_toolkit.completion import Completer, Completion
+        from prompt_toolkit.history import InMemoryHistory
         from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.layout.processors import Processor, Transformation
 
         self.tui = tui
         self.token = trio.lowlevel.current_trio_token()
@@ -744,8 +851,23 @@ class _PromptThread:
 
         class _Complete(Completer):
             def get_completions(self, document, complete_event):
+                if tui.secret is not None:
+                    return
                 for text, start in completions(document.text_before_cursor, **tui.completion_sources):
                     yield Completion(text, start_position=start)
+
+        class _Hide(Processor):
+            """Draw nothing of the input while /passwd asks: not even one '*' per character (as getpass)."""
+
+            def apply_transformation(self, ti):
+                if tui.secret is None:
+                    return Transformation(ti.fragments)
+                return Transformation([], source_to_display=lambda i: 0, display_to_source=lambda i: 0)
+
+        class _History(InMemoryHistory):
+            def append_string(self, string: str) -> None:
+                if tui.secret is None:  # a password never goes into the up-arrow history
+                    super().append_string(string)
 
         keys = KeyBindings()
         for n in range(1, 10):  # Alt-1…9 (Esc then the digit): /switch N, as in irssi and weechat
@@ -755,6 +877,8 @@ class _PromptThread:
             message=lambda: tui.prompt_text,
             bottom_toolbar=lambda: tui.status,
             key_bindings=keys,
+            history=_History(),
+            input_processors=[_Hide()],
             completer=_Complete(),
             complete_while_typing=False,
             erase_when_done=True,  # the line comes back as a message line; don't show it twice

@@ -68,7 +68,7 @@ def test_tab_completion():
     assert completions("/leave ", **sources) == [("#lobby", 0), ("@bob", 0)]
     assert completions("/msg b", **sources) == [("bea", -1), ("bob", -1)]
     assert completions("/switch @", **sources) == [("@bob", -1)]
-    assert completions("/s", **sources) == [("/switch", -2)]  # the alias /s is not offered beside /switch
+    assert completions("/s", **sources) == [("/switch", -2), ("/sessions", -2)]  # not the alias /s itself
     assert completions("hello /jo", **sources) == []
     # Names anywhere in the line: a message's first word is addressed ("bob: "), later ones are plain names.
     assert completions("b", **sources) == [("bea: ", -1), ("bob: ", -1)]
@@ -668,3 +668,59 @@ async def test_ctrl_c_with_unsent_messages_asks_first(spawn, server):
     t.type("\x03")
     assert await t.wait_exit() == 0
     assert "!! 2 message(s) not sent" in t.text() and "Traceback" not in t.text()
+
+
+async def test_passwd_sessions_revoke_and_logout_all(spawn, server, tmp_path):
+    new_password = "brand-new-secret"
+    t = await start_alice(spawn, server)
+    async with open_client("127.0.0.1", server.port, username="alice", password=PASSWORD,
+                           reconnect=False) as phone:
+        t.line("/sessions")
+        await t.expect("2 sessions, oldest first (/revoke N logs one out):")
+        await t.expect_re(r"1  started \d\d:\d\d, last used \d\d:\d\d  \(this one\)")
+        await t.expect_re(r"2  started \d\d:\d\d, last used \d\d:\d\d\r?\n")
+        t.line("/revoke 1")
+        await t.expect("!! that is this session: /quit leaves it, /logout-all ends every one")
+        t.line("/revoke 2")
+        await t.expect("session 2 logged out")
+        with trio.fail_after(20):
+            async for _event in phone.events():  # the phone's connection is closed for good
+                pass
+        assert not phone.connected
+
+    async def passwd(*answers: tuple[str, str]) -> None:
+        """/passwd, answering each question (the text it waits for, then the answer)."""
+        t.line("/passwd")
+        for question, answer in answers:
+            await t.expect(question)
+            t.line(answer)
+
+    new_questions = (("New password (", new_password), ("New password again:", new_password))
+    await passwd(("Current password:", "not-my-password"), *new_questions)
+    await t.expect("!! wrong password; not changed")
+    await passwd(("Current password:", PASSWORD), ("New password (", "short"), ("!! passwords are", new_password),
+                 ("New password again:", new_password))
+    await t.expect("-- password changed; your other sessions are logged out")
+    t.line("/passwd")
+    await t.expect("Current password:")
+    t.type("\x03")  # Ctrl-C cancels the questions, and does not quit
+    await t.expect("-- password not changed")
+    t.type("\x1b[A")  # the up arrow recalls the last line typed: "/passwd", never an answer
+    await t.expect("/passwd")
+    t.line("")
+    await t.expect("Current password:")
+    t.type("\x03")
+    await t.expect("-- password not changed")
+    for secret in (PASSWORD, new_password, "not-my-password", "short", "*****"):
+        assert secret not in t.log.getvalue(), secret  # never echoed, not even as stars
+    async with open_client("127.0.0.1", server.port, username="alice", password=new_password):
+        pass  # the new password works
+
+    t.line("/logout-all")
+    await t.expect("logged out everywhere")
+    assert await t.wait_exit() == 0, t.text()[-6000:]
+    assert not (tmp_path / "config" / "chorus" / "sessions" / f"127.0.0.1_{server.port}" / "alice").exists()
+    assert "Traceback" not in t.text()
+    with pytest.raises(ServerError):
+        async with open_client("127.0.0.1", server.port, username="alice", password=PASSWORD, reconnect=False):
+            pass  # the old password is gone
