@@ -50,6 +50,9 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
         ack = await bob.request(proto.Send, LOBBY, client_msg_id, body)
         return ack.seq
 
+    async def bob_sends_to_carol(body: str) -> None:
+        await bob.request(proto.Send, proto.Conversation.direct("carol"), 99, body)
+
     async def fill_archive(count: int) -> None:
         await bob.request(proto.Join, "archive")
         for i in range(count):  # pipelined: one group commit for many
@@ -103,10 +106,18 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
                 assert seqs == list(range(1, len(seqs) + 1)), seqs  # in order, no gap, no duplicate
                 # What caught up while the page was open at the end is read: no badge, no count in the tab's title.
                 page.wait_for_function("() => document.title === '#lobby · Chorus'")
+                # For the screenshots: a link, formatting, a mention, and a direct message waiting in another thread.
+                trio.from_thread.run(bob_sends, 12, "Notes for @carol: *bold*, `code` and https://example.org/chorus")
+                page.wait_for_selector(".message .body a >> text=https://example.org/chorus")
+                trio.from_thread.run(bob_sends_to_carol, "Got a minute? The release notes are ready.")
+                page.wait_for_selector('#back[data-unread="1"]')
 
                 page.screenshot(path=str(tmp_path / "screenshot.png"))
                 page.set_viewport_size(DESKTOP)
+                page.click("#members-button")
+                page.wait_for_selector('.member[data-user="bob"][data-status="online"]')
                 page.screenshot(path=str(tmp_path / "screenshot-wide.png"))
+                page.click("#members-button")
 
                 # History on scroll-up: 130 messages arrive in pages of 50 as the reader scrolls to the top.
                 trio.from_thread.run(fill_archive, 130)

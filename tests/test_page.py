@@ -64,6 +64,15 @@ class Peer:
         page = await self.raw.request(proto.History, _conv(conv), proto.Direction.BEFORE, 0, 1)
         return page.messages[-1].seq if page.messages else 0
 
+    async def wait_read(self, conv: proto.Conversation | str, user: str, seq: int) -> None:
+        """Until the server has ``user``'s read marker at ``seq`` or beyond in ``conv`` (READ has no reply)."""
+        with trio.fail_after(5):
+            while True:
+                cursors = await self.raw.request(proto.GetCursors, _conv(conv))
+                if any(c.user == user and c.read_seq >= seq for c in cursors.cursors):
+                    return
+                await trio.sleep(0.02)
+
     async def close(self) -> None:
         await self.raw.stream.aclose()
 
@@ -114,6 +123,15 @@ async def test_conversations_badges_and_title_after_a_reload_and_on_a_second_dev
         assert (phone.badge("@bob"), phone.badge("#lobby"), phone.badge("#dev")) == (0, 3, 0)
         phone.wait_for_function("() => document.title === '(3) Chorus'")
         assert phone.get_attribute("#app", "data-view") == "rooms"
+        # Read on the phone: the desktop's badge follows when its window is next focused (LIST_CONVERSATIONS again).
+        phone.room_button("#lobby").click()
+        phone.wait_for_selector(".message .body >> text=three")
+        phone.wait_for_function("() => document.title === '#lobby · Chorus'")
+        on_trio(bob.wait_read, "#lobby", "carol", 3)
+        assert desk.badge("#lobby") == 3
+        desk.evaluate("window.dispatchEvent(new FocusEvent('focus'))")  # what the browser fires on focus
+        desk.wait_for_function("() => document.title === '@bob · Chorus'")
+        assert desk.badge("#lobby") == 0
 
         # A direct conversation with a user who does not exist: said so, and the entry can be removed.
         desk.join("@nobody")
@@ -255,8 +273,12 @@ async def test_links_formatting_and_mentions_are_safe(start_server):
         assert body.eval_on_selector("em", "n => n.textContent") == "it"
         assert body.eval_on_selector("code", "n => n.textContent") == "x<y>"
         assert page.query_selector("#messages img") is None and page.query_selector("#messages [onerror]") is None
-        assert body.eval_on_selector_all(".mention", "ns => ns.map(n => [n.textContent, n.classList.contains('me')])") \
-            == [["@carol", True], ["@bob", False]]
+        mentions = body.eval_on_selector_all(".mention",
+                                             "ns => ns.map(n => [n.textContent, n.classList.contains('of-me')])")
+        assert mentions == [["@carol", True], ["@bob", False]]
+        assert page.is_visible(".mention.of-me")
+        page.set_viewport_size(PHONE)
+        assert page.is_visible(".mention.of-me")  # at phone width too
         mentioned = page.eval_on_selector_all(".message.mentions-me", "ns => ns.map(n => n.dataset.seq)")
         assert mentioned == ["1"]  # a bare name is not a mention
         assert page.text_content('.message[data-seq="2"] pre code') == "for x in y:\n    print('<b>', x)"

@@ -865,26 +865,7 @@ export class ChorusClient extends EventTarget {
       // The user's conversations first (rooms and direct ones, with the user's own cursors, spec §5.38), so that a
       // fresh page or a second device shows every thread and its unread count, says "up to now" for each and
       // loads history on demand instead of being paged everything since its delivered cursor.
-      const list = await this.request({ type: "LIST_CONVERSATIONS" });
-      const listed = new Set();
-      for (const info of list.conversations) {
-        const state = this.conversation(info.conv);
-        listed.add(state.key);
-        const last = Number(info.last_seq);
-        if (state.messages.size === 0 && state.lastSeq === 0) {
-          state.lastSeq = last;
-          state.oldest = last + 1;
-        }
-        state.latestSeq = Math.max(state.latestSeq, last);
-        state.readSeq = Math.max(state.readSeq, Number(info.read_seq));
-        state.readSent = Math.max(state.readSent, Number(info.read_seq));
-        state.lastTs = Math.max(state.lastTs, Number(info.last_ts_ms));
-      }
-      for (const state of [...this.convs.values()]) { // a room left on another device meanwhile
-        if (state.conv.kind === ConvKind.ROOM && !listed.has(state.key)) this.convs.delete(state.key);
-      }
-      this.listed = true;
-      this._emit("conversations");
+      this._takeList(await this.request({ type: "LIST_CONVERSATIONS" }));
       // Every conversation held, from its last_seq; a direct one only once it exists (spec §9.5).
       const positions = [...this.convs.values()]
         .filter((s) => s.conv.kind === ConvKind.ROOM || s.lastSeq > 0)
@@ -902,6 +883,39 @@ export class ChorusClient extends EventTarget {
     } catch (err) {
       if (err instanceof RequestError) this._emit("notice", `sync refused: ${err.message}`);
     }
+  }
+
+  /** Take in a CONVERSATION_LIST (spec §5.38): new threads, each one's newest seq and the user's own read marker;
+   * a room no longer listed was left on another device. */
+  _takeList(list) {
+    const listed = new Set();
+    for (const info of list.conversations) {
+      const state = this.conversation(info.conv);
+      listed.add(state.key);
+      const last = Number(info.last_seq);
+      if (state.messages.size === 0 && state.lastSeq === 0) {
+        state.lastSeq = last;
+        state.oldest = last + 1;
+      }
+      state.latestSeq = Math.max(state.latestSeq, last);
+      state.readSeq = Math.max(state.readSeq, Number(info.read_seq));
+      state.readSent = Math.max(state.readSent, Number(info.read_seq));
+      state.lastTs = Math.max(state.lastTs, Number(info.last_ts_ms));
+    }
+    for (const state of [...this.convs.values()]) {
+      if (state.conv.kind === ConvKind.ROOM && !listed.has(state.key)) this.forget(state);
+    }
+    this._emit("conversations");
+  }
+
+  /** LIST_CONVERSATIONS again (the page came back into view): what was read on another device meanwhile is no
+   * longer counted here. The server does not push read markers to the user's other devices (yet), so this is
+   * when a badge learns of them. */
+  async refreshConversations() {
+    if (this.state !== "live") return;
+    try {
+      this._takeList(await this.request({ type: "LIST_CONVERSATIONS" }));
+    } catch { /* closed: the next connection lists them anyway */ }
   }
 
   _page(event) {
@@ -1188,7 +1202,7 @@ function bodyNodes(body, me) {
       case "bold": return element("strong", null, token.text);
       case "italic": return element("em", null, token.text);
       case "mention":
-        return element("span", "mention" + (token.text.slice(1).toLowerCase() === me ? " me" : ""), token.text);
+        return element("span", "mention" + (token.text.slice(1).toLowerCase() === me ? " of-me" : ""), token.text);
       case "link": {
         const a = element("a", null, token.text);
         a.href = token.href;
@@ -1250,6 +1264,7 @@ class ChatView {
     c.addEventListener("needlogin", () => this.showLogin());
     c.addEventListener("authenticated", (e) => this.showChat(e.detail));
     c.addEventListener("loggedout", () => {
+      this.client.storage?.removeItem(this.lastKey); // the next person on this page starts with nothing open
       this.close();
       this.showLogin();
       this.renderRooms();
@@ -1320,9 +1335,11 @@ class ChatView {
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState === "visible") {
         this.client.reconnectNow();
+        this.client.refreshConversations();
         if (this.current && this.atBottom()) this.client.markRead(this.current);
       }
     });
+    globalThis.addEventListener("focus", () => this.client.refreshConversations());
     globalThis.addEventListener("online", () => this.client.reconnectNow());
     this.renderComposer();
     this.renderNotify();
