@@ -13,11 +13,13 @@
 //
 // The second half is the app (it starts only in a browser): WebSocket to /ws where one binary message
 // is one frame (§1); HELLO, RESUME with the token kept in localStorage or LOGIN/REGISTER (§6, §9.1);
-// SYNC after every AUTH_OK listing last_seq of every conversation held, so a reconnect misses nothing
-// and duplicates are dropped by seq (§9.3, §9.5); HISTORY BEFORE when scrolled to the top (§9.7);
-// unacknowledged SENDs resent with their client_msg_id after a reconnect (§9.4); PONG for PING and a
-// PING of our own when the server goes quiet (§9.10); reconnect with exponential back-off and jitter,
-// never sooner than GOAWAY's hint (§9.13).
+// after every AUTH_OK, LIST_CONVERSATIONS (every thread with the user's own read marker, so any device
+// shows the same threads and unread counts, §5.38), then SYNC listing last_seq of every conversation
+// held, so a reconnect misses nothing and duplicates are dropped by seq (§9.3, §9.5); HISTORY BEFORE
+// when scrolled to the top (§9.7); unacknowledged SENDs resent with their client_msg_id after a
+// reconnect (§9.4); PONG for PING and a PING of our own when the server goes quiet (§9.10); reconnect
+// within a second, with jitter and a countdown, never sooner than GOAWAY's hint (§9.13). The view
+// (ChatView) renders message text from tokenize()'s tokens as DOM text nodes, never as HTML.
 
 // ------------------------------------------------------------------------------------------------
 // Codec
@@ -1592,6 +1594,7 @@ class ChatView {
   restoreLast() {
     if (this.current) {
       if (this.atBottom() && document.visibilityState !== "hidden") this.client.markRead(this.current);
+      if (this.current.conv.kind === ConvKind.ROOM) this.client.members(this.current).catch(() => {}); // missed
       return;
     }
     const key = this.client.storage?.getItem(this.lastKey);
