@@ -100,6 +100,33 @@ def cells(text: str) -> int:
     return max(0, wcwidth.width(text))
 
 
+def wrap(text: str, first: int, rest: int) -> list[str]:
+    """``text`` in lines of at most ``first`` cells (the first line), then ``rest`` cells each, broken at spaces. A
+    word longer than ``rest`` (and only such a word) is broken, between grapheme clusters."""
+    lines: list[str] = []
+    line, room = "", first
+    for space, word in re.findall(r"( *)([^ ]+)", text):
+        size, gap = cells(word), (len(space) if line else 0)
+        if gap + size <= room:
+            line, room = line + (space if line else "") + word, room - gap - size
+        elif size <= rest:  # it fits on a line of its own
+            lines.append(line)
+            line, room = word, rest - size
+        else:
+            if line and room > gap:
+                line, room = line + space, room - gap
+            elif line:
+                lines.append(line)
+                line, room = "", rest
+            for cluster in wcwidth.iter_graphemes(word):
+                if cells(cluster) > room and line:
+                    lines.append(line)
+                    line, room = "", rest
+                line, room = line + cluster, room - cells(cluster)
+    lines.append(line)
+    return lines
+
+
 @functools.lru_cache(maxsize=64)
 def _mention_pattern(me: str) -> re.Pattern[str]:
     # Not inside a longer name or an address: "alice-bot", "alice.b", "alice@example.org"; "alice." ends a sentence.
@@ -160,18 +187,19 @@ class Renderer:
             lead, body = f"* {self._name(msg.sender)} ", one_line(msg.body[len(_ACTION):])
         else:
             lead, body = f"<{self._name(msg.sender)}> ", one_line(msg.body)
-        if pending:
-            body = f"{body}  {self._c(_DIM, '(pending)')}"
         head = f"{self._c(_DIM, clock(msg.ts_ms, today))} {self._c(_CYAN, conv)} {lead}"
         if self.gutter:
             head = ("~ " if pending else "! " if named else "> " if own else "  ") + head
-        if width is None or cells(head) + cells(body) <= width:
-            return head + (self._c(_MENTION, body) if named else body)
-        first, indent = cells(head), min(cells(head), width // 2)
-        lines = wcwidth.wrap(body, width, initial_indent=" " * first, subsequent_indent=" " * indent)
-        texts = [lines[0][first:], *(line[indent:] for line in lines[1:])]
-        if named:  # highlight the text only, not the indent under it
+        suffix, indent = ("  (pending)" if pending else ""), 0
+        if width is None or cells(head) + cells(body + suffix) <= width:
+            texts = [body + suffix]
+        else:
+            indent = min(cells(head), width // 2)
+            texts = wrap(body + suffix, width - cells(head), width - indent)
+        if named:  # the text only, not the indent under it
             texts = [self._c(_MENTION, text) for text in texts]
+        if pending:
+            texts[-1] = texts[-1].removesuffix("(pending)") + self._c(_DIM, "(pending)")
         return "\n".join([head + texts[0], *(" " * indent + text for text in texts[1:])])
 
     def info(self, text: str) -> str:

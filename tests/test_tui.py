@@ -19,7 +19,7 @@ from chorus.client._commands import MAX_HISTORY, Command, Text, UsageError, comp
     parse
 from chorus.client._config_dir import SessionStore, config_dir
 from chorus.client._login import LoginError, _ask_password, _refusal, choose_user, parse_server, parse_servers
-from chorus.client._render import Renderer, cells, mentions, one_line, use_colour
+from chorus.client._render import Renderer, cells, mentions, one_line, use_colour, wrap
 from chorus.client._rules import password_problem
 from chorus.client._tui import Tui
 from chorus.proto import ErrorCode
@@ -143,6 +143,14 @@ def test_long_messages_wrap_at_words_under_the_text_column():
     # A short message, or no width (a pipe): one line, as before.
     assert "\n" not in r.message(proto.Message(LOBBY, 2, ts, "bob", 2, "short"), width=60)
     assert "\n" not in r.message(proto.Message(LOBBY, 3, ts, "bob", 3, body))
+    # Where the first line has little room left, a word that fits on a line of its own goes there, whole.
+    assert wrap("a fairly long message", 4, 20) == ["a", "fairly long message"]
+    assert wrap("ab cdefghijklmnop q", 4, 6) == ["ab c", "defghi", "jklmno", "p q"]  # longer than a line: split
+    assert wrap(f"{FAMILY}{FAMILY}{FAMILY}", 3, 4) == [FAMILY, FAMILY + FAMILY]  # between clusters, never inside
+    pending = r.message(proto.Message(LOBBY, 0, ts - 86_400_000, "alice", 5, "a fairly long message typed"),
+                        pending=True, width=40).split("\n")
+    assert pending[0].endswith("<alice> a") and pending[1:] == [" " * 20 + "fairly long message",
+                                                                " " * 20 + "typed  (pending)"]
     # On a narrow terminal the indent is at most half the width, so there is room for the words.
     narrow = r.message(proto.Message(LOBBY, 4, ts, "bob", 4, body), width=30).split("\n")
     assert all(cells(line) <= 30 for line in narrow)
