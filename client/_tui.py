@@ -7,7 +7,10 @@ How this works. Two threads, one owner of the state:
   message and connection change as it arrives), ``_worker`` (does what typed
   lines ask of the server, one at a time, in the order typed), ``_mark_loop``
   (tells the server, once a second, how far we have shown each conversation:
-  DELIVERED, §9.6, so the next start shows only what is new) and ``_tick``.
+  DELIVERED, §9.6, so the next start shows only what is new; and how far we
+  have read: READ, for what was printed while that conversation was the
+  current one, so the page and other devices count the same unread messages)
+  and ``_tick``.
 - A worker thread runs prompt_toolkit on its own asyncio loop for the whole
   session (``_PromptThread``). Each finished line is handed to the Trio thread
   with ``trio.from_thread.run_sync``. Output goes through ``patch_stdout``: a
@@ -145,6 +148,8 @@ class Tui:
         self.shown: dict[proto.Conversation, int] = {}  # highest seq shown (or not news any more)
         self.first_shown: dict[proto.Conversation, int] = {}  # where /history starts paging back
         self.printed: dict[proto.Conversation, int] = {}  # highest seq on screen (recaps may race live ones)
+        self.read: dict[proto.Conversation, int] = {}  # highest seq on screen while its conversation was current
+        self._read_marked: dict[proto.Conversation, int] = {}
         self._live = False  # catch-up done: from now on a message elsewhere is unread
         self._quit_asked = False  # quitting with messages not sent asks first; a second request quits
         self._recapped: set[proto.Conversation] = set()
@@ -525,6 +530,7 @@ class Tui:
             return
         self.current = conv
         self.unread.pop(conv, None)
+        self._read_here()
         self.info(f"now talking in {conv}")
         if conv not in self.first_shown:
             self._enqueue(self._recap, conv)
@@ -626,7 +632,7 @@ class Tui:
             self.error(f"cannot leave #{room}: {describe(exc)}")
             return
         self._close(conv)
-        for table in (self.shown, self._marked):
+        for table in (self.shown, self._marked, self.read, self._read_marked):
             table.pop(conv, None)
         self.info(f"left #{room}" + (f"; now talking in {self.current}" if self.current else ""))
 
@@ -748,6 +754,7 @@ class Tui:
         self.first_shown[conv] = messages[0].seq
         self.printed[conv] = max(self.printed.get(conv, 0), messages[-1].seq)
         self.shown[conv] = max(self.shown.get(conv, 0), messages[-1].seq)
+        self._read_here()
 
     # -- what the server says ---------------------------------------------------------------
     async def _events(self) -> None:
@@ -763,6 +770,8 @@ class Tui:
                     self.info("reconnected" + (f"; caught up {n} message(s)" if n else ""))
                 elif isinstance(event, proto.UserTyping):
                     self.typing[(event.conv, event.user)] = trio.current_time() + proto.TYPING_SHOW_S
+                elif isinstance(event, proto.Receipt):
+                    self._receipt(event)
                 elif isinstance(event, proto.Presence):
                     self.users.add(event.user)  # not printed: every script that connects would say hello
                 elif isinstance(event, proto.GoAway):
@@ -787,13 +796,22 @@ class Tui:
         self.shown[conv] = max(self.shown.get(conv, 0), msg.seq)
         self.printed[conv] = msg.seq
         self.first_shown.setdefault(conv, msg.seq)
+        if self.current is None:
+            self.current = conv
+        self._read_here()
         # The start's backlog is on screen as it arrives: only what comes later elsewhere is unread.
         if self._live and conv != self.current and msg.sender != self.me:
             self.unread[conv] = self.unread.get(conv, 0) + 1
-        if self.current is None:
-            self.current = conv
         if not self.connected and msg.sender != self.me:  # our own, re-sent from the outbox, were not missed
             self._caught_up += 1
+
+    def _receipt(self, event: proto.Receipt) -> None:
+        """Our own READ from another device (version 2 servers send it): what was read there is not unread here."""
+        if event.user != self.me or event.kind != proto.ReceiptKind.READ:
+            return
+        self._read_marked[event.conv] = max(self._read_marked.get(event.conv, 0), event.seq)  # nothing to send
+        if event.seq >= self.printed.get(event.conv, 0):
+            self.unread.pop(event.conv, None)
 
     def _disconnected(self, event: Disconnected) -> None:
         self.connected = False
@@ -814,14 +832,22 @@ class Tui:
             await self._flush_marks()
 
     async def _flush_marks(self) -> None:
-        """DELIVERED up to what we have shown (§9.6): the next start begins there."""
-        for conv, seq in list(self.shown.items()):
-            if seq > self._marked.get(conv, 0):
-                try:
-                    await self.client.mark_delivered(conv, seq)
-                except (ConnectionLost, proto.ProtocolError):
-                    return
-                self._marked[conv] = seq
+        """DELIVERED up to what we have shown, READ up to what we have read (§9.6): the next start begins there."""
+        for marks, marked, mark in ((self.shown, self._marked, self.client.mark_delivered),
+                                    (self.read, self._read_marked, self.client.mark_read)):
+            for conv, seq in list(marks.items()):
+                if seq > marked.get(conv, 0):
+                    try:
+                        await mark(conv, seq)
+                    except (ConnectionLost, proto.ProtocolError):
+                        return
+                    marked[conv] = seq
+
+    def _read_here(self) -> None:
+        """Everything printed in the current conversation is read."""
+        conv = self.current
+        if conv is not None and self.printed.get(conv, 0) > self.read.get(conv, 0):
+            self.read[conv] = self.printed[conv]
 
     async def _tick(self) -> None:
         while True:

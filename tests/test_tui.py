@@ -316,6 +316,22 @@ async def test_status_and_prompt_show_unread_counts_and_numbers_stay():
     assert tui.prompt_text.startswith("[offline] ") and tui.status.startswith("reconnecting… | ")
 
 
+async def test_reading_on_another_device_clears_the_unread_count():
+    tui = Tui(_StubClient(), Renderer("alice", colour=False), terminal=False, out=lambda line: None)
+    dev = proto.Conversation.room("dev")
+    tui._open(dev)
+    tui._open(LOBBY)
+    tui.current, tui._live = dev, True
+    for seq in (1, 2, 3):
+        tui._show(proto.Message(LOBBY, seq, 1_700_000_000_000, "bob", seq, f"m{seq}"))
+    tui._receipt(proto.Receipt(LOBBY, "bob", proto.ReceiptKind.READ, 3))  # bob's reading is not ours
+    tui._receipt(proto.Receipt(LOBBY, "alice", proto.ReceiptKind.DELIVERED, 3))
+    tui._receipt(proto.Receipt(LOBBY, "alice", proto.ReceiptKind.READ, 2))  # not everything on screen
+    assert tui.unread == {LOBBY: 3}
+    tui._receipt(proto.Receipt(LOBBY, "alice", proto.ReceiptKind.READ, 3))
+    assert tui.unread == {} and tui._read_marked[LOBBY] == 3  # and this client will not send READ 3 again
+
+
 async def test_typing_notices_only_where_the_server_knows_us(nursery):
     stub = _StubClient()
     tui = Tui(stub, Renderer("alice", colour=False), terminal=False, out=lambda line: None)
@@ -732,3 +748,31 @@ async def test_passwd_sessions_revoke_and_logout_all(spawn, server, tmp_path):
     with pytest.raises(ServerError):
         async with open_client("127.0.0.1", server.port, username="alice", password=PASSWORD, reconnect=False):
             pass  # the old password is gone
+
+
+async def test_read_cursor_follows_what_was_shown_in_the_current_conversation(spawn, server):
+    async with other_user(server) as bob:
+        t = await alice_in_lobby(spawn, server)
+        await bob.join("dev")
+        t.line("/join #dev")
+        await t.expect("joined #dev")  # the current conversation now
+        for i in (1, 2):
+            await bob.send("#dev", f"in dev {i}")
+        for i in (1, 2, 3):
+            await bob.send("#lobby", f"in lobby {i}")
+        await t.expect("<bob> in lobby 3")
+
+        async def alices_cursor(room: str) -> proto.CursorInfo:
+            (mine,) = [c for c in await bob.cursors(f"#{room}") if c.user == "alice"]
+            return mine
+
+        async def wait_for(room: str, delivered: int, read: int) -> None:
+            with trio.fail_after(10):  # the client marks once a second
+                while (c := await alices_cursor(room)) and (c.delivered_seq, c.read_seq) != (delivered, read):
+                    await trio.sleep(0.1)
+
+        await wait_for("dev", delivered=2, read=2)  # shown while #dev was current: read
+        await wait_for("lobby", delivered=3, read=0)  # shown, but while elsewhere: not read yet
+        t.line("/switch #lobby")
+        await t.expect("now talking in #lobby")
+        await wait_for("lobby", delivered=3, read=3)
