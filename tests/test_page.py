@@ -253,6 +253,22 @@ async def test_divider_jump_to_latest_news_elsewhere_and_compact_grouping(start_
     await in_chromium(steps)
 
 
+#: Message text → the hrefs the page makes of it: http and https only, trailing punctuation left out.
+LINK_CASES = {
+    "javascript:alert(1)": [],
+    "JavaScript://example.org/%0Aalert(1)": [],
+    "data:text/html,<script>alert(1)</script>": [],
+    "vbscript:msgbox(1) file:///etc/passwd ftp://example.org": [],
+    "https:// and http://": [],
+    "HTTPS://Example.ORG/Path": ["https://example.org/Path"],
+    "(see https://en.wikipedia.org/wiki/Foo_(bar)).": ["https://en.wikipedia.org/wiki/Foo_(bar)"],
+    "at https://example.org/a?b=1&c=2, then http://127.0.0.1:7421/.": [
+        "https://example.org/a?b=1&c=2", "http://127.0.0.1:7421/"],
+    'https://example.org/a"onmouseover="alert(1)': ["https://example.org/a"],
+    "`https://example.org/in-code` is code": [],
+}
+
+
 async def test_links_formatting_and_mentions_are_safe(start_server):
     server = await start_server(ws_port=0, **UNLIMITED)
     bob = await Peer.open(server.port, "bob", "lobby")
@@ -283,6 +299,10 @@ async def test_links_formatting_and_mentions_are_safe(start_server):
         assert mentioned == ["1"]  # a bare name is not a mention
         assert page.text_content('.message[data-seq="2"] pre code') == "for x in y:\n    print('<b>', x)"
         assert page.evaluate("typeof window.__pwned") == "undefined" and page.title().endswith("Chorus")
+        # What the page's tokenizer makes a link, for text people and attackers write.
+        links = page.evaluate("""cases => import('/chorus.js').then(m => cases.map(
+            text => m.tokenize(text).filter(t => t.kind === 'link').map(t => t.href)))""", list(LINK_CASES))
+        assert dict(zip(LINK_CASES, links, strict=True)) == LINK_CASES
         page.assert_no_errors()
 
     await in_chromium(steps)
