@@ -183,6 +183,9 @@ async def test_member_list_with_presence_leave_and_room_browser(start_server):
         page.click("#browse")
         page.wait_for_selector('#room-browser .room-info[data-room="random"] >> text=1 member')
         assert page.text_content('.room-info[data-room="lobby"] button') == "Open"
+        page.fill("#room-filter", "#ran")
+        page.wait_for_selector('.room-info[data-room="lobby"]', state="hidden")
+        assert page.is_visible('.room-info[data-room="random"]')
         page.click('.room-info[data-room="random"] button >> text=Join')
         page.wait_for_selector("#room-browser", state="hidden")
         page.wait_for_function("() => document.getElementById('title').textContent === '#random'")

@@ -1302,6 +1302,7 @@ class ChatView {
     });
     $("browse").addEventListener("click", () => this.browseRooms());
     $("browser-close").addEventListener("click", () => $("room-browser").close());
+    $("room-filter").addEventListener("input", () => this.filterRooms());
     $("members-button").addEventListener("click", () => this.toggleMembers());
     $("leave").addEventListener("click", () => this.current && this.leave(this.current));
     $("notify").addEventListener("click", () => this.askNotifications());
@@ -1566,7 +1567,10 @@ class ChatView {
     const dialog = $("room-browser");
     const list = $("room-list");
     list.replaceChildren(element("li", "placeholder", "Loading…"));
-    if (!dialog.open) dialog.showModal();
+    if (!dialog.open) {
+      $("room-filter").value = "";
+      dialog.showModal();
+    }
     let rooms;
     try {
       rooms = await this.client.rooms();
@@ -1588,6 +1592,12 @@ class ChatView {
       return item;
     }));
     if (!rooms.length) list.replaceChildren(element("li", "placeholder", "No rooms yet: join one by name."));
+    this.filterRooms();
+  }
+
+  filterRooms() {
+    const words = $("room-filter").value.trim().toLowerCase().replace(/^#/, "");
+    for (const item of $("room-list").querySelectorAll(".room-info")) item.hidden = !item.dataset.room.includes(words);
   }
 
   /** Once live after (re)connecting: reopen the last conversation on a fresh page, or mark read what caught up. */
