@@ -170,6 +170,9 @@ async def test_member_list_with_presence_leave_and_room_browser(start_server):
         page.wait_for_selector('#members-panel .member[data-user="bob"][data-status="online"]')
         page.wait_for_selector('.member[data-user="carol"][data-status="online"] >> text=carol (you)')
         assert page.text_content("#members-title") == "#lobby: 2 online of 2"
+        uncovered = "() => { const r = document.getElementById('send').getBoundingClientRect();" \
+                    " return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2).id; }"
+        assert page.evaluate(uncovered) == "send"  # the list is over the messages, never over the message box
 
         on_trio(bob.close)  # PRESENCE OFFLINE once the server's delay has passed
         page.wait_for_selector('.member[data-user="bob"][data-status="offline"]')
