@@ -400,6 +400,8 @@ class Client:
         this one stays (version 2, spec §5.41). Raises ``ServerError`` (AUTH_FAILED: ``old`` is wrong,
         WEAK_PASSWORD: ``new`` breaks ``proto.PASSWORD_RULE``)."""
         await self._request(proto.ChangePassword(old, new))
+        if self._credentials is not None:  # a later LOGIN (the token refused on a reconnect) needs the new one
+            self._credentials = (self._credentials[0], new)
 
     async def sessions(self) -> list[proto.SessionInfo]:
         """The user's sessions (one per logged-in device or login), oldest first; ``current`` marks this

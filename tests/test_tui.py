@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from chorus import proto
-from chorus.client import ServerError, open_client
+from chorus.client import Disconnected, Reconnected, ServerError, open_client
 from chorus.client._commands import MAX_HISTORY, Command, Text, UsageError, completions, help_lines, history_count, \
     parse
 from chorus.client._config_dir import SessionStore, config_dir
@@ -776,3 +776,21 @@ async def test_read_cursor_follows_what_was_shown_in_the_current_conversation(sp
         t.line("/switch #lobby")
         await t.expect("now talking in #lobby")
         await wait_for("lobby", delivered=3, read=3)
+
+
+async def test_after_a_password_change_the_library_logs_in_again_with_the_new_one(server):
+    """The library keeps the password to LOGIN when its token is refused on a reconnect: after change_password it
+    must be the new one (the terminal's /passwd relies on it)."""
+    new_password = "brand-new-secret"
+    async with open_client("127.0.0.1", server.port, username="carol", password="carol-old-pw", register=True,
+                           backoff_cap_s=0.2) as carol:
+        await carol.change_password("carol-old-pw", new_password)
+        carol.token = "a token the server never issued"
+        server.kill()  # the reconnect RESUMEs with that token, is refused, and logs in with the password
+        await trio.to_thread.run_sync(server.start)
+        with trio.fail_after(20):
+            async for event in carol.events():
+                if isinstance(event, Reconnected):
+                    break
+                assert not isinstance(event, Disconnected) or event.will_reconnect, event
+        assert carol.connected and carol.token != "a token the server never issued"
