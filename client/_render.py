@@ -202,8 +202,16 @@ class Renderer:
             texts[-1] = texts[-1].removesuffix("(pending)") + self._c(_DIM, "(pending)")
         return "\n".join([head + texts[0], *(" " * indent + text for text in texts[1:])])
 
-    def info(self, text: str) -> str:
-        return self._c(_YELLOW, f"-- {one_line(text)}")
+    def info(self, text: str, width: int | None = None) -> str:
+        return self._c(_YELLOW, _block("-- ", one_line(text), width))
 
-    def error(self, text: str) -> str:
-        return self._c(_BOLD + _RED, f"!! {one_line(text)}")
+    def error(self, text: str, width: int | None = None) -> str:
+        return self._c(_BOLD + _RED, _block("!! ", one_line(text), width))
+
+
+def _block(mark: str, text: str, width: int | None) -> str:
+    """``mark`` and ``text``, word-wrapped to ``width`` with the lines after the first under the text."""
+    if width is None or cells(mark) + cells(text) <= width:
+        return mark + text
+    lines = wrap(text, width - cells(mark), width - cells(mark))
+    return "\n".join([mark + lines[0], *(" " * cells(mark) + line for line in lines[1:])])

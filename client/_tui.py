@@ -183,10 +183,10 @@ class Tui:
         self._print(line)
 
     def info(self, text: str) -> None:
-        self.out(self.r.info(text))
+        self.out(self.r.info(text, self.width()))
 
     def error(self, text: str) -> None:
-        self.out(self.r.error(text))
+        self.out(self.r.error(text, self.width()))
 
     def width(self) -> int | None:
         """Columns to wrap messages at: the terminal's; None (one line per message) without a terminal."""

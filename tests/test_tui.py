@@ -151,6 +151,10 @@ def test_long_messages_wrap_at_words_under_the_text_column():
                         pending=True, width=40).split("\n")
     assert pending[0].endswith("<alice> a") and pending[1:] == [" " * 20 + "fairly long message",
                                                                 " " * 20 + "typed  (pending)"]
+    # Status and error lines wrap the same way, under their text.
+    assert r.error("cannot join #No_Capitals: room names are lowercase", width=30).split("\n") == [
+        "!! cannot join #No_Capitals:", "   room names are lowercase"]
+    assert r.info("short", width=30) == "-- short" and "\n" not in r.info("x " * 40)
     # On a narrow terminal the indent is at most half the width, so there is room for the words.
     narrow = r.message(proto.Message(LOBBY, 4, ts, "bob", 4, body), width=30).split("\n")
     assert all(cells(line) <= 30 for line in narrow)
