@@ -90,6 +90,19 @@ class FrameType(enum.IntEnum):
     LIST_SESSIONS = 0x1D, 2
     SESSION_LIST = 0x1E, 2
     REVOKE_SESSION = 0x1F, 2
+    EVENTS = 0x50, 2
+    KICK = 0x51, 2
+    BAN = 0x52, 2
+    UNBAN = 0x53, 2
+    MUTE = 0x54, 2
+    UNMUTE = 0x55, 2
+    DELETE_MESSAGE = 0x56, 2
+    SET_TOPIC = 0x57, 2
+    SET_ROLE = 0x58, 2
+    CREATE_ROOM = 0x59, 2
+    INVITE = 0x5A, 2
+    GET_ROOM = 0x5B, 2
+    ROOM_DETAILS = 0x5C, 2
     SEND = 0x20, 1
     ACK = 0x21, 1
     MESSAGE = 0x22, 1
@@ -147,7 +160,18 @@ class ErrorCode(enum.IntEnum):
     RATE_LIMITED = 304
     INVALID_REQUEST = 305
     SERVER_BUSY = 306
+    FORBIDDEN = 307  # version 2: a version 1 connection gets INVALID_REQUEST instead (spec §7.1)
     INTERNAL = 399
+
+
+#: Error codes a version introduced after version 1 (spec §7.1): a connection of an older version is never sent
+#: one; it gets ``INVALID_REQUEST`` with the same message, a code it knows.
+ERROR_CODE_VERSION: dict[ErrorCode, int] = {ErrorCode.FORBIDDEN: 2}
+
+
+def error_code_for(code: ErrorCode, version: int) -> ErrorCode:
+    """``code`` as a connection at protocol ``version`` may receive it (spec §7.1)."""
+    return code if ERROR_CODE_VERSION.get(code, MIN_PROTOCOL_VERSION) <= version else ErrorCode.INVALID_REQUEST
 
 
 class CloseReason(enum.IntEnum):
@@ -199,3 +223,26 @@ class MembershipChange(enum.IntEnum):
 
     JOINED = 1
     LEFT = 2
+
+
+class RoomRole(enum.IntEnum):
+    """A member's role in a room (spec §9.15, version 2): the room's creator is its owner."""
+
+    MEMBER = 1
+    MODERATOR = 2
+    OWNER = 3
+
+
+class EventKind(enum.IntEnum):
+    """What a seq-ordered event of a conversation records (an EVENTS item, spec §3.15, §9.15)."""
+
+    KICK = 1  # actor removed target from the room
+    BAN = 2  # actor banned target (until_ms, 0: no expiry) and removed them
+    UNBAN = 3
+    MUTE = 4  # actor muted target: their SENDs are refused until until_ms (0: until unmuted)
+    UNMUTE = 5
+    DELETE = 6  # actor deleted the message at target_seq (sent by target)
+    DELETED = 7  # the tombstone in place of a deleted message: target sent it, actor deleted it
+    TOPIC = 8  # actor set the room's topic to text
+    ROLE = 9  # actor gave target the room role ``role``
+    INVITE = 10  # actor added target to the room

@@ -25,9 +25,11 @@ from ._const import (
     ConvKind,
     Direction,
     ErrorCode,
+    EventKind,
     FrameType,
     MembershipChange,
     ReceiptKind,
+    RoomRole,
     Status,
 )
 
@@ -169,6 +171,41 @@ class SessionInfo(_Checked):
     created_ms: int  # 0: unknown (a session from before the server recorded it)
     last_used_ms: int
     current: bool  # the token this connection authenticated with
+
+
+@dataclass(frozen=True, slots=True)
+class ConvEvent(_Checked):
+    """One seq-ordered event of a conversation in an EVENTS frame (version 2, spec §3.15): it takes a seq like a
+    message; fields a kind does not use are "" or 0 (``role``: MEMBER)."""
+
+    seq: int
+    ts_ms: int
+    kind: EventKind
+    actor: str  # "": the server's operator (chorus-admin)
+    target: str  # the user acted on, or ""
+    target_seq: int  # DELETE: the deleted message's seq
+    until_ms: int  # BAN, MUTE: when it ends (0: no expiry)
+    role: RoomRole
+    text: str  # TOPIC: the topic; KICK, BAN, MUTE: the reason
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMember(_Checked):
+    """One member of a room in a ROOM_DETAILS, with role, presence and mute."""
+
+    user: str
+    role: RoomRole
+    status: Status
+    muted: bool
+    muted_until_ms: int  # when the mute ends (0: not muted, or no expiry)
+
+
+@dataclass(frozen=True, slots=True)
+class BanInfo(_Checked):
+    """One ban of a room in a ROOM_DETAILS (sent to moderators and the owner only)."""
+
+    user: str
+    until_ms: int  # 0: no expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +442,132 @@ class RevokeSession(Event):
 
     FRAME = FrameType.REVOKE_SESSION
     session_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Events(Event):
+    """S→C (version 2): seq-ordered events of a conversation, live (one) or before the page of a SYNC or HISTORY
+    reply that covers their seqs (spec §5.46, §9.15)."""
+
+    FRAME = FrameType.EVENTS
+    conv: Conversation
+    events: tuple[ConvEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Kick(Event):
+    """C→S (version 2): remove ``user`` from ``room`` (moderators, owner); OK."""
+
+    FRAME = FrameType.KICK
+    room: str
+    user: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ban(Event):
+    """C→S (version 2): remove ``user`` from ``room`` and keep them out until ``until_ms`` (0: no expiry); OK."""
+
+    FRAME = FrameType.BAN
+    room: str
+    user: str
+    until_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unban(Event):
+    """C→S (version 2): lift ``user``'s ban from ``room``; OK."""
+
+    FRAME = FrameType.UNBAN
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mute(Event):
+    """C→S (version 2): refuse ``user``'s SENDs to ``room`` until ``until_ms`` (0: until UNMUTE); OK."""
+
+    FRAME = FrameType.MUTE
+    room: str
+    user: str
+    until_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unmute(Event):
+    """C→S (version 2): lift ``user``'s mute in ``room``; OK."""
+
+    FRAME = FrameType.UNMUTE
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteMessage(Event):
+    """C→S (version 2): replace the message at ``seq`` by a tombstone (one's own, or any as moderator); OK."""
+
+    FRAME = FrameType.DELETE_MESSAGE
+    conv: Conversation
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetTopic(Event):
+    """C→S (version 2): set ``room``'s topic (moderators, owner); OK."""
+
+    FRAME = FrameType.SET_TOPIC
+    room: str
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetRole(Event):
+    """C→S (version 2): give a member of ``room`` a role (the owner only; OWNER hands the room over); OK."""
+
+    FRAME = FrameType.SET_ROLE
+    room: str
+    user: str
+    role: RoomRole
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRoom(Event):
+    """C→S (version 2): create ``room`` (``private``: invite-only and unlisted), its creator its owner; JOINED."""
+
+    FRAME = FrameType.CREATE_ROOM
+    room: str
+    private: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Invite(Event):
+    """C→S (version 2): add ``user`` to ``room`` (moderators, owner; the way into a private room); OK."""
+
+    FRAME = FrameType.INVITE
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetRoom(Event):
+    """C→S (version 2): a room's topic, members with roles, and (to moderators) its bans; ROOM_DETAILS."""
+
+    FRAME = FrameType.GET_ROOM
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomDetails(Event):
+    """S→C (version 2): reply to GET_ROOM."""
+
+    FRAME = FrameType.ROOM_DETAILS
+    room: str
+    topic: str
+    private: bool
+    members: tuple[RoomMember, ...]
+    bans: tuple[BanInfo, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,9 +56,11 @@ from ._const import (
     ConvKind,
     Direction,
     ErrorCode,
+    EventKind,
     FrameType,
     MembershipChange,
     ReceiptKind,
+    RoomRole,
     Status,
 )
 
@@ -235,6 +237,20 @@ NodeInfo = _Record(
 SessionInfo = _Record(
     ev.SessionInfo, Struct("session_id" / U64, "created_ms" / U64, "last_used_ms" / U64, "current" / Bool))
 
+ConvEvent = _Record(
+    ev.ConvEvent,
+    Struct("seq" / U64, "ts_ms" / U64, "kind" / _Enum(U8, EventKind), "actor" / Name, "target" / Name,
+           "target_seq" / U64, "until_ms" / U64, "role" / _Enum(U8, RoomRole),
+           "text" / _Text(Int16ub, MAX_BODY_BYTES)),
+)
+RoomMember = _Record(
+    ev.RoomMember,
+    Struct("user" / Name, "role" / _Enum(U8, RoomRole), "status" / _Enum(U8, Status), "muted" / Bool,
+           "muted_until_ms" / U64),
+)
+BanInfo = _Record(ev.BanInfo, Struct("user" / Name, "until_ms" / U64))
+Reason = _Text(Int8ub, MAX_TEXT_BYTES)
+
 _EMPTY: tuple[Construct, ...] = ()
 
 #: Frame type → body fields, in wire order. Every body ends exactly where its frame ends.
@@ -274,6 +290,20 @@ FIELDS: dict[FrameType, tuple[Construct, ...]] = {
     FrameType.LIST_SESSIONS: _EMPTY,
     FrameType.SESSION_LIST: ("sessions" / _Array(SessionInfo),),
     FrameType.REVOKE_SESSION: ("session_id" / U64,),
+    FrameType.EVENTS: ("conv" / Conversation, "events" / _Array(ConvEvent)),
+    FrameType.KICK: ("room" / Name, "user" / Name, "reason" / Reason),
+    FrameType.BAN: ("room" / Name, "user" / Name, "until_ms" / U64, "reason" / Reason),
+    FrameType.UNBAN: ("room" / Name, "user" / Name),
+    FrameType.MUTE: ("room" / Name, "user" / Name, "until_ms" / U64, "reason" / Reason),
+    FrameType.UNMUTE: ("room" / Name, "user" / Name),
+    FrameType.DELETE_MESSAGE: ("conv" / Conversation, "seq" / U64),
+    FrameType.SET_TOPIC: ("room" / Name, "topic" / Reason),
+    FrameType.SET_ROLE: ("room" / Name, "user" / Name, "role" / _Enum(U8, RoomRole)),
+    FrameType.CREATE_ROOM: ("room" / Name, "private" / Bool),
+    FrameType.INVITE: ("room" / Name, "user" / Name),
+    FrameType.GET_ROOM: ("room" / Name,),
+    FrameType.ROOM_DETAILS: ("room" / Name, "topic" / Reason, "private" / Bool, "members" / _Array(RoomMember),
+                             "bans" / _Array(BanInfo)),
     FrameType.SEND: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
     FrameType.ACK: (
         "conv" / Conversation,
