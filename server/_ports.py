@@ -29,11 +29,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from chorus.proto import (
-    CloseReason, ConversationInfo, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo, StoredMessage,
+    CloseReason, ConversationInfo, ConvEvent, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo,
+    StoredMessage,
 )
 
 if TYPE_CHECKING:
     from ._fanout import Subscription
+    from ._moderation import Applied, Moderation
+
+#: One item of a conversation's seq order: a message, or an event (spec §9.15).
+Entry = StoredMessage | ConvEvent
 
 # -- rows ---------------------------------------------------------------------------------------------------------
 
@@ -79,6 +84,7 @@ class ConvRow:
     name: str
     last_seq: int
     peer_id: int | None  # the other user of a DIRECT pair; None for rooms
+    muted_until_ms: int | None = None  # the user's mute in the room (0: no expiry), if one is stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,7 @@ class Appended:
     client_msg_id: int
     body: str
     duplicate: bool
+    event: ConvEvent | None = None  # an event (spec §9.15): sender and body are its v1 MESSAGE's
 
 
 # -- store errors ---------------------------------------------------------------------------------------------------
@@ -149,6 +156,10 @@ class StoreError(Exception):
 
 class NameTaken(Exception):
     """``create_user`` was given a name that already exists."""
+
+
+class RoomExists(Exception):
+    """CREATE_ROOM of a name that is taken."""
 
 
 class TooManyRooms(Exception):
@@ -264,12 +275,15 @@ class Store(Protocol):
         """The room's conversation id; None if it does not exist and not ``create``."""
         ...
 
-    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True) -> tuple[int, bool]:
-        """Join room ``name`` (created if absent and ``create``); returns (conv_id, newly_joined).
+    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True,
+                        private: bool | None = None) -> tuple[int, bool]:
+        """Join room ``name`` (created if absent and ``create``, its creator its OWNER); returns (conv_id,
+        newly_joined). ``private`` not None: create only (CREATE_ROOM), private or not.
 
         The room limit is checked in the transaction that inserts the membership, so concurrent joins on any node
         cannot overshoot it. Raises ``TooManyRooms`` (nothing written), ``LookupError`` (no such room and not
-        ``create``).
+        ``create``), ``RoomExists`` (``private`` given, the name taken), ``Refused`` (FORBIDDEN: banned from the
+        room, or it is private).
         """
         ...
 
@@ -341,14 +355,25 @@ class Store(Protocol):
         """
         ...
 
-    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
-        """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
+    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[Entry], bool]:
+        """Up to ``limit`` entries (messages, and events: spec §9.15) with seq > ``after_seq``, ascending; has_more =
+        newer ones exist.
         Raises ``ValueError`` if ``limit`` < 1."""
         ...
 
-    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
-        """Up to ``limit`` messages with seq < ``before_seq`` (0: from the newest), ascending; has_more = older
+    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[Entry], bool]:
+        """Up to ``limit`` entries with seq < ``before_seq`` (0: from the newest), ascending; has_more = older
         ones exist. Raises ``ValueError`` if ``limit`` < 1."""
+        ...
+
+    # -- moderation (spec §9.15; the rules are server/_moderation.py's, run inside the store's transaction) --
+    async def moderate(self, action: Moderation) -> Applied:
+        """Apply a moderation action and store its event (the conversation's next seq) in one transaction.
+        Raises ``Refused`` (nothing stored), ``TooManyRooms`` (INVITE), ``StoreError``."""
+        ...
+
+    async def room_details(self, conv_id: int, viewer_id: int) -> tuple[str, bool, list[Any], list[Any]]:
+        """(topic, private, members as (user_id, name, role, mute until_ms or None), bans: moderators only)."""
         ...
 
     # -- cursors --
@@ -407,7 +432,17 @@ class SessionsRevoked:
     keep: bytes | None
 
 
-UserEvent = MemberJoined | MemberLeft | TokenRevoked | SessionsRevoked
+@dataclass(frozen=True, slots=True)
+class Muted:
+    """MUTE, UNMUTE: ``user_id``'s SENDs to ``conv_id`` are refused until ``until_ms`` (0: no expiry; None: not
+    muted any more) (spec §9.15)."""
+
+    user_id: int
+    conv_id: int
+    until_ms: int | None
+
+
+UserEvent = MemberJoined | MemberLeft | TokenRevoked | SessionsRevoked | Muted
 
 
 class Subscriber(Protocol):

@@ -56,14 +56,17 @@ from typing import Any
 
 import trio
 
-from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
+from chorus.proto import (
+    Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole, StoredMessage,
+)
 
 from ._groupcommit import _U64, GroupCommitter
+from ._moderation import Applied, Entry, Moderation, apply, entries_after, entries_before, join_refusal, room_details
 
 # The row types and errors are the Store port's (server/_ports.py); this module is one implementation of it.
 from ._ports import (  # noqa: F401  (re-exported: tests and __main__ name them here)
     AdminAction, AppendCallback, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionEntry,
-    SessionRow, StoreError, TooManyRooms, UserRow,
+    SessionRow, StoreError, TooManyRooms, UserRow, RoomExists,
 )
 
 log = logging.getLogger(__name__)
@@ -183,7 +186,35 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sessions_v4 RENAME TO sessions;
     CREATE INDEX sessions_expiry ON sessions(expires_at_ms);
     CREATE INDEX sessions_user ON sessions(user_id)""",
+    # 5: roles, moderation and private rooms (spec §9.15). Members get a role (rooms from before have no owner);
+    # rooms a topic and a private flag; events share the conversation's seq with the messages (a page merges the
+    # two); bans and mutes are sanctions (until_ms 0: no expiry).
+    """ALTER TABLE memberships ADD COLUMN role INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE conversations ADD COLUMN topic TEXT NOT NULL DEFAULT '';
+    ALTER TABLE conversations ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE events (
+        conv_id    INTEGER NOT NULL REFERENCES conversations(id),
+        seq        INTEGER NOT NULL CHECK (seq > 0),
+        ts_ms      INTEGER NOT NULL,
+        kind       INTEGER NOT NULL,
+        actor_id   INTEGER REFERENCES users(id),
+        target_id  INTEGER REFERENCES users(id),
+        target_seq INTEGER NOT NULL DEFAULT 0,
+        until_ms   INTEGER NOT NULL DEFAULT 0,
+        role       INTEGER NOT NULL DEFAULT 1,
+        text       TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (conv_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE sanctions (
+        conv_id  INTEGER NOT NULL REFERENCES conversations(id),
+        user_id  INTEGER NOT NULL REFERENCES users(id),
+        kind     INTEGER NOT NULL,
+        until_ms INTEGER NOT NULL,
+        PRIMARY KEY (conv_id, user_id, kind)
+    ) WITHOUT ROWID""",
 )
+#: What a room owns, deleted with it (both stores).
+ROOM_TABLES = ("messages", "events", "sanctions", "cursors", "memberships")
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -207,6 +238,8 @@ _CONVERSATIONS = """
       FROM conversations c JOIN users u ON u.id = c.user_lo WHERE c.user_hi = :u
 """
 
+# The mute of user :u in conversation v (a row of _CONVERSATIONS): its until_ms, or NULL.
+_MUTE = f"(SELECT s.until_ms FROM sanctions s WHERE s.conv_id = v.id AND s.user_id = :u AND s.kind = {int(EventKind.MUTE)})"
 _MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
 _USER_COLUMNS = "id, name, password_hash, disabled"
 
@@ -256,8 +289,31 @@ def _user(row: tuple[Any, ...]) -> UserRow:
 
 
 def _conv_row(row: tuple[Any, ...]) -> ConvRow:
-    conv_id, kind, name, last_seq, peer_id = row
-    return ConvRow(conv_id, ConvKind(kind), name, last_seq, peer_id)
+    """A conversation row (id, kind, name, last_seq, peer_id[, the user's mute's until_ms or None])."""
+    conv_id, kind, name, last_seq, peer_id, *mute = row
+    return ConvRow(conv_id, ConvKind(kind), name, last_seq, peer_id, mute[0] if mute else None)
+
+
+class _Db:
+    """The writing or reading connection as ``_moderation.Db``: SQLite takes ``:name`` parameters as they are."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def one(self, sql: str, **params: Any) -> tuple[Any, ...] | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    def all(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def run(self, sql: str, **params: Any) -> int:
+        return self.conn.execute(sql, params).rowcount
+
+    @staticmethod
+    def body(text: str) -> str:
+        return text
 
 
 def _open(conn: sqlite3.Connection | None) -> sqlite3.Connection:
@@ -685,7 +741,7 @@ class Store(GroupCommitter):
                                    (name,)).fetchone()
                 if row is None:
                     return None
-                for table in ("messages", "cursors", "memberships"):
+                for table in ROOM_TABLES:
                     conn.execute(f"DELETE FROM {table} WHERE conv_id = ?", (row[0],))
                 conn.execute("DELETE FROM conversations WHERE id = ?", (row[0],))
                 return row[0]
@@ -731,13 +787,16 @@ class Store(GroupCommitter):
 
         return await self._run(run)
 
-    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True) -> tuple[int, bool]:
-        """Join the room ``name`` (created if absent and ``create``); returns (conv_id, newly_joined).
+    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True,
+                        private: bool | None = None) -> tuple[int, bool]:
+        """Join the room ``name`` (created if absent and ``create``, its creator its owner); returns (conv_id,
+        newly_joined). ``private`` not None: CREATE_ROOM, which only creates (``RoomExists`` otherwise).
 
         One ``BEGIN IMMEDIATE`` transaction: a member rejoins freely; anyone else is counted against ``max_rooms``
         before the room is created or the membership inserted, so concurrent joins (any connection, any process)
         cannot overshoot. Raises ``TooManyRooms`` when the user is in ``max_rooms`` rooms already (nothing is
-        written, no room created), ``LookupError`` if the room does not exist and not ``create``, ``StoreError``.
+        written, no room created), ``LookupError`` if the room does not exist and not ``create``, ``Refused``
+        (FORBIDDEN: banned, or a private room), ``StoreError``.
         """
 
         def run(conn: sqlite3.Connection) -> tuple[int, bool]:
@@ -748,17 +807,23 @@ class Store(GroupCommitter):
                     if conn.execute("SELECT 1 FROM memberships WHERE user_id = ? AND conv_id = ?",
                                     (user_id, row[0])).fetchone():
                         return row[0], False
+                    if private is not None:
+                        raise RoomExists(name)
+                    join_refusal(_Db(conn), row[0], user_id, name)
                 elif not create:
                     raise LookupError(f"no room {name}")
                 (count,) = conn.execute("SELECT count(*) FROM memberships WHERE user_id = ?", (user_id,)).fetchone()
                 if count >= max_rooms:
                     raise TooManyRooms(max_rooms)
-                if row is None:
-                    conv_id = _new_id(conn.execute(f"INSERT INTO conversations(kind, name) VALUES ({_ROOM}, ?)",
-                                                   (name,)))
+                role = RoomRole.MEMBER
+                if row is None:  # its creator owns it
+                    conv_id = _new_id(conn.execute(f"INSERT INTO conversations(kind, name, private) VALUES"
+                                                   f" ({_ROOM}, ?, ?)", (name, bool(private))))
+                    role = RoomRole.OWNER
                 else:
                     conv_id = row[0]
-                conn.execute("INSERT INTO memberships(user_id, conv_id) VALUES (?, ?)", (user_id, conv_id))
+                conn.execute("INSERT INTO memberships(user_id, conv_id, role) VALUES (?, ?, ?)",
+                             (user_id, conv_id, int(role)))
                 return conv_id, True
 
         return await self._run(run)
@@ -840,7 +905,8 @@ class Store(GroupCommitter):
         """The rooms the user joined and the user's DIRECT pairs, ordered by kind then name."""
 
         def run(conn: sqlite3.Connection) -> list[ConvRow]:
-            rows = conn.execute(f"{_CONVERSATIONS} ORDER BY 2, 3", {"u": user_id}).fetchall()
+            rows = conn.execute(f"SELECT v.*, {_MUTE} FROM ({_CONVERSATIONS}) v ORDER BY 2, 3",
+                                {"u": user_id}).fetchall()
             return [_conv_row(row) for row in rows]
 
         return await self._read(run)
@@ -875,6 +941,7 @@ class Store(GroupCommitter):
                 "       EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id AND m.user_id = ?) AS joined"
                 f" FROM conversations c WHERE c.kind = {_ROOM}"
                 "   AND EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id)"
+                "   AND (c.private = 0 OR joined)"
                 " ORDER BY joined DESC, c.name LIMIT ?",
                 (user_id, _clamp(limit))).fetchall()
             return [RoomInfo(name, members, last_seq, bool(joined)) for name, members, last_seq, joined in rows]
@@ -970,43 +1037,38 @@ class Store(GroupCommitter):
             # stays bounded; appends gather meanwhile and go in the next batch.
             await self._checkpoint(at_least=2 * self._wal_checkpoint_bytes)
 
-    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
-        """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
-
-        Any u64 ``after_seq`` and ``limit`` are fine (2**63 and above: an empty page). Raises ``ValueError`` if
-        ``limit`` < 1.
+    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[Entry], bool]:
+        """Up to ``limit`` entries (messages and events) with seq > ``after_seq``, ascending; has_more = newer ones
+        exist. Any u64 ``after_seq`` and ``limit`` are fine (2**63 and above: an empty page). Raises ``ValueError``
+        if ``limit`` < 1.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        return await self._read(lambda conn: entries_after(_Db(conn), conv_id, after_seq, limit, _clamp, _stored))
 
-        def run(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
-                " WHERE m.conv_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
-                (conv_id, _clamp(after_seq), _clamp(limit + 1))).fetchall()
-            return [_stored(row) for row in rows[:limit]], len(rows) > limit
-
-        return await self._read(run)
-
-    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
-        """Up to ``limit`` messages with seq < ``before_seq`` (0: from the newest), ascending; has_more = older ones
+    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[Entry], bool]:
+        """Up to ``limit`` entries with seq < ``before_seq`` (0: from the newest), ascending; has_more = older ones
         exist. Any u64 ``before_seq`` and ``limit`` are fine (2**63 and above: from the newest too). Raises
         ``ValueError`` if ``limit`` < 1.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
         bound = _clamp(before_seq) if before_seq > 0 else _I64_MAX
+        return await self._read(lambda conn: entries_before(_Db(conn), conv_id, bound, limit, _clamp, _stored))
 
-        def run(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
-                " WHERE m.conv_id = ? AND m.seq < ? ORDER BY m.seq DESC LIMIT ?",
-                (conv_id, bound, _clamp(limit + 1))).fetchall()
-            page = [_stored(row) for row in rows[:limit]]
-            page.reverse()
-            return page, len(rows) > limit
+    # -- moderation (spec §9.15) ---------------------------------------------------------------------------------
 
-        return await self._read(run)
+    async def moderate(self, action: Moderation) -> Applied:
+        """Apply ``action`` and store its event in one transaction. Raises ``Refused``, ``TooManyRooms``."""
+
+        def run(conn: sqlite3.Connection) -> Applied:
+            with _transaction(conn):
+                return apply(_Db(conn), action)
+
+        return await self._run(run)
+
+    async def room_details(self, conv_id: int, viewer_id: int) -> tuple[str, bool, list[Any], list[Any]]:
+        return await self._read(lambda conn: room_details(_Db(conn), conv_id, viewer_id))
 
     # -- cursors -----------------------------------------------------------------------------------------------
 
