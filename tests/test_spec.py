@@ -197,7 +197,7 @@ def _enum_rows(enum_cls: type[enum.Enum]) -> tuple[str, list[tuple[int, str]]]:
 
 
 ENUMS = [proto.ErrorCode, proto.CloseReason, proto.FrameType, proto.Flags, proto.ConvKind, proto.Direction,
-         proto.ReceiptKind, proto.Status, proto.MembershipChange]
+         proto.ReceiptKind, proto.Status, proto.MembershipChange, proto.RoomRole, proto.EventKind]
 
 
 @pytest.mark.parametrize("enum_cls", ENUMS, ids=lambda e: e.__name__)
@@ -219,6 +219,19 @@ def test_every_number_in_the_section_7_tables_exists_in_proto(enum_cls):
     for value, name in rows:
         assert value in enum_cls._value2member_map_, f"{value} is not a {enum_cls.__name__}"
         assert enum_cls(value).name == name
+
+
+def test_error_codes_of_a_later_version_say_so():
+    """§7.1 opens the meaning of a code a later version added with "Version n." (a connection of an older version is
+    sent INVALID_REQUEST instead), as ``proto.ERROR_CODE_VERSION`` records; the other codes say no version."""
+    tables = [t for t in _tables(_section("7.1")) if t[0][:2] == ["Code", "Name"]]
+    assert len(tables) == 1
+    for row in tables[0][1:]:
+        version = proto.ERROR_CODE_VERSION.get(proto.ErrorCode(int(row[0])), proto.MIN_PROTOCOL_VERSION)
+        said = re.match(r"Version (\d+)\. ", row[2])
+        assert (int(said[1]) if said else proto.MIN_PROTOCOL_VERSION) == version, row[1]
+        if said:
+            assert "INVALID_REQUEST" in row[3], row[1]
 
 
 def test_codes_named_in_the_text_exist_in_proto():
@@ -465,10 +478,11 @@ def test_exchange_replays_through_client_and_server(number):
     text = _section(f"11.{number}")
     steps = list(LABELLED_RE.finditer(text))
     assert len(steps) == len(EXAMPLE_RE.findall(text)), "every example in an exchange needs a C→S/S→C label"
-    start = re.search(r"^Starting state: ([A-Z]+)\.$", text, re.M)
-    assert start, "an exchange says its starting state"
+    start = re.search(r"^Starting state: ([A-Z]+)(?:, version (\d+))?\.$", text, re.M)
+    assert start, "an exchange says its starting state (and its version, past the handshake, if not 1)"
     client, server = proto.Connection(CLIENT), proto.Connection(SERVER)
     client.state = server.state = State[start[1]]
+    client.version = server.version = int(start[2] or proto.MIN_PROTOCOL_VERSION)
     for step in steps:
         event = _evaluate(step["expr"])
         sender, receiver = (client, server) if step["dir"] == "C→S" else (server, client)

@@ -33,6 +33,21 @@ V2_EXAMPLES = {
     FrameType.SESSION_LIST: (SERVER, proto.SessionList(
         (proto.SessionInfo(7, 1764250000000, 1764336400000, True),), request_id=6)),
     FrameType.REVOKE_SESSION: (CLIENT, proto.RevokeSession(7, request_id=8)),
+    FrameType.EVENTS: (SERVER, proto.Events(proto.Conversation.room("general"), (proto.ConvEvent(
+        43, 1764250010000, proto.EventKind.KICK, "alice", "dave", 0, 0, proto.RoomRole.MEMBER, "spam"),))),
+    FrameType.KICK: (CLIENT, proto.Kick("general", "dave", "spam", request_id=9)),
+    FrameType.BAN: (CLIENT, proto.Ban("general", "dave", 0, "", request_id=10)),
+    FrameType.UNBAN: (CLIENT, proto.Unban("general", "dave", request_id=11)),
+    FrameType.MUTE: (CLIENT, proto.Mute("general", "bob", 1764253600000, "cool down", request_id=12)),
+    FrameType.UNMUTE: (CLIENT, proto.Unmute("general", "bob", request_id=13)),
+    FrameType.DELETE_MESSAGE: (CLIENT, proto.DeleteMessage(proto.Conversation.direct("bob"), 4, request_id=14)),
+    FrameType.SET_TOPIC: (CLIENT, proto.SetTopic("general", "Welcome ☕", request_id=15)),
+    FrameType.SET_ROLE: (CLIENT, proto.SetRole("general", "bob", proto.RoomRole.OWNER, request_id=16)),
+    FrameType.CREATE_ROOM: (CLIENT, proto.CreateRoom("team", True, request_id=17)),
+    FrameType.INVITE: (CLIENT, proto.Invite("team", "bob", request_id=18)),
+    FrameType.GET_ROOM: (CLIENT, proto.GetRoom("team", request_id=19)),
+    FrameType.ROOM_DETAILS: (SERVER, proto.RoomDetails("team", "", True, (proto.RoomMember(
+        "alice", proto.RoomRole.OWNER, proto.Status.ONLINE, False, 0),), (proto.BanInfo("eve", 0),), request_id=19)),
 }
 
 
@@ -65,7 +80,10 @@ def test_every_frame_type_has_a_version_this_implementation_speaks():
     assert {t.version for t in FrameType} == set(range(OLDEST, NEWEST + 1))  # every version adds something
     assert V2_FRAMES == [FrameType.LIST_CONVERSATIONS, FrameType.CONVERSATION_LIST, FrameType.MEMBERSHIP,
                          FrameType.NODES, FrameType.CHANGE_PASSWORD, FrameType.LOGOUT_ALL, FrameType.LIST_SESSIONS,
-                         FrameType.SESSION_LIST, FrameType.REVOKE_SESSION]
+                         FrameType.SESSION_LIST, FrameType.REVOKE_SESSION,
+                         FrameType.EVENTS, FrameType.KICK, FrameType.BAN, FrameType.UNBAN, FrameType.MUTE,
+                         FrameType.UNMUTE, FrameType.DELETE_MESSAGE, FrameType.SET_TOPIC, FrameType.SET_ROLE,
+                         FrameType.CREATE_ROOM, FrameType.INVITE, FrameType.GET_ROOM, FrameType.ROOM_DETAILS]
     assert set(V2_EXAMPLES) == set(V2_FRAMES)
 
 
@@ -187,6 +205,18 @@ def test_version_1_frames_are_unchanged_on_a_version_2_connection():
     for event in (proto.Join("general", request_id=5), proto.Ping(7, request_id=6),
                   proto.Send(proto.Conversation.direct("bob"), 9, "hé", request_id=7)):
         assert old[CLIENT].send(event) == new[CLIENT].send(event) == proto.encode(event)
+
+
+# --- error codes of a later version (spec §7.1) -----------------------------------------------------------------
+
+def test_a_version_1_connection_is_never_sent_an_error_code_of_version_2():
+    """FORBIDDEN is version 2: a version 1 connection gets INVALID_REQUEST, a code it knows; no other code changes."""
+    assert proto.ERROR_CODE_VERSION == {ErrorCode.FORBIDDEN: 2}
+    assert proto.error_code_for(ErrorCode.FORBIDDEN, 1) is ErrorCode.INVALID_REQUEST
+    assert proto.error_code_for(ErrorCode.FORBIDDEN, 2) is ErrorCode.FORBIDDEN
+    for code in ErrorCode:
+        if code is not ErrorCode.FORBIDDEN:
+            assert proto.error_code_for(code, OLDEST) is proto.error_code_for(code, NEWEST) is code
 
 
 # --- events check themselves -------------------------------------------------------------------------------------
@@ -362,7 +392,7 @@ async def test_a_version_1_database_is_migrated_at_open_and_keeps_its_data(tmp_p
     path = tmp_path / "v1.db"
     _version_1_database(path)
     assert _schema(path) == (1, _schema(path)[1]) and "sessions_expiry" not in _schema(path)[1]
-    assert _store.SCHEMA_VERSION == len(_store._MIGRATIONS) == 4
+    assert _store.SCHEMA_VERSION == len(_store._MIGRATIONS) >= 4  # steps 2-4 are checked below
     async with _store.open_store(path) as store:
         assert await store.purge_sessions(now_ms=1000) == 1  # the step's index at work
         assert not (await store.get_user("bob")).disabled  # step 3: existing accounts stay enabled
@@ -377,10 +407,10 @@ async def test_a_version_1_database_is_migrated_at_open_and_keeps_its_data(tmp_p
         ]
         messages, has_more = await store.messages_after(1, 0, 10)
         assert [m.body for m in messages] == ["hi", "there"] and not has_more
-    assert _schema(path)[0] == 4 and {"sessions_expiry", "sessions_user"} <= _schema(path)[1]
+    assert _schema(path)[0] == _store.SCHEMA_VERSION and {"sessions_expiry", "sessions_user"} <= _schema(path)[1]
     async with _store.open_store(path) as store:  # opening a current database changes nothing
         assert await store.last_seq(1) == 2
-    assert _schema(path)[0] == 4
+    assert _schema(path)[0] == _store.SCHEMA_VERSION
 
 
 async def test_a_migration_that_fails_leaves_the_database_at_its_version(tmp_path, monkeypatch):

@@ -218,10 +218,12 @@ export const FrameType = Object.freeze({
   HELLO: 0x01, WELCOME: 0x02, REGISTER: 0x03, LOGIN: 0x04, RESUME: 0x05, AUTH_OK: 0x06, LOGOUT: 0x07, OK: 0x08,
   JOIN: 0x10, JOINED: 0x11, LEAVE: 0x12, LIST_ROOMS: 0x13, ROOM_LIST: 0x14, MEMBERS: 0x15, MEMBER_LIST: 0x16,
   LIST_CONVERSATIONS: 0x17, CONVERSATION_LIST: 0x18, MEMBERSHIP: 0x19, NODES: 0x1a, CHANGE_PASSWORD: 0x1b,
-  LOGOUT_ALL: 0x1c, LIST_SESSIONS: 0x1d, SESSION_LIST: 0x1e, REVOKE_SESSION: 0x1f, SEND: 0x20, ACK: 0x21,
-  MESSAGE: 0x22, SYNC: 0x23, SYNC_PAGE: 0x24, SYNC_DONE: 0x25, HISTORY: 0x26, HISTORY_PAGE: 0x27, DELIVERED: 0x28,
-  READ: 0x29, RECEIPT: 0x2a, GET_CURSORS: 0x2b, CURSORS: 0x2c, PRESENCE: 0x30, TYPING: 0x31, USER_TYPING: 0x32,
-  PING: 0x40, PONG: 0x41, ERROR: 0x42, GOAWAY: 0x43, BYE: 0x44,
+  LOGOUT_ALL: 0x1c, LIST_SESSIONS: 0x1d, SESSION_LIST: 0x1e, REVOKE_SESSION: 0x1f, EVENTS: 0x50, KICK: 0x51,
+  BAN: 0x52, UNBAN: 0x53, MUTE: 0x54, UNMUTE: 0x55, DELETE_MESSAGE: 0x56, SET_TOPIC: 0x57, SET_ROLE: 0x58,
+  CREATE_ROOM: 0x59, INVITE: 0x5a, GET_ROOM: 0x5b, ROOM_DETAILS: 0x5c, SEND: 0x20, ACK: 0x21, MESSAGE: 0x22,
+  SYNC: 0x23, SYNC_PAGE: 0x24, SYNC_DONE: 0x25, HISTORY: 0x26, HISTORY_PAGE: 0x27, DELIVERED: 0x28, READ: 0x29,
+  RECEIPT: 0x2a, GET_CURSORS: 0x2b, CURSORS: 0x2c, PRESENCE: 0x30, TYPING: 0x31, USER_TYPING: 0x32, PING: 0x40,
+  PONG: 0x41, ERROR: 0x42, GOAWAY: 0x43, BYE: 0x44,
 });
 export const Flags = Object.freeze({ COMPRESSED: 0x01 });
 export const ErrorCode = Object.freeze({
@@ -229,7 +231,7 @@ export const ErrorCode = Object.freeze({
   DECOMPRESSION_FAILED: 105, WRONG_STATE: 106, UNSUPPORTED_VERSION: 107, HANDSHAKE_TIMEOUT: 108, AUTH_FAILED: 200,
   USERNAME_TAKEN: 201, INVALID_TOKEN: 202, INVALID_NAME: 203, WEAK_PASSWORD: 204, TOO_MANY_CONNECTIONS: 205,
   NOT_FOUND: 300, NOT_MEMBER: 301, TOO_MANY_ROOMS: 302, BODY_TOO_LARGE: 303, RATE_LIMITED: 304, INVALID_REQUEST: 305,
-  SERVER_BUSY: 306, INTERNAL: 399,
+  SERVER_BUSY: 306, FORBIDDEN: 307, INTERNAL: 399,
 });
 export const CloseReason = Object.freeze({
   CLIENT_QUIT: 1, SHUTDOWN: 2, STALE: 3, SLOW_CONSUMER: 4, PROTOCOL_ERROR: 5, IDLE_TIMEOUT: 6, RATE_LIMITED: 7,
@@ -240,14 +242,20 @@ export const Direction = Object.freeze({ BEFORE: 1, AFTER: 2 });
 export const ReceiptKind = Object.freeze({ DELIVERED: 1, READ: 2 });
 export const Status = Object.freeze({ OFFLINE: 0, ONLINE: 1 });
 export const MembershipChange = Object.freeze({ JOINED: 1, LEFT: 2 });
+export const RoomRole = Object.freeze({ MEMBER: 1, MODERATOR: 2, OWNER: 3 });
+export const EventKind = Object.freeze({
+  KICK: 1, BAN: 2, UNBAN: 3, MUTE: 4, UNMUTE: 5, DELETE: 6, DELETED: 7, TOPIC: 8, ROLE: 9, INVITE: 10,
+});
 
 /** Frame type name → the protocol version that introduced it (spec §6). */
 export const FRAME_VERSION = Object.freeze({
   HELLO: 1, WELCOME: 1, REGISTER: 1, LOGIN: 1, RESUME: 1, AUTH_OK: 1, LOGOUT: 1, OK: 1, JOIN: 1, JOINED: 1, LEAVE: 1,
   LIST_ROOMS: 1, ROOM_LIST: 1, MEMBERS: 1, MEMBER_LIST: 1, LIST_CONVERSATIONS: 2, CONVERSATION_LIST: 2, MEMBERSHIP: 2,
-  NODES: 2, CHANGE_PASSWORD: 2, LOGOUT_ALL: 2, LIST_SESSIONS: 2, SESSION_LIST: 2, REVOKE_SESSION: 2, SEND: 1, ACK: 1,
-  MESSAGE: 1, SYNC: 1, SYNC_PAGE: 1, SYNC_DONE: 1, HISTORY: 1, HISTORY_PAGE: 1, DELIVERED: 1, READ: 1, RECEIPT: 1,
-  GET_CURSORS: 1, CURSORS: 1, PRESENCE: 1, TYPING: 1, USER_TYPING: 1, PING: 1, PONG: 1, ERROR: 1, GOAWAY: 1, BYE: 1,
+  NODES: 2, CHANGE_PASSWORD: 2, LOGOUT_ALL: 2, LIST_SESSIONS: 2, SESSION_LIST: 2, REVOKE_SESSION: 2, EVENTS: 2,
+  KICK: 2, BAN: 2, UNBAN: 2, MUTE: 2, UNMUTE: 2, DELETE_MESSAGE: 2, SET_TOPIC: 2, SET_ROLE: 2, CREATE_ROOM: 2,
+  INVITE: 2, GET_ROOM: 2, ROOM_DETAILS: 2, SEND: 1, ACK: 1, MESSAGE: 1, SYNC: 1, SYNC_PAGE: 1, SYNC_DONE: 1,
+  HISTORY: 1, HISTORY_PAGE: 1, DELIVERED: 1, READ: 1, RECEIPT: 1, GET_CURSORS: 1, CURSORS: 1, PRESENCE: 1, TYPING: 1,
+  USER_TYPING: 1, PING: 1, PONG: 1, ERROR: 1, GOAWAY: 1, BYE: 1,
 });
 
 const ROOM_INFO = record([["name", text(U8, 32)], ["members", U32], ["last_seq", U64], ["joined", BOOL]]);
@@ -261,6 +269,15 @@ const NODE_INFO = record([
   ["draining", BOOL],
 ]);
 const SESSION_INFO = record([["session_id", U64], ["created_ms", U64], ["last_used_ms", U64], ["current", BOOL]]);
+const CONV_EVENT = record([
+  ["seq", U64], ["ts_ms", U64], ["kind", enumOf(U8, EventKind)], ["actor", text(U8, 32)], ["target", text(U8, 32)],
+  ["target_seq", U64], ["until_ms", U64], ["role", enumOf(U8, RoomRole)], ["text", text(U16, 65535)],
+]);
+const ROOM_MEMBER = record([
+  ["user", text(U8, 32)], ["role", enumOf(U8, RoomRole)], ["status", enumOf(U8, Status)], ["muted", BOOL],
+  ["muted_until_ms", U64],
+]);
+const BAN_INFO = record([["user", text(U8, 32)], ["until_ms", U64]]);
 const POSITION = record([["conv", CONVERSATION], ["last_seq", U64]]);
 const STORED_MESSAGE = record([
   ["seq", U64], ["ts_ms", U64], ["sender", text(U8, 32)], ["client_msg_id", U64], ["body", text(U16, 65535)],
@@ -296,6 +313,22 @@ export const FIELDS = Object.freeze({
   LIST_SESSIONS: [],
   SESSION_LIST: [["sessions", array(SESSION_INFO, 1000)]],
   REVOKE_SESSION: [["session_id", U64]],
+  EVENTS: [["conv", CONVERSATION], ["events", array(CONV_EVENT, 1000)]],
+  KICK: [["room", text(U8, 32)], ["user", text(U8, 32)], ["reason", text(U8, 255)]],
+  BAN: [["room", text(U8, 32)], ["user", text(U8, 32)], ["until_ms", U64], ["reason", text(U8, 255)]],
+  UNBAN: [["room", text(U8, 32)], ["user", text(U8, 32)]],
+  MUTE: [["room", text(U8, 32)], ["user", text(U8, 32)], ["until_ms", U64], ["reason", text(U8, 255)]],
+  UNMUTE: [["room", text(U8, 32)], ["user", text(U8, 32)]],
+  DELETE_MESSAGE: [["conv", CONVERSATION], ["seq", U64]],
+  SET_TOPIC: [["room", text(U8, 32)], ["topic", text(U8, 255)]],
+  SET_ROLE: [["room", text(U8, 32)], ["user", text(U8, 32)], ["role", enumOf(U8, RoomRole)]],
+  CREATE_ROOM: [["room", text(U8, 32)], ["private", BOOL]],
+  INVITE: [["room", text(U8, 32)], ["user", text(U8, 32)]],
+  GET_ROOM: [["room", text(U8, 32)]],
+  ROOM_DETAILS: [
+    ["room", text(U8, 32)], ["topic", text(U8, 255)], ["private", BOOL], ["members", array(ROOM_MEMBER, 1000)],
+    ["bans", array(BAN_INFO, 1000)],
+  ],
   SEND: [["conv", CONVERSATION], ["client_msg_id", U64], ["body", text(U16, 65535)]],
   ACK: [["conv", CONVERSATION], ["client_msg_id", U64], ["seq", U64], ["ts_ms", U64], ["duplicate", BOOL]],
   MESSAGE: [
@@ -327,9 +360,11 @@ export const LARGEST_BODY_BYTES = Object.freeze({
   HELLO: 69, WELCOME: 87, REGISTER: 162, LOGIN: 162, RESUME: 65, AUTH_OK: 106, LOGOUT: 0, OK: 0, JOIN: 33, JOINED: 45,
   LEAVE: 33, LIST_ROOMS: 0, ROOM_LIST: 46002, MEMBERS: 33, MEMBER_LIST: 34035, LIST_CONVERSATIONS: 0,
   CONVERSATION_LIST: 66002, MEMBERSHIP: 67, NODES: 298002, CHANGE_PASSWORD: 258, LOGOUT_ALL: 0, LIST_SESSIONS: 0,
-  SESSION_LIST: 25002, REVOKE_SESSION: 8, SEND: 65579, ACK: 59, MESSAGE: 65628, SYNC: 42002, SYNC_PAGE: 65594037,
-  SYNC_DONE: 0, HISTORY: 45, HISTORY_PAGE: 65594037, DELIVERED: 42, READ: 42, RECEIPT: 76, GET_CURSORS: 34,
-  CURSORS: 49036, PRESENCE: 34, TYPING: 34, USER_TYPING: 67, PING: 8, PONG: 8, ERROR: 262, GOAWAY: 261, BYE: 1,
+  SESSION_LIST: 25002, REVOKE_SESSION: 8, EVENTS: 65637036, KICK: 322, BAN: 330, UNBAN: 66, MUTE: 330, UNMUTE: 66,
+  DELETE_MESSAGE: 42, SET_TOPIC: 289, SET_ROLE: 67, CREATE_ROOM: 34, INVITE: 66, GET_ROOM: 33, ROOM_DETAILS: 85294,
+  SEND: 65579, ACK: 59, MESSAGE: 65628, SYNC: 42002, SYNC_PAGE: 65594037, SYNC_DONE: 0, HISTORY: 45,
+  HISTORY_PAGE: 65594037, DELIVERED: 42, READ: 42, RECEIPT: 76, GET_CURSORS: 34, CURSORS: 49036, PRESENCE: 34,
+  TYPING: 34, USER_TYPING: 67, PING: 8, PONG: 8, ERROR: 262, GOAWAY: 261, BYE: 1,
 });
 // END GENERATED
 
