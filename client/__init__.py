@@ -10,7 +10,7 @@ See ``_client.py`` for how reconnects, the outbox and exactly-once delivery work
 """
 from ._client import Client, ClientStatistics, backoff_delay, open_client, parse_conv
 from ._errors import ConnectionLost, ServerError
-from ._events import Disconnected, Reconnected
+from ._events import Disconnected, Page, Reconnected
 from ._queue import EventQueue
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ConnectionLost",
     "Disconnected",
     "EventQueue",
+    "Page",
     "Reconnected",
     "ServerError",
     "backoff_delay",

@@ -43,7 +43,7 @@ from chorus import proto
 from chorus.proto import CloseReason, ErrorCode
 
 from ._errors import ConnectionLost, ServerError
-from ._events import Disconnected, Reconnected
+from ._events import Disconnected, Page, Reconnected
 from ._queue import EventQueue
 from ._transport import Transport, TransportClosed
 
@@ -67,6 +67,17 @@ _REPLY: dict[type, type] = {
     proto.ChangePassword: proto.Ok,  # version 2
     proto.ListSessions: proto.SessionList,  # version 2
     proto.RevokeSession: proto.Ok,  # version 2
+    proto.Kick: proto.Ok,  # version 2 from here on
+    proto.Ban: proto.Ok,
+    proto.Unban: proto.Ok,
+    proto.Mute: proto.Ok,
+    proto.Unmute: proto.Ok,
+    proto.DeleteMessage: proto.Ok,
+    proto.SetTopic: proto.Ok,
+    proto.SetRole: proto.Ok,
+    proto.Invite: proto.Ok,
+    proto.CreateRoom: proto.Joined,
+    proto.GetRoom: proto.RoomDetails,
     proto.Ping: proto.Pong,
 }
 #: Pushes handed to ``events()`` as they are (MEMBERSHIP only arrives on a version 2 connection).
@@ -77,6 +88,8 @@ _FATAL = {
     ErrorCode.INVALID_NAME, ErrorCode.WEAK_PASSWORD,
 }
 _NOT_OURS = (ErrorCode.NOT_MEMBER, ErrorCode.NOT_FOUND)
+#: EVENTS frames held for the page that follows them, at most (one per page in flight).
+_MAX_PAGES_PENDING = 64
 #: When a refusal gives no retry hint (retry_after_ms 0), wait this long before asking again.
 _DEFAULT_RETRY_S = 1.0
 
@@ -123,6 +136,18 @@ def _room_name(room: str) -> str:
 def backoff_delay(failures: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**failures)]."""
     return (rng or random).uniform(0.0, min(cap_s, base_s * 2 ** min(failures, 32)))
+
+
+def _merged(messages: Sequence[proto.StoredMessage],
+            events: Sequence[proto.ConvEvent]) -> list[proto.StoredMessage | proto.ConvEvent]:
+    return sorted([*messages, *events], key=lambda entry: entry.seq) if events else list(messages)
+
+
+def _item(conv: proto.Conversation, entry: proto.StoredMessage | proto.ConvEvent) -> proto.Message | proto.Events:
+    """A page's entry as the event stream hands it over: a MESSAGE, or an EVENTS with the one event."""
+    if isinstance(entry, proto.ConvEvent):
+        return proto.Events(conv, (entry,))
+    return _message(conv, entry)
 
 
 def _message(conv: proto.Conversation, stored: proto.StoredMessage) -> proto.Message:
@@ -251,6 +276,8 @@ class Client:
         self._closed = False
         self._close_error: ConnectionLost | None = None
         self._lag: dict[proto.Conversation, int] = {}  # conv → highest seq seen but not handed over
+        # request id → the EVENTS that came right before its SYNC_PAGE or HISTORY_PAGE (version 2, spec §9.15)
+        self._page_events: dict[int, tuple[proto.ConvEvent, ...]] = {}
         self._lag_wakeup = trio.Event()
         self._marks: dict[tuple[proto.Conversation, proto.ReceiptKind], int] = {}  # to re-send on reconnect
         self._first_done = trio.Event()
@@ -273,7 +300,8 @@ class Client:
         """The event stream: ``async for event in client.events()``.
 
         Yields ``proto.Message`` (live and caught up, each once, in seq order per
-        conversation), ``proto.Presence``, ``proto.UserTyping``, ``proto.Receipt``,
+        conversation; on version 2, ``proto.Events`` with one event takes its seq in that order too: a moderation
+        event, spec §9.15), ``proto.Presence``, ``proto.UserTyping``, ``proto.Receipt``,
         ``proto.GoAway``, ``proto.Error`` (an ERROR that answers no request),
         ``Disconnected`` and ``Reconnected``. Ends when the client is closed.
         """
@@ -285,8 +313,16 @@ class Client:
 
     # -- requests ----------------------------------------------------------------
     async def join(self, room: str) -> proto.Joined:
-        """Join (or create) ``room``. Raises ``ServerError`` (INVALID_NAME, TOO_MANY_ROOMS...)."""
-        joined = await self._request(proto.Join(_room_name(room)))
+        """Join (or create) ``room``. Raises ``ServerError`` (INVALID_NAME, TOO_MANY_ROOMS, FORBIDDEN: banned or
+        invite-only...)."""
+        return self._joined(await self._request(proto.Join(_room_name(room))))
+
+    async def create_room(self, room: str, *, private: bool = False) -> proto.Joined:
+        """Create ``room`` and join it as its owner; ``private``: invite-only and unlisted (version 2, spec
+        §9.15). Raises ``ServerError`` (INVALID_REQUEST: the name is taken, TOO_MANY_ROOMS, RATE_LIMITED)."""
+        return self._joined(await self._request(proto.CreateRoom(_room_name(room), private)))
+
+    def _joined(self, joined: proto.Joined) -> proto.Joined:
         conv = proto.Conversation.room(joined.room)
         if conv not in self.last_seq and conv not in self._lag:
             # Messages before the join are history, not events.
@@ -335,9 +371,10 @@ class Client:
         return await self._request(proto.Send(parse_conv(conv), client_msg_id, body))
 
     async def history(self, conv, *, before: int | None = None, after: int | None = None,
-                      limit: int = 0) -> proto.HistoryPage:
-        """A page of stored messages, ascending: the newest ones by default, those with seq < ``before``,
-        or those with seq > ``after``. ``limit`` 0 means the server's page size. Raises ``ServerError``."""
+                      limit: int = 0) -> Page:
+        """A page of stored messages (and, on version 2, events: ``Page.entries``), ascending: the newest ones by
+        default, those with seq < ``before``, or those with seq > ``after``. ``limit`` 0 means the server's page
+        size. Raises ``ServerError``."""
         if before is not None and after is not None:
             raise ValueError("give before or after, not both")
         if after is not None:
@@ -412,6 +449,45 @@ class Client:
         """Revoke one of the user's sessions (an id from ``sessions()``): its connections close. Revoking the
         current one ends this connection as ``logout()`` would. Raises ``ServerError`` (NOT_FOUND)."""
         await self._request(proto.RevokeSession(session_id))
+
+    # -- moderation (version 2, spec §9.15): each raises ServerError (FORBIDDEN, NOT_MEMBER, NOT_FOUND...) ----------
+    async def kick(self, room: str, user: str, reason: str = "") -> None:
+        """Remove ``user`` from ``room`` (moderators, owner); they may join again."""
+        await self._request(proto.Kick(_room_name(room), user, reason))
+
+    async def ban(self, room: str, user: str, *, until_ms: int = 0, reason: str = "") -> None:
+        """Remove ``user`` from ``room`` and keep them out until ``until_ms`` (0: until ``unban``)."""
+        await self._request(proto.Ban(_room_name(room), user, until_ms, reason))
+
+    async def unban(self, room: str, user: str) -> None:
+        await self._request(proto.Unban(_room_name(room), user))
+
+    async def mute(self, room: str, user: str, *, until_ms: int = 0, reason: str = "") -> None:
+        """Refuse ``user``'s messages to ``room`` until ``until_ms`` (0: until ``unmute``)."""
+        await self._request(proto.Mute(_room_name(room), user, until_ms, reason))
+
+    async def unmute(self, room: str, user: str) -> None:
+        await self._request(proto.Unmute(_room_name(room), user))
+
+    async def delete_message(self, conv, seq: int) -> None:
+        """Replace the message at ``seq`` by a tombstone: one's own, or any as a moderator of the room."""
+        await self._request(proto.DeleteMessage(parse_conv(conv), seq))
+
+    async def set_topic(self, room: str, topic: str) -> None:
+        await self._request(proto.SetTopic(_room_name(room), topic))
+
+    async def set_role(self, room: str, user: str, role: proto.RoomRole) -> None:
+        """Give a member a role (the owner only; OWNER hands the room over)."""
+        await self._request(proto.SetRole(_room_name(room), user, role))
+
+    async def invite(self, room: str, user: str) -> None:
+        """Add ``user`` to ``room`` (moderators, owner): the way into a private room."""
+        await self._request(proto.Invite(_room_name(room), user))
+
+    async def room(self, room: str) -> proto.RoomDetails:
+        """``room``'s topic, whether it is private, its members with roles, presence and mutes, and (to
+        moderators) its bans."""
+        return await self._request(proto.GetRoom(_room_name(room)))
 
     async def close(self) -> None:
         """Say BYE(CLIENT_QUIT), close the connection and end the event stream. Idempotent."""
@@ -576,22 +652,24 @@ class Client:
             self._lag.pop(conv, None)
 
     # -- delivery ------------------------------------------------------------------
-    def _offer_message(self, msg: proto.Message) -> None:
+    def _offer_message(self, msg: proto.Message | proto.Events) -> None:
+        """Hand over a MESSAGE, or an EVENTS with one event (which takes a seq like a message, spec §9.15)."""
         conv = msg.conv
+        seq = msg.seq if isinstance(msg, proto.Message) else msg.events[0].seq
         last = self.last_seq.get(conv)
-        if last is not None and msg.seq <= last:
+        if last is not None and seq <= last:
             self._stats.duplicates_dropped += 1
             return
         if conv in self._lag:
-            self._lag[conv] = max(self._lag[conv], msg.seq)
+            self._lag[conv] = max(self._lag[conv], seq)
             return
         # A gap means a message went missing (e.g. committed between a JOIN's snapshot and its
         # subscription); fetching from last_seq repairs it before anything later is shown.
-        if (last is not None and msg.seq > last + 1) or not self._queue.offer_message(msg):
-            self._lag[conv] = msg.seq
+        if (last is not None and seq > last + 1) or not self._queue.offer_message(msg):
+            self._lag[conv] = seq
             self._lag_wakeup.set()
             return
-        self.last_seq[conv] = msg.seq
+        self.last_seq[conv] = seq
 
     async def _repair(self) -> None:
         """Hand over, in order, what ``_offer_message`` could not: fetched again by seq."""
@@ -611,11 +689,11 @@ class Client:
             except ConnectionLost:
                 return
             progressed = False
-            for stored in page.messages:
+            for stored in page.entries:
                 if stored.seq <= self.last_seq.get(conv, 0):
                     continue
                 try:
-                    await self._queue.put_message(_message(conv, stored))
+                    await self._queue.put_message(_item(conv, stored))
                 except trio.ClosedResourceError:
                     return
                 self.last_seq[conv] = stored.seq
@@ -657,8 +735,17 @@ class Client:
         if kind is proto.Message:
             self._offer_message(event)
         elif kind is proto.SyncPage:
-            for stored in event.messages:
-                self._offer_message(_message(event.conv, stored))
+            events = self._page_events.pop(event.request_id, ())
+            for stored in _merged(event.messages, events):
+                self._offer_message(_item(event.conv, stored))
+        elif kind is proto.Events:
+            if event.request_id:  # the events of the page that follows (spec §9.15)
+                if len(self._page_events) >= _MAX_PAGES_PENDING:  # a page never came: a server bug, not ours to hold
+                    self._page_events.clear()
+                self._page_events[event.request_id] = event.events
+            else:
+                for item in event.events:
+                    self._offer_message(proto.Events(event.conv, (item,)))
         elif kind is proto.Ping:
             try:
                 await t.send(event.response())
@@ -670,6 +757,9 @@ class Client:
                 return True  # the answer to a request that timed out or was cancelled
             if kind is proto.Error:
                 call.finish(error=ServerError.from_event(event))
+            elif kind is proto.HistoryPage:
+                events = self._page_events.pop(event.request_id, ())
+                call.finish(reply=Page(event.conv, event.messages, events, event.has_more))
             elif kind is _REPLY[type(call.event)]:
                 call.finish(reply=event)
             else:

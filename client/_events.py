@@ -29,3 +29,18 @@ class Reconnected:
     in the event stream before this event) and every unanswered request re-sent."""
 
     attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of a conversation from ``Client.history``: its messages, and on a version 2 connection its events
+    (moderation, spec §9.15) that share the seqs; ``entries`` merges both in seq order."""
+
+    conv: proto.Conversation
+    messages: tuple[proto.StoredMessage, ...]
+    events: tuple[proto.ConvEvent, ...]
+    has_more: bool
+
+    @property
+    def entries(self) -> list[proto.StoredMessage | proto.ConvEvent]:
+        return sorted([*self.messages, *self.events], key=lambda entry: entry.seq)

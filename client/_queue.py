@@ -34,14 +34,14 @@ class EventQueue:
         self._closed = False
         self.dropped = 0  # other events dropped because the queue was full
 
-    def offer_message(self, message: proto.Message) -> bool:
+    def offer_message(self, message: proto.Message | proto.Events) -> bool:
         """Queue ``message`` if there is room; False means it was not queued."""
         if self._closed or self._messages >= self._max_messages:
             return False
         self._append(message, True)
         return True
 
-    async def put_message(self, message: proto.Message) -> None:
+    async def put_message(self, message: proto.Message | proto.Events) -> None:
         """Queue ``message``, waiting for room; raises ``trio.ClosedResourceError`` once closed."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._closed and self._messages >= self._max_messages:

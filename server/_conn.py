@@ -352,7 +352,7 @@ class ClientConnection:
                 try:
                     queued = self.session.send_nowait(event)
                 except RequestError as exc:
-                    self.send(exc.reply(event.request_id))
+                    self.send(exc.reply(event.request_id, self.wire.version))
                     return
                 self.inflight_sends += 1
                 if not queued:

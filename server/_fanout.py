@@ -35,13 +35,16 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from chorus import proto
-from chorus.proto import CloseReason, StoredMessage
+from chorus.proto import CloseReason, ConvEvent, StoredMessage
+
+from ._moderation import v1_message
 
 if TYPE_CHECKING:
-    from ._ports import Appended, Store, Subscriber
+    from ._ports import Appended, Entry, Store, Subscriber
 
 log = logging.getLogger("chorus.fanout")
 
+_EVENTS_VERSION = proto.FrameType.EVENTS.version
 #: Messages held per conversation while a gap is filled: at a busy room's 1,000 messages/s, a second of store reads.
 MAX_HELD = 1024
 #: A gap fill the store refused (or could not advance) is retried after this, doubling up to ``_FILL_RETRY_MAX_S``.
@@ -80,13 +83,29 @@ class Subscription:
 
 def _frame(view: proto.Conversation, seq: int, ts_ms: int, sender: str, client_msg_id: int, body: str,
            wrap: Any) -> bytes:
-    # Every protocol version so far encodes MESSAGE alike; the cache key has the version so that one that does not
-    # changes only this call.
     frame = proto.encode(proto.Message(view, seq, ts_ms, sender, client_msg_id, body))
     return frame if wrap is None else wrap(frame)
 
 
-def _as_stored(msg: Appended) -> StoredMessage:
+def _event_frame(view: proto.Conversation, event: ConvEvent, conn: Subscriber) -> bytes:
+    """An event as this connection's version has it (the cache key holds the version): EVENTS from version 2 on,
+    else the MESSAGE in words that stands in for it (spec §9.15)."""
+    if conn.wire.version >= _EVENTS_VERSION:
+        frame = proto.encode(proto.Events(view, (event,)))
+        return frame if conn.wrap is None else conn.wrap(frame)
+    shown = v1_message(view, event)
+    return _frame(view, shown.seq, shown.ts_ms, shown.sender, 0, shown.body, conn.wrap)
+
+
+def _entry_frame(view: proto.Conversation, entry: Entry, conn: Subscriber) -> bytes:
+    if isinstance(entry, ConvEvent):
+        return _event_frame(view, entry, conn)
+    return _frame(view, entry.seq, entry.ts_ms, entry.sender, entry.client_msg_id, entry.body, conn.wrap)
+
+
+def _as_stored(msg: Appended) -> Entry:
+    if msg.event is not None:
+        return msg.event
     return StoredMessage(msg.seq, msg.ts_ms, msg.sender_name, msg.client_msg_id, msg.body)
 
 
@@ -97,7 +116,7 @@ class Fanout:
         self._max_held = max_held
         self._subs: dict[int, dict[Subscriber, Subscription]] = {}
         self._corked: list[Any] = []  # outputs holding a batch's frames until flush()
-        self._gaps: dict[int, dict[int, StoredMessage]] = {}  # conv id -> held messages by seq, while a gap is open
+        self._gaps: dict[int, dict[int, Entry]] = {}  # conv id -> held messages by seq, while a gap is open
         self._nursery: trio.Nursery | None = None
         self._fill_failing = False
         self.delivered = 0
@@ -169,8 +188,12 @@ class Fanout:
                 sub.sent_seq = seq
                 frame = frames.get(sub.key)
                 if frame is None:
-                    frame = frames[sub.key] = _frame(sub.view, seq, msg.ts_ms, msg.sender_name, msg.client_msg_id,
-                                                     msg.body, conn.wrap)
+                    if msg.event is None:
+                        frame = _frame(sub.view, seq, msg.ts_ms, msg.sender_name, msg.client_msg_id, msg.body,
+                                       conn.wrap)
+                    else:
+                        frame = _event_frame(sub.view, msg.event, conn)
+                    frames[sub.key] = frame
                 output = conn.output
                 # Cork when more of this batch will follow for this connection: more messages, or the ACK of its
                 # own send. A lone message to a plain subscriber is written through at once.
@@ -206,8 +229,8 @@ class Fanout:
             held = self._start_fill(msg.conv_id)
         held.setdefault(msg.seq, _as_stored(msg))
 
-    def _start_fill(self, conv_id: int) -> dict[int, StoredMessage]:
-        held: dict[int, StoredMessage] = {}
+    def _start_fill(self, conv_id: int) -> dict[int, Entry]:
+        held: dict[int, Entry] = {}
         self._gaps[conv_id] = held
         self.gaps += 1
         if self._nursery is None:
@@ -240,7 +263,7 @@ class Fanout:
             sub.gapped = top > sub.sent_seq
         return delivered
 
-    def _catch_up(self, conn: Subscriber, sub: Subscription, held: dict[int, StoredMessage],
+    def _catch_up(self, conn: Subscriber, sub: Subscription, held: dict[int, Entry],
                   frames: dict[tuple[int, str], bytes]) -> int:
         """Write the held messages that follow ``sub.sent_seq`` without a gap; returns how many."""
         written = 0
@@ -251,8 +274,7 @@ class Fanout:
             sub.sent_seq = msg.seq
             frame = frames.get((msg.seq, sub.key))
             if frame is None:
-                frame = frames[(msg.seq, sub.key)] = _frame(sub.view, msg.seq, msg.ts_ms, msg.sender,
-                                                            msg.client_msg_id, msg.body, conn.wrap)
+                frame = frames[(msg.seq, sub.key)] = _entry_frame(sub.view, msg, conn)
             self._write(conn, frame)
             written += 1
         return written
@@ -274,7 +296,7 @@ class Fanout:
         log.warning("conversation %d: a gap was not filled within %d held messages; %d connections closed to resume "
                     "by seq", conv_id, self._max_held, closed)
 
-    async def _fill(self, conv_id: int, held: dict[int, StoredMessage]) -> None:
+    async def _fill(self, conv_id: int, held: dict[int, Entry]) -> None:
         """Read the store from the lowest gapped ``sent_seq`` and deliver, until no subscription has a gap."""
         retry = _FILL_RETRY_S
         try:

@@ -94,6 +94,7 @@ class Applied:
     tombstone: proto.ConvEvent | None = None
     removed_id: int | None = None  # KICK, BAN of a member: the user who is no longer in the room
     added_id: int | None = None  # INVITE
+    target_id: int | None = None
 
 
 def now_ms() -> int:
@@ -206,8 +207,8 @@ def apply(db: Db, m: Moderation) -> Applied:
         moderator()
         sanction = EventKind.BAN if kind == EventKind.UNBAN else EventKind.MUTE
         if _sanction(db, m.conv_id, m.target_id or 0, sanction, now) is None:
-            raise Refused(ErrorCode.NOT_FOUND, f"{target_name} is not {'banned' if sanction == EventKind.BAN else 'muted'}"
-                                               f" in #{room}")
+            state = "banned" if sanction == EventKind.BAN else "muted"
+            raise Refused(ErrorCode.NOT_FOUND, f"{target_name} is not {state} in #{room}")
         db.run("DELETE FROM sanctions WHERE conv_id = :c AND user_id = :u AND kind = :k", c=m.conv_id,
                u=m.target_id, k=int(sanction))
     elif kind == EventKind.TOPIC:
@@ -246,7 +247,7 @@ def apply(db: Db, m: Moderation) -> Applied:
     event = proto.ConvEvent(seq, now, kind, _name(db, m.actor_id), target_name, m.target_seq, m.until_ms, m.role,
                             m.text)
     view = proto.Conversation(ConvKind(conv[0]), room if is_room else "")
-    return Applied(m.conv_id, view, event, tombstone, removed_id, added_id)
+    return Applied(m.conv_id, view, event, tombstone, removed_id, added_id, m.target_id)
 
 
 def _store_sanction(db: Db, m: Moderation) -> None:

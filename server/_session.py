@@ -39,9 +39,10 @@ from ._auth import Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of
 from ._fanout import Subscription
 from ._logs import episode, safe
+from ._moderation import Applied, Moderation, Refused, active, v1_entries, v1_message
 from ._ports import (
-    ConvRow, MemberJoined, MemberLeft, NameTaken, NewMessage, SessionsRevoked, StoreError, TokenRevoked,
-    TooManyRooms, UserEvent, UserRow,
+    Appended, ConvRow, Entry, MemberJoined, MemberLeft, Muted, NameTaken, NewMessage, RoomExists, SessionsRevoked,
+    StoreError, TokenRevoked, TooManyRooms, UserEvent, UserRow,
 )
 from ._ratelimit import retry_ms
 
@@ -55,6 +56,8 @@ log = logging.getLogger("chorus.session")
 #: arrive up to a quarter interval early relative to the one before), so an honest client's TYPING is never dropped,
 #: while one that ignores the interval is held to 4/3 of the allowed rate.
 _TYPING_COALESCE_S = proto.TYPING_INTERVAL_S * 3 / 4
+#: The latest BAN or MUTE end (and DELETE seq) the stores hold: their integers are signed 64-bit.
+_MAX_UNTIL_MS = 2**63 - 1
 
 
 def clipped(text: str) -> str:
@@ -70,8 +73,14 @@ class RequestError(Exception):
         self.code = code
         self.retry_after_ms = retry_after_ms
 
-    def reply(self, request_id: int) -> proto.Error:
-        return proto.Error(self.code, self.retry_after_ms, clipped(str(self)), request_id=request_id)
+    def reply(self, request_id: int, version: int) -> proto.Error:
+        """The ERROR frame for a connection at protocol ``version`` (a newer code becomes one it knows, §7.1)."""
+        return proto.Error(proto.error_code_for(self.code, version), self.retry_after_ms, clipped(str(self)),
+                           request_id=request_id)
+
+    @classmethod
+    def refused(cls, exc: Refused) -> "RequestError":
+        return cls(exc.code, str(exc))
 
 
 def _check_new_password(password: str) -> None:
@@ -90,6 +99,7 @@ class ConvState:
     sub: Subscription  # changed here only by withhold() and go_live()
     login_seq: int = 0  # last_seq when this connection logged in
     typing_at: float = -1e9
+    muted_until_ms: int | None = None  # the user's mute here (0: no expiry), kept current by Muted user events
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,10 @@ class Identity:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
 
 
 class Session:
@@ -145,7 +159,9 @@ class Session:
         try:
             await handler(self, event)
         except RequestError as exc:
-            self.conn.send(exc.reply(event.request_id))
+            self.conn.send(exc.reply(event.request_id, self.conn.wire.version))
+        except Refused as exc:
+            self.conn.send(RequestError.refused(exc).reply(event.request_id, self.conn.wire.version))
 
     def send_nowait(self, ev: proto.Send) -> bool:
         """Queue a SEND for the group commit without waiting; the ACK goes out from the commit callback.
@@ -175,7 +191,7 @@ class Session:
             if isinstance(exc, StoreError):
                 exc = RequestError(ErrorCode.SERVER_BUSY, "storage unavailable; retry with the same id",
                                    self._busy_retry_ms(exc))
-            self.conn.send(exc.reply(ev.request_id))
+            self.conn.send(exc.reply(ev.request_id, self.conn.wire.version))
             return
         try:
             appended = await self.server.store.append(self._new_message(state, ev))
@@ -198,6 +214,9 @@ class Session:
         state = self.by_view.get(ev.conv)
         if state is None and ev.conv.kind != ConvKind.DIRECT:
             raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.conv.name}")
+        if state is not None and active(state.muted_until_ms, now_ms()):
+            until = "" if state.muted_until_ms == 0 else f" until {_utc(state.muted_until_ms or 0)}"
+            raise RequestError(ErrorCode.FORBIDDEN, f"you are muted in {ev.conv}{until}")
         return state
 
     def _busy_retry_ms(self, exc: BaseException) -> int:
@@ -418,6 +437,10 @@ class Session:
             case SessionsRevoked(keep=keep):
                 if keep != me.token_hash:
                     self.conn.close(proto.CloseReason.LOGGED_OUT)
+            case Muted(conv_id=conv_id, until_ms=until_ms):
+                state = self.convs.get(conv_id)
+                if state is not None:
+                    state.muted_until_ms = until_ms
 
     # -- conversations --------------------------------------------------------
     def _add_conv(self, row: ConvRow, *, withhold: bool = False) -> ConvState | None:
@@ -429,7 +452,7 @@ class Session:
             return None
         view = proto.Conversation(ConvKind(row.kind), row.name)
         sub = Subscription(view, sent_seq=0 if withhold else row.last_seq, withheld=withhold)
-        state = ConvState(row.id, view, row.peer_id, sub, login_seq=row.last_seq)
+        state = ConvState(row.id, view, row.peer_id, sub, login_seq=row.last_seq, muted_until_ms=row.muted_until_ms)
         self.convs[row.id] = state
         self.by_view[view] = state
         self.server.broker.subscribe(row.id, self.conn, sub)
@@ -494,16 +517,33 @@ class Session:
                 conv_id, joined = await self._create_room(ev.room), True
         except TooManyRooms as exc:  # checked in the store's transaction: concurrent JOINs cannot overshoot
             raise RequestError(ErrorCode.TOO_MANY_ROOMS, str(exc)) from None
-        members = await store.members(conv_id)
-        row = ConvRow(conv_id, ConvKind.ROOM, ev.room, 0, None)
+        await self._joined(ev.room, conv_id, joined, ev.request_id)
+
+    async def _create_room_request(self, ev: proto.CreateRoom) -> None:
+        """CREATE_ROOM (version 2): a new room only, public or private, its creator its owner; JOINED."""
+        if not valid_name(ev.room):
+            raise RequestError(ErrorCode.INVALID_NAME, f"room names are {proto.NAME_RULE}")
+        try:
+            conv_id = await self._create_room(ev.room, private=ev.private)
+        except TooManyRooms as exc:
+            raise RequestError(ErrorCode.TOO_MANY_ROOMS, str(exc)) from None
+        except RoomExists:
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"#{ev.room} exists") from None
+        await self._joined(ev.room, conv_id, True, ev.request_id)
+
+    async def _joined(self, room: str, conv_id: int, joined: bool, request_id: int) -> None:
+        """After a JOIN or CREATE_ROOM stored the membership: subscribe, tell the user's connections, JOINED."""
+        me = self.me
+        members = await self.server.store.members(conv_id)
+        row = ConvRow(conv_id, ConvKind.ROOM, room, 0, None)
         last_seq = await self._subscribe_at_end(row)  # a failure: the membership is stored; a retry subscribes
         # The user's other connections, on any node, go live after the same last_seq (spec §9.2).
         self.server.broker.user_event(MemberJoined(me.user_id, replace(row, last_seq=last_seq)))
-        self.conn.send(proto.Joined(ev.room, last_seq, len(members), request_id=ev.request_id))
+        self.conn.send(proto.Joined(room, last_seq, len(members), request_id=request_id))
         if joined:  # a JOIN of a room the user is in changes nothing
-            log.info("join peer=%s user=%s room=%s", self.conn.transport.peer, me.username, ev.room,
-                     extra={"event": "join", "user": me.username, "room": ev.room})
-            self._announce_membership(conv_id, ev.room, proto.MembershipChange.JOINED)
+            log.info("join peer=%s user=%s room=%s", self.conn.transport.peer, me.username, room,
+                     extra={"event": "join", "user": me.username, "room": room})
+            self._announce_membership(conv_id, room, proto.MembershipChange.JOINED)
 
     async def _subscribe_at_end(self, row: ConvRow) -> int:
         """Subscribe to ``row``'s conversation live from its end (JOIN, a new direct conversation); returns the end.
@@ -527,10 +567,11 @@ class Session:
         state.sub.go_live(last_seq)
         return last_seq
 
-    async def _create_room(self, name: str) -> int:
-        """Create room ``name`` and join it, charged to this user's hourly budget of new rooms.
+    async def _create_room(self, name: str, *, private: bool | None = None) -> int:
+        """Create room ``name`` and join it as its owner, charged to this user's hourly budget of new rooms.
 
-        Raises ``TooManyRooms`` (then nothing is created or charged), ``RequestError`` RATE_LIMITED.
+        ``private`` not None: CREATE_ROOM, which only creates. Raises ``TooManyRooms``, ``RoomExists`` (then nothing
+        is created or charged), ``RequestError`` RATE_LIMITED.
         """
         config, me = self.server.config, self.me
         rooms_created = self.budgets.rooms_created
@@ -540,8 +581,9 @@ class Session:
             raise RequestError(ErrorCode.RATE_LIMITED, f"at most {config.rooms_created_per_hour} new rooms per hour",
                                retry_ms(wait))
         try:
-            conv_id, _ = await self.server.store.join_room(me.user_id, name, max_rooms=config.max_rooms_per_user)
-        except (TooManyRooms, StoreError):  # nothing created, nothing charged
+            conv_id, _ = await self.server.store.join_room(me.user_id, name, max_rooms=config.max_rooms_per_user,
+                                                           private=private)
+        except (TooManyRooms, RoomExists, Refused, StoreError):  # nothing created, nothing charged
             rooms_created.give_back(me.user_id)
             raise
         return conv_id
@@ -608,7 +650,8 @@ class Session:
             if not has_more:
                 state.sub.go_live(after)
             if messages or has_more or always:
-                self.conn.send(proto.SyncPage(state.view, tuple(messages), has_more, request_id=request_id))
+                page = self._page(state.view, messages, request_id)
+                self.conn.send(proto.SyncPage(state.view, page, has_more, request_id=request_id))
             if not has_more:
                 return
             await self.conn.output.wait_drained()
@@ -621,7 +664,19 @@ class Session:
             messages, has_more = await store.messages_before(state.conv_id, ev.seq, limit)
         else:
             messages, has_more = await store.messages_after(state.conv_id, ev.seq, limit)
-        self.conn.send(proto.HistoryPage(ev.conv, tuple(messages), has_more, request_id=ev.request_id))
+        page = self._page(ev.conv, messages, ev.request_id)
+        self.conn.send(proto.HistoryPage(ev.conv, page, has_more, request_id=ev.request_id))
+
+    def _page(self, view: proto.Conversation, entries: list[Entry], request_id: int) -> tuple[proto.StoredMessage, ...]:
+        """A page's messages for this connection: on version 2 its events go first in one EVENTS frame (same
+        request_id), on version 1 each event is a MESSAGE in words (spec §9.15)."""
+        if self.conn.wire.version < proto.FrameType.EVENTS.version:
+            return v1_entries(view, entries)
+        messages = tuple(e for e in entries if isinstance(e, proto.StoredMessage))
+        if len(messages) < len(entries):
+            events = tuple(e for e in entries if isinstance(e, proto.ConvEvent))
+            self.conn.send(proto.Events(view, events, request_id=request_id))
+        return messages
 
     # -- cursors, typing --------------------------------------------------------
     async def _cursor(self, ev: proto.Delivered | proto.Read) -> None:
@@ -705,6 +760,79 @@ class Session:
         self.conn.send(proto.Ok(request_id=ev.request_id))
         self.server.broker.user_event(TokenRevoked(me.user_id, revoked))
 
+    # -- roles, moderation and private rooms (version 2, spec §9.15) -------------------------------------------------
+    async def _target(self, name: str) -> UserRow:
+        user = await self.server.store.get_user(name) if valid_name(name) else None
+        if user is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no user {name}")
+        return user
+
+    @staticmethod
+    def _until(until_ms: int) -> int:
+        """A BAN's or MUTE's end as given: 0 (no expiry) or a time to come that the store can hold."""
+        if until_ms and not now_ms() < until_ms <= _MAX_UNTIL_MS:
+            raise RequestError(ErrorCode.INVALID_REQUEST, "until_ms must be 0 (no expiry) or a time to come")
+        return until_ms
+
+    async def _moderate(self, request_id: int, kind: proto.EventKind, conv: proto.Conversation,
+                        user: str | None = None, **fields: Any) -> Applied:
+        """Apply one moderation request in the store (which checks the rules), deliver its event, answer OK."""
+        state, me = self._conv(conv), self.me
+        target = await self._target(user) if user is not None else None
+        if kind == proto.EventKind.INVITE:
+            fields["max_rooms"] = self.server.config.max_rooms_per_user
+        action = Moderation(kind, state.conv_id, me.user_id, None if target is None else target.id, **fields)
+        try:
+            applied = await self.server.store.moderate(action)
+        except TooManyRooms:
+            raise RequestError(ErrorCode.FORBIDDEN, f"{user} is in too many rooms") from None
+        deliver_event(self.server, applied)
+        self.conn.send(proto.Ok(request_id=request_id))
+        log.info("moderation peer=%s user=%s %s %s target=%s", self.conn.transport.peer, me.username,
+                 kind.name.lower(), conv, user or "-",
+                 extra={"event": "moderation", "action": kind.name.lower(), "user": me.username,
+                        "conversation": str(conv), "target": user or ""})
+        return applied
+
+    async def _kick(self, ev: proto.Kick) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.KICK, proto.Conversation.room(ev.room), ev.user,
+                             text=ev.reason)
+
+    async def _ban(self, ev: proto.Ban) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.BAN, proto.Conversation.room(ev.room), ev.user,
+                             until_ms=self._until(ev.until_ms), text=ev.reason)
+
+    async def _unban(self, ev: proto.Unban) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.UNBAN, proto.Conversation.room(ev.room), ev.user)
+
+    async def _mute(self, ev: proto.Mute) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.MUTE, proto.Conversation.room(ev.room), ev.user,
+                             until_ms=self._until(ev.until_ms), text=ev.reason)
+
+    async def _unmute(self, ev: proto.Unmute) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.UNMUTE, proto.Conversation.room(ev.room), ev.user)
+
+    async def _delete_message(self, ev: proto.DeleteMessage) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.DELETE, ev.conv, target_seq=min(ev.seq, _MAX_UNTIL_MS))
+
+    async def _set_topic(self, ev: proto.SetTopic) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.TOPIC, proto.Conversation.room(ev.room), text=ev.topic)
+
+    async def _set_role(self, ev: proto.SetRole) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.ROLE, proto.Conversation.room(ev.room), ev.user,
+                             role=ev.role)
+
+    async def _invite(self, ev: proto.Invite) -> None:
+        await self._moderate(ev.request_id, proto.EventKind.INVITE, proto.Conversation.room(ev.room), ev.user)
+
+    async def _get_room(self, ev: proto.GetRoom) -> None:
+        state = self._conv(proto.Conversation.room(ev.room))
+        topic, private, members, bans = await self.server.store.room_details(state.conv_id, self.me.user_id)
+        online = await self.server.broker.online(uid for uid, _, _, _ in members)
+        infos = tuple(proto.RoomMember(name, role, proto.Status.ONLINE if uid in online else proto.Status.OFFLINE,
+                                       until is not None, until or 0) for uid, name, role, until in members)
+        self.conn.send(proto.RoomDetails(ev.room, topic, private, infos, tuple(bans), request_id=ev.request_id))
+
     def _announce_membership(self, conv_id: int, room: str, change: proto.MembershipChange) -> None:
         """MEMBERSHIP (version 2, spec §5.39) to the connections of the room's other members; the broker sends it
         only to connections of version 2 or later."""
@@ -736,4 +864,37 @@ _HANDLERS: dict[type[proto.Event], Callable[[Session, Any], Awaitable[None]]] = 
     proto.LogoutAll: Session._logout_all,
     proto.ListSessions: Session._list_sessions,
     proto.RevokeSession: Session._revoke_session,
+    proto.Kick: Session._kick,
+    proto.Ban: Session._ban,
+    proto.Unban: Session._unban,
+    proto.Mute: Session._mute,
+    proto.Unmute: Session._unmute,
+    proto.DeleteMessage: Session._delete_message,
+    proto.SetTopic: Session._set_topic,
+    proto.SetRole: Session._set_role,
+    proto.CreateRoom: Session._create_room_request,
+    proto.Invite: Session._invite,
+    proto.GetRoom: Session._get_room,
 }
+
+
+def deliver_event(server: "Server", applied: Applied) -> None:
+    """Deliver a stored moderation event (spec §9.15) and what it changes for the users it names, on every node:
+    an INVITE's user subscribes first (so it receives its own INVITE), a KICK's or BAN's after it (so it receives
+    it, then MEMBERSHIP LEFT); a MUTE's connections learn it at once. Also for chorus-admin's actions."""
+    broker, ev = server.broker, applied.event
+    conv_id, room = applied.conv_id, applied.conv.name
+    if applied.added_id is not None:
+        broker.user_event(MemberJoined(applied.added_id, ConvRow(conv_id, ConvKind.ROOM, room, ev.seq - 1, None)))
+    shown = v1_message(applied.conv, ev)
+    broker.publish([Appended(conv_id, ev.seq, ev.ts_ms, 0, shown.sender, 0, shown.body, False, event=ev)])
+    broker.flush()
+    if applied.added_id is not None:
+        broker.push_to_conversation(conv_id, proto.Membership(room, ev.target, proto.MembershipChange.JOINED),
+                                    skip_user=-1)
+    if applied.removed_id is not None:
+        broker.push_to_conversation(conv_id, proto.Membership(room, ev.target, proto.MembershipChange.LEFT),
+                                    skip_user=-1)
+        broker.user_event(MemberLeft(applied.removed_id, conv_id))
+    if ev.kind in (proto.EventKind.MUTE, proto.EventKind.UNMUTE) and applied.target_id is not None:
+        broker.user_event(Muted(applied.target_id, conv_id, ev.until_ms if ev.kind == proto.EventKind.MUTE else None))

@@ -239,7 +239,8 @@ _CONVERSATIONS = """
 """
 
 # The mute of user :u in conversation v (a row of _CONVERSATIONS): its until_ms, or NULL.
-_MUTE = f"(SELECT s.until_ms FROM sanctions s WHERE s.conv_id = v.id AND s.user_id = :u AND s.kind = {int(EventKind.MUTE)})"
+_MUTE = ("(SELECT s.until_ms FROM sanctions s WHERE s.conv_id = v.id AND s.user_id = :u"
+         f" AND s.kind = {int(EventKind.MUTE)})")
 _MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
 _USER_COLUMNS = "id, name, password_hash, disabled"
 
@@ -804,11 +805,11 @@ class Store(GroupCommitter):
                 row = conn.execute(f"SELECT id FROM conversations WHERE kind = {_ROOM} AND name = ?",
                                    (name,)).fetchone()
                 if row is not None:
+                    if private is not None:  # CREATE_ROOM only creates, even for a member
+                        raise RoomExists(name)
                     if conn.execute("SELECT 1 FROM memberships WHERE user_id = ? AND conv_id = ?",
                                     (user_id, row[0])).fetchone():
                         return row[0], False
-                    if private is not None:
-                        raise RoomExists(name)
                     join_refusal(_Db(conn), row[0], user_id, name)
                 elif not create:
                     raise LookupError(f"no room {name}")
