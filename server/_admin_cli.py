@@ -27,7 +27,8 @@ import trio
 
 from chorus import proto
 
-from ._adminactions import DELETE_ROOM, DISABLE, REVOKE_SESSIONS
+from ._adminactions import DELETE_ROOM, DISABLE, REVOKE_SESSIONS, ROOM_EVENT
+from ._moderation import Moderation, Refused, now_ms
 from ._auth import Passwords, valid_name
 from ._config import Config, ConfigError, without_password
 from ._ports import NameTaken, SchemaTooNew, Store, StoreError, UserRow
@@ -51,7 +52,8 @@ def argument_parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", metavar="DIR", help="directory of the SQLite database (default: data)")
     where.add_argument("--store", metavar="URL", help="PostgreSQL URL (node mode), postgresql://...")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    topics = parser.add_subparsers(dest="topic", required=True, metavar="{users,rooms}", parser_class=_Parser)
+    topics = parser.add_subparsers(dest="topic", required=True, metavar="{users,rooms,messages,bans}",
+                                   parser_class=_Parser)
 
     users = topics.add_parser("users", help="list, create, disable/enable, reset-password, revoke-sessions")
     user_commands = users.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -63,12 +65,52 @@ def argument_parser() -> argparse.ArgumentParser:
                        ("revoke-sessions", "delete every session token of the user and close its connections")):
         user_commands.add_parser(name, help=text).add_argument("name", metavar="NAME")
 
-    rooms = topics.add_parser("rooms", help="list, delete")
+    rooms = topics.add_parser("rooms", help="list, show, set-topic, set-role, delete")
     room_commands = rooms.add_subparsers(dest="command", required=True, parser_class=_Parser)
     room_commands.add_parser("list", help="every room with its member and message counts")
+    room_commands.add_parser("show", help="a room's topic, members and roles, bans") \
+        .add_argument("name", metavar="NAME")
+    topic = room_commands.add_parser("set-topic", help="set a room's topic (an event its members see)")
+    topic.add_argument("name", metavar="NAME")
+    topic.add_argument("text", metavar="TOPIC")
+    role = room_commands.add_parser("set-role", help="give a member a role: owner, moderator or member")
+    role.add_argument("name", metavar="NAME")
+    role.add_argument("user", metavar="USER")
+    role.add_argument("role", choices=[r.name.lower() for r in proto.RoomRole])
     room_commands.add_parser("delete", help="delete a room and its messages; members are unsubscribed") \
         .add_argument("name", metavar="NAME")
+
+    messages = topics.add_parser("messages", help="delete")
+    message_commands = messages.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    delete = message_commands.add_parser("delete", help="replace a room's message by a tombstone (its text goes)")
+    delete.add_argument("name", metavar="ROOM")
+    delete.add_argument("seq", metavar="SEQ", type=int)
+
+    bans = topics.add_parser("bans", help="list, add, remove: server-wide (the account) or per room (--room)")
+    ban_commands = bans.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ban_commands.add_parser("list", help="active bans, server-wide and per room") \
+        .add_argument("--room", metavar="ROOM")
+    add = ban_commands.add_parser("add", help="ban a user: its connections close (server-wide) or it leaves ROOM")
+    add.add_argument("user", metavar="USER")
+    add.add_argument("--room", metavar="ROOM", help="only from this room (default: the whole server)")
+    add.add_argument("--for", dest="duration", metavar="DURATION", type=_duration,
+                     help="how long: 30m, 12h, 7d (default: until removed)")
+    add.add_argument("--reason", default="", help="shown to the room with the ban (per-room bans)")
+    remove = ban_commands.add_parser("remove", help="lift a ban")
+    remove.add_argument("user", metavar="USER")
+    remove.add_argument("--room", metavar="ROOM")
     return parser
+
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    """"30m", "12h", "7d" → milliseconds (argparse's type: a bad one is a usage error)."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS_S or not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 12h or 7d")
+    return int(number) * _UNITS_S[unit] * 1000
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -130,6 +172,31 @@ async def _act(store: Store, kind: str, user_id: int | None = None, room_id: int
     await store.append_admin_action(kind, user_id, room_id, time.time_ns() // 1_000_000)
 
 
+async def _room(store: Store, name: str) -> int:
+    room_id = await store.room(name, create=False) if valid_name(name) else None
+    if room_id is None:
+        raise AdminError(f"no room {name!r}")
+    return room_id
+
+
+async def _moderate(store: Store, action: Moderation) -> dict[str, Any]:
+    """Apply an operator's action (its events' actor is "": the operator) and have running servers deliver it."""
+    try:
+        applied = await store.moderate(action)
+    except Refused as exc:
+        raise AdminError(str(exc)) from None
+    await _act(store, ROOM_EVENT, user_id=applied.removed_id, room_id=applied.conv_id)
+    return {"done": applied.event.kind.name.lower(), "room": applied.conv.name, "seq": applied.event.seq}
+
+
+def _until(duration_ms: int | None) -> int:
+    return 0 if duration_ms is None else now_ms() + duration_ms
+
+
+def _when(until_ms: int) -> str:
+    return "never" if until_ms == 0 else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until_ms / 1000))
+
+
 async def run(args: argparse.Namespace, config: Config) -> Any:
     """Do what ``args`` say; returns what to print (rows for a list, a dict for a change)."""
     command = (args.topic, args.command)
@@ -172,6 +239,54 @@ async def run(args: argparse.Namespace, config: Config) -> Any:
             case ("rooms", "list"):
                 return [{"name": r.name, "members": r.members, "messages": r.messages}
                         for r in await store.room_stats()]
+            case ("rooms", "show"):
+                shown = await _room(store, args.name)
+                topic, private, members, _ = await store.room_details(shown, 0)
+                return {"room": args.name, "topic": topic, "private": private,
+                        "members": [{"name": name, "role": role.name.lower(), "muted": until is not None}
+                                    for _, name, role, until in members],
+                        "bans": [{"name": b.user, "until": _when(b.until_ms)}
+                                 for b in await store.room_bans(shown)]}
+            case ("rooms", "set-topic"):
+                if len(args.text.encode()) > proto.MAX_TEXT_BYTES:
+                    raise AdminError(f"topics are at most {proto.MAX_TEXT_BYTES} bytes")
+                return await _moderate(store, Moderation(proto.EventKind.TOPIC, await _room(store, args.name), None,
+                                                         text=args.text))
+            case ("rooms", "set-role"):
+                where, user = await _room(store, args.name), await _user(store, args.user)
+                return await _moderate(store, Moderation(proto.EventKind.ROLE, where, None, user.id,
+                                                         role=proto.RoomRole[args.role.upper()]))
+            case ("messages", "delete"):
+                return await _moderate(store, Moderation(proto.EventKind.DELETE, await _room(store, args.name), None,
+                                                         target_seq=max(0, min(args.seq, 2**63 - 1))))
+            case ("bans", "list"):
+                rows = []
+                if args.room is None:
+                    rows += [{"user": u.name, "room": "(server)", "until": _when(u.disabled_until_ms)}
+                             for u in await store.list_users() if u.disabled]
+                rooms = [r.name for r in await store.room_stats()] if args.room is None else [args.room]
+                for room in rooms:
+                    rows += [{"user": b.user, "room": room, "until": _when(b.until_ms)}
+                             for b in await store.room_bans(await _room(store, room))]
+                return rows
+            case ("bans", "add"):
+                user = await _user(store, args.user)
+                if args.room is not None:
+                    return await _moderate(store, Moderation(proto.EventKind.BAN, await _room(store, args.room), None,
+                                                             user.id, until_ms=_until(args.duration),
+                                                             text=args.reason))
+                await store.set_disabled(user.id, True, until_ms=_until(args.duration))
+                await _act(store, DISABLE, user_id=user.id)
+                return {"done": "banned", "name": user.name, "until": _when(_until(args.duration))}
+            case ("bans", "remove"):
+                user = await _user(store, args.user)
+                if args.room is not None:
+                    return await _moderate(store, Moderation(proto.EventKind.UNBAN, await _room(store, args.room),
+                                                             None, user.id))
+                if not user.disabled:
+                    raise AdminError(f"{user.name!r} is not banned")
+                await store.set_disabled(user.id, False)
+                return {"done": "unbanned", "name": user.name}
             case ("rooms", "delete"):
                 room_id = await store.delete_room(args.name)
                 if room_id is None:
@@ -196,6 +311,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def _text(result: Any) -> str:
     if isinstance(result, list):
         return _table(result)
+    if "members" in result:  # rooms show
+        private = " (private)" if result["private"] else ""
+        return (f"#{result['room']}{private}: {result['topic'] or '(no topic)'}\n" + _table(result["members"])
+                + "\nbans:\n" + _table(result["bans"]))
     what = result.get("name") or result.get("room")
     extra = f" ({result['sessions_revoked']} sessions revoked)" if "sessions_revoked" in result else ""
     return f"{result['done']}: {what}{extra}"

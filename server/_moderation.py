@@ -334,14 +334,18 @@ def room_details(db: Db, conv_id: int, viewer_id: int) -> tuple[str, bool, list[
                   " WHERE m.conv_id = :c ORDER BY u.name LIMIT :n", c=conv_id, k=int(EventKind.MUTE),
                   n=proto.MAX_LIST_ITEMS)
     members = [(uid, name, RoomRole(role), until if active(until, now) else None) for uid, name, role, until in rows]
-    bans: list[proto.BanInfo] = []
     viewer = next((role for uid, _, role, _ in members if uid == viewer_id), None)
-    if viewer is not None and _RANK[viewer] >= _RANK[RoomRole.MODERATOR]:
-        bans = [proto.BanInfo(name, until) for name, until in db.all(
-            "SELECT u.name, s.until_ms FROM sanctions s JOIN users u ON u.id = s.user_id"
-            " WHERE s.conv_id = :c AND s.kind = :k ORDER BY u.name LIMIT :n", c=conv_id, k=int(EventKind.BAN),
-            n=proto.MAX_LIST_ITEMS) if active(until, now)]
-    return topic, bool(private), members, bans
+    moderator = viewer is not None and _RANK[viewer] >= _RANK[RoomRole.MODERATOR]
+    return topic, bool(private), members, room_bans(db, conv_id) if moderator else []
+
+
+def room_bans(db: Db, conv_id: int) -> list[proto.BanInfo]:
+    """The room's active bans, by user name (at most 1000)."""
+    now = now_ms()
+    return [proto.BanInfo(name, until) for name, until in db.all(
+        "SELECT u.name, s.until_ms FROM sanctions s JOIN users u ON u.id = s.user_id"
+        " WHERE s.conv_id = :c AND s.kind = :k ORDER BY u.name LIMIT :n", c=conv_id, k=int(EventKind.BAN),
+        n=proto.MAX_LIST_ITEMS) if active(until, now)]
 
 
 def join_refusal(db: Db, conv_id: int, user_id: int, room: str) -> None:

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from chorus.proto import (
-    CloseReason, ConversationInfo, ConvEvent, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo,
+    BanInfo, CloseReason, ConversationInfo, ConvEvent, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo,
     StoredMessage,
 )
 
 if TYPE_CHECKING:
-    from ._fanout import Subscription
+    from ._fanout import Fanout, Subscription
     from ._moderation import Applied, Moderation
 
 #: One item of a conversation's seq order: a message, or an event (spec §9.15).
@@ -48,7 +48,8 @@ class UserRow:
     id: int
     name: str
     password_hash: str
-    disabled: bool = False  # by an operator (chorus-admin users disable): LOGIN and RESUME are refused
+    disabled: bool = False  # by an operator (chorus-admin users disable, bans): LOGIN and RESUME are refused
+    disabled_until_ms: int = 0  # when a disabled account's ban ends (0: when an operator enables it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +237,9 @@ class Store(Protocol):
         """Every user, by name."""
         ...
 
-    async def set_disabled(self, user_id: int, disabled: bool) -> bool:
-        """Disable or enable the user's account; False if there is no such user."""
+    async def set_disabled(self, user_id: int, disabled: bool, *, until_ms: int = 0) -> bool:
+        """Disable (until ``until_ms``; 0: until enabled) or enable the user's account; False if there is no such
+        user. A disabled account reads as ``disabled`` only while that lasts."""
         ...
 
     async def set_password_hash(self, user_id: int, password_hash: str) -> bool:
@@ -376,6 +378,10 @@ class Store(Protocol):
         """(topic, private, members as (user_id, name, role, mute until_ms or None), bans: moderators only)."""
         ...
 
+    async def room_bans(self, conv_id: int) -> list[BanInfo]:
+        """The room's active bans, by user name (chorus-admin)."""
+        ...
+
     # -- cursors --
     async def advance_cursor(self, user_id: int, conv_id: int, kind: ReceiptKind, seq: int) -> int | None:
         """Store max(old, min(seq, last_seq)) as the DELIVERED or READ cursor; the new value if it moved, else None."""
@@ -467,6 +473,9 @@ class Broker(Protocol):
     The delivery methods are synchronous and never wait: a networked broker queues what must leave the process
     and delivers to this node's connections at once. Methods that may need a round trip are async.
     """
+
+    #: This node's delivery (server/_fanout.py): the same for every broker.
+    fanout: Fanout
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (OFFLINE timers, gap fills; a networked broker's links and heartbeats), until cancelled.

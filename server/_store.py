@@ -57,11 +57,14 @@ from typing import Any
 import trio
 
 from chorus.proto import (
-    Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole, StoredMessage,
+    BanInfo, Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole, StoredMessage,
 )
 
 from ._groupcommit import _U64, GroupCommitter
-from ._moderation import Applied, Entry, Moderation, apply, entries_after, entries_before, join_refusal, room_details
+from ._moderation import (
+    Applied, Entry, Moderation, active, apply, entries_after, entries_before, join_refusal, now_ms, room_bans,
+    room_details,
+)
 
 # The row types and errors are the Store port's (server/_ports.py); this module is one implementation of it.
 from ._ports import (  # noqa: F401  (re-exported: tests and __main__ name them here)
@@ -186,10 +189,12 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sessions_v4 RENAME TO sessions;
     CREATE INDEX sessions_expiry ON sessions(expires_at_ms);
     CREATE INDEX sessions_user ON sessions(user_id)""",
-    # 5: roles, moderation and private rooms (spec §9.15). Members get a role (rooms from before have no owner);
+    # 5: roles, moderation and private rooms (spec §9.15). A disabled account may be so until a time (a
+    # server-wide ban, chorus-admin bans); members get a role (rooms from before have no owner);
     # rooms a topic and a private flag; events share the conversation's seq with the messages (a page merges the
     # two); bans and mutes are sanctions (until_ms 0: no expiry).
     """ALTER TABLE memberships ADD COLUMN role INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE users ADD COLUMN disabled_until_ms INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE conversations ADD COLUMN topic TEXT NOT NULL DEFAULT '';
     ALTER TABLE conversations ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE events (
@@ -242,7 +247,7 @@ _CONVERSATIONS = """
 _MUTE = ("(SELECT s.until_ms FROM sanctions s WHERE s.conv_id = v.id AND s.user_id = :u"
          f" AND s.kind = {int(EventKind.MUTE)})")
 _MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
-_USER_COLUMNS = "id, name, password_hash, disabled"
+_USER_COLUMNS = "id, name, password_hash, disabled, disabled_until_ms"
 
 
 def _refusal(exc: BaseException) -> StoreError | None:
@@ -285,8 +290,14 @@ def _stored(row: tuple[Any, ...]) -> StoredMessage:
 
 
 def _user(row: tuple[Any, ...]) -> UserRow:
-    user_id, name, password_hash, disabled = row
-    return UserRow(user_id, name, password_hash, bool(disabled))
+    """A user row; ``disabled`` only while the operator's ban lasts (both stores)."""
+    user_id, name, password_hash, disabled, until_ms = row
+    return UserRow(user_id, name, password_hash, bool(disabled) and active(until_ms, now_ms()), until_ms)
+
+
+def _session_row(row: tuple[Any, ...]) -> SessionRow:
+    user_id, name, expires_at_ms, disabled, until_ms = row
+    return SessionRow(user_id, name, expires_at_ms, bool(disabled) and active(until_ms, now_ms()))
 
 
 def _conv_row(row: tuple[Any, ...]) -> ConvRow:
@@ -658,10 +669,10 @@ class Store(GroupCommitter):
 
         def run(conn: sqlite3.Connection) -> SessionRow | None:
             row = conn.execute(
-                "SELECT s.user_id, u.name, s.expires_at_ms, u.disabled"
+                "SELECT s.user_id, u.name, s.expires_at_ms, u.disabled, u.disabled_until_ms"
                 " FROM sessions s JOIN users u ON u.id = s.user_id"
                 " WHERE s.token_hash = ? AND s.expires_at_ms > ?", (token_hash, now_ms)).fetchone()
-            return SessionRow(row[0], row[1], row[2], bool(row[3])) if row else None
+            return _session_row(row) if row else None
 
         return await self._read(run)
 
@@ -711,10 +722,10 @@ class Store(GroupCommitter):
 
         return await self._read(run)
 
-    async def set_disabled(self, user_id: int, disabled: bool) -> bool:
+    async def set_disabled(self, user_id: int, disabled: bool, *, until_ms: int = 0) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
-            return conn.execute("UPDATE users SET disabled = ? WHERE id = ?",
-                                (int(disabled), _clamp(user_id))).rowcount == 1
+            return conn.execute("UPDATE users SET disabled = ?, disabled_until_ms = ? WHERE id = ?",
+                                (int(disabled), until_ms if disabled else 0, _clamp(user_id))).rowcount == 1
 
         return await self._run(run)
 
@@ -956,10 +967,11 @@ class Store(GroupCommitter):
 
         def run(conn: sqlite3.Connection) -> list[ConversationInfo]:
             rows = conn.execute(
-                "SELECT v.kind, v.name, v.last_seq, coalesce(m.ts_ms, 0),"
+                "SELECT v.kind, v.name, v.last_seq, coalesce(m.ts_ms, e.ts_ms, 0),"
                 "       coalesce(k.delivered_seq, 0), coalesce(k.read_seq, 0)"
                 f" FROM ({_CONVERSATIONS}) v"
                 " LEFT JOIN messages m ON m.conv_id = v.id AND m.seq = v.last_seq"
+                " LEFT JOIN events e ON e.conv_id = v.id AND e.seq = v.last_seq"  # the newest may be an event
                 " LEFT JOIN cursors k ON k.user_id = :u AND k.conv_id = v.id"
                 f" WHERE v.kind = {_ROOM} OR v.last_seq > 0"
                 " ORDER BY 4 DESC, 1, 2 LIMIT :n", {"u": user_id, "n": _clamp(limit)}).fetchall()
@@ -1070,6 +1082,9 @@ class Store(GroupCommitter):
 
     async def room_details(self, conv_id: int, viewer_id: int) -> tuple[str, bool, list[Any], list[Any]]:
         return await self._read(lambda conn: room_details(_Db(conn), conv_id, viewer_id))
+
+    async def room_bans(self, conv_id: int) -> list[BanInfo]:
+        return await self._read(lambda conn: room_bans(_Db(conn), conv_id))
 
     # -- cursors -----------------------------------------------------------------------------------------------
 
