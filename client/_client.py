@@ -53,6 +53,7 @@ log = logging.getLogger("chorus.client")
 _REPLY: dict[type, type] = {
     proto.Hello: proto.Welcome,
     proto.Register: proto.AuthOk,
+    proto.RegisterInvite: proto.AuthOk,  # version 2
     proto.Login: proto.AuthOk,
     proto.Resume: proto.AuthOk,
     proto.Join: proto.Joined,
@@ -194,7 +195,8 @@ class Client:
     """A connection to a Chorus server that survives reconnects; make one with ``open_client``.
 
     Options: ``token`` is preferred to ``username``/``password`` (kept to LOGIN again if the
-    token is refused); ``register`` creates the account on the first connection; ``on_token``
+    token is refused); ``register`` creates the account on the first connection (with ``invite``, a
+    one-time code, on a server whose registration is by invite: REGISTER_INVITE, version 2); ``on_token``
     (sync or async) gets every new token. ``request_timeout_s`` bounds every request, waiting
     for a reconnect included (``trio.TooSlowError``). ``event_buffer`` is how many messages
     (and, separately, other events) ``events()`` holds. ``sync_on_connect=False`` skips the
@@ -220,6 +222,7 @@ class Client:
         password: str | None = None,
         token: str | None = None,
         register: bool = False,
+        invite: str | None = None,
         reconnect: bool = True,
         client_name: str = "chorus-py",
         on_token: Callable | None = None,
@@ -250,6 +253,7 @@ class Client:
         self.nodes: tuple[proto.NodeInfo, ...] = ()
         self._credentials = credentials
         self._register = register and token is None
+        self._invite = invite
         self._reconnect = reconnect
         self._client_name = client_name
         self._on_token = on_token
@@ -981,6 +985,8 @@ class Client:
                 auth = await self._auth_request(t, proto.Login(*credentials))
         elif credentials is None:  # __init__ wants one or the other; only logout() forgets the token (and closes)
             raise ConnectionLost("no session token and no password to authenticate with")
+        elif self._register and self._invite is not None:
+            auth = await self._auth_request(t, proto.RegisterInvite(*credentials, self._invite))
         elif self._register:
             auth = await self._auth_request(t, proto.Register(*credentials))
         else:

@@ -31,6 +31,7 @@ MAX_PASSWORD_BYTES = 128
 MAX_TOKEN_BYTES = 64
 MAX_CLIENT_NAME_BYTES = 64
 MAX_TEXT_BYTES = 255  # error and goaway texts
+MAX_INVITE_BYTES = 64  # an invite code (REGISTER_INVITE)
 MAX_BODY_BYTES = 65535  # wire ceiling; the server's own limit is lower
 MAX_LIST_ITEMS = 1000  # any array in any frame
 
@@ -74,6 +75,7 @@ class FrameType(enum.IntEnum):
     AUTH_OK = 0x06, 1
     LOGOUT = 0x07, 1
     OK = 0x08, 1
+    REGISTER_INVITE = 0x09, 2
     JOIN = 0x10, 1
     JOINED = 0x11, 1
     LEAVE = 0x12, 1

@@ -261,6 +261,19 @@ class Register(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class RegisterInvite(Event):
+    """C→S (version 2): REGISTER with a one-time invite code, for a server whose registration is by invite."""
+
+    FRAME = FrameType.REGISTER_INVITE
+    username: str
+    password: str
+    invite: str
+
+    def __repr__(self) -> str:  # passwords and invite codes never reach logs
+        return f"RegisterInvite(username={self.username!r}, password='***', invite='***')"
+
+
+@dataclass(frozen=True, slots=True)
 class Login(Event):
     """C→S: log in with a password."""
 

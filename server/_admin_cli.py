@@ -28,6 +28,7 @@ import trio
 from chorus import proto
 
 from ._adminactions import DELETE_ROOM, DISABLE, REVOKE_SESSIONS, ROOM_EVENT
+from ._invites import code_hash, new_code
 from ._moderation import Moderation, Refused, now_ms
 from ._auth import Passwords, valid_name
 from ._config import Config, ConfigError, without_password
@@ -52,7 +53,7 @@ def argument_parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", metavar="DIR", help="directory of the SQLite database (default: data)")
     where.add_argument("--store", metavar="URL", help="PostgreSQL URL (node mode), postgresql://...")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    topics = parser.add_subparsers(dest="topic", required=True, metavar="{users,rooms,messages,bans}",
+    topics = parser.add_subparsers(dest="topic", required=True, metavar="{users,rooms,messages,bans,invites}",
                                    parser_class=_Parser)
 
     users = topics.add_parser("users", help="list, create, disable/enable, reset-password, revoke-sessions")
@@ -99,6 +100,15 @@ def argument_parser() -> argparse.ArgumentParser:
     remove = ban_commands.add_parser("remove", help="lift a ban")
     remove.add_argument("user", metavar="USER")
     remove.add_argument("--room", metavar="ROOM")
+
+    invites = topics.add_parser("invites", help="one-time registration codes (registration = \"invite\")")
+    invite_commands = invites.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    create = invite_commands.add_parser("create", help="new codes, printed once (only their hashes are kept)")
+    create.add_argument("--count", type=int, default=1, choices=range(1, 1001), metavar="N", help="how many (1-1000)")
+    create.add_argument("--for", dest="duration", metavar="DURATION", type=_duration,
+                        help="valid for: 30m, 12h, 7d (default: until used)")
+    invite_commands.add_parser("list", help="every code: when made, until when, by whom it was used")
+    invite_commands.add_parser("revoke", help="delete an unused code").add_argument("id", metavar="ID", type=int)
     return parser
 
 
@@ -287,6 +297,17 @@ async def run(args: argparse.Namespace, config: Config) -> Any:
                     raise AdminError(f"{user.name!r} is not banned")
                 await store.set_disabled(user.id, False)
                 return {"done": "unbanned", "name": user.name}
+            case ("invites", "create"):
+                codes = [new_code() for _ in range(args.count)]
+                await store.add_invites([code_hash(code) for code in codes], _until(args.duration))
+                return [{"code": code} for code in codes]
+            case ("invites", "list"):
+                return [{"id": row.id, "created": _when(row.created_ms), "expires": _when(row.expires_ms),
+                         "used_by": row.used_by or "-"} for row in await store.list_invites()]
+            case ("invites", "revoke"):
+                if not await store.revoke_invite(args.id):
+                    raise AdminError(f"no unused invite {args.id}")
+                return {"done": "revoked", "name": f"invite {args.id}"}
             case ("rooms", "delete"):
                 room_id = await store.delete_room(args.name)
                 if room_id is None:

@@ -33,7 +33,7 @@ DEFAULT_PORT = 7420
 DEFAULT_WS_PORT = 7421
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
-REGISTRATION = ("open", "closed")
+REGISTRATION = ("open", "invite", "closed")
 STORE_SCHEMES = ("postgresql://", "postgres://")
 BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_PORT = proto.MAX_PORT
@@ -149,7 +149,8 @@ class Config:
     user_send_burst: int = _opt(40, "SENDs one user may make in a burst")
     rooms_created_per_hour: int = _opt(30, "rooms one user may create per hour")
     registrations_per_hour: int = _opt(20, "accounts one IP address may register per hour")
-    registration: str = _opt("open", "who may REGISTER: open (anyone) or closed (nobody)")
+    registration: str = _opt("open", "who may REGISTER: open (anyone), invite (REGISTER_INVITE with a one-time code "
+                                     "from chorus-admin invites create) or closed (nobody)")
     presence_offline_delay_s: float = _opt(3.0, "wait this long before announcing OFFLINE (a quick reconnect hides it)")
     max_page: int = _opt(100, "messages per history or sync page")
     max_inflight_sends: int = _opt(256, "unacknowledged sends per connection before reading pauses")

@@ -35,6 +35,7 @@ from chorus.proto import (
 
 if TYPE_CHECKING:
     from ._fanout import Fanout, Subscription
+    from ._invites import InviteRow
     from ._moderation import Applied, Moderation
 
 #: One item of a conversation's seq order: a message, or an event (spec §9.15).
@@ -196,8 +197,24 @@ class Store(Protocol):
     after_batch: Callable[[], None] | None
 
     # -- users and session tokens --
-    async def create_user(self, name: str, password_hash: str) -> UserRow:
-        """A new user. Raises ``NameTaken``."""
+    async def create_user(self, name: str, password_hash: str, *, invite: bytes | None = None) -> UserRow:
+        """Raises ``NameTaken`` if ``name`` exists; with ``invite`` (a code's SHA-256), redeems it in the same
+        transaction or raises ``InviteInvalid`` (server/_invites.py) and makes no account."""
+        ...
+
+    async def invite_usable(self, invite: bytes) -> bool:
+        """Whether the invite code with this hash exists, is unused and unexpired."""
+        ...
+
+    async def add_invites(self, hashes: list[bytes], expires_ms: int) -> None:
+        """Store one-time invite codes by their hashes (``expires_ms`` 0: never)."""
+        ...
+
+    async def list_invites(self) -> list[InviteRow]:
+        ...
+
+    async def revoke_invite(self, invite_id: int) -> bool:
+        """Delete an unused invite; False if there is no such unused one."""
         ...
 
     async def get_user(self, name: str) -> UserRow | None: ...

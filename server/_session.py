@@ -38,6 +38,7 @@ from chorus.proto import ConvKind, ErrorCode
 from ._auth import Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of
 from ._fanout import Subscription
+from ._invites import InviteInvalid, code_hash
 from ._logs import episode, safe
 from ._moderation import Applied, Moderation, Refused, active, v1_entries, v1_message
 from ._ports import (
@@ -263,12 +264,22 @@ class Session:
         return self.conn.transport.address
 
     async def _register(self, ev: proto.Register) -> None:
+        if self.server.config.registration == "invite":
+            raise RequestError(ErrorCode.INVALID_REQUEST, "registration is by invite on this server: REGISTER_INVITE"
+                                                          " with a code from its operator")
+        await self._new_account(ev.username, ev.password, None, ev.request_id)
+
+    async def _register_invite(self, ev: proto.RegisterInvite) -> None:
+        """REGISTER with a one-time code (version 2): the code is redeemed with the account, in one transaction."""
+        await self._new_account(ev.username, ev.password, code_hash(ev.invite), ev.request_id)
+
+    async def _new_account(self, username: str, password: str, invite: bytes | None, request_id: int) -> None:
         config, store = self.server.config, self.server.store
         if config.registration == "closed":
             raise RequestError(ErrorCode.INVALID_REQUEST, "registration is closed on this server")
-        if not valid_name(ev.username):
+        if not valid_name(username):
             raise RequestError(ErrorCode.INVALID_NAME, f"names are {proto.NAME_RULE}")
-        _check_new_password(ev.password)
+        _check_new_password(password)
         address = self._address()
         registrations = self.budgets.registrations
         wait = registrations.take(address, trio.current_time())
@@ -279,20 +290,26 @@ class Session:
                                f"at most {config.registrations_per_hour} registrations per hour from one address",
                                retry_ms(wait))
         try:
-            if await store.get_user(ev.username) is not None:  # no hash spent on a name that is taken
-                raise NameTaken(ev.username)
-            hashed = await self._hashed(address, self.server.passwords.hash, ev.password)
-            user = await store.create_user(ev.username, hashed)
-        except (NameTaken, RequestError, StoreError) as exc:  # no account, no charge (cancelled: charged)
-            registrations.give_back(address)
+            if await store.get_user(username) is not None:  # no hash spent on a name that is taken
+                raise NameTaken(username)
+            if invite is not None and not await store.invite_usable(invite):  # nor on a code that cannot work
+                raise InviteInvalid()
+            hashed = await self._hashed(address, self.server.passwords.hash, password)
+            user = await store.create_user(username, hashed, invite=invite)
+        except (NameTaken, InviteInvalid, RequestError, StoreError) as exc:  # no account, no charge
+            registrations.give_back(address)  # (cancelled: charged)
             if isinstance(exc, NameTaken):
                 self.server.counters.auth["register", False] += 1
-                raise RequestError(ErrorCode.USERNAME_TAKEN, f"{ev.username} is taken") from None
+                raise RequestError(ErrorCode.USERNAME_TAKEN, f"{username} is taken") from None
+            if isinstance(exc, InviteInvalid):
+                self.server.counters.auth["register", False] += 1
+                raise RequestError(ErrorCode.AUTH_FAILED, "invite code unknown, used or expired") from None
             raise
         self.server.counters.auth["register", True] += 1
-        log.info("registered peer=%s user=%s", self.conn.transport.peer, user.name,
+        log.info("registered peer=%s user=%s%s", self.conn.transport.peer, user.name,
+                 " (invited)" if invite is not None else "",
                  extra={"event": "register", "peer": str(self.conn.transport.peer), "user": user.name})
-        await self._logged_in(user.id, user.name, None, ev.request_id)
+        await self._logged_in(user.id, user.name, None, request_id)
 
     async def _login(self, ev: proto.Login) -> None:
         user = await self._checked_password(ev.username, ev.password)
@@ -845,6 +862,7 @@ class Session:
 _HANDLERS: dict[type[proto.Event], Callable[[Session, Any], Awaitable[None]]] = {
     proto.Hello: Session._hello,
     proto.Register: Session._register,
+    proto.RegisterInvite: Session._register_invite,
     proto.Login: Session._login,
     proto.Resume: Session._resume,
     proto.Logout: Session._logout,

@@ -60,7 +60,9 @@ from chorus.proto import (
     BanInfo, Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole, StoredMessage,
 )
 
+from . import _invites as invites
 from ._groupcommit import _U64, GroupCommitter
+from ._invites import InviteRow
 from ._moderation import (
     Applied, Entry, Moderation, active, apply, entries_after, entries_before, join_refusal, now_ms, room_bans,
     room_details,
@@ -192,7 +194,8 @@ _MIGRATIONS: tuple[str, ...] = (
     # 5: roles, moderation and private rooms (spec §9.15). A disabled account may be so until a time (a
     # server-wide ban, chorus-admin bans); members get a role (rooms from before have no owner);
     # rooms a topic and a private flag; events share the conversation's seq with the messages (a page merges the
-    # two); bans and mutes are sanctions (until_ms 0: no expiry).
+    # two); bans and mutes are sanctions (until_ms 0: no expiry); one-time invite codes (registration = invite) are
+    # kept as their SHA-256.
     """ALTER TABLE memberships ADD COLUMN role INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE users ADD COLUMN disabled_until_ms INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE conversations ADD COLUMN topic TEXT NOT NULL DEFAULT '';
@@ -216,7 +219,14 @@ _MIGRATIONS: tuple[str, ...] = (
         kind     INTEGER NOT NULL,
         until_ms INTEGER NOT NULL,
         PRIMARY KEY (conv_id, user_id, kind)
-    ) WITHOUT ROWID""",
+    ) WITHOUT ROWID;
+    CREATE TABLE invites (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        code_hash  BLOB NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL DEFAULT 0,
+        used_by    INTEGER REFERENCES users(id)
+    )""",
 )
 #: What a room owns, deleted with it (both stores).
 ROOM_TABLES = ("messages", "events", "sanctions", "cursors", "memberships")
@@ -631,17 +641,39 @@ class Store(GroupCommitter):
 
     # -- users and sessions ------------------------------------------------------------------------------------
 
-    async def create_user(self, name: str, password_hash: str) -> UserRow:
-        """Raises ``NameTaken`` if ``name`` exists."""
+    async def create_user(self, name: str, password_hash: str, *, invite: bytes | None = None) -> UserRow:
+        """Raises ``NameTaken`` if ``name`` exists, ``InviteInvalid`` if ``invite`` (a code's hash) cannot be
+        redeemed: then no account is made and the code stays as it was."""
 
         def run(conn: sqlite3.Connection) -> UserRow:
-            try:
-                cursor = conn.execute("INSERT INTO users(name, password_hash) VALUES (?, ?)", (name, password_hash))
-            except sqlite3.IntegrityError as exc:
-                raise NameTaken(name) from exc
-            return UserRow(_new_id(cursor), name, password_hash)
+            with _transaction(conn):
+                try:
+                    cursor = conn.execute("INSERT INTO users(name, password_hash) VALUES (?, ?)",
+                                          (name, password_hash))
+                except sqlite3.IntegrityError as exc:
+                    raise NameTaken(name) from exc
+                user_id = _new_id(cursor)
+                if invite is not None:
+                    invites.redeem(_Db(conn), invite, user_id, now_ms())
+            return UserRow(user_id, name, password_hash)
 
         return await self._run(run)
+
+    async def invite_usable(self, invite: bytes) -> bool:
+        return await self._read(lambda conn: invites.usable(_Db(conn), invite, now_ms()))
+
+    async def add_invites(self, hashes: list[bytes], expires_ms: int) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                invites.add(_Db(conn), hashes, now_ms(), expires_ms)
+
+        await self._run(run)
+
+    async def list_invites(self) -> list[InviteRow]:
+        return await self._read(lambda conn: invites.listed(_Db(conn)))
+
+    async def revoke_invite(self, invite_id: int) -> bool:
+        return await self._run(lambda conn: invites.revoke(_Db(conn), _clamp(invite_id)))
 
     async def get_user(self, name: str) -> UserRow | None:
         def run(conn: sqlite3.Connection) -> UserRow | None:

@@ -101,3 +101,34 @@ async def test_the_operator_deletes_a_message_sets_the_topic_and_names_an_owner(
     assert missing.returncode == 1 and b"no message 999" in missing.stderr
     bad = await admin("--data-dir", data_dir(server), "bans", "add", "bob", "--for", "soon", check=False)
     assert bad.returncode == 2
+
+
+async def test_registration_by_invite_takes_one_code_per_account(start_server):
+    from chorus import client
+
+    server = await start_server(registration="invite", **NO_DEADLINES)
+    made = await admin("--data-dir", data_dir(server), "--json", "invites", "create", "--count", "2", "--for", "1d")
+    first, second = [row["code"] for row in json.loads(made.stdout)]
+    plain = await connect(server.port)
+    refused = await plain.request(proto.Register, "mallory", PASSWORD)
+    assert (refused.code, "invite" in refused.message) == (ErrorCode.INVALID_REQUEST, True)
+    wrong = await plain.request(proto.RegisterInvite, "mallory", PASSWORD, "not-a-code")
+    assert wrong.code == ErrorCode.AUTH_FAILED
+    hashed = server.passwords.hashed
+    ok = await plain.request(proto.RegisterInvite, "dora", PASSWORD, first)
+    assert isinstance(ok, proto.AuthOk)
+    again = await connect(server.port)
+    used = await again.request(proto.RegisterInvite, "eve", PASSWORD, first)  # one account per code
+    assert (used.code, used.message) == (ErrorCode.AUTH_FAILED, "invite code unknown, used or expired")
+    assert server.passwords.hashed - hashed == 1  # no hash spent on a code that cannot work
+    async with client.open_client("127.0.0.1", server.port, username="fred", password=PASSWORD, register=True,
+                                  invite=second) as fred:
+        assert fred.username == "fred"
+    listed = json.loads((await admin("--data-dir", data_dir(server), "--json", "invites", "list")).stdout)
+    assert sorted(row["used_by"] for row in listed) == ["dora", "fred"]
+    spare = json.loads((await admin("--data-dir", data_dir(server), "--json", "invites", "create")).stdout)
+    assert len(spare) == 1
+    listed = json.loads((await admin("--data-dir", data_dir(server), "--json", "invites", "list")).stdout)
+    await admin("--data-dir", data_dir(server), "invites", "revoke", str(listed[-1]["id"]))
+    gone = await again.request(proto.RegisterInvite, "gail", PASSWORD, spare[0]["code"])
+    assert gone.code == ErrorCode.AUTH_FAILED

@@ -370,7 +370,7 @@ async def test_pipelined_sends_share_commits_and_all_get_acked(start_server):
 def test_error_texts_are_clipped_to_the_field_on_a_character_boundary():
     from chorus.server._session import RequestError
 
-    reply = RequestError(ErrorCode.NOT_FOUND, "no user " + "é" * 300).reply(7)
+    reply = RequestError(ErrorCode.NOT_FOUND, "no user " + "é" * 300).reply(7, proto.PROTOCOL_VERSION)
     assert len(reply.message.encode()) <= proto.MAX_TEXT_BYTES and reply.message.startswith("no user é")
     assert proto.decode(proto.encode(reply)) == reply  # encodable: a long text never loses the ERROR
 

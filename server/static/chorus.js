@@ -578,7 +578,9 @@ class ConversationState {
     for (const m of messages) {
       const seq = Number(m.seq);
       if (this.messages.has(seq)) continue;
-      const msg = { seq, ts_ms: Number(m.ts_ms), sender: m.sender, client_msg_id: m.client_msg_id, body: m.body };
+      const msg = {
+        seq, ts_ms: Number(m.ts_ms), sender: m.sender, client_msg_id: m.client_msg_id, body: m.body, event: m.event ?? null,
+      };
       this.messages.set(seq, msg);
       this.oldest = Math.min(this.oldest, seq);
       this.latestSeq = Math.max(this.latestSeq, seq);
@@ -599,6 +601,28 @@ class ConversationState {
   }
 }
 
+const TOMBSTONE = "(message deleted)";
+
+/** A moderation event (version 2, spec §9.15) in words, as the server words it for a version 1 client. */
+export function eventText(e) {
+  const who = e.target || "someone";
+  const until = e.until_ms ? ` until ${new Date(Number(e.until_ms)).toISOString().slice(0, 16).replace("T", " ")} UTC` : "";
+  const because = e.text ? `: ${e.text}` : "";
+  switch (e.kind) {
+    case EventKind.KICK: return `removed ${who} from the room${because}`;
+    case EventKind.BAN: return `banned ${who}${until}${because}`;
+    case EventKind.UNBAN: return `lifted the ban on ${who}`;
+    case EventKind.MUTE: return `muted ${who}${until}${because}`;
+    case EventKind.UNMUTE: return `unmuted ${who}`;
+    case EventKind.DELETE: return "deleted a message";
+    case EventKind.DELETED: return TOMBSTONE;
+    case EventKind.TOPIC: return e.text ? `set the topic: ${e.text}` : "cleared the topic";
+    case EventKind.ROLE: return `made ${who} ${nameOf(RoomRole, e.role).toLowerCase()}`;
+    case EventKind.INVITE: return `added ${who} to the room`;
+    default: return nameOf(EventKind, e.kind).toLowerCase();
+  }
+}
+
 /**
  * What the page does with each frame the server sends unasked (spec §5 "push": request_id 0, or no request of
  * ours pending under its id): frame type → handler(client, event). tests/test_registry.py holds its keys
@@ -606,6 +630,7 @@ class ConversationState {
  */
 const PUSH_HANDLERS = Object.freeze({
   MESSAGE: (client, event) => client._message(event),
+  EVENTS: (client, event) => client._events(event),  // version 2: moderation events, in seq order with messages
   PING: (client, event) => client._send({ type: "PONG", nonce: event.nonce, request_id: event.request_id }),
   PRESENCE: (client, event) => client._presence(event.user, event.status),
   USER_TYPING: (client, event) => client._emit("typing", { conv: event.conv, user: event.user }),
@@ -801,6 +826,10 @@ export class ChorusClient extends EventTarget {
       this.ws?.close(1002);
       return;
     }
+    if (event.type === "EVENTS") {  // live, or the events of the page that follows with the same request_id
+      this._events(event);
+      return;
+    }
     const waiter = event.request_id ? this._pending.get(event.request_id) : undefined;
     if (waiter) {
       if (event.type === "ERROR") {
@@ -958,6 +987,21 @@ export class ChorusClient extends EventTarget {
   _page(event) {
     const state = this.conversation(event.conv);
     this._added(state, state.add(event.messages), false);
+  }
+
+  /** Events take their seqs like messages and show as lines in words; a DELETE turns its message into a tombstone. */
+  _events(event) {
+    const state = this.conversation(event.conv);
+    const lines = event.events.map((e) => ({
+      seq: e.seq, ts_ms: e.ts_ms, client_msg_id: 0n, body: eventText(e), event: e,
+      sender: e.kind === EventKind.DELETED ? e.target : (e.actor || e.target || event.conv.name),
+    }));
+    for (const e of event.events) {
+      const gone = e.kind === EventKind.DELETE ? state.messages.get(Number(e.target_seq)) : undefined;
+      if (gone) Object.assign(gone, { body: TOMBSTONE, event: { ...e, kind: EventKind.DELETED } });
+      if (e.kind === EventKind.TOPIC) state.topic = e.text;
+    }
+    this._added(state, state.add(lines), event.request_id === 0);
   }
 
   _message(event) {
