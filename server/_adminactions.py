@@ -9,8 +9,9 @@ node's connections are changed: ``disable`` and ``revoke-sessions`` close every 
 protocol version), ``delete-room`` unsubscribes this node's members (the ``MemberLeft`` user event, applied to each
 connection here only: every node polls for itself, so nothing goes through the broker), ``room-event`` (a ban, a
 deleted message, a topic or a role the operator stored as a room's event, spec §9.15) has this node's subscribers
-of the room read it from the store (the fan-out's resync, the path of a gap) and unsubscribes a banned user. New LOGINs and RESUMEs are
-refused by the session from the store's state, so only connections already open need the action.
+of the room read it from the store (the fan-out's resync, the path of a gap) and unsubscribes a banned user. New
+LOGINs and RESUMEs are refused by the session from the store's state, so only connections already open need the
+action.
 """
 from __future__ import annotations
 

@@ -57,7 +57,8 @@ from typing import Any
 import trio
 
 from chorus.proto import (
-    BanInfo, Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole, StoredMessage,
+    BanInfo, Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole,
+    StoredMessage,
 )
 
 from . import _invites as invites
