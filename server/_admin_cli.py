@@ -16,6 +16,7 @@ import argparse
 import getpass
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -53,7 +54,8 @@ def argument_parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", metavar="DIR", help="directory of the SQLite database (default: data)")
     where.add_argument("--store", metavar="URL", help="PostgreSQL URL (node mode), postgresql://...")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    topics = parser.add_subparsers(dest="topic", required=True, metavar="{users,rooms,messages,bans,invites}",
+    topics = parser.add_subparsers(dest="topic", required=True,
+                                   metavar="{users,rooms,messages,bans,invites,backup}",
                                    parser_class=_Parser)
 
     users = topics.add_parser("users", help="list, create, disable/enable, reset-password, revoke-sessions")
@@ -109,6 +111,9 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="valid for: 30m, 12h, 7d (default: until used)")
     invite_commands.add_parser("list", help="every code: when made, until when, by whom it was used")
     invite_commands.add_parser("revoke", help="delete an unused code").add_argument("id", metavar="ID", type=int)
+
+    topics.add_parser("backup", help="copy the SQLite database, live, to a new file (PostgreSQL: use pg_dump)") \
+        .add_argument("dest", metavar="FILE")
     return parser
 
 
@@ -207,8 +212,26 @@ def _when(until_ms: int) -> str:
     return "never" if until_ms == 0 else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until_ms / 1000))
 
 
+def _backup(config: Config, dest: str) -> dict[str, Any]:
+    if config.store is not None:
+        raise AdminError("backup copies a SQLite database; for PostgreSQL use pg_dump")
+    if not config.db_path.is_file():
+        raise AdminError(f"no database at {config.db_path}; check --data-dir (or --config)")
+    from ._store import backup
+
+    try:
+        pages = backup(config.db_path, dest)
+    except FileExistsError:
+        raise AdminError(f"{dest} exists; give a new file") from None
+    except (OSError, sqlite3.Error) as exc:
+        raise AdminError(f"backup failed: {exc}") from None
+    return {"done": "backed up", "name": f"{config.db_path} to {dest}", "pages": pages}
+
+
 async def run(args: argparse.Namespace, config: Config) -> Any:
     """Do what ``args`` say; returns what to print (rows for a list, a dict for a change)."""
+    if args.topic == "backup":
+        return await trio.to_thread.run_sync(_backup, config, args.dest)
     command = (args.topic, args.command)
     async with _open(config, create=command == ("users", "create")) as store:
         match command:

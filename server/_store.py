@@ -400,6 +400,31 @@ def _open_side(path: str, synchronous: str, busy_timeout_ms: int = 5000) -> sqli
     return conn
 
 
+def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str], pages_per_step: int = 1024) -> int:
+    """Copy the database at ``path`` to ``dest`` (a new file, 0600) with SQLite's online backup API, while servers
+    write to it: a consistent snapshot, taken in steps of ``pages_per_step`` pages so the writer waits at most one
+    step at a time (a write between steps restarts the copy, which SQLite does by itself). Returns the pages copied.
+    Raises ``FileExistsError`` (``dest`` exists), ``sqlite3.Error``, ``OSError``.
+    """
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    source = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True)
+    target = sqlite3.connect(dest)
+    copied = 0
+
+    def progress(status: int, remaining: int, total: int) -> None:
+        nonlocal copied
+        copied = total
+
+    try:
+        source.execute("PRAGMA busy_timeout = 5000")
+        source.backup(target, pages=pages_per_step, progress=progress)
+    finally:
+        target.close()
+        source.close()
+    return copied
+
+
 def _connect(path: str, synchronous: str, max_page_count: int | None) -> sqlite3.Connection:
     """Open (creating if needed) and prepare the database.
 

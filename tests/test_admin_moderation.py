@@ -132,3 +132,25 @@ async def test_registration_by_invite_takes_one_code_per_account(start_server):
     await admin("--data-dir", data_dir(server), "invites", "revoke", str(listed[-1]["id"]))
     gone = await again.request(proto.RegisterInvite, "gail", PASSWORD, spare[0]["code"])
     assert gone.code == ErrorCode.AUTH_FAILED
+
+
+async def test_backup_copies_the_live_database_to_a_private_file(start_server, tmp_path):
+    import sqlite3
+    import stat
+
+    server = await start_server(**NO_DEADLINES)
+    (alice,) = await in_lobby(server.port, "alice")
+    for i in range(1, 11):
+        assert isinstance(await alice.request(proto.Send, LOBBY, i, f"message {i}"), proto.Ack)
+    dest = tmp_path / "copy.db"
+    await admin("--data-dir", data_dir(server), "backup", str(dest))
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    copy = sqlite3.connect(dest)
+    try:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert copy.execute("SELECT count(*) FROM messages").fetchone() == (10,)
+    finally:
+        copy.close()
+    assert isinstance(await alice.request(proto.Send, LOBBY, 99, "still writing"), proto.Ack)
+    again = await admin("--data-dir", data_dir(server), "backup", str(dest), check=False)
+    assert again.returncode == 1 and b"exists" in again.stderr

@@ -88,7 +88,7 @@ def test_a_flag_mistake_is_one_line_naming_the_flag(capsys, argv, line):
                                    ["--max-rooms-per-user", "70000"], ["--ping-interval-s", "inf"],
                                    ["--ping-interval-s", "5000000"], ["--reconnect-hint-ms", "5000000000"],
                                    ["--argon2-memory-kib", "4"], ["--argon2-time-cost", "0"],
-                                   ["--registration", "invite"], ["--login-free-failures", "-1"],
+                                   ["--registration", "maybe"], ["--login-free-failures", "-1"],
                                    ["--max-missed-pings", "0"], ["--data-dir", ""]])
 def test_nonsense_values_are_refused(flags, capsys):
     line = usage_error(capsys, flags)
