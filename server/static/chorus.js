@@ -602,6 +602,7 @@ class ConversationState {
 }
 
 const TOMBSTONE = "(message deleted)";
+const OPERATOR = "the operator"; // an event's empty actor: chorus-admin (never a user name: it has a space)
 
 /** A moderation event (version 2, spec §9.15) in words, as the server words it for a version 1 client. */
 export function eventText(e) {
@@ -994,7 +995,7 @@ export class ChorusClient extends EventTarget {
     const state = this.conversation(event.conv);
     const lines = event.events.map((e) => ({
       seq: e.seq, ts_ms: e.ts_ms, client_msg_id: 0n, body: eventText(e), event: e,
-      sender: e.kind === EventKind.DELETED ? e.target : (e.actor || e.target || event.conv.name),
+      sender: e.kind === EventKind.DELETED ? e.target : (e.actor || OPERATOR),
     }));
     for (const e of event.events) {
       const gone = e.kind === EventKind.DELETE ? state.messages.get(Number(e.target_seq)) : undefined;
