@@ -465,7 +465,17 @@ class Muted:
     until_ms: int | None
 
 
-UserEvent = MemberJoined | MemberLeft | TokenRevoked | SessionsRevoked | Muted
+@dataclass(frozen=True, slots=True)
+class ReadMoved:
+    """READ moved ``user_id``'s read cursor of ``conv_id`` to ``seq``: the user's other version 2 connections get
+    RECEIPT (spec §9.6), so read state follows the person across devices."""
+
+    user_id: int
+    conv_id: int
+    seq: int
+
+
+UserEvent = MemberJoined | MemberLeft | TokenRevoked | SessionsRevoked | Muted | ReadMoved
 
 
 class Subscriber(Protocol):

@@ -42,7 +42,8 @@ from ._invites import InviteInvalid, code_hash
 from ._logs import episode, safe
 from ._moderation import Applied, Moderation, Refused, active, v1_entries, v1_message
 from ._ports import (
-    Appended, ConvRow, Entry, MemberJoined, MemberLeft, Muted, NameTaken, NewMessage, RoomExists, SessionsRevoked,
+    Appended, ConvRow, Entry, MemberJoined, MemberLeft, Muted, NameTaken, NewMessage, ReadMoved, RoomExists,
+    SessionsRevoked,
     StoreError, TokenRevoked, TooManyRooms, UserEvent, UserRow,
 )
 from ._ratelimit import retry_ms
@@ -57,6 +58,8 @@ log = logging.getLogger("chorus.session")
 #: arrive up to a quarter interval early relative to the one before), so an honest client's TYPING is never dropped,
 #: while one that ignores the interval is held to 4/3 of the allowed rate.
 _TYPING_COALESCE_S = proto.TYPING_INTERVAL_S * 3 / 4
+#: From this version on a connection gets RECEIPTs of its own user's READs on other devices (spec §9.6).
+_OWN_RECEIPTS_VERSION = 2
 #: The latest BAN or MUTE end (and DELETE seq) the stores hold: their integers are signed 64-bit.
 _MAX_UNTIL_MS = 2**63 - 1
 
@@ -101,6 +104,7 @@ class ConvState:
     login_seq: int = 0  # last_seq when this connection logged in
     typing_at: float = -1e9
     muted_until_ms: int | None = None  # the user's mute here (0: no expiry), kept current by Muted user events
+    read_seq: int = 0  # the highest READ this connection sent or was told of (ReadMoved)
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,6 +462,12 @@ class Session:
                 state = self.convs.get(conv_id)
                 if state is not None:
                     state.muted_until_ms = until_ms
+            case ReadMoved(conv_id=conv_id, seq=seq):
+                state = self.convs.get(conv_id)
+                # The connection that sent the READ knows; an older client has no use for its own name's receipts.
+                if state is not None and seq > state.read_seq and self.conn.wire.version >= _OWN_RECEIPTS_VERSION:
+                    state.read_seq = seq
+                    self.conn.send(proto.Receipt(state.view, me.username, proto.ReceiptKind.READ, seq))
 
     # -- conversations --------------------------------------------------------
     def _add_conv(self, row: ConvRow, *, withhold: bool = False) -> ConvState | None:
@@ -699,7 +709,11 @@ class Session:
     async def _cursor(self, ev: proto.Delivered | proto.Read) -> None:
         state, me = self._conv(ev.conv), self.me
         kind = proto.ReceiptKind.READ if isinstance(ev, proto.Read) else proto.ReceiptKind.DELIVERED
+        if kind == proto.ReceiptKind.READ:
+            state.read_seq = max(state.read_seq, ev.seq)
         seq = await self.server.store.advance_cursor(me.user_id, state.conv_id, kind, ev.seq)
+        if seq is not None and kind == proto.ReceiptKind.READ:
+            self.server.broker.user_event(ReadMoved(me.user_id, state.conv_id, seq))
         if seq is not None and state.peer_id is not None:
             self.server.broker.push_to_user(
                 state.peer_id, proto.Receipt(proto.Conversation.direct(me.username), me.username, kind, seq))

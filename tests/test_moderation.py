@@ -301,3 +301,28 @@ async def test_the_client_library_moderates_and_hands_events_over_in_seq_order(s
             assert exc.code == ErrorCode.NOT_FOUND  # banned, so not in the room any more
         else:
             raise AssertionError("kicked someone who is not in the room")
+
+
+async def test_read_state_follows_the_person_to_their_other_version_2_devices(start_server):
+    server = await start_server(**NO_DEADLINES)
+    phone, bob = await users_in_room(server.port, "alice", "bob")
+    laptop = await connect(server.port)
+    assert isinstance(await laptop.request(proto.Login, "alice", "correct horse"), proto.AuthOk)
+    await laptop.go_live()
+    old = await version_1_login(server.port, "alice")
+    said = await send(bob, "are you there?")
+    await phone.send(proto.Read(LOBBY, said.seq))  # read on the phone...
+    receipt = await laptop.next_of(proto.Receipt)  # ...so the laptop's badge clears
+    assert (receipt.conv, receipt.user, receipt.kind, receipt.seq) == (LOBBY, "alice", proto.ReceiptKind.READ,
+                                                                       said.seq)
+    await phone.send(proto.Read(LOBBY, said.seq))  # not moved: nothing new to tell
+    again = await send(bob, "hello?")
+    await laptop.send(proto.Read(LOBBY, again.seq))
+    back = await phone.next_of(proto.Receipt)
+    assert (back.user, back.seq) == ("alice", again.seq)
+    # The version 1 connection got the messages and no receipt of its own user's reads.
+    await old.send(proto.Ping(9))
+    seen = []
+    while not isinstance(event := await old.next(), proto.Pong):
+        seen.append(event)
+    assert [type(e) for e in seen] == [proto.Message, proto.Message], seen
