@@ -24,6 +24,10 @@ replaced and the work retried once: nothing of it took effect. A connection lost
 outcome is unknown, so the waiters get ``StoreError`` and the client's retry (same ``client_msg_id``) finds the
 message if it was committed. Acked always means committed.
 
+Moderation (spec §9.15) is server/_moderation.py's rules and SQL, shared with the SQLite store, run over ``_Db``
+(its ``:name`` parameters become psycopg's); each action is one transaction that locks its conversation's row first,
+like a group commit, so events take gapless seqs among the messages of every node (``moderate``).
+
 Values from the wire are u64 and ``bigint`` is signed, so the SQLite store's mappings apply (``_clamp``, ``_to_db_id``).
 Bodies are ``bytea`` because ``text`` cannot hold the NUL character a body may contain. Names sort with
 ``COLLATE "C"``, byte order, as in SQLite. The schema is versioned in ``chorus_schema`` and migrated in ordered
@@ -31,8 +35,10 @@ steps (``_MIGRATIONS``) under an advisory lock, so nodes starting together do no
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,16 +50,28 @@ import trio
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
-from chorus.proto import Conversation, ConversationInfo, ConvKind, CursorInfo, ReceiptKind, RoomInfo, StoredMessage
+from chorus.proto import (
+    BanInfo, Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole,
+    StoredMessage,
+)
 
+from . import _invites as invites
 from ._config import without_password
 from ._groupcommit import GroupCommitter
-from ._ports import (
-    AdminAction, Appended, ConvRow, NameTaken, NewMessage, RoomStats, SchemaTooNew, SessionEntry, SessionRow,
-    StoreError, TooManyRooms, UserRow,
+from ._invites import InviteRow
+from ._moderation import (
+    Applied, Entry, Moderation, apply, entries_after, entries_before, join_refusal, now_ms, room_bans, room_details,
 )
-# One mapping of wire u64s onto signed 64-bit integers for both stores.
-from ._store import _I64_MAX, _clamp, _conv_row, _from_db_id, _room_stats, _to_db_id
+from ._ports import (
+    AdminAction, Appended, ConvRow, NameTaken, NewMessage, RoomExists, RoomStats, SchemaTooNew, SessionEntry,
+    SessionRow, StoreError, TooManyRooms, UserRow,
+)
+# One mapping of wire u64s onto signed 64-bit integers for both stores; the rows both read alike; what a room owns;
+# a user's mute.
+from ._store import (
+    _I64_MAX, _MUTE, _USER_COLUMNS, ROOM_TABLES, _clamp, _conv_row, _from_db_id, _room_stats, _session_row, _to_db_id,
+    _user,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +168,41 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sessions ADD COLUMN created_ms bigint NOT NULL DEFAULT 0;
     ALTER TABLE sessions ADD COLUMN last_used_ms bigint NOT NULL DEFAULT 0;
     CREATE INDEX sessions_user ON sessions(user_id);""",
+    # 4: roles, moderation and private rooms (spec §9.15), as SQLite's step 5. A disabled account may be so until a
+    # time (a server-wide ban); members get a role (rooms from before have no owner); rooms a topic and a private
+    # flag; events share the conversation's seq with the messages (a page merges the two); bans and mutes are
+    # sanctions (until_ms 0: no expiry); one-time invite codes (registration = invite) are kept as their SHA-256.
+    """ALTER TABLE memberships ADD COLUMN role smallint NOT NULL DEFAULT 1;
+    ALTER TABLE users ADD COLUMN disabled_until_ms bigint NOT NULL DEFAULT 0;
+    ALTER TABLE conversations ADD COLUMN topic text NOT NULL DEFAULT '';
+    ALTER TABLE conversations ADD COLUMN private boolean NOT NULL DEFAULT false;
+    CREATE TABLE events (
+        conv_id    bigint NOT NULL REFERENCES conversations(id),
+        seq        bigint NOT NULL CHECK (seq > 0),
+        ts_ms      bigint NOT NULL,
+        kind       smallint NOT NULL,
+        actor_id   bigint REFERENCES users(id),
+        target_id  bigint REFERENCES users(id),
+        target_seq bigint NOT NULL DEFAULT 0,
+        until_ms   bigint NOT NULL DEFAULT 0,
+        role       smallint NOT NULL DEFAULT 1,
+        text       text NOT NULL DEFAULT '',
+        PRIMARY KEY (conv_id, seq)
+    );
+    CREATE TABLE sanctions (
+        conv_id  bigint NOT NULL REFERENCES conversations(id),
+        user_id  bigint NOT NULL REFERENCES users(id),
+        kind     smallint NOT NULL,
+        until_ms bigint NOT NULL,
+        PRIMARY KEY (conv_id, user_id, kind)
+    );
+    CREATE TABLE invites (
+        id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        code_hash  bytea NOT NULL UNIQUE,
+        created_ms bigint NOT NULL,
+        expires_ms bigint NOT NULL DEFAULT 0,
+        used_by    bigint REFERENCES users(id)
+    );""",
 )
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -173,9 +226,6 @@ _CONVERSATIONS = """
     SELECT c.id, c.kind, u.name, c.last_seq, u.id
       FROM conversations c JOIN users u ON u.id = c.user_lo WHERE c.user_hi = %(u)s
 """
-
-_MESSAGE_COLUMNS = "m.seq, m.ts_ms, u.name, m.client_msg_id, m.body"
-_USER_COLUMNS = "id, name, password_hash, disabled"
 
 
 class _CommitUnknown(Exception):
@@ -207,6 +257,42 @@ def _lost(conn: psycopg.Connection) -> bool:
 def _stored(row: tuple[Any, ...]) -> StoredMessage:
     seq, ts_ms, sender, client_msg_id, body = row
     return StoredMessage(seq, ts_ms, sender, _from_db_id(client_msg_id), bytes(body).decode())
+
+
+#: A ``:name`` parameter of ``_moderation.Db``'s SQL (not the second colon of a ``::type`` cast, nor ``a::name``).
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_sql(sql: str) -> str:
+    """``sql`` with its ``:name`` parameters as psycopg's ``%(name)s`` (the SQL has no ``%`` of its own)."""
+    return _NAMED.sub(r"%(\1)s", sql)
+
+
+class _Db:
+    """A connection inside its transaction as ``_moderation.Db``: ``:name`` parameters become ``%(name)s``, bodies
+    are ``bytea``."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    def _execute(self, sql: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        return self.conn.execute(_pg_sql(sql), params)
+
+    def one(self, sql: str, **params: Any) -> tuple[Any, ...] | None:
+        return self._execute(sql, params).fetchone()
+
+    def all(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        return self._execute(sql, params).fetchall()
+
+    def run(self, sql: str, **params: Any) -> int:
+        return self._execute(sql, params).rowcount
+
+    @staticmethod
+    def body(text: str) -> bytes:
+        return text.encode()
 
 
 @contextmanager
@@ -464,31 +550,51 @@ class PgStore(GroupCommitter):
 
     # -- users and sessions ------------------------------------------------------------------------------------
 
-    async def create_user(self, name: str, password_hash: str) -> UserRow:
-        """Raises ``NameTaken`` if ``name`` exists."""
+    async def create_user(self, name: str, password_hash: str, *, invite: bytes | None = None) -> UserRow:
+        """Raises ``NameTaken`` if ``name`` exists, ``InviteInvalid`` if ``invite`` (a code's hash) cannot be
+        redeemed: then no account is made and the code stays as it was. One transaction: of two nodes redeeming one
+        code at once, the second's UPDATE waits for the first's COMMIT and then finds the code used."""
 
         def run(conn: psycopg.Connection) -> UserRow:
-            try:
-                row = conn.execute("INSERT INTO users (name, password_hash) VALUES (%s, %s) RETURNING id",
-                                   (name, password_hash)).fetchone()
-            except psycopg.errors.UniqueViolation as exc:
-                raise NameTaken(name) from exc
-            assert row is not None
-            return UserRow(row[0], name, password_hash)
+            with _transaction(conn):
+                try:
+                    user_id = _one(conn, "INSERT INTO users (name, password_hash) VALUES (%s, %s) RETURNING id",
+                                   (name, password_hash))
+                except psycopg.errors.UniqueViolation as exc:
+                    raise NameTaken(name) from exc
+                if invite is not None:
+                    invites.redeem(_Db(conn), invite, user_id, now_ms())
+            return UserRow(user_id, name, password_hash)
 
         return await self._run(run)
+
+    async def invite_usable(self, invite: bytes) -> bool:
+        return await self._read(lambda conn: invites.usable(_Db(conn), invite, now_ms()))
+
+    async def add_invites(self, hashes: list[bytes], expires_ms: int) -> None:
+        def run(conn: psycopg.Connection) -> None:
+            with _transaction(conn):
+                invites.add(_Db(conn), hashes, now_ms(), _clamp(expires_ms))
+
+        await self._run(run, retry_lost=True)  # one transaction
+
+    async def list_invites(self) -> list[InviteRow]:
+        return await self._read(lambda conn: invites.listed(_Db(conn)))
+
+    async def revoke_invite(self, invite_id: int) -> bool:
+        return await self._run(lambda conn: invites.revoke(_Db(conn), _clamp(invite_id)))
 
     async def get_user(self, name: str) -> UserRow | None:
         def run(conn: psycopg.Connection) -> UserRow | None:
             row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE name = %s", (name,)).fetchone()
-            return UserRow(*row) if row else None
+            return _user(row) if row else None
 
         return await self._read(run)
 
     async def get_user_by_id(self, user_id: int) -> UserRow | None:
         def run(conn: psycopg.Connection) -> UserRow | None:
             row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = %s", (_clamp(user_id),)).fetchone()
-            return UserRow(*row) if row else None
+            return _user(row) if row else None
 
         return await self._read(run)
 
@@ -506,10 +612,10 @@ class PgStore(GroupCommitter):
 
         def run(conn: psycopg.Connection) -> SessionRow | None:
             row = conn.execute(
-                "SELECT s.user_id, u.name, s.expires_at_ms, u.disabled"
+                "SELECT s.user_id, u.name, s.expires_at_ms, u.disabled, u.disabled_until_ms"
                 " FROM sessions s JOIN users u ON u.id = s.user_id"
                 " WHERE s.token_hash = %s AND s.expires_at_ms > %s", (token_hash, _clamp(now_ms))).fetchone()
-            return SessionRow(*row) if row else None
+            return _session_row(row) if row else None
 
         return await self._read(run)
 
@@ -555,14 +661,14 @@ class PgStore(GroupCommitter):
 
     async def list_users(self) -> list[UserRow]:
         def run(conn: psycopg.Connection) -> list[UserRow]:
-            return [UserRow(*row) for row in conn.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name")]
+            return [_user(row) for row in conn.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name")]
 
         return await self._read(run)
 
-    async def set_disabled(self, user_id: int, disabled: bool) -> bool:
+    async def set_disabled(self, user_id: int, disabled: bool, *, until_ms: int = 0) -> bool:
         def run(conn: psycopg.Connection) -> bool:
-            return conn.execute("UPDATE users SET disabled = %s WHERE id = %s",
-                                (disabled, _clamp(user_id))).rowcount == 1
+            return conn.execute("UPDATE users SET disabled = %s, disabled_until_ms = %s WHERE id = %s",
+                                (disabled, _clamp(until_ms) if disabled else 0, _clamp(user_id))).rowcount == 1
 
         return await self._run(run, retry_lost=True)  # harmless to repeat
 
@@ -591,7 +697,7 @@ class PgStore(GroupCommitter):
                                    (name,)).fetchone()
                 if row is None:
                     return None
-                for table in ("messages", "cursors", "memberships"):
+                for table in ROOM_TABLES:
                     conn.execute(f"DELETE FROM {table} WHERE conv_id = %s", (row[0],))
                 conn.execute("DELETE FROM conversations WHERE id = %s", (row[0],))
                 return row[0]
@@ -640,36 +746,52 @@ class PgStore(GroupCommitter):
 
         return await self._run(run, retry_lost=True)  # every statement is harmless to repeat
 
-    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True) -> tuple[int, bool]:
-        """Join the room ``name`` (created if absent and ``create``); returns (conv_id, newly_joined).
+    async def join_room(self, user_id: int, name: str, *, max_rooms: int, create: bool = True,
+                        private: bool | None = None) -> tuple[int, bool]:
+        """Join the room ``name`` (created if absent and ``create``, its creator its owner); returns (conv_id,
+        newly_joined). ``private`` not None: CREATE_ROOM, which only creates (``RoomExists`` otherwise).
 
-        One transaction that first locks the user's row, so this user's joins on every node run one at a time: a
+        One transaction that first locks the user's row, so this user's joins on every node run one at a time, then
+        the room's, shared (so a moderation of the room, a BAN, commits wholly before or after it: ``moderate``): a
         member rejoins freely; anyone else is counted against ``max_rooms`` before the room is created or the
         membership inserted. Raises ``TooManyRooms`` (nothing written, no room created), ``LookupError`` if the room
-        does not exist and not ``create``, ``StoreError``.
+        does not exist and not ``create``, ``Refused`` (FORBIDDEN: banned, or a private room), ``StoreError``.
         """
 
         def run(conn: psycopg.Connection) -> tuple[int, bool]:
+            def existing(conv_id: int) -> None:  # a room that exists: CREATE_ROOM, or a JOIN by a non-member
+                if private is not None:
+                    raise RoomExists(name)
+                join_refusal(_Db(conn), conv_id, user_id, name)
+
             with _transaction(conn):
                 conn.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (user_id,))
-                query = f"SELECT id FROM conversations WHERE kind = {_ROOM} AND name = %s"
+                # FOR SHARE: a moderation of the room (a BAN) commits before or after this join, never beside it.
+                query = f"SELECT id FROM conversations WHERE kind = {_ROOM} AND name = %s FOR SHARE"
                 row = conn.execute(query, (name,)).fetchone()
                 if row is not None:
-                    if conn.execute("SELECT 1 FROM memberships WHERE user_id = %s AND conv_id = %s",
-                                    (user_id, row[0])).fetchone():
+                    if private is None and conn.execute("SELECT 1 FROM memberships WHERE user_id = %s AND conv_id = %s",
+                                                        (user_id, row[0])).fetchone():
                         return row[0], False
+                    existing(row[0])
                 elif not create:
                     raise LookupError(f"no room {name}")
                 count = _one(conn, "SELECT count(*) FROM memberships WHERE user_id = %s", (user_id,))
                 if count >= max_rooms:
                     raise TooManyRooms(max_rooms)
-                if row is None:
-                    made = conn.execute(f"INSERT INTO conversations (kind, name) VALUES ({_ROOM}, %s)"
-                                        " ON CONFLICT (name) DO NOTHING RETURNING id", (name,)).fetchone()
-                    conv_id = made[0] if made else _one(conn, query, (name,))
+                role = RoomRole.MEMBER
+                if row is None:  # its creator owns it, unless another node created it meanwhile
+                    made = conn.execute(f"INSERT INTO conversations (kind, name, private) VALUES ({_ROOM}, %s, %s)"
+                                        " ON CONFLICT (name) DO NOTHING RETURNING id", (name, bool(private))).fetchone()
+                    if made is None:
+                        conv_id = _one(conn, query, (name,))
+                        existing(conv_id)
+                    else:
+                        conv_id, role = made[0], RoomRole.OWNER
                 else:
                     conv_id = row[0]
-                conn.execute("INSERT INTO memberships (user_id, conv_id) VALUES (%s, %s)", (user_id, conv_id))
+                conn.execute("INSERT INTO memberships (user_id, conv_id, role) VALUES (%s, %s, %s)",
+                             (user_id, conv_id, int(role)))
                 return conv_id, True
 
         return await self._run(run, retry_lost=True)
@@ -744,7 +866,8 @@ class PgStore(GroupCommitter):
         """The rooms the user joined and the user's DIRECT pairs, ordered by kind then name."""
 
         def run(conn: psycopg.Connection) -> list[ConvRow]:
-            rows = conn.execute(f"{_CONVERSATIONS} ORDER BY 2, 3", {"u": _clamp(user_id)}).fetchall()
+            # _MUTE is SQLite's text, with a :u parameter that _Db translates.
+            rows = _Db(conn).all(f"SELECT v.*, {_MUTE} FROM ({_CONVERSATIONS}) v ORDER BY 2, 3", u=_clamp(user_id))
             return [_conv_row(row) for row in rows]
 
         return await self._read(run)
@@ -765,15 +888,17 @@ class PgStore(GroupCommitter):
         return await self._read(run)
 
     async def list_rooms(self, user_id: int, limit: int) -> list[RoomInfo]:
-        """Up to ``limit`` rooms with members: those the user joined first, then the others, each group by name."""
+        """Up to ``limit`` rooms with members: those the user joined first, then the others, each group by name.
+        A private room only for its members."""
 
         def run(conn: psycopg.Connection) -> list[RoomInfo]:
             rows = conn.execute(
-                "SELECT c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq,"
-                "       EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id AND m.user_id = %s) AS joined"
-                f" FROM conversations c WHERE c.kind = {_ROOM}"
-                "   AND EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id)"
-                " ORDER BY joined DESC, c.name LIMIT %s", (_clamp(user_id), _clamp(limit))).fetchall()
+                "SELECT c.name, (SELECT count(*) FROM memberships m WHERE m.conv_id = c.id), c.last_seq, v.joined"
+                " FROM conversations c CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM memberships m"
+                "   WHERE m.conv_id = c.id AND m.user_id = %s) AS joined) v"
+                f" WHERE c.kind = {_ROOM} AND EXISTS (SELECT 1 FROM memberships m WHERE m.conv_id = c.id)"
+                "   AND (NOT c.private OR v.joined)"
+                " ORDER BY v.joined DESC, c.name LIMIT %s", (_clamp(user_id), _clamp(limit))).fetchall()
             return [RoomInfo(name, members, last_seq, joined) for name, members, last_seq, joined in rows]
 
         return await self._read(run)
@@ -784,10 +909,11 @@ class PgStore(GroupCommitter):
 
         def run(conn: psycopg.Connection) -> list[ConversationInfo]:
             rows = conn.execute(
-                "SELECT v.kind, v.name, v.last_seq, coalesce(m.ts_ms, 0),"
+                "SELECT v.kind, v.name, v.last_seq, coalesce(m.ts_ms, e.ts_ms, 0),"
                 "       coalesce(k.delivered_seq, 0), coalesce(k.read_seq, 0)"
                 f" FROM ({_CONVERSATIONS}) v"
                 " LEFT JOIN messages m ON m.conv_id = v.id AND m.seq = v.last_seq"
+                " LEFT JOIN events e ON e.conv_id = v.id AND e.seq = v.last_seq"  # the newest may be an event
                 " LEFT JOIN cursors k ON k.user_id = %(u)s AND k.conv_id = v.id"
                 f" WHERE v.kind = {_ROOM} OR v.last_seq > 0"
                 " ORDER BY 4 DESC, 1, 2 LIMIT %(n)s", {"u": _clamp(user_id), "n": _clamp(limit)}).fetchall()
@@ -823,40 +949,51 @@ class PgStore(GroupCommitter):
         Raises ``LookupError`` for an unknown conversation, ``psycopg.Error``, ``_Conflict``, ``_CommitUnknown``."""
         return self._writer.run(_write_messages, (msgs,), True)
 
-    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
-        """Up to ``limit`` messages with seq > ``after_seq``, ascending; has_more = newer ones exist.
-
-        Any u64 ``after_seq`` and ``limit`` are fine. Raises ``ValueError`` if ``limit`` < 1.
+    async def messages_after(self, conv_id: int, after_seq: int, limit: int) -> tuple[list[Entry], bool]:
+        """Up to ``limit`` entries (messages and events) with seq > ``after_seq``, ascending; has_more = newer ones
+        exist. Any u64 ``after_seq`` and ``limit`` are fine. Raises ``ValueError`` if ``limit`` < 1.
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        return await self._read(
+            lambda conn: entries_after(_Db(conn), _clamp(conv_id), after_seq, limit, _clamp, _stored))
 
-        def run(conn: psycopg.Connection) -> tuple[list[StoredMessage], bool]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
-                " WHERE m.conv_id = %s AND m.seq > %s ORDER BY m.seq LIMIT %s",
-                (_clamp(conv_id), _clamp(after_seq), _clamp(limit + 1))).fetchall()
-            return [_stored(row) for row in rows[:limit]], len(rows) > limit
-
-        return await self._read(run)
-
-    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[StoredMessage], bool]:
-        """Up to ``limit`` messages with seq < ``before_seq`` (0: from the newest), ascending; has_more = older ones
+    async def messages_before(self, conv_id: int, before_seq: int, limit: int) -> tuple[list[Entry], bool]:
+        """Up to ``limit`` entries with seq < ``before_seq`` (0: from the newest), ascending; has_more = older ones
         exist. Any u64 ``before_seq`` and ``limit`` are fine. Raises ``ValueError`` if ``limit`` < 1."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         bound = _clamp(before_seq) if before_seq > 0 else _I64_MAX
+        return await self._read(lambda conn: entries_before(_Db(conn), _clamp(conv_id), bound, limit, _clamp, _stored))
 
-        def run(conn: psycopg.Connection) -> tuple[list[StoredMessage], bool]:
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.sender_id"
-                " WHERE m.conv_id = %s AND m.seq < %s ORDER BY m.seq DESC LIMIT %s",
-                (_clamp(conv_id), bound, _clamp(limit + 1))).fetchall()
-            page = [_stored(row) for row in rows[:limit]]
-            page.reverse()
-            return page, len(rows) > limit
+    # -- moderation (spec §9.15) ---------------------------------------------------------------------------------
 
-        return await self._read(run)
+    async def moderate(self, action: Moderation) -> Applied:
+        """Apply ``action`` and store its event in one transaction; redone after an abort (deadlock). Raises
+        ``Refused``, ``TooManyRooms``.
+
+        The transaction first locks the conversation's row, as a group commit does before it takes seqs: the
+        conversation's writes on every node run one at a time, and each moderation reads roles, sanctions and
+        messages as its predecessors committed them (at READ COMMITTED, two DELETEs of one message would otherwise
+        both find it, and the second fail on the first one's tombstone). The event's seq is then ``last_seq + 1``
+        under that lock (``UPDATE ... RETURNING``), gapless with the messages. An INVITE locks the invited user's
+        row before it, as ``join_room`` does, so the user's room limit holds against their joins on other nodes.
+        """
+
+        def run(conn: psycopg.Connection) -> Applied:
+            with _transaction(conn):
+                if action.kind == EventKind.INVITE and action.target_id is not None:
+                    conn.execute("SELECT 1 FROM users WHERE id = %s FOR NO KEY UPDATE", (_clamp(action.target_id),))
+                conn.execute("SELECT 1 FROM conversations WHERE id = %s FOR NO KEY UPDATE", (_clamp(action.conv_id),))
+                return apply(_Db(conn), action)
+
+        return await self._run(run, retry_lost=True)  # one transaction
+
+    async def room_details(self, conv_id: int, viewer_id: int) -> tuple[str, bool, list[Any], list[Any]]:
+        return await self._read(lambda conn: room_details(_Db(conn), _clamp(conv_id), _clamp(viewer_id)))
+
+    async def room_bans(self, conv_id: int) -> list[BanInfo]:
+        return await self._read(lambda conn: room_bans(_Db(conn), _clamp(conv_id)))
 
     # -- cursors -----------------------------------------------------------------------------------------------
 

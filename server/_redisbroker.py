@@ -18,10 +18,11 @@ they build)::
     P:po:{user_id}  "node token": the OFFLINE that node announces when its delay is over, unless cancelled
 
 - **Messages.** One PUBLISH per conversation per committed batch (``M``: origin node, then the messages as compact
-  JSON). A node SUBSCRIBEs to ``P:c:{conv}`` only while it has local subscribers of it; its own publishes come
-  back and are skipped by origin. What arrives goes to ``fanout.deliver``, which drops duplicates by seq and fills
-  gaps from the store, so a late, doubled or lost publish costs a store read, never an order. ``republish`` (a
-  retry the store answered as duplicate) publishes the stored message again.
+  JSON; an event of spec §9.15, which takes a seq like a message, adds its fields to its row). A node SUBSCRIBEs to
+  ``P:c:{conv}`` only while it has local subscribers of it; its own publishes come back and are skipped by origin.
+  What arrives goes to ``fanout.deliver``, which drops duplicates by seq and fills gaps from the store, so a late,
+  doubled or lost publish costs a store read, never an order. ``republish`` (a retry the store answered as
+  duplicate) publishes the stored message again.
 - **Re-sync.** Pub/sub is at most once, and a subscription only hears what is published after Redis confirmed it.
   So each confirmation of a conversation channel (a first local subscriber, and every channel again after the link
   came back) re-syncs that conversation's live subscriptions from the store (``Fanout.resync``: the path of a gap,
@@ -82,7 +83,7 @@ from chorus.proto import ConvKind
 
 from ._broker import announce, push
 from ._fanout import MAX_HELD, Fanout, Subscription
-from ._ports import Appended, ConvRow, MemberJoined, MemberLeft, SessionsRevoked, TokenRevoked
+from ._ports import Appended, ConvRow, MemberJoined, MemberLeft, Muted, ReadMoved, SessionsRevoked, TokenRevoked
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -409,6 +410,28 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _message_row(m: Appended) -> list[Any]:
+    """One committed message (or event: spec §9.15) of an ``M`` payload, as JSON values; an event's fields follow
+    the message's, so a message's row is as it was before events."""
+    row: list[Any] = [m.conv_id, m.seq, m.ts_ms, m.sender_id, m.sender_name, m.client_msg_id, m.body]
+    if m.event is not None:
+        ev = m.event
+        row.append([ev.seq, ev.ts_ms, int(ev.kind), ev.actor, ev.target, ev.target_seq, ev.until_ms, int(ev.role),
+                    ev.text])
+    return row
+
+
+def _appended(row: list[Any]) -> Appended:
+    """``_message_row`` read back."""
+    conv_id, seq, ts_ms, sender_id, sender_name, client_msg_id, body, *event = row
+    ev = None
+    if event:
+        e_seq, e_ts, kind, actor, target, target_seq, until_ms, role, text = event[0]
+        ev = proto.ConvEvent(e_seq, e_ts, proto.EventKind(kind), actor, target, target_seq, until_ms,
+                             proto.RoomRole(role), text)
+    return Appended(conv_id, seq, ts_ms, sender_id, sender_name, client_msg_id, body, False, ev)
+
+
 def _encode_user_event(event: UserEvent) -> bytes:
     match event:
         case MemberJoined(user_id=uid, conv=conv):
@@ -419,6 +442,10 @@ def _encode_user_event(event: UserEvent) -> bytes:
             return _dumps(["T", uid, token.hex()])
         case SessionsRevoked(user_id=uid, keep=keep):
             return _dumps(["S", uid, None if keep is None else keep.hex()])
+        case Muted(user_id=uid, conv_id=conv_id, until_ms=until_ms):
+            return _dumps(["M", uid, conv_id, until_ms])
+        case ReadMoved(user_id=uid, conv_id=conv_id, seq=seq):
+            return _dumps(["R", uid, conv_id, seq])
     raise TypeError(f"not a user event: {event!r}")
 
 
@@ -433,6 +460,10 @@ def _decode_user_event(body: bytes) -> UserEvent:
         return TokenRevoked(value[1], bytes.fromhex(value[2]))
     if value[0] == "S":
         return SessionsRevoked(value[1], None if value[2] is None else bytes.fromhex(value[2]))
+    if value[0] == "M":
+        return Muted(value[1], value[2], value[3])
+    if value[0] == "R":
+        return ReadMoved(value[1], value[2], value[3])
     raise ValueError(f"unknown user event {value[0]!r}")
 
 
@@ -663,8 +694,7 @@ class RedisBroker:
             if not self._up or len(self._queue) >= self._max_queued:
                 self._owe(messages[-1])
                 continue
-            body = _dumps([[m.conv_id, m.seq, m.ts_ms, m.sender_id, m.sender_name, m.client_msg_id, m.body]
-                           for m in messages])
+            body = _dumps([_message_row(m) for m in messages])
             self._queue.append((self._conv_channel + b"%d" % conv_id, _MESSAGES + self._origin + body, messages))
         self._wake.set()
 
@@ -976,8 +1006,7 @@ class RedisBroker:
                 for channel, payload, _ in taken:
                     pipe.publish(channel, payload)
                 for msg in owed:
-                    body = _dumps([[msg.conv_id, msg.seq, msg.ts_ms, msg.sender_id, msg.sender_name,
-                                    msg.client_msg_id, msg.body]])
+                    body = _dumps([_message_row(msg)])
                     pipe.publish(self._conv_channel + b"%d" % msg.conv_id, _MESSAGES + self._origin + body)
                 if everything:
                     pipe.publish(self._bus, _RESYNC + self._origin)
@@ -1117,7 +1146,7 @@ class RedisBroker:
         if origin == self._origin[1:]:
             return  # this node's own: delivered here already
         if kind == _MESSAGES:
-            self.fanout.deliver([Appended(c, s, t, u, n, m, b, False) for c, s, t, u, n, m, b in json.loads(body)])
+            self.fanout.deliver([_appended(row) for row in json.loads(body)])
             self.fanout.flush()
         elif kind == _TO_CONVERSATION:
             conv_id, skip_user = int(channel[len(self._conv_channel):]), int.from_bytes(body[:8], "big")

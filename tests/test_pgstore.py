@@ -15,6 +15,9 @@ from trio.testing import wait_all_tasks_blocked
 
 from chorus import proto
 from chorus.server import serve
+from chorus.server import _pgstore
+from chorus.server._invites import InviteInvalid, code_hash, new_code
+from chorus.server._moderation import Moderation, Refused
 from chorus.server._pgstore import SCHEMA_VERSION, open_pg_store
 from chorus.server._ports import Appended, SchemaTooNew, StoreError
 from conftest import test_config as config_for
@@ -204,7 +207,101 @@ async def test_two_nodes_create_one_direct_conversation_per_pair(pg_url):
                    (int(proto.ConvKind.DIRECT),)) == [(len(pairs),)]
 
 
+async def test_two_nodes_moderate_and_append_into_one_room_gapless(pg_url):
+    """Moderation on both nodes, among both nodes' group commits into the same room: every seq once (events and
+    messages), nothing refused but the second of two DELETEs of one message, sent to both nodes at once."""
+    async with open_pg_store(pg_url, max_batch=16) as one, open_pg_store(pg_url, max_batch=16) as two:
+        owner, *users = await make_users(one, "owner", "u0", "u1", "u2", "u3")
+        lobby, _ = await one.join_room(owner.id, "lobby", max_rooms=9)
+        for user in users:
+            await two.join_room(user.id, "lobby", max_rooms=9)
+        targets = [await one.append(msg(lobby, users[0], k)) for k in range(1, 11)]
+        events, refusals = [], []
+
+        async def sender(node, user):
+            for i in range(30):
+                await node.append(msg(lobby, user, 1000 + i))
+
+        async def topics(node, n):
+            for i in range(15):
+                events.append(await node.moderate(Moderation(proto.EventKind.TOPIC, lobby, owner.id, text=f"{n}.{i}")))
+
+        async def delete(node, seq):
+            try:
+                events.append(await node.moderate(Moderation(proto.EventKind.DELETE, lobby, owner.id, target_seq=seq)))
+            except Refused as exc:
+                refusals.append(exc.code)
+
+        async with trio.open_nursery() as nursery:
+            for n, user in enumerate(users):
+                nursery.start_soon(sender, (one, two)[n % 2], user)
+            nursery.start_soon(topics, one, 1)
+            nursery.start_soon(topics, two, 2)
+            for target in targets:
+                nursery.start_soon(delete, one, target.seq)
+                nursery.start_soon(delete, two, target.seq)
+        assert refusals == [proto.ErrorCode.NOT_FOUND] * len(targets)
+        last = await two.last_seq(lobby)
+        assert last == len(targets) + 4 * 30 + 2 * 15 + len(targets)  # a tombstone keeps its message's seq
+        page, more = await two.messages_after(lobby, 0, 10_000)
+        assert [e.seq for e in page] == list(range(1, last + 1)) and not more
+        assert sorted(a.event.seq for a in events) == [e.seq for e in page if isinstance(e, proto.ConvEvent)
+                                                       and e.kind != proto.EventKind.DELETED]
+        assert [e.kind for e in page[:len(targets)]] == [proto.EventKind.DELETED] * len(targets)
+
+
+async def test_one_invite_code_redeemed_on_two_nodes_at_once_makes_one_account(pg_url):
+    async with open_pg_store(pg_url) as one, open_pg_store(pg_url) as two:
+        codes = [code_hash(new_code()) for _ in range(20)]
+        await one.add_invites(codes, 0)
+        made, refused = [], []
+
+        async def register(node, name, code):
+            try:
+                made.append(await node.create_user(name, "h", invite=code))
+            except InviteInvalid:
+                refused.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for k, code in enumerate(codes):
+                nursery.start_soon(register, one, f"a{k}", code)
+                nursery.start_soon(register, two, f"b{k}", code)
+        assert len(made) == len(refused) == len(codes)
+        assert sorted(u.name for u in await one.list_users()) == sorted(u.name for u in made)
+        assert sorted(r.used_by for r in await two.list_invites()) == sorted(u.name for u in made)
+
+
 # -- schema ---------------------------------------------------------------------------------------------------------
+
+async def test_a_database_from_before_moderation_migrates_with_its_rooms_unowned_and_public(pg_url):
+    """Step 4 on a version 3 database with a room, members and messages: the members are MEMBERs (no owner), the
+    room is public, its pages are its messages; new rooms get owners."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE chorus_schema (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
+                     " version integer NOT NULL)")
+        for step in _pgstore._MIGRATIONS[:3]:
+            conn.execute(step.encode())
+        conn.execute("INSERT INTO chorus_schema (version) VALUES (3)")
+        conn.execute("INSERT INTO users (name, password_hash) VALUES ('alice', 'h'), ('bob', 'h')")
+        conn.execute("INSERT INTO conversations (kind, name, last_seq) VALUES (%s, 'old', 1)",
+                     (int(proto.ConvKind.ROOM),))
+        conn.execute("INSERT INTO memberships (user_id, conv_id) SELECT u.id, c.id FROM users u, conversations c")
+        conn.execute("INSERT INTO messages (conv_id, seq, ts_ms, sender_id, client_msg_id, body)"
+                     " SELECT c.id, 1, 5, u.id, 1, 'hi'::bytea FROM users u, conversations c WHERE u.name = 'alice'")
+    async with open_pg_store(pg_url) as store:
+        alice, bob = await store.get_user("alice"), await store.get_user("bob")
+        old = await store.room("old", create=False)
+        topic, private, members, bans = await store.room_details(old, alice.id)
+        assert (topic, private, [(name, role) for _, name, role, _ in members], bans) == (
+            "", False, [("alice", proto.RoomRole.MEMBER), ("bob", proto.RoomRole.MEMBER)], [])
+        assert await store.messages_after(old, 0, 10) == ([proto.StoredMessage(1, 5, "alice", 1, "hi")], False)
+        assert [r.name for r in await store.list_rooms(bob.id, 10)] == ["old"]
+        with pytest.raises(Refused):  # no one may moderate it until an operator names an owner
+            await store.moderate(Moderation(proto.EventKind.KICK, old, alice.id, bob.id))
+        new, _ = await store.join_room(bob.id, "new", max_rooms=9)
+        assert (await store.room_details(new, bob.id))[2][0][2] == proto.RoomRole.OWNER
+    assert sql(pg_url, "SELECT version FROM chorus_schema") == [(SCHEMA_VERSION,)] == [(4,)]
+
 
 async def test_schema_is_created_by_the_first_of_two_nodes_and_newer_is_refused(pg_url):
     async with trio.open_nursery() as nursery:  # two nodes starting at once on an empty database

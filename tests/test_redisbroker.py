@@ -27,6 +27,7 @@ from chorus import proto
 from chorus.proto import ErrorCode
 from chorus.server import serve
 from chorus.server._fanout import Fanout, Subscription
+from chorus.server._ports import Appended, Muted, ReadMoved
 from chorus.server._redisbroker import NodeInfo, RedisBroker, _Incomplete, _RespReader
 from chorus.server._store import open_store
 
@@ -486,3 +487,51 @@ async def test_a_node_starts_and_serves_locally_while_redis_is_unreachable(clust
     assert (await bob.next_of(proto.Message)).seq == ack.seq
     lines = [r for r in caplog.records if r.name == "chorus.redisbroker"]
     assert len(lines) == 1 and "unreachable" in lines[0].getMessage() and lines[0].exc_info is None
+
+
+# -- the payloads of moderation (spec §9.15) and read state between nodes ----------------------------------------------
+
+class UserConn:
+    """One connection of a user as a broker sees it: the user events it is given."""
+
+    reason = None
+
+    def __init__(self, user_id: int):
+        self.user_id, self.events = user_id, []
+
+    def user_event(self, event) -> None:
+        self.events.append(event)
+
+
+async def test_events_ride_with_messages_and_mutes_reach_the_users_other_node_whole(tmp_path, prefix):
+    """Two bare brokers on one store: an ``Appended`` carrying an event (beside a plain message, in one payload), the
+    ``Muted`` user events (with an expiry, without one, lifted) and a ``ReadMoved`` arrive on the other node as they
+    were sent."""
+    ban = proto.ConvEvent(5, 1234, proto.EventKind.BAN, "alice", "bob", 0, 2**64 - 1, proto.RoomRole.MEMBER,
+                          "spam ✓ \"quoted\"")
+    sent = [Appended(7, 4, 1000, 1, "alice", 2**64 - 1, "hello", False),
+            Appended(7, 5, 1234, 1, "alice", 0, "banned bob: spam", False, ban)]
+    user_events = [Muted(2, 7, 2**63), Muted(2, 7, 0), Muted(2, 7, None), ReadMoved(2, 7, 2**64 - 1)]
+    async with open_store(tmp_path / "shared.db") as store, trio.open_nursery() as nursery:
+        n1, n2 = (RedisBroker(config_in(tmp_path / name, broker=REDIS_URL, broker_prefix=prefix, node_id=name,
+                                        node_ttl_s=TTL_S, presence_offline_delay_s=OFFLINE_DELAY_S), store)
+                  for name in ("n1", "n2"))
+        for broker in (n1, n2):
+            await nursery.start(broker.run)
+        heard: list[Appended] = []
+        n2.fanout.deliver = heard.extend  # what n2 receives, before its fan-out
+        n2.subscribe(7, Conn(), Subscription(LOBBY))
+        bob = UserConn(2)
+        assert n2.add_connection(bob, 2, "bob", [], 10)
+        # A publish reaches n2 only once Redis confirmed its subscriptions: send again until heard.
+        with trio.fail_after(DEADLINE_S):
+            while not heard:
+                n1.publish(sent)
+                await trio.sleep(0.02)
+            while not all(m in bob.events for m in user_events):
+                for m in user_events:
+                    n1.user_event(m)
+                await trio.sleep(0.02)
+        assert heard[:2] == sent and heard[1].event == ban
+        assert set(bob.events) == set(user_events)
+        nursery.cancel_scope.cancel()
