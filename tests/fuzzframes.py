@@ -11,8 +11,9 @@ walk does not know raises ``NotImplementedError``: a new frame type is fuzzed as
 test says what to teach this file.
 
 What answers each frame comes from spec/PROTOCOL.md: ``REPLIES`` from the "Reply / kind" column of §5's frame
-table, ``PUSHES`` from the same column, ``ERROR_CLOSES`` (which ERROR codes end the connection, with which BYE)
-from §7.1. Every frame built here is well-formed: tests/test_session_fuzz.py encodes and decodes each.
+table (with the frames a row says come "before a page of the reply to" a request: EVENTS before SYNC's and
+HISTORY's pages), ``PUSHES`` from the same column, ``ERROR_CLOSES`` (which ERROR codes end the connection, with
+which BYE) from §7.1. Every frame built here is well-formed: tests/test_session_fuzz.py encodes and decodes each.
 """
 from __future__ import annotations
 
@@ -70,6 +71,17 @@ def _reply(kind: str) -> Reply:
     return Reply(names[-1], frozenset(names[:-1]))
 
 
+def _preludes(table: dict[FrameType, tuple[str, str]]) -> dict[FrameType, frozenset[FrameType]]:
+    """Request → the server frames that may come, with its request_id, before a page of its reply: the rows that
+    say "before a page of the reply to SYNC, HISTORY" (EVENTS, spec §5.46)."""
+    out: dict[FrameType, set[FrameType]] = {}
+    for ftype, (_, kind) in table.items():
+        said = re.search(r"before a page of the reply to ([A-Z_, ]+)", kind)
+        for name in re.findall(r"[A-Z_]+", said[1]) if said else ():
+            out.setdefault(FrameType[name], set()).add(ftype)
+    return {request: frozenset(frames) for request, frames in out.items()}
+
+
 def _closes(action: str) -> CloseReason | None:
     """The BYE reason an ERROR code ends the connection with (spec §7.1 "What the server does"), None if it does not."""
     if action.startswith("Request-level"):
@@ -79,17 +91,24 @@ def _closes(action: str) -> CloseReason | None:
 
 
 _TABLE = spec_frame_table()
-#: Client frame → what completes it on success (SYNC: SYNC_PAGE... then SYNC_DONE; LOGOUT: the BYE).
-REPLIES: dict[FrameType, Reply] = {f: _reply(kind) for f, (direction, kind) in _TABLE.items() if direction != "S→C"}
-#: Server frames that are pushes: always request_id 0 (spec §2.2). BYE is one too.
+_PRELUDES = _preludes(_TABLE)
+#: Client frame → what completes it on success (SYNC: SYNC_PAGE... then SYNC_DONE; LOGOUT: the BYE), and what may
+#: come before (SYNC: SYNC_PAGE, and on version 2 EVENTS before a page).
+REPLIES: dict[FrameType, Reply] = {
+    f: dataclasses.replace(reply, partial=reply.partial | _PRELUDES.get(f, frozenset()))
+    for f, reply in ((f, _reply(kind)) for f, (direction, kind) in _TABLE.items() if direction != "S→C")}
+#: Server frames that are only ever pushes: always request_id 0 (spec §2.2). BYE is one too. (EVENTS is a push
+#: too when live, but carries a request's id before one of its pages: it is a partial reply of SYNC and HISTORY.)
 PUSHES = frozenset({f for f, (_, kind) in _TABLE.items() if kind == "push"} | {FrameType.BYE})
 #: ErrorCode → the BYE reason it closes the connection with, or None for a request-level error (spec §7.1).
 ERROR_CLOSES: dict[ErrorCode, CloseReason | None] = {
     ErrorCode(int(code)): _closes(action) for code, _, action in _ERROR_ROW.findall(_spec_section("### 7.1"))}
-#: The closing ERRORs a frame legal in its state may still get (spec §5.1, §5.3-§5.5, §5.33); any other is a bug.
+#: The closing ERRORs a frame legal in its state may still get (spec §5.1, §5.3-§5.5, §5.33, §5.59); any other is
+#: a bug.
 ALLOWED_CLOSES: dict[FrameType, frozenset[ErrorCode]] = {
     FrameType.HELLO: frozenset({ErrorCode.UNSUPPORTED_VERSION}),
     FrameType.REGISTER: frozenset({ErrorCode.TOO_MANY_CONNECTIONS}),
+    FrameType.REGISTER_INVITE: frozenset({ErrorCode.TOO_MANY_CONNECTIONS}),
     FrameType.LOGIN: frozenset({ErrorCode.TOO_MANY_CONNECTIONS}),
     FrameType.RESUME: frozenset({ErrorCode.TOO_MANY_CONNECTIONS}),
     FrameType.PONG: frozenset({ErrorCode.INVALID_REQUEST}),  # a PONG that answers none of the server's PINGs
@@ -101,6 +120,7 @@ ALLOWED_CLOSES: dict[FrameType, frozenset[ErrorCode]] = {
 _WIDTHS = ("a", "é", "€", "😀")  # 1, 2, 3 and 4 bytes of UTF-8
 _EDGES = (0, 1, 2, 1 << 31, (1 << 32) - 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
 _UNKNOWN_TOKEN = "x" * 43  # well-formed, and nobody was given it
+_UNKNOWN_INVITE = "y" * 22  # shaped like an invite code, and the server made none like it
 
 
 def exactly(size: int, char: str = "a") -> str:
@@ -121,11 +141,12 @@ def _no_tokens() -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Hints:
-    """Values that make requests reach the store: names that exist, the right password, live tokens.
+    """Values that make requests reach the store: names that exist, the right password, live tokens, invite codes.
 
     ``tokens`` is called when a frame is drawn (tokens change with every login), so one Hints, and the strategies
     built from it, serve a whole run. ``body_bytes`` are sizes worth trying for message bodies (around the
-    server's ``max_body_bytes``).
+    server's ``max_body_bytes``). ``invites`` are one-time codes the server holds (REGISTER_INVITE, spec §5.59):
+    each makes one account, then it is a used code (``AUTH_FAILED``), as is any other string.
     """
 
     users: tuple[str, ...] = ()
@@ -133,6 +154,7 @@ class Hints:
     password: str = "x" * 8
     tokens: Callable[[], Sequence[str]] = _no_tokens
     body_bytes: tuple[int, ...] = (1, 4096, 4097)
+    invites: tuple[str, ...] = ()
 
     def known(self, name: str | None) -> tuple[str, ...]:
         """Values of the string field ``name`` that mean something to the server (the first one is valid)."""
@@ -144,6 +166,8 @@ class Hints:
             return self.users + self.rooms
         if name == "password":
             return (self.password, "", "short", exactly(8), exactly(proto.MAX_PASSWORD_BYTES, "€"))
+        if name == "invite" and self.invites:  # the valid codes first; then ones the server never made
+            return self.invites + (_UNKNOWN_INVITE, exactly(proto.MAX_INVITE_BYTES))
         return ()
 
     def plain(self, name: str | None) -> str:
@@ -272,8 +296,12 @@ def variants(con, hints: Hints, name: str | None = None) -> tuple[object, list]:
 
 def boundary_events(ftype: FrameType, hints: Hints = Hints()) -> list[proto.Event]:
     """The plain event of ``ftype``, then every variant of it with one field at a boundary: u64s at 0, 2**31,
-    2**63 - 1, 2**63, 2**64 - 1..., strings empty and at their maximum, arrays empty and of 1000 items."""
+    2**63 - 1, 2**63, 2**64 - 1..., strings empty and at their maximum, arrays empty and of 1000 items; and for
+    REGISTER_INVITE, new users with a valid code, a used one and one the server never made."""
     base, others = variants(_wire.BODIES[ftype], hints)
+    if hasattr(base, "invite") and hints.invites:  # the plain name is taken: these new ones reach the code
+        codes = hints.invites[:1] + (_UNKNOWN_INVITE,) + hints.invites[1:2]  # (the first is used by now)
+        others += [dataclasses.replace(base, username=f"invitee{i}", invite=code) for i, code in enumerate(codes)]
     return [base] + others
 
 

@@ -7,26 +7,30 @@ fuzzing clients (logged in, only past HELLO, or not even that) send frames of ev
 proto's declarations by tests/fuzzframes.py, in whatever state they are in: one at a time (``step``), or a few
 pipelined from several clients at once (``burst``); now and then one goes away and comes back (logging in step by
 step, or HELLO, LOGIN and SYNC in one write). An honest pair of bystanders chats in ``#lobby`` (where the fuzzers
-are members too) beside them.
+are members too) beside them. The server holds a few invite codes (``INVITES``), so that a REGISTER_INVITE (spec
+§5.59) may make an account as well as be refused.
 
 What the spec and DESIGN.md ("Failure is local") promise is checked after every frame (``answer``), from the
 tables of proto and spec/PROTOCOL.md (tests/fuzzframes.py) rather than a list kept here:
 
 - a frame illegal in the client's state gets ERROR ``WRONG_STATE`` (request_id 0), BYE ``PROTOCOL_ERROR``, close
   (``UNKNOWN_FRAME_TYPE`` if its type is newer than the version the connection negotiated);
-- a request gets its reply (SYNC: SYNC_PAGE... then SYNC_DONE) or an ERROR with its request_id, never
-  ``INTERNAL`` (a bug the connection's catch-all caught); a frame with no reply on success is followed by a PING,
-  whose PONG must come back; a connection ends only as the spec allows for that frame (UNSUPPORTED_VERSION,
-  TOO_MANY_CONNECTIONS, an unsolicited PONG, LOGOUT, BYE), with ERROR and BYE wherever the server speaks last;
+- a request gets its reply (SYNC: SYNC_PAGE... then SYNC_DONE; version 2: EVENTS before a page) or an ERROR
+  with its request_id, never ``INTERNAL`` (a bug the connection's catch-all caught); a frame with no reply on
+  success is followed by a PING, whose PONG must come back; a connection ends only as the spec allows for that
+  frame (UNSUPPORTED_VERSION, TOO_MANY_CONNECTIONS, an unsolicited PONG, LOGOUT, BYE), with ERROR and BYE
+  wherever the server speaks last;
 - every server frame is legal in the client's state machine, pushes carry request_id 0, no reply answers a
   request that was not asked, and nothing takes longer than ``STEP_TIMEOUT_S``;
-- HISTORY and SYNC pages fit their request (``PageCheck``: spec §9.5, §9.7), no MESSAGE repeats a seq the
-  connection already got, and pipelined requests are answered in order (but SEND's), a connection's SENDs into
-  one conversation taking their seqs in the order sent (spec §8);
+- HISTORY and SYNC pages (with the EVENTS before them) fit their request (``PageCheck``: spec §9.5, §9.7,
+  §5.46), no MESSAGE or live EVENTS repeats a seq the connection already got, and pipelined requests are
+  answered in order (but SEND's), a connection's SENDs into one conversation taking their seqs in the order sent
+  (spec §8);
 - the server task is still running and logged no traceback; the bystanders' message is ACKed and delivered, and
   the bystanders see every conversation's seqs without gap or repeat;
-- at the end, with the server stopped, every conversation in the SQLite file holds seqs 1..last_seq, cursors are
-  within last_seq, and every ACKed message is stored with the seq and body its ACK said (``check_store``).
+- at the end, with the server stopped, every conversation in the SQLite file holds seqs 1..last_seq (messages and
+  events together), cursors are within last_seq, and every ACKed message is stored with the seq and body its ACK
+  said (``check_store``).
 
 A broken promise raises ``ServerBug`` (``ServerDied`` when the server went down, with its traceback), and the
 falsifying example lists the frames of every step, as sent, with their answers. tests/test_session_fuzz.py runs
@@ -65,6 +69,9 @@ BYSTANDERS = ("bya", "byb")
 FUZZ_USERS = ("f0", "f1", "f2")
 LOBBY = proto.Conversation.room("lobby")
 FUZZ_ROOM = "fuzz"
+#: One-time invite codes the server holds (``registration`` is "open": REGISTER works, and REGISTER_INVITE needs a
+#: valid code, spec §9.1). A REGISTER_INVITE with a fresh name and one of them makes an account; the code is used then.
+INVITES = tuple(f"fuzz-invite-{i}" for i in range(8))
 #: The HELLO of every connection the machine opens (a fuzzed HELLO offers anything): every version we speak.
 VERSIONS = (proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION)
 
@@ -279,6 +286,7 @@ class Peer:
         self.issued = {} if issued is None else issued  # user → every token AUTH_OK gave it (shared by the peers)
         self._ids = itertools.count(1)
         self.seen_seq: dict[proto.Conversation, int] = {}  # highest seq pushed or paged, per conversation
+        self.preludes: dict[int, proto.Events] = {}  # request_id → the EVENTS before the SYNC_PAGE to come (§5.46)
         self.max_page = 0  # from WELCOME
 
     @classmethod
@@ -341,15 +349,30 @@ class Peer:
             self.user, self.token = event.username, event.token
             self.issued.setdefault(event.username, set()).add(event.token)
         elif isinstance(event, proto.Message):
-            last = self.seen_seq.get(event.conv, 0)
-            if event.seq <= last:  # spec §9.5: after a conversation's pages, only later messages are pushed
-                raise ServerBug(f"{self.name}: MESSAGE {event.conv} seq {event.seq} again: {last} already came")
-            if self.check_gaps and last and event.seq != last + 1:
-                raise ServerBug(f"{self.name}: MESSAGE {event.conv} seq {event.seq} after {last}: a gap")
-            self.seen_seq[event.conv] = event.seq
-        elif isinstance(event, proto.SyncPage) and event.messages:
-            self.seen_seq[event.conv] = max(self.seen_seq.get(event.conv, 0), event.messages[-1].seq)
+            self._live(event.conv, event.seq, "MESSAGE")
+        elif isinstance(event, proto.Events) and event.request_id == 0:  # live: one event, a seq like a MESSAGE's
+            for item in event.events:
+                self._live(event.conv, item.seq, f"EVENTS {item.kind.name}")
+        elif isinstance(event, proto.Events):  # the events of the page that follows (spec §5.46)
+            self.preludes[event.request_id] = event
+        elif isinstance(event, proto.SyncPage):
+            prelude = self.preludes.pop(event.request_id, None)
+            events = prelude.events if prelude is not None and prelude.conv == event.conv else ()
+            seqs = [m.seq for m in event.messages] + [e.seq for e in events]
+            if seqs:
+                self.seen_seq[event.conv] = max(self.seen_seq.get(event.conv, 0), *seqs)
+        elif isinstance(event, proto.HistoryPage):
+            self.preludes.pop(event.request_id, None)
         return event
+
+    def _live(self, conv: proto.Conversation, seq: int, what: str) -> None:
+        """A MESSAGE or a live event of ``conv`` took ``seq``: it must be new (and, for a bystander, the next one)."""
+        last = self.seen_seq.get(conv, 0)
+        if seq <= last:  # spec §9.5: after a conversation's pages, only later messages and events are pushed
+            raise ServerBug(f"{self.name}: {what} {conv} seq {seq} again: {last} already came")
+        if self.check_gaps and last and seq != last + 1:
+            raise ServerBug(f"{self.name}: {what} {conv} seq {seq} after {last}: a gap")
+        self.seen_seq[conv] = seq
 
     def may_revoke(self, ftype: FrameType) -> None:
         """Before ``ftype`` goes out: the user's tokens it may revoke (spec §9.1, version 2) count as revoked, so the
@@ -410,7 +433,8 @@ class PageCheck:
     """What the pages answering one HISTORY or SYNC must look like (spec §9.5, §9.7): seqs ascending without gap,
     at most the limit (0 or over ``max_page`` means ``max_page``), after or below the cursor; HISTORY AFTER starts
     right after it, and each listed conversation of a SYNC gets pages from its position on, the last with
-    ``has_more`` false, before SYNC_DONE."""
+    ``has_more`` false, before SYNC_DONE. On version 2 a page's events come just before it in one EVENTS frame
+    (spec §5.46): the seqs of a page are its messages' and those events' together, and the limits count both."""
 
     def __init__(self, request: proto.Event, max_page: int):
         self.request = request
@@ -420,13 +444,28 @@ class PageCheck:
             for position in request.positions:  # a conversation listed twice pages from its last position
                 self.next[position.conv] = position.last_seq + 1
         self.done: set[proto.Conversation] = set()
+        self.prelude: proto.Events | None = None  # the EVENTS that came before the next page
 
     def check(self, reply: proto.Event) -> None:
         request = self.request
+        if isinstance(reply, proto.Events):
+            event_seqs = [e.seq for e in reply.events]
+            if self.prelude is not None:
+                self._bug(reply, "a second EVENTS before one page")
+            if not event_seqs or event_seqs != sorted(set(event_seqs)):
+                self._bug(reply, "the events of a page are not one or more, seq ascending")
+            self.prelude = reply
+            return
+        prelude, self.prelude = self.prelude, None
+        if prelude is not None and not (isinstance(reply, (proto.HistoryPage, proto.SyncPage))
+                                        and reply.conv == prelude.conv):
+            self._bug(reply, f"not a page of {prelude.conv}, whose EVENTS came just before")
         if isinstance(reply, (proto.HistoryPage, proto.SyncPage)):
-            seqs = [m.seq for m in reply.messages]
+            seqs = sorted([m.seq for m in reply.messages] + [e.seq for e in (prelude.events if prelude else ())])
+            if [m.seq for m in reply.messages] != sorted({m.seq for m in reply.messages}):
+                self._bug(reply, "messages not seq ascending")
             if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
-                self._bug(reply, "seqs not ascending one by one")
+                self._bug(reply, "seqs (with the events before the page) not ascending one by one")
             if len(seqs) > self.max_page:
                 self._bug(reply, f"more than max_page {self.max_page}")
         if isinstance(reply, proto.HistoryPage):
@@ -646,7 +685,7 @@ class SessionMachine(RuleBasedStateMachine):
         self._failed = False  # a step raised: teardown then only cleans up
         limit = self.live.config.max_body_bytes
         self.hints = Hints(users=FUZZ_USERS + BYSTANDERS, rooms=(FUZZ_ROOM, LOBBY.name), password=PASSWORD,
-                           tokens=self._tokens, body_bytes=(1, limit, limit + 1))
+                           tokens=self._tokens, body_bytes=(1, limit, limit + 1), invites=INVITES)
         try:
             self.live.call(self._setup)
         except BaseException:
@@ -668,8 +707,12 @@ class SessionMachine(RuleBasedStateMachine):
 
     async def _setup(self) -> None:
         """bya and byb in #lobby, live; f0..f2 registered, in #lobby and #fuzz with a message there, and each in a
-        direct conversation with the one before it: so that fuzzed names often reach the store."""
+        direct conversation with the one before it: so that fuzzed names often reach the store. The server holds
+        the invite codes ``INVITES``."""
+        from chorus.server._invites import code_hash
+
         with trio.fail_after(30):
+            await self.live.server.store.add_invites([code_hash(code) for code in INVITES], 0)
             self.bystanders = [await self._user(name, BYSTANDER_PASSWORD, [LOBBY.name]) for name in BYSTANDERS]
             for i, name in enumerate(FUZZ_USERS):
                 peer = await self._user(name, PASSWORD, [FUZZ_ROOM, LOBBY.name])
@@ -914,14 +957,22 @@ def _short_hex(frame: bytes, keep: int = 48) -> str:
 # --- the stored data ----------------------------------------------------------------------------------------------
 
 def check_store(db_path: Path, acks=()) -> None:
-    """The SQLite file (server stopped) is consistent: gapless seqs, cursors within last_seq, every ACK stored."""
+    """The SQLite file (server stopped) is consistent: gapless seqs (messages and events together, each seq once;
+    a deleted message keeps its seq, shared with its DELETED event), cursors within last_seq, every ACK stored (a
+    deleted one as its tombstone)."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    deleted = int(proto.EventKind.DELETED)
     try:
         problems = []
         for conv_id, last_seq in db.execute("SELECT id, last_seq FROM conversations"):
-            seqs = [s for (s,) in db.execute("SELECT seq FROM messages WHERE conv_id = ? ORDER BY seq", (conv_id,))]
+            messages = [s for (s,) in db.execute("SELECT seq FROM messages WHERE conv_id = ?", (conv_id,))]
+            events = db.execute("SELECT seq, kind FROM events WHERE conv_id = ?", (conv_id,)).fetchall()
+            seqs = sorted(messages + [s for s, kind in events if kind != deleted])  # spec §9.15: one seq each
             if seqs != list(range(1, last_seq + 1)):
                 problems.append(f"conversation {conv_id}: last_seq {last_seq}, stored seqs {_ranges(seqs)}")
+            stray = {s for s, kind in events if kind == deleted} - set(messages)
+            if stray:
+                problems.append(f"conversation {conv_id}: DELETED events at seqs {sorted(stray)} that are no message")
         for user_id, conv_id, delivered, read, last_seq in db.execute(
                 "SELECT k.user_id, k.conv_id, k.delivered_seq, k.read_seq, c.last_seq"
                 " FROM cursors k JOIN conversations c ON c.id = k.conv_id"):
@@ -929,9 +980,10 @@ def check_store(db_path: Path, acks=()) -> None:
                 problems.append(f"user {user_id} conversation {conv_id}: cursors {delivered}/{read} > {last_seq}")
         for sender, ack, body in acks:
             db_id = ack.client_msg_id - (1 << 64) if ack.client_msg_id >= 1 << 63 else ack.client_msg_id
-            row = db.execute("SELECT m.seq, m.body FROM messages m JOIN users u ON u.id = m.sender_id"
-                             " WHERE u.name = ? AND m.client_msg_id = ?", (sender, db_id)).fetchone()
-            if row is None or row[0] != ack.seq or (not ack.duplicate and row[1] != body):
+            row = db.execute("SELECT m.seq, m.body, EXISTS (SELECT 1 FROM events e WHERE e.conv_id = m.conv_id"
+                             " AND e.seq = m.seq AND e.kind = ?) FROM messages m JOIN users u ON u.id = m.sender_id"
+                             " WHERE u.name = ? AND m.client_msg_id = ?", (deleted, sender, db_id)).fetchone()
+            if row is None or row[0] != ack.seq or (not ack.duplicate and not row[2] and row[1] != body):
                 problems.append(f"ACK {ack!r} of {sender}: stored as {row!r}")
         if problems:
             raise ServerBug("stored data inconsistent:\n" + "\n".join(problems))

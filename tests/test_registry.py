@@ -8,9 +8,10 @@ times out; the client library and the page drop an unknown push. So, for every f
   (PING, PONG, BYE, ERROR, SEND), read from its source: the ``proto.X`` its ``kind is``/``in`` tests name;
 - a request (a client frame whose row in spec §5's frame table names a reply) has that reply in the client
   library's ``_REPLY``, and the client library's ``Client._dispatch`` handles the partial replies (SYNC_PAGE);
-- a push (a frame the server may send that answers no request, plus BYE: spec §5 "push", request_id 0) is
-  handled by the client library's ``Client._dispatch`` and by the page (``HANDLED_PUSHES`` of
-  server/static/chorus.js, the keys of the table its ``_push`` dispatches on, read with node).
+- a push (a frame the server may send that answers no request, plus BYE: spec §5 "push", request_id 0; and
+  EVENTS, "push; or before a page of the reply to SYNC, HISTORY") is handled by the client library's
+  ``Client._dispatch`` and by the page (``HANDLED_PUSHES`` of server/static/chorus.js, the keys of the table its
+  ``_push`` dispatches on, read with node).
 
 The frame types, who may send them and the replies come from proto and the spec (via tests/fuzzframes.py), so
 a new frame type is checked as soon as it is declared. ``KNOWN_GAPS`` names the handlers known to be missing
@@ -50,8 +51,11 @@ SERVER_FRAMES = sorted(sent_by(SERVER))
 REQUESTS = {f: REPLIES[f] for f in CLIENT_FRAMES if f in REPLIES and REPLIES[f].final not in (None, FrameType.BYE)}
 _REPLIES_TO_REQUESTS = {r.final for r in REQUESTS.values()} | {p for r in REQUESTS.values() for p in r.partial}
 SPEC_TABLE = spec_frame_table()
-#: What the server sends unasked: the frames it may send that answer no request, and BYE (spec §5 "push").
-PUSHES = sorted((set(SERVER_FRAMES) - _REPLIES_TO_REQUESTS) | {FrameType.BYE})
+#: The rows of spec §5 whose kind is "push", alone or first ("push; or before a page of the reply to ...": EVENTS).
+SPEC_PUSHES = {f for f, (_, kind) in SPEC_TABLE.items() if kind.split(";")[0] == "push"}
+#: What the server sends unasked: the frames it may send that answer no request, BYE, and the spec's pushes (EVENTS
+#: is also a partial reply of SYNC and HISTORY, spec §5.46).
+PUSHES = sorted((set(SERVER_FRAMES) - _REPLIES_TO_REQUESTS) | {FrameType.BYE} | SPEC_PUSHES)
 
 
 #: (where, frame type name) → why its handler is missing today. Where: "server", "client", "page", "tables".
@@ -104,9 +108,8 @@ def test_every_frame_is_in_the_tables(ftype):
 
 def test_the_pushes_are_the_spec_pushes():
     """What this file derives as pushes agrees with spec §5's "push" rows (and BYE, PING, ERROR: both ways)."""
-    spec_pushes = {f for f, (_, kind) in SPEC_TABLE.items() if kind == "push"}
-    assert spec_pushes <= set(PUSHES)
-    assert {f for f in PUSHES if f in SPEC_TABLE} - spec_pushes == {FrameType.PING, FrameType.ERROR, FrameType.BYE}
+    assert SPEC_PUSHES <= set(PUSHES)
+    assert {f for f in PUSHES if f in SPEC_TABLE} - SPEC_PUSHES == {FrameType.PING, FrameType.ERROR, FrameType.BYE}
 
 
 # --- the server -------------------------------------------------------------------------------------------------

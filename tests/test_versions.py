@@ -17,11 +17,14 @@ import pytest
 
 from chorus import proto
 from chorus.proto import CLIENT, SERVER, Connection, ErrorCode, FrameType, State
+from chorus.proto._state import TRANSITIONS
 
 NEWEST, OLDEST = proto.PROTOCOL_VERSION, proto.MIN_PROTOCOL_VERSION
 V2_FRAMES = [t for t in FrameType if t.version == 2]
 #: The frames of a later version, each as sent by the side that may send it.
 V2_EXAMPLES = {
+    FrameType.REGISTER_INVITE: (CLIENT, proto.RegisterInvite("dora", "password1", "q3Vd8JmT0xLbWn2Zk9aPgA",
+                                                             request_id=2)),
     FrameType.LIST_CONVERSATIONS: (CLIENT, proto.ListConversations(request_id=3)),
     FrameType.CONVERSATION_LIST: (SERVER, proto.ConversationList(
         (proto.ConversationInfo(proto.Conversation.direct("bob"), 5, 1764250000000, 5, 3),), request_id=3)),
@@ -55,21 +58,40 @@ def welcome(version: int) -> proto.Welcome:
     return proto.Welcome(version, "chorus", 1 << 20, 4096, 15000, 50, 100, 100, 100, request_id=1)
 
 
-def authenticated(min_version: int, max_version: int) -> dict:
-    """A client/server pair through HELLO(min, max), the WELCOME the server picks, LOGIN and AUTH_OK."""
-    conns = {CLIENT: Connection(CLIENT), SERVER: Connection(SERVER)}
-    version = proto.negotiate(min_version, max_version)
-    for sender, event in [
-        (CLIENT, proto.Hello(min_version, max_version, "test", request_id=1)),
-        (SERVER, welcome(version)),
-        (CLIENT, proto.Login("alice", "password1", request_id=2)),
-        (SERVER, proto.AuthOk("alice", "t" * 43, 0, request_id=2)),
-    ]:
+def _exchange(conns: dict, steps: list) -> dict:
+    for sender, event in steps:
         receiver = conns[SERVER if sender is CLIENT else CLIENT]
         receiver.receive_data(conns[sender].send(event))
         assert receiver.next_event() == event
+    return conns
+
+
+def unauthenticated(min_version: int, max_version: int) -> dict:
+    """A client/server pair through HELLO(min, max) and the WELCOME the server picks."""
+    conns = _exchange({CLIENT: Connection(CLIENT), SERVER: Connection(SERVER)}, [
+        (CLIENT, proto.Hello(min_version, max_version, "test", request_id=1)),
+        (SERVER, welcome(proto.negotiate(min_version, max_version))),
+    ])
+    assert conns[CLIENT].state is conns[SERVER].state is State.UNAUTHENTICATED
+    return conns
+
+
+def authenticated(min_version: int, max_version: int) -> dict:
+    """A client/server pair through HELLO(min, max), the WELCOME the server picks, LOGIN and AUTH_OK."""
+    conns = _exchange(unauthenticated(min_version, max_version), [
+        (CLIENT, proto.Login("alice", "password1", request_id=2)),
+        (SERVER, proto.AuthOk("alice", "t" * 43, 0, request_id=2)),
+    ])
     assert conns[CLIENT].state is conns[SERVER].state is State.AUTHENTICATED
     return conns
+
+
+def legal_pair(min_version: int, max_version: int, sender, ftype: FrameType) -> dict:
+    """``authenticated``, or ``unauthenticated`` for a frame legal only before AUTH_OK (REGISTER_INVITE)."""
+    if ftype in TRANSITIONS.get((State.AUTHENTICATED, sender), {}):
+        return authenticated(min_version, max_version)
+    assert ftype in TRANSITIONS[State.UNAUTHENTICATED, sender], ftype
+    return unauthenticated(min_version, max_version)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
@@ -78,7 +100,8 @@ def test_every_frame_type_has_a_version_this_implementation_speaks():
     assert (OLDEST, NEWEST) == (1, 2)
     assert all(OLDEST <= t.version <= NEWEST for t in FrameType)
     assert {t.version for t in FrameType} == set(range(OLDEST, NEWEST + 1))  # every version adds something
-    assert V2_FRAMES == [FrameType.LIST_CONVERSATIONS, FrameType.CONVERSATION_LIST, FrameType.MEMBERSHIP,
+    assert V2_FRAMES == [FrameType.REGISTER_INVITE,
+                         FrameType.LIST_CONVERSATIONS, FrameType.CONVERSATION_LIST, FrameType.MEMBERSHIP,
                          FrameType.NODES, FrameType.CHANGE_PASSWORD, FrameType.LOGOUT_ALL, FrameType.LIST_SESSIONS,
                          FrameType.SESSION_LIST, FrameType.REVOKE_SESSION,
                          FrameType.EVENTS, FrameType.KICK, FrameType.BAN, FrameType.UNBAN, FrameType.MUTE,
@@ -149,12 +172,13 @@ def test_the_version_cannot_be_set_to_one_this_implementation_does_not_speak():
 @pytest.mark.parametrize("ftype", V2_FRAMES, ids=lambda t: t.name)
 def test_a_version_1_connection_never_sends_a_version_2_frame(ftype):
     sender_role, event = V2_EXAMPLES[ftype]
-    conns = authenticated(1, 1)
+    conns = legal_pair(1, 1, sender_role, ftype)  # in a state where version 2 would allow it
+    state = conns[sender_role].state
     with pytest.raises(proto.LocalProtocolError) as info:
         conns[sender_role].send(event)
     assert info.value.code is ErrorCode.UNKNOWN_FRAME_TYPE
     assert str(info.value) == f"{ftype.name} is version 2; this connection speaks version 1"
-    assert conns[sender_role].state is State.AUTHENTICATED  # nothing happened: the connection goes on
+    assert conns[sender_role].state is state  # nothing happened: the connection goes on
 
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
@@ -162,7 +186,7 @@ def test_a_version_1_connection_never_sends_a_version_2_frame(ftype):
 def test_a_version_1_connection_refuses_a_version_2_frame_from_its_header(ftype, bytewise):
     """As a peer that only knows version 1 would: UNKNOWN_FRAME_TYPE, before any body byte is read."""
     sender_role, event = V2_EXAMPLES[ftype]
-    receiver = authenticated(1, 1)[SERVER if sender_role is CLIENT else CLIENT]
+    receiver = legal_pair(1, 1, sender_role, ftype)[SERVER if sender_role is CLIENT else CLIENT]
     header = proto.encode(event)[:proto.HEADER_BYTES]
     chunks = [header[i:i + 1] for i in range(len(header))] if bytewise else [header]
     for chunk in chunks[:-1]:
@@ -179,7 +203,7 @@ def test_a_version_1_connection_refuses_a_version_2_frame_from_its_header(ftype,
 @pytest.mark.parametrize("ftype", V2_FRAMES, ids=lambda t: t.name)
 def test_a_version_2_connection_exchanges_version_2_frames(ftype):
     sender_role, event = V2_EXAMPLES[ftype]
-    conns = authenticated(1, 2)
+    conns = legal_pair(1, 2, sender_role, ftype)
     receiver = conns[SERVER if sender_role is CLIENT else CLIENT]
     receiver.receive_data(conns[sender_role].send(event))
     assert receiver.next_event() == event
