@@ -253,6 +253,8 @@ def test_lz4s_real_worst_case_fits_the_compressed_bound(ftype):
 def _server_in(state: State) -> Connection:
     conn = Connection(SERVER)  # the default 1 MiB max_frame_bytes
     conn.state = state
+    if state is State.UNAUTHENTICATED:  # WELCOME chose a version: the newest, whose frames (REGISTER_INVITE) count
+        conn.version = proto.PROTOCOL_VERSION
     return conn
 
 
