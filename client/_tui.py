@@ -20,9 +20,11 @@ How this works. Two threads, one owner of the state:
   means the printer never targets a loop that has just closed.
 
 Starting: live delivery begins with a SYNC (§9.5) that lists each joined room
+(and, on a version 2 server, each direct conversation: CONVERSATIONS, §5.37)
 from the user's DELIVERED cursor, but at most STARTUP_BACKLOG messages back,
-so a start shows what came while away without flooding the screen. It is the
-first job of ``_worker``, so the prompt is up at once.
+so a start shows what came while away without flooding the screen; what an
+earlier session showed but nobody read (the READ cursor is behind) starts as
+unread. It is the first job of ``_worker``, so the prompt is up at once.
 
 The prompt shows where plain text goes, unread counts elsewhere and
 "[offline]"; the bottom toolbar (drawn by prompt_toolkit when the terminal
@@ -288,32 +290,46 @@ class Tui:
         rooms = await self.client.rooms()
         self.known_rooms = {r.name for r in rooms}
         mine = sorted((r for r in rooms if r.joined), key=lambda r: r.name)
-        for r in mine:
-            self._open(proto.Conversation.room(r.name))
-        delivered: dict[str, int] = {}
+        # Our cursors: one CONVERSATIONS (version 2, §5.37), which also names our direct conversations; else
+        # CURSORS room by room.
+        cursors: dict[proto.Conversation, tuple[int, int]] = {}  # conv → (delivered, read)
+        directs: list[proto.ConversationInfo] = []
+        if (self.client.version or 1) >= 2:
+            for info in await self.client.conversations():
+                cursors[info.conv] = (info.delivered_seq, info.read_seq)
+                if info.conv.kind == ConvKind.DIRECT:
+                    directs.append(info)
+        else:
+            async def fetch(room: str) -> None:
+                conv = proto.Conversation.room(room)
+                for cursor in await self.client.cursors(conv):
+                    if cursor.user == self.me:
+                        cursors[conv] = (cursor.delivered_seq, cursor.read_seq)
 
-        async def fetch(room: str) -> None:
-            for cursor in await self.client.cursors(proto.Conversation.room(room)):
-                if cursor.user == self.me:
-                    delivered[room] = cursor.delivered_seq
-
-        async with trio.open_nursery() as nursery:
-            for r in mine:
-                nursery.start_soon(fetch, r.name)
-        quiet: dict[proto.Conversation, int] = {}  # rooms with nothing new: a recap shows where they stand
-        for r in mine:
-            conv = proto.Conversation.room(r.name)
-            seen = delivered.get(r.name, 0)
-            if r.last_seq <= seen:
-                quiet[conv] = r.last_seq
-            start = max(seen, r.last_seq - STARTUP_BACKLOG)
+            async with trio.open_nursery() as nursery:
+                for r in mine:
+                    nursery.start_soon(fetch, r.name)
+        newest = [(proto.Conversation.room(r.name), r.last_seq) for r in mine]
+        newest += [(info.conv, info.last_seq) for info in sorted(directs, key=lambda info: info.conv.name)]
+        quiet: dict[proto.Conversation, int] = {}  # conversations with nothing new: a recap shows where they stand
+        for conv, last_seq in newest:
+            self._open(conv)
+            seen, read = cursors.get(conv, (0, 0))
+            if last_seq <= seen:
+                quiet[conv] = last_seq
+            start = max(seen, last_seq - STARTUP_BACKLOG)
             if start > seen:
-                self.info(f"{conv}: {r.last_seq - seen} messages since you last looked; the last {STARTUP_BACKLOG}"
+                self.info(f"{conv}: {last_seq - seen} messages since you last looked; the last {STARTUP_BACKLOG}"
                           " follow (/history for more)")
+            # Shown in an earlier session but never read: unread (what follows now is on screen, so it is not).
+            if min(seen, last_seq) > read:
+                self.unread[conv] = min(seen, last_seq) - read
             # (A reconnect meanwhile has synced by itself: then never go back and show things twice.)
             self.client.last_seq.setdefault(conv, start)
         if mine and self.current is None:
             self.current = proto.Conversation.room(mine[0].name)
+        if self.current is not None:
+            self.unread.pop(self.current, None)
         where = ", ".join(f"#{r.name}" for r in mine) or "no rooms yet (/join #room)"
         self.info(f"logged in as {self.me}; in {where}. /help lists the commands")
         await self.client.sync()

@@ -798,3 +798,28 @@ async def test_after_a_password_change_the_library_logs_in_again_with_the_new_on
                     break
                 assert not isinstance(event, Disconnected) or event.will_reconnect, event
         assert carol.connected and carol.token != "a token the server never issued"
+
+
+async def test_a_new_start_numbers_direct_conversations_and_keeps_what_was_not_read_unread(spawn, server):
+    async with other_user(server) as bob:
+        t = await start_alice(spawn, server)
+        await bob.join("zoo")
+        for room in ("zoo", "lobby"):  # #lobby is the current one, #zoo elsewhere
+            t.line(f"/join #{room}")
+            await t.expect(f"joined #{room}")
+        await bob.send("#zoo", "zoo 1")
+        await bob.send("#zoo", "zoo 2")
+        await bob.send("@alice", "psst")
+        await t.expect_re(r"@bob +<bob> psst")
+        t.line("/quit")  # shown (DELIVERED) but not read: #zoo and @bob were never the current conversation
+        assert await t.wait_exit() == 0
+
+        again = spawn("--server", server.address, "--user", "alice")
+        await again.expect("logged in as alice; in #lobby, #zoo")
+        # Unread (in the prompt) from the server's cursors, not from the screen. (prompt_toolkit redraws only what
+        # changed, so the prompt's start, "#lobby", may come in pieces.)
+        await again.expect("(#zoo 2, @bob 1)>")
+        again.line("/switch 3")  # @bob is numbered although nothing new came from him
+        await again.expect("now talking in @bob")
+        await again.expect("<bob> psst")  # nothing of it on screen yet: the recap
+        assert "Traceback" not in again.text()
