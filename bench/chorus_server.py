@@ -31,6 +31,8 @@ async def _dump_statistics(srv, path: str) -> None:
             with open(tmp, "w") as f:
                 json.dump(stats, f, default=str)
             os.replace(tmp, path)
+            if srv.gc_policy is not None:  # the next dump's worst pause is that of the window between the two
+                srv.gc_policy.pauses.reset_window()
 
 
 async def serve_with_statistics(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -55,7 +55,9 @@ ISSUE_FIGURES = {"mosquitto_us_per_delivery": 5.4, "websockets_us_per_delivery":
 FANOUT_SYSTEMS = ("chorus-tcp", "chorus-ws", "mosquitto", "websockets")
 IDLE_SYSTEMS = ("chorus-tcp", "mosquitto", "websockets")
 PEERS = ("mosquitto", "websockets")
-SCENARIOS = ("fanout", "durable", "idle", "rooms", "attack")
+SCENARIOS = ("fanout", "durable", "idle", "rooms", "gc", "attack")
+#: The garbage-collector rows (issue 14): server/_memory.py's policy against the start-up freeze alone.
+GC_VARIANTS = (("startup freeze only", {"CHORUS_GC_POLICY": "off"}), ("freeze policy", {}))
 BUSY = 0.85  # a process using this share of one core (or more) was the limit (threads waiting on fsync
 # or on the event loop keep a saturated Chorus server just under 100%)
 
@@ -77,6 +79,8 @@ class Sizes:
     mixed_ops_per_s: int = 1000
     mixed_s: float = 5.0
     conns_per_worker: int = 5000
+    gc_conns: int = 18000  # the fd limit per process is 20,000 (DESIGN.md)
+    gc_service_s: float = 10.0
     profile_s: int = 5
     timeout_s: float = 60.0
 
@@ -84,7 +88,8 @@ class Sizes:
 FULL = Sizes()
 SMOKE = Sizes(reps=1, fanout_members=20, burst_msgs=5, paced_deliveries_per_s=400, paced_s=0.5,
               durable_clients=4, durable_s=0.5, durable_window=4, idle_conns=40, idle_s=0.5, room_size=5,
-              mixed_ops_per_s=100, mixed_s=0.5, conns_per_worker=20, profile_s=1, timeout_s=20.0)
+              mixed_ops_per_s=100, mixed_s=0.5, conns_per_worker=20, gc_conns=60, gc_service_s=0.5, profile_s=1,
+              timeout_s=20.0)
 
 
 class Unavailable(Exception):
@@ -207,14 +212,16 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def start_system(name: str, heartbeat_s: int) -> Endpoint:
-    """Start ``name`` on a free loopback port; raises Unavailable when it cannot run here."""
+def start_system(name: str, heartbeat_s: int, env: dict | None = None) -> Endpoint:
+    """Start ``name`` on a free loopback port; raises Unavailable when it cannot run here.
+
+    ``env``: more environment for a Chorus server (the before/after switches of server/_memory.py)."""
     Bench.code_now = code_fingerprint()
     tmp = Path(tempfile.mkdtemp(prefix=f"chorus-bench-{name}-"))
     log_path = tmp / "server.log"
     try:
         if name.startswith("chorus"):
-            return _start_chorus(name, heartbeat_s, tmp, log_path)
+            return _start_chorus(name, heartbeat_s, tmp, log_path, env or {})
         if name == "mosquitto":
             return _start_mosquitto(heartbeat_s, tmp, log_path)
         if name == "websockets":
@@ -234,7 +241,7 @@ _LIFTED_BUDGETS = [
 ]
 
 
-def _start_chorus(name: str, heartbeat_s: int, tmp: Path, log_path: Path) -> Endpoint:
+def _start_chorus(name: str, heartbeat_s: int, tmp: Path, log_path: Path, extra_env: dict) -> Endpoint:
     ws = name == "chorus-ws"
     if ws and importlib.util.find_spec("chorus.server._websocket") is None:
         raise Unavailable("the WebSocket bridge (server/_websocket.py) is not there yet")
@@ -253,7 +260,7 @@ def _start_chorus(name: str, heartbeat_s: int, tmp: Path, log_path: Path) -> End
     if ws:
         cmd += ["--ws-port", "0"]
     stats_path = tmp / "stats.json"
-    env = {**os.environ, "CHORUS_BENCH_STATS": str(stats_path), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "CHORUS_BENCH_STATS": str(stats_path), "PYTHONPATH": str(REPO), **extra_env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
     try:
@@ -775,6 +782,64 @@ class Bench:
             rep["errors"] = errors
         return rep
 
+    # -- scenario 5: garbage-collection pauses (issue 14) -------------------------------------------------------------
+    def run_gc(self) -> None:
+        """Each variant in turn, repetitions interleaved: a fresh server, ``gc_conns`` logins (the storm), then
+        ``gc_service_s`` of mixed traffic; the worst collector pause of each phase comes from the server's
+        own timing of every collection (server/_memory.py, reset at each statistics dump)."""
+        s = self.sizes
+        reps: dict[str, list[dict]] = {name: [] for name, _ in GC_VARIANTS}
+        errors: dict[str, BaseException] = {}
+        for _ in range(s.reps):
+            for name, env in GC_VARIANTS:
+                if name in errors:
+                    continue
+                try:
+                    reps[name].append(self._gc_rep(env))
+                except Exception as exc:
+                    errors[name] = exc
+        for name, _ in GC_VARIANTS:
+            if name in errors:
+                self._failed("gc", [name], "chorus-tcp", errors[name])
+            else:
+                self.add_row("gc", name, "chorus-tcp", "ok", reps[name],
+                             f"{s.gc_conns} logins (argon2 cost lowered) in rooms of {s.room_size}, then "
+                             f"{s.mixed_ops_per_s} ops/s for {s.gc_service_s:g}s")
+
+    def _gc_rep(self, env: dict) -> dict:
+        s = self.sizes
+        ep = workers = None
+        try:
+            ep = start_system("chorus-tcp", s.heartbeat_s, env)
+            ep.stats()  # opens the window: pauses from here on
+            workers = Workers("chorus-tcp", ep, s.gc_conns, s.conns_per_worker, room_size=s.room_size,
+                              room_prefix="g", heartbeat_s=s.heartbeat_s)
+            setup_s = workers.setup()
+            storm = ep.stats()["gc"]
+            self.log(f"gc/{storm['policy']}: {s.gc_conns} logins in {setup_s:.1f}s, worst pause "
+                     f"{storm['window_max_pause_ms']:.1f} ms")
+            t0 = time.monotonic_ns() + 100_000_000
+            rate = s.mixed_ops_per_s / len(workers)
+            replies = workers.command([{"cmd": "mixed", "t0_ns": t0, "duration_s": s.gc_service_s, "rate": rate,
+                                        "mix": {"send": 0.8, "typing": 0.15, "history": 0.05}, "seed": i + 1}
+                                       for i in range(len(workers))])
+            service = ep.stats()["gc"]
+            return {
+                "connections": s.gc_conns, "setup_s": setup_s, "rss_kb": ep.rss_kb(),
+                "storm_max_pause_ms": storm["window_max_pause_ms"], "storm_collections": storm["window_collections"],
+                "service_max_pause_ms": service["window_max_pause_ms"],
+                "service_collections": service["window_collections"],
+                "full_collections": service["collections"][2], "freezes": service["freezes"],
+                "worst_freeze_ms": service["worst_freeze_ms"], "frozen_objects": service["frozen_objects"],
+                "complete": all(r["complete"] for r in replies),
+                **latency_ms(merge_histograms(r["lat_hist"] for r in replies)),
+            }
+        finally:
+            if ep is not None:
+                ep.stop()
+            if workers is not None:
+                workers.close()
+
     # -- driver --------------------------------------------------------------------------------------------------------
     def run(self) -> None:
         scenarios, systems = self.args.scenarios, self.args.systems
@@ -795,6 +860,9 @@ class Bench:
                 if idle or rooms:
                     self.log(f"idle/rooms {system} ...")
                     self.run_idle(system, idle=idle, rooms=rooms)
+        if "gc" in scenarios and "chorus-tcp" in systems:
+            self.log("gc ...")
+            self.run_gc()
         if "attack" in scenarios and "chorus-tcp" in systems:
             from . import attack
 
@@ -902,6 +970,14 @@ def evaluate_targets(rows) -> list[dict]:
                              "pipelined_ack_p99_ms": piped.get("ack_p99_ms") if piped else None},
                 "ratio": None if rate is None else rate / 28000,
                 "met": None if rate is None else (rate >= 28000 and p99 is not None and p99 <= 20)})
+    gc_after, gc_before = (_find(rows, "gc", name, "chorus-tcp") for name, _ in reversed(GC_VARIANTS))
+    worst = max(gc_after["storm_max_pause_ms"], gc_after["service_max_pause_ms"]) if gc_after else None
+    before = max(gc_before["storm_max_pause_ms"], gc_before["service_max_pause_ms"]) if gc_before else None
+    n = gc_after.get("connections") if gc_after else None
+    out.append({"target": "worst GC pause ≤ 20 ms at 18,000 connections (login storm and service)",
+                "measured": worst, "before": before, "connections": n,
+                "ratio": None if worst is None else worst / 20.0,
+                "met": None if worst is None or (n or 0) < 18000 else worst <= 20.0})
     return out
 
 
@@ -911,6 +987,16 @@ def _fmt(v, spec=".1f", none="–"):
     return format(v, spec)
 
 
+def _range(row: dict, key: str, spec: str = ".1f") -> str:
+    """The median of ``key`` with the range of the repetitions: ``m [lo–hi]``."""
+    values = [r[key] for r in row["reps"] if isinstance(r.get(key), (int, float))]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return _fmt(values[0], spec)
+    return f"{_fmt(statistics.median(values), spec)} [{_fmt(min(values), spec)}–{_fmt(max(values), spec)}]"
+
+
 def _fmt_ratio(v):
     return "–" if v is None else f"{v:.2f}×"
 
@@ -918,6 +1004,17 @@ def _fmt_ratio(v):
 def _unfinished(cells: list, row: dict, width: int) -> list:
     """The table row of a run that did not finish: ``cells``, its status, blanks, its note's first line."""
     return [*cells, row["status"], *[""] * (width - len(cells) - 2), (row["note"].splitlines() or [""])[0][:60]]
+
+
+def _measured(rows, scenario: str, lines: list, width: int, key: str = "variant"):
+    """(row, medians) of each measured row of ``scenario``; a row that did not finish becomes its line in ``lines``."""
+    for row in rows:
+        if row["scenario"] != scenario:
+            continue
+        if row["status"] not in ("ok", "incomplete"):
+            lines.append(_unfinished([row[key]], row, width))
+            continue
+        yield row, row["median"]
 
 
 def _table(headers, lines, markdown: bool = False) -> str:
@@ -970,13 +1067,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
             ["variant", "system", "deliv/s", "CPU µs/deliv (user+sys)", "p50 ms", "p99 ms", "p99.9 ms", "RSS MB",
              "server", "gen max", "limit", "Chorus ÷ peer"], fan_lines, markdown=md))
     dur_lines = []
-    for row in rows:
-        if row["scenario"] != "durable":
-            continue
-        m = row["median"]
-        if row["status"] not in ("ok", "incomplete"):
-            dur_lines.append(_unfinished([row["variant"]], row, 10))
-            continue
+    for row, m in _measured(rows, "durable", dur_lines, 10):
         dur_lines.append([row["variant"], _fmt(m["acked_per_s"], ",.0f"), _fmt(m["ack_p50_ms"], ".2f"),
                           _fmt(m["ack_p99_ms"], ".2f"), _fmt(m["ack_mean_ms"], ".2f"), _fmt(m.get("batch_mean"), ".1f"),
                           _fmt(m["cpu_us_per_ack"], ".1f"), f"{_fmt(m['server_util'] * 100, '.0f')}%", m["limit"],
@@ -990,13 +1081,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
             ["variant", "acked/s", "ACK p50 ms", "ACK p99 ms", "ACK mean ms", "batch mean", "CPU µs/ack", "server",
              "limit", "÷ design source"], dur_lines, markdown=md))
     idle_lines = []
-    for row in rows:
-        if row["scenario"] != "idle":
-            continue
-        m = row["median"]
-        if row["status"] not in ("ok", "incomplete"):
-            idle_lines.append(_unfinished([row["system"]], row, 8))
-            continue
+    for row, m in _measured(rows, "idle", idle_lines, 8, "system"):
         ratios = []
         if row["system"].startswith("chorus"):
             for peer in PEERS:
@@ -1014,13 +1099,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
             ["system", "conns", "KB/conn", "RSS MB", "idle CPU %", "µs/conn/s", "others (cores)", "Chorus ÷ peer"],
             idle_lines, markdown=md))
     room_lines = []
-    for row in rows:
-        if row["scenario"] != "rooms":
-            continue
-        m = row["median"]
-        if row["status"] not in ("ok", "incomplete"):
-            room_lines.append(_unfinished([row["system"]], row, 9))
-            continue
+    for row, m in _measured(rows, "rooms", room_lines, 9, "system"):
         room_lines.append([row["system"], _fmt(m["ops_per_s"], ",.0f"), _fmt(m["deliveries_per_s"], ",.0f"),
                            _fmt(m["cpu_us_per_op"], ".1f"),
                            f"{_fmt(m['p50_ms'], '.2f')}/{_fmt(m['p99_ms'], '.2f')}/{_fmt(m['p999_ms'], '.2f')}",
@@ -1032,6 +1111,18 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
                      f"(medians of {sizes.reps}){nl}" + _table(
             ["system", "ops/s", "deliv/s", "CPU µs/op", "deliv p50/p99/p99.9 ms", "ACK p99 ms", "HISTORY p99 ms",
              "server", "limit"], room_lines, markdown=md))
+    gc_lines = []
+    for row, m in _measured(rows, "gc", gc_lines, 9):
+        gc_lines.append([row["variant"], _fmt(m["connections"], ",.0f"), _range(row, "storm_max_pause_ms"),
+                         _range(row, "service_max_pause_ms"), _fmt(m["full_collections"], ".0f"),
+                         _fmt(m["freezes"], ".0f"), _fmt(m["p99_ms"], ".2f"), _fmt(m["rss_kb"] / 1024, ".0f"),
+                         _fmt(m["setup_s"], ".0f")])
+    if gc_lines:
+        parts.append(f"Garbage collector: {sizes.gc_conns:,} logins, then {sizes.mixed_ops_per_s:,} ops/s in rooms of "
+                     f"{sizes.room_size} for {sizes.gc_service_s:g}s; worst pause per phase, median [min–max] of "
+                     f"{sizes.reps}, variants interleaved{nl}" + _table(
+            ["policy", "conns", "worst pause in the login storm ms", "worst pause in service ms", "full collections",
+             "freezes", "delivery p99 ms", "RSS MB", "storm s"], gc_lines, markdown=md))
     target_lines = []
     for t in targets:
         met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
@@ -1041,7 +1132,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
         else:
             ratio = _fmt_ratio(ratio)
         target_lines.append([t["target"], ratio, met])
-    parts.append(f"Targets (issue 6){nl}" + _table(["target", "ratio", "verdict"], target_lines, markdown=md))
+    parts.append(f"Targets (issues 6 and 14){nl}" + _table(["target", "ratio", "verdict"], target_lines, markdown=md))
     for what, profile in profiles.items():
         if profile and profile.get("top_self"):
             lines = [[f"{p['share'] * 100:.1f}%", p["function"]] for p in profile["top_self"][:12]]

@@ -40,6 +40,7 @@ from ._broker import LocalBroker
 from ._budgets import Budgets
 from ._config import Config
 from ._conn import ClientConnection, _bugs
+from ._memory import GcPolicy
 from ._metrics import Counters
 from ._ports import Broker, BrokerFactory, Store, StoreError
 from ._store import open_store
@@ -74,6 +75,7 @@ class Server:
         self.admin_port: int | None = None  # the admin listener's (server/_admin.py), when config.admin_port is set
         self.close_reasons: collections.Counter[str] = collections.Counter()
         self.counters = Counters()  # for the metrics (server/_metrics.py): frames by type, auth, rate limits
+        self.gc_policy: GcPolicy | None = None  # set by chorus-server (server/__main__.py), which owns the process
         self._shutdown = trio.Event()
         # TLS (server/_tls.py): the context new connections use; reload_tls() swaps it.
         self.tls: ssl.SSLContext | None = None
@@ -115,6 +117,7 @@ class Server:
             "hashed": self.passwords.hashed,
             "close_reasons": dict(self.close_reasons),
             "store": self.store.statistics(),
+            "gc": self.gc_policy.statistics() if self.gc_policy is not None else None,
         }
 
     async def handle_tcp(self, stream: SocketStream) -> None:

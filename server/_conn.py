@@ -276,6 +276,18 @@ class ClientConnection:
             self._internal_error(exc, 0)
         finally:
             await self._finish()
+            self._release()
+
+    def _release(self) -> None:
+        """Break the reference cycles through this closed connection, so that reference counting frees it.
+
+        Long-lived objects are frozen out of the garbage collector (server/_gc.py); a frozen cycle is never
+        collected, so a closed connection must not be one (about 25 objects each otherwise).
+        """
+        self._nursery = None
+        self.output.release()
+        self.transport.attach(None)  # the WebSocket bridge's transport keeps its connection
+        del self.session  # (its ``conn`` points back here); nothing reads it once ``run`` has returned
 
     def _internal_error(self, exc: BaseException, request_id: int) -> None:
         """A bug: log it once with its traceback; this connection alone ends (ERROR INTERNAL, BYE)."""

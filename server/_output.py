@@ -20,6 +20,10 @@ from ._transport import Transport
 _CORK_MAX_BYTES = 16384
 
 
+def _no_writer(flush: Callable[[], Awaitable[None]]) -> None:
+    """``start_writer`` of a released output: its connection is gone, so nothing may start a task."""
+
+
 class Output:
     __slots__ = ("_transport", "_limit", "_buf", "_start_writer", "_writing", "_drained", "corked", "failed",
                  "overflowed", "bytes_out")
@@ -36,6 +40,10 @@ class Output:
         self.failed = False  # overflowed or the peer is gone: nothing more will be written
         self.overflowed = False
         self.bytes_out = 0
+
+    def release(self) -> None:
+        """Forget the owner's callback (its connection closed): no cycle through a bound method remains."""
+        self._start_writer = _no_writer
 
     @property
     def buffered_bytes(self) -> int:

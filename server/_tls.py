@@ -79,7 +79,7 @@ class TLSStream:
     def version(self) -> str | None:
         return self._ssl.version()
 
-    def attach(self, conn: ClientConnection) -> None:
+    def attach(self, conn: ClientConnection | None) -> None:
         """A byte stream needs nothing of its connection."""
 
     async def handshake(self) -> None:

@@ -61,8 +61,9 @@ class Transport(Protocol):
         of a message-based transport. The fan-out encodes a frame once for every connection with the same ``wrap``."""
         ...
 
-    def attach(self, conn: ClientConnection) -> None:
-        """Called once by the connection that runs on this transport, before it reads."""
+    def attach(self, conn: ClientConnection | None) -> None:
+        """Called by the connection that runs on this transport before it reads, and with None once it has closed
+        (so that no reference cycle outlives it: server/_memory.py)."""
         ...
 
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
@@ -105,7 +106,7 @@ class SocketStream(trio.abc.Stream):
         except (OSError, TypeError, IndexError):
             self.address = self.peer = "?"
 
-    def attach(self, conn: ClientConnection) -> None:
+    def attach(self, conn: ClientConnection | None) -> None:
         """A byte stream needs nothing of its connection."""
 
     def try_send(self, data: bytes | bytearray | memoryview) -> int:

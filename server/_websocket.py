@@ -139,8 +139,8 @@ class WebSocketTransport:
         self._completed = False  # a message was finished since we last waited for bytes
         self.unanswered_pings = 0
 
-    def attach(self, conn: ClientConnection) -> None:
-        """Keep the connection: control frames go through its output, violations close it."""
+    def attach(self, conn: ClientConnection | None) -> None:
+        """Keep the connection: control frames go through its output, violations close it (None: it has closed)."""
         self._conn = conn
 
     def _write(self, frame: bytes) -> None:

@@ -1,0 +1,161 @@
+"""The process's memory: when the garbage collector runs, and what malloc gives back (issue 14).
+
+**Collector.** CPython's full collection walks every object the collector tracks, with the event loop stopped:
+at 18,000 connections (about 50 tracked objects each) that measured 0.16–1.1 s, and it freed nothing, because
+what a live server holds is long-lived. ``GcPolicy`` keeps the walked set small instead:
+
+- ``gc.freeze()`` moves everything tracked to the permanent generation, which no collection walks. It runs after
+  start-up, after every burst of new connections (``FREEZE_GROWTH`` more than at the last freeze, checked every
+  ``CHECK_S``) and after any collection that took longer than ``FREEZE_AFTER_S`` (whatever else grew). Each
+  freeze first collects what is not frozen yet, so only survivors are frozen; that set is small, so it is quick.
+- A frozen cycle is never collected, so nothing that dies may leave one behind: a closed connection breaks its
+  own cycles (``ClientConnection._release``) and is freed by reference counting (tests/test_memory.py).
+- Every collection is timed (``gc.callbacks``): ``statistics()`` has the worst pause and the count per
+  generation, since start and since the last ``reset_window()`` (bench/chorus_server.py's window).
+
+**malloc.** argon2id takes 19 MiB per hash in a worker thread. glibc serves it from that thread's arena and,
+after the first such block is freed, raises its mmap threshold to that size, so later blocks come from arenas
+and stay in the process (about 118 MB after a login storm, issue 14). ``tune_malloc()`` fixes the mmap threshold
+at ``MMAP_THRESHOLD_BYTES`` (so hash buffers are mapped and unmapped: returned the moment a hash ends) and caps
+the arenas at ``ARENA_MAX``.
+
+``CHORUS_GC_POLICY=off`` (freeze once after start-up and never again, as before issue 14) and
+``CHORUS_MALLOC_TUNING=off`` exist for the bench's before/after rows (bench/run.py), not for operators.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from ._app import Server
+
+log = logging.getLogger("chorus.server")
+
+#: How often the policy looks at the connection count and the last collections.
+CHECK_S = 0.25
+#: New connections since the last freeze that make the next check freeze (a login burst, ~50 objects each).
+FREEZE_GROWTH = 200
+#: A collection longer than this means too much is unfrozen: freeze at the next check.
+FREEZE_AFTER_S = 0.002
+#: Allocations at least this large are mapped and unmapped, never kept in an arena.
+MMAP_THRESHOLD_BYTES = 1 << 20
+ARENA_MAX = 2
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
+_M_ARENA_MAX = -8
+
+
+def enabled(name: str) -> bool:
+    """False when the environment variable ``name`` says off (``off``, ``0``, ``no``)."""
+    return os.environ.get(name, "on").lower() not in ("off", "0", "no", "false")
+
+
+class GcPauses:
+    """Times every collection through ``gc.callbacks`` (process-wide: install once, ``remove`` when done)."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.count = [0, 0, 0]
+        self.max_s = [0.0, 0.0, 0.0]
+        self.total_s = 0.0
+        self.window_max_s = 0.0
+        self.window_count = 0
+        self.slow = False  # a collection over FREEZE_AFTER_S since the policy last looked
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        generation = info["generation"]
+        self.count[generation] += 1
+        self.max_s[generation] = max(self.max_s[generation], took)
+        self.total_s += took
+        self.window_max_s = max(self.window_max_s, took)
+        self.window_count += 1
+        if took > FREEZE_AFTER_S:
+            self.slow = True
+
+    def reset_window(self) -> None:
+        self.window_max_s = 0.0
+        self.window_count = 0
+
+    def remove(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+
+class GcPolicy:
+    """Freeze what survives, so that no collection walks the long-lived heap (see the module's comment).
+
+    ``active`` False freezes once at the start and never again (what chorus-server did before issue 14).
+    """
+
+    def __init__(self, server: "Server", *, active: bool = True):
+        self.server = server
+        self.active = active
+        self.pauses = GcPauses()
+        self.freezes = 0
+        self.freeze_s = 0.0  # the worst freeze, its collection included
+        self._frozen_at = 0  # connections at the last freeze
+
+    def freeze(self) -> None:
+        """Collect what is not frozen yet (a small set), then freeze every survivor."""
+        started = time.perf_counter()
+        gc.collect()
+        gc.freeze()
+        self.freezes += 1
+        self.freeze_s = max(self.freeze_s, time.perf_counter() - started)
+        self._frozen_at = len(self.server.connections)
+        self.pauses.slow = False
+
+    def check(self) -> bool:
+        """Freeze when connections grew by ``FREEZE_GROWTH`` or a collection was slow; True when it froze."""
+        grown = len(self.server.connections) - self._frozen_at >= FREEZE_GROWTH
+        if self.active and (grown or self.pauses.slow):
+            self.freeze()
+            return True
+        self._frozen_at = min(self._frozen_at, len(self.server.connections))  # closes make room for the next burst
+        return False
+
+    async def run(self) -> None:
+        """Check every ``CHECK_S`` until cancelled; freeze once at the start (everything made so far is for good)."""
+        try:
+            self.freeze()
+            while True:
+                await trio.sleep(CHECK_S)
+                self.check()
+        finally:
+            self.pauses.remove()
+
+    def statistics(self) -> dict:
+        pauses = self.pauses
+        return {"policy": "freeze" if self.active else "startup", "collections": list(pauses.count),
+                "max_pause_ms": [round(s * 1000, 3) for s in pauses.max_s],
+                "total_pause_ms": round(pauses.total_s * 1000, 1),
+                "window_max_pause_ms": round(pauses.window_max_s * 1000, 3), "window_collections": pauses.window_count,
+                "freezes": self.freezes, "worst_freeze_ms": round(self.freeze_s * 1000, 3),
+                "frozen_objects": gc.get_freeze_count()}
+
+
+def tune_malloc() -> bool:
+    """Fix glibc's mmap threshold and cap its arenas (see the module's comment); False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_ARENA_MAX, ARENA_MAX))

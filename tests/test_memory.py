@@ -1,0 +1,126 @@
+"""The process's memory policy (server/_memory.py, issue 14): what the collector walks, and what closed
+connections leave behind. No timing: the bench measures the pauses (``python -m bench --scenarios gc``)."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import trio
+from rawclient import RawClient
+from wsclient import WsClient
+
+from chorus import proto
+from chorus.server._memory import FREEZE_GROWTH, GcPolicy
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.connections: set[object] = set()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture
+def policy():
+    policy = GcPolicy(_Server())  # type: ignore[arg-type]
+    yield policy
+    policy.pauses.remove()
+    gc.unfreeze()
+
+
+def _tracked(obj: object) -> bool:
+    """Whether a collection would walk ``obj`` (frozen objects are in no generation)."""
+    return any(o is obj for o in gc.get_objects())
+
+
+def test_freeze_takes_survivors_out_of_every_collection(policy):
+    survivor = _Cycle()
+    assert _tracked(survivor)
+    policy.freeze()
+    assert not _tracked(survivor)
+    assert gc.get_freeze_count() > 0
+    later = _Cycle()
+    assert _tracked(later)  # made after the freeze: collected as usual until the next one
+
+
+def test_freeze_collects_garbage_first(policy):
+    """A cycle already dead when the policy freezes is collected, not frozen for ever."""
+    collected: list = []
+    gc.collect()
+    garbage = _Cycle()
+    ref = weakref.ref(garbage, collected.append)
+    del garbage
+    policy.freeze()
+    assert ref() is None and collected
+
+
+def test_a_burst_of_connections_triggers_a_freeze(policy):
+    server = policy.server
+    assert not policy.check()  # nothing grew, no collection was slow
+    server.connections.update(object() for _ in range(FREEZE_GROWTH - 1))
+    assert not policy.check()
+    server.connections.add(object())
+    freezes = policy.freezes
+    assert policy.check() and policy.freezes == freezes + 1
+    assert not policy.check()  # measured from the last freeze
+
+
+def test_a_slow_collection_triggers_a_freeze(policy):
+    policy.pauses.slow = True
+    assert policy.check()
+    assert not policy.pauses.slow
+
+
+def test_the_start_up_freeze_only_policy_never_freezes_again(policy):
+    startup = GcPolicy(_Server(), active=False)  # type: ignore[arg-type]
+    try:
+        startup.server.connections.update(object() for _ in range(FREEZE_GROWTH))
+        startup.pauses.slow = True
+        assert not startup.check()
+    finally:
+        startup.pauses.remove()
+
+
+def test_every_collection_is_timed(policy):
+    before = list(policy.pauses.count)
+    gc.collect(0)
+    gc.collect(2)
+    assert policy.pauses.count[0] == before[0] + 1
+    assert policy.pauses.count[2] == before[2] + 1
+    stats = policy.statistics()
+    assert stats["window_collections"] >= 2 and stats["max_pause_ms"][2] > 0
+    policy.pauses.reset_window()
+    assert policy.statistics()["window_collections"] == 0
+
+
+@pytest.mark.parametrize("transport", ["tcp", "websocket"])
+async def test_closed_connections_are_freed_from_the_frozen_generation(start_server, transport):
+    """A frozen cycle is never collected: a closed connection must be freed by reference counting alone."""
+    server = await start_server(ws_port=0)
+    clients = []
+    for i in range(5):
+        client = await (RawClient.connect(server.port) if transport == "tcp" else WsClient.connect(server.ws_port))
+        await client.send(proto.Register(f"gone{i}", "password123", request_id=client.rid()))
+        assert isinstance(await client.next_of(proto.AuthOk, proto.Error), proto.AuthOk)
+        await client.send(proto.Join("lobby", request_id=client.rid()))
+        await client.next_of(proto.Joined)
+        clients.append(client)
+    conns = [weakref.ref(conn) for conn in server.connections]
+    assert len(conns) == 5
+    gc.collect()
+    gc.freeze()  # as GcPolicy does after a burst of logins: the live connections are now frozen
+    try:
+        for client in clients:
+            await client.stream.aclose()
+        with trio.fail_after(10):
+            while server.connections:
+                await trio.sleep(0.01)
+        await trio.sleep(0)  # the handler tasks finish
+        gc.collect()  # walks only what is not frozen: a frozen cycle would survive it
+        assert [ref() for ref in conns] == [None] * 5
+    finally:
+        gc.unfreeze()
