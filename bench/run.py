@@ -55,9 +55,13 @@ ISSUE_FIGURES = {"mosquitto_us_per_delivery": 5.4, "websockets_us_per_delivery":
 FANOUT_SYSTEMS = ("chorus-tcp", "chorus-ws", "mosquitto", "websockets")
 IDLE_SYSTEMS = ("chorus-tcp", "mosquitto", "websockets")
 PEERS = ("mosquitto", "websockets")
-SCENARIOS = ("fanout", "durable", "idle", "rooms", "gc", "attack")
+SCENARIOS = ("fanout", "durable", "idle", "rooms", "gc", "storm", "attack")
 #: The garbage-collector rows (issue 14): server/_memory.py's policy against the start-up freeze alone.
 GC_VARIANTS = (("startup freeze only", {"CHORUS_GC_POLICY": "off"}), ("freeze policy", {}))
+#: The login-storm rows (issue 14): glibc's default malloc against server/_memory.py's tune_malloc.
+STORM_VARIANTS = (("malloc defaults", {"CHORUS_MALLOC_TUNING": "off"}), ("mmap threshold 1 MiB, 2 arenas", {}))
+#: argon2id at chorus-server's default cost, and its default auth deadline: the storm pays what a real one does.
+_REAL_LOGIN_COST = ("--argon2-time-cost", "2", "--argon2-memory-kib", "19456", "--auth-timeout-s", "30")
 BUSY = 0.85  # a process using this share of one core (or more) was the limit (threads waiting on fsync
 # or on the event loop keep a saturated Chorus server just under 100%)
 
@@ -81,6 +85,8 @@ class Sizes:
     conns_per_worker: int = 5000
     gc_conns: int = 18000  # the fd limit per process is 20,000 (DESIGN.md)
     gc_service_s: float = 10.0
+    storm_logins: int = 600  # at argon2's default cost: ~50 ms of a core each
+    storm_concurrency: int = 100  # per generator process (one source address each)
     profile_s: int = 5
     timeout_s: float = 60.0
 
@@ -88,7 +94,8 @@ class Sizes:
 FULL = Sizes()
 SMOKE = Sizes(reps=1, fanout_members=20, burst_msgs=5, paced_deliveries_per_s=400, paced_s=0.5,
               durable_clients=4, durable_s=0.5, durable_window=4, idle_conns=40, idle_s=0.5, room_size=5,
-              mixed_ops_per_s=100, mixed_s=0.5, conns_per_worker=20, gc_conns=60, gc_service_s=0.5, profile_s=1,
+              mixed_ops_per_s=100, mixed_s=0.5, conns_per_worker=20, gc_conns=60, gc_service_s=0.5, storm_logins=6,
+              storm_concurrency=3, profile_s=1,
               timeout_s=20.0)
 
 
@@ -212,16 +219,17 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def start_system(name: str, heartbeat_s: int, env: dict | None = None) -> Endpoint:
+def start_system(name: str, heartbeat_s: int, env: dict | None = None, args: tuple[str, ...] = ()) -> Endpoint:
     """Start ``name`` on a free loopback port; raises Unavailable when it cannot run here.
 
-    ``env``: more environment for a Chorus server (the before/after switches of server/_memory.py)."""
+    ``env``, ``args``: more environment and flags for a Chorus server (the before/after switches of
+    server/_memory.py; a flag given here wins over the bench's own)."""
     Bench.code_now = code_fingerprint()
     tmp = Path(tempfile.mkdtemp(prefix=f"chorus-bench-{name}-"))
     log_path = tmp / "server.log"
     try:
         if name.startswith("chorus"):
-            return _start_chorus(name, heartbeat_s, tmp, log_path, env or {})
+            return _start_chorus(name, heartbeat_s, tmp, log_path, env or {}, args)
         if name == "mosquitto":
             return _start_mosquitto(heartbeat_s, tmp, log_path)
         if name == "websockets":
@@ -241,7 +249,8 @@ _LIFTED_BUDGETS = [
 ]
 
 
-def _start_chorus(name: str, heartbeat_s: int, tmp: Path, log_path: Path, extra_env: dict) -> Endpoint:
+def _start_chorus(name: str, heartbeat_s: int, tmp: Path, log_path: Path, extra_env: dict,
+                  extra_args: tuple[str, ...]) -> Endpoint:
     ws = name == "chorus-ws"
     if ws and importlib.util.find_spec("chorus.server._websocket") is None:
         raise Unavailable("the WebSocket bridge (server/_websocket.py) is not there yet")
@@ -256,7 +265,7 @@ def _start_chorus(name: str, heartbeat_s: int, tmp: Path, log_path: Path, extra_
            # Registering 10,000 users at argon2id's default cost (19 MiB, 2 passes) would take minutes;
            # the bench measures delivery, not password hashing.
            "--argon2-time-cost", "1", "--argon2-memory-kib", "8",
-           "--ping-interval-s", str(heartbeat_s), "--log-level", "WARNING"]
+           "--ping-interval-s", str(heartbeat_s), "--log-level", "WARNING", *extra_args]
     if ws:
         cmd += ["--ws-port", "0"]
     stats_path = tmp / "stats.json"
@@ -788,23 +797,9 @@ class Bench:
         ``gc_service_s`` of mixed traffic; the worst collector pause of each phase comes from the server's
         own timing of every collection (server/_memory.py, reset at each statistics dump)."""
         s = self.sizes
-        reps: dict[str, list[dict]] = {name: [] for name, _ in GC_VARIANTS}
-        errors: dict[str, BaseException] = {}
-        for _ in range(s.reps):
-            for name, env in GC_VARIANTS:
-                if name in errors:
-                    continue
-                try:
-                    reps[name].append(self._gc_rep(env))
-                except Exception as exc:
-                    errors[name] = exc
-        for name, _ in GC_VARIANTS:
-            if name in errors:
-                self._failed("gc", [name], "chorus-tcp", errors[name])
-            else:
-                self.add_row("gc", name, "chorus-tcp", "ok", reps[name],
-                             f"{s.gc_conns} logins (argon2 cost lowered) in rooms of {s.room_size}, then "
-                             f"{s.mixed_ops_per_s} ops/s for {s.gc_service_s:g}s")
+        self._interleaved("gc", GC_VARIANTS, self._gc_rep,
+                          f"{s.gc_conns} logins (argon2 cost lowered) in rooms of {s.room_size}, then "
+                          f"{s.mixed_ops_per_s} ops/s for {s.gc_service_s:g}s")
 
     def _gc_rep(self, env: dict) -> dict:
         s = self.sizes
@@ -840,6 +835,67 @@ class Bench:
             if workers is not None:
                 workers.close()
 
+    # -- scenario 6: a login storm at the real password cost (issue 14) ------------------------------------------------
+    def run_storm(self) -> None:
+        """``storm_logins`` REGISTERs at argon2's default cost, ``storm_concurrency`` at once per generator, on a
+        fresh server per repetition (variants interleaved): the RSS each login leaves behind once the storm is over,
+        and how many logins the auth deadline cut off."""
+        self._interleaved("storm", STORM_VARIANTS, self._storm_rep,
+                          f"{self.sizes.storm_logins} REGISTERs at argon2id's default cost (2 passes, 19 MiB), "
+                          f"{self.sizes.storm_concurrency} at once per generator, auth deadline 30 s")
+
+    def _interleaved(self, scenario: str, variants, rep, note: str) -> None:
+        """Repetitions of each variant in turn (a, b, a, b, ...), so that the machine's other load falls on both."""
+        reps: dict[str, list[dict]] = {name: [] for name, _ in variants}
+        errors: dict[str, BaseException] = {}
+        for _ in range(self.sizes.reps):
+            for name, env in variants:
+                if name not in errors:
+                    try:
+                        reps[name].append(rep(env))
+                    except Exception as exc:
+                        errors[name] = exc
+        for name, _ in variants:
+            if name in errors:
+                self._failed(scenario, [name], "chorus-tcp", errors[name])
+            else:
+                self.add_row(scenario, name, "chorus-tcp", "ok", reps[name], note)
+
+    def _storm_rep(self, env: dict) -> dict:
+        s = self.sizes
+        ep = workers = None
+        try:
+            ep = start_system("chorus-tcp", s.heartbeat_s, env, _REAL_LOGIN_COST)
+            time.sleep(0.3)
+            base_kb = ep.rss_kb()
+            per_worker = max(1, s.storm_logins // 2)
+            workers = Workers("chorus-tcp", ep, s.storm_logins, per_worker, room_size=1, room_prefix="s",
+                              heartbeat_s=s.heartbeat_s, extra_spec={"concurrency": s.storm_concurrency})
+            (u0, s0), started = ep.cpu(), time.monotonic()
+            replies = workers.command({"cmd": "setup", "timeout_s": 900})
+            took = time.monotonic() - started
+            (u1, s1) = ep.cpu()
+            time.sleep(1.0)  # the last hashes' buffers are freed (or kept) by now
+            rss = ep.rss_kb()
+            ready = sum(r["ready"] for r in replies)
+            failures: dict[str, int] = {}
+            for r in replies:
+                for why, n in {**r["failures"], **r["errors"]}.items():
+                    failures[why] = failures.get(why, 0) + n
+            timed_out = sum(n for why, n in failures.items() if "HANDSHAKE_TIMEOUT" in why)
+            self.log(f"storm/{env or 'tuned'}: {ready} of {s.storm_logins} in {took:.0f}s, "
+                     f"RSS +{(rss - base_kb) / 1024:.0f} MB")
+            return {"logins": s.storm_logins, "ready": ready, "timed_out": timed_out, "storm_s": took,
+                    "cpu_ms_per_login": ((u1 - u0) + (s1 - s0)) * 1000 / max(s.storm_logins, 1),
+                    "rss_kb": rss, "base_rss_kb": base_kb, "rss_growth_mb": (rss - base_kb) / 1024,
+                    "kb_per_connection": (rss - base_kb) / max(ready, 1), "failures": failures,
+                    "complete": ready == s.storm_logins}
+        finally:
+            if ep is not None:
+                ep.stop()
+            if workers is not None:
+                workers.close()
+
     # -- driver --------------------------------------------------------------------------------------------------------
     def run(self) -> None:
         scenarios, systems = self.args.scenarios, self.args.systems
@@ -863,6 +919,9 @@ class Bench:
         if "gc" in scenarios and "chorus-tcp" in systems:
             self.log("gc ...")
             self.run_gc()
+        if "storm" in scenarios and "chorus-tcp" in systems:
+            self.log("storm ...")
+            self.run_storm()
         if "attack" in scenarios and "chorus-tcp" in systems:
             from . import attack
 
@@ -1123,6 +1182,18 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
                      f"{sizes.reps}, variants interleaved{nl}" + _table(
             ["policy", "conns", "worst pause in the login storm ms", "worst pause in service ms", "full collections",
              "freezes", "delivery p99 ms", "RSS MB", "storm s"], gc_lines, markdown=md))
+    storm_lines = []
+    for row, m in _measured(rows, "storm", storm_lines, 7):
+        storm_lines.append([row["variant"], f"{_fmt(m['ready'], ',.0f')} of {_fmt(m['logins'], ',.0f')}",
+                            _fmt(m["timed_out"], ".0f"), _range(row, "storm_s", ".0f"),
+                            _range(row, "rss_growth_mb", ".0f"), _range(row, "kb_per_connection", ".1f"),
+                            _fmt(m["cpu_ms_per_login"], ".1f")])
+    if storm_lines:
+        parts.append(f"Login storm: {sizes.storm_logins:,} REGISTERs at argon2id's default cost, "
+                     f"{sizes.storm_concurrency} at once per generator; RSS once it is over, median [min–max] of "
+                     f"{sizes.reps}, variants interleaved{nl}" + _table(
+            ["malloc", "logged in", "timed out", "storm s", "RSS growth MB", "KB per connection", "CPU ms/login"],
+            storm_lines, markdown=md))
     target_lines = []
     for t in targets:
         met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]

@@ -12,7 +12,10 @@ than ``max_wait_s``), and at most ``max_pending`` addresses' hashes queued or
 running in all; beyond that the request is refused at once with ``Busy`` (ERROR
 SERVER_BUSY + a retry hint), never left to wait past the auth deadline. So an attacker with a thousand connections from
 one address holds one hashing thread, and an honest login from elsewhere waits
-for at most ``max_pending`` hashes.
+for at most ``max_pending`` hashes. The asking connection's auth deadline stops
+while its hash waits for a thread and moves by the delay a refusal asks for
+(``AuthClock``): in a storm of logins the deadline starts when a hashing thread
+is free, so queued clients are served rather than timed out.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import re
 import secrets
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 import argon2
 import trio
@@ -89,6 +92,17 @@ class Busy(Exception):
         self.retry_after_s = retry_after_s
 
 
+class AuthClock(Protocol):
+    """The connection whose auth deadline stops while its LOGIN or RESUME waits for the server
+    (server/_conn.py ``ClientConnection``)."""
+
+    def auth_waiting(self, waiting: bool) -> None:
+        """True while the request waits for its turn; False once the server can take it (or never will)."""
+
+    def auth_refused(self, retry_after_s: float) -> None:
+        """The queue answered Busy: the client was told to come back after ``retry_after_s``."""
+
+
 class _AddressQueue:
     __slots__ = ("lock", "count")
 
@@ -100,9 +114,12 @@ class _AddressQueue:
 class HashQueue:
     """Admission to password hashing: one hash per address at a time, ``max_pending`` addresses in all."""
 
-    def __init__(self, max_pending: int, *, max_wait_s: float = MAX_ADDRESS_WAIT_S):
+    def __init__(self, max_pending: int, *, max_wait_s: float = MAX_ADDRESS_WAIT_S, threads: int = _HASH_THREADS):
         self.max_pending = max_pending
         self.max_wait_s = max_wait_s
+        #: Admitted hashes that may run at once: as many as ``Passwords`` has threads, so a body that holds one
+        #: starts hashing at once, and its wait (which the auth deadline does not count) ends here.
+        self.threads = trio.CapacityLimiter(threads)
         self.pending = 0  # hashes admitted (at most one per address), queued for a thread or running
         self.refused = 0
         self._addresses: dict[str, _AddressQueue] = {}
@@ -116,28 +133,47 @@ class HashQueue:
         return Busy(self.retry_after_s())
 
     @asynccontextmanager
-    async def slot(self, address: str) -> AsyncIterator[None]:
-        """Hold a hashing slot for ``address`` while the body hashes; raises ``Busy`` when there is none."""
-        queue = self._addresses.get(address)
-        if queue is None:
-            if self.pending >= self.max_pending:
+    async def slot(self, address: str, clock: AuthClock | None = None) -> AsyncIterator[None]:
+        """Hold a hashing slot for ``address`` while the body hashes; raises ``Busy`` when there is none.
+
+        ``clock``: the connection asking, whose auth deadline does not count the wait for a free hashing thread,
+        nor the delay a refusal asks for (spec §9.1: a login storm must not time honest clients out)."""
+        try:
+            queue = self._addresses.get(address)
+            if queue is None:
+                if self.pending >= self.max_pending:
+                    raise self._refuse()
+                queue = self._addresses[address] = _AddressQueue()
+            elif queue.count * self._took_s > self.max_wait_s:
                 raise self._refuse()
-            queue = self._addresses[address] = _AddressQueue()
-        elif queue.count * self._took_s > self.max_wait_s:
-            raise self._refuse()
+        except Busy as exc:
+            if clock is not None:
+                clock.auth_refused(exc.retry_after_s)
+            raise
         queue.count += 1
+        if clock is not None:
+            clock.auth_waiting(True)
         try:
             async with queue.lock:
                 if self.pending >= self.max_pending:  # others filled the queue while this one waited
-                    raise self._refuse()
+                    busy = self._refuse()
+                    if clock is not None:
+                        clock.auth_waiting(False)
+                        clock.auth_refused(busy.retry_after_s)
+                    raise busy
                 self.pending += 1
                 start = time.perf_counter()
                 try:
-                    yield
+                    async with self.threads:
+                        if clock is not None:
+                            clock.auth_waiting(False)  # a thread is free: the deadline runs again
+                        yield
                 finally:
                     self.pending -= 1
                     self._took_s += (time.perf_counter() - start - self._took_s) / 8
         finally:
+            if clock is not None:
+                clock.auth_waiting(False)
             queue.count -= 1
             if queue.count == 0:
                 del self._addresses[address]

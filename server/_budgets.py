@@ -10,6 +10,9 @@ here span connections, so a peer cannot multiply them by opening more:
   taken back if the password was right; success forgets the user name's failures
   but not the address's (an attacker's own account must not wash its address clean);
 - password hashes: ``HashQueue`` (server/_auth.py), SERVER_BUSY when full;
+- token resumes: ``Paced``, at most ``MAX_RESUMES_RUNNING`` at once and ``MAX_RESUMES_WAITING`` queued, the rest
+  refused SERVER_BUSY with a retry hint spread over the time the queue needs to drain (a server restarted after
+  a crash gets every client's RESUME in the same second: it serves them in turn instead of all at once);
 - SENDs per user (``user_send_rate_per_s``/``user_send_burst``), rooms created
   per user and accounts registered per address (per hour): token buckets.
 
@@ -18,9 +21,14 @@ costs an attacker memory it cannot make us keep.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import random
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, AsyncIterator
 
-from ._auth import HashQueue
+import trio
+
+from ._auth import AuthClock, Busy, HashQueue
 from ._ratelimit import Backoff, BucketTable
 
 if TYPE_CHECKING:
@@ -30,12 +38,68 @@ if TYPE_CHECKING:
 LOGIN_FAILURE_WINDOW_S = 900.0
 #: Keys per table: about 100 bytes each, so a table stays within tens of megabytes whatever is rotated.
 MAX_ENTRIES = 100_000
+#: RESUMEs served at once (each is a store read, a session touch and a read of the user's conversations)...
+MAX_RESUMES_RUNNING = 16
+#: ...and queued behind them; beyond that SERVER_BUSY with a hint.
+MAX_RESUMES_WAITING = 1024
+
+
+class Paced:
+    """At most ``running`` requests at once, ``waiting`` more queued in arrival order, the rest refused with ``Busy``.
+
+    The retry hint is the time the queue needs to drain (from how long requests took lately), times a random
+    factor in [1, 2): refused clients come back spread out, not all together.
+    """
+
+    def __init__(self, running: int, waiting: int, rng: random.Random | None = None):
+        self.limiter = trio.CapacityLimiter(running)
+        self.max_waiting = waiting
+        self.waiting = 0
+        self.refused = 0
+        self._took_s = 0.005  # moving average of one request's time
+        self._rng = rng or random.Random()
+
+    def retry_after_s(self) -> float:
+        running = self.limiter.total_tokens
+        drain = (self.waiting + running) * self._took_s / running
+        return max(0.05, drain) * (1 + self._rng.random())
+
+    @asynccontextmanager
+    async def slot(self, clock: AuthClock | None = None) -> AsyncIterator[None]:
+        """Hold one of the ``running`` places while the body runs; raises ``Busy`` when the queue is full.
+
+        ``clock``: the connection asking, whose auth deadline does not count the wait nor the hint."""
+        if self.waiting >= self.max_waiting and not self.limiter.available_tokens:
+            self.refused += 1
+            busy = Busy(self.retry_after_s())
+            if clock is not None:
+                clock.auth_refused(busy.retry_after_s)
+            raise busy
+        self.waiting += 1
+        if clock is not None:
+            clock.auth_waiting(True)
+        try:
+            await self.limiter.acquire()  # first come, first served
+        finally:
+            self.waiting -= 1
+            if clock is not None:
+                clock.auth_waiting(False)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.limiter.release()
+            self._took_s += (time.perf_counter() - start - self._took_s) / 16
+
+    def statistics(self) -> dict:
+        return {"running": self.limiter.borrowed_tokens, "waiting": self.waiting, "refused": self.refused}
 
 
 class Budgets:
     def __init__(self, config: "Config", *, max_entries: int = MAX_ENTRIES):
         self.config = config
         self.hashes = HashQueue(config.max_pending_hashes)
+        self.resumes = Paced(MAX_RESUMES_RUNNING, MAX_RESUMES_WAITING)
         self.login_by_address = Backoff(config.login_free_failures, config.login_backoff_max_s,
                                         window_s=LOGIN_FAILURE_WINDOW_S, max_entries=max_entries)
         self.login_by_name = Backoff(config.login_free_failures, config.login_backoff_max_s,
@@ -67,6 +131,7 @@ class Budgets:
     def statistics(self) -> dict:
         return {
             "hashes": self.hashes.statistics(),
+            "resumes": self.resumes.statistics(),
             "login_addresses": len(self.login_by_address),
             "login_names": len(self.login_by_name),
             "send_buckets": len(self.sends),

@@ -35,6 +35,7 @@ import trio
 from chorus import proto
 from chorus.proto import CloseReason, ErrorCode
 
+from ._auth import Busy
 from ._logs import episode, safe
 from ._output import Output
 from ._ports import StoreError, UserEvent
@@ -53,6 +54,8 @@ _CLOSE_S = 3.0
 #: Our PINGs a PONG may still answer; pings go out once per ping interval, so this covers minutes.
 _OUTSTANDING_PINGS = 8
 _NO_BYE = (CloseReason.CLIENT_QUIT, CloseReason.PEER_CLOSED, CloseReason.SLOW_CONSUMER)
+#: Auth deadlines that waiting for password hashing may add, at most (then a queued login times out after all).
+_AUTH_EXTENSIONS = 3
 
 
 class ClientConnection:
@@ -60,7 +63,7 @@ class ClientConnection:
         "server", "config", "transport", "wire", "output", "session", "user_id", "reason", "_final",
         "opened_at", "last_heard", "_last_ping", "unanswered_pings", "_pings", "_bucket", "_violations",
         "inflight_sends", "_sends_changed", "_nursery", "wrap", "frame_started", "_idle", "_idle_changed",
-        "__weakref__",
+        "_auth_waited", "_auth_refusals", "_hash_wait_began", "__weakref__",
     )
 
     def __init__(self, server: "Server", transport: Transport):
@@ -85,6 +88,10 @@ class ClientConnection:
         self.frame_started: float | None = None  # when the partial frame in the buffer began
         self._idle = False  # the reader waits for bytes with no frame left to act on
         self._idle_changed: trio.Event | None = None
+        # Time the auth deadline does not count: waits for a hashing thread, delays a refusal asked for.
+        self._auth_waited = 0.0
+        self._auth_refusals = 0.0  # the part of it that refusals asked for
+        self._hash_wait_began: float | None = None
         self._bucket = TokenBucket(config.rate_per_s, config.rate_burst, now)
         self._violations = 0
         self.inflight_sends = 0  # SENDs waiting for their commit
@@ -219,6 +226,31 @@ class ClientConnection:
             else:
                 await changed.wait()
 
+    # -- the auth deadline's clock (server/_auth.py AuthClock) ----------------------------------------------------
+    def auth_waiting(self, waiting: bool) -> None:
+        now = trio.current_time()
+        if waiting:
+            if self._hash_wait_began is None:
+                self._hash_wait_began = now
+        elif self._hash_wait_began is not None:
+            self._auth_waited += now - self._hash_wait_began
+            self._hash_wait_began = None
+
+    def auth_refused(self, retry_after_s: float) -> None:
+        """Refusals move the deadline by at most ``_AUTH_EXTENSIONS`` deadlines in all, so a connection cannot stay
+        unauthenticated for ever by asking again and again while the server is full of logins."""
+        extra = min(retry_after_s, _AUTH_EXTENSIONS * self.config.auth_timeout_s - self._auth_refusals)
+        if extra > 0:
+            self._auth_refusals += extra
+            self._auth_waited += extra
+
+    def _auth_deadline(self) -> float | None:
+        """When an unauthenticated connection times out; None while its hash waits for a thread (a wait the
+        server's own queue bounds: ``HashQueue``)."""
+        if self._hash_wait_began is not None:
+            return None
+        return self.opened_at + self.config.auth_timeout_s + self._auth_waited
+
     def tick(self, now: float) -> bool:
         """Deadlines and liveness, called by the server's timer task; True when it began closing."""
         if self.reason is not None:
@@ -228,7 +260,8 @@ class ClientConnection:
             if self.wire.state is proto.State.HANDSHAKE and now >= self.opened_at + config.handshake_timeout_s:
                 self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO in time")
                 return True
-            if now >= self.opened_at + config.auth_timeout_s:
+            deadline = self._auth_deadline()
+            if deadline is not None and now >= deadline:
                 self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT,
                                        "not authenticated in time")
                 return True
@@ -377,10 +410,17 @@ class ClientConnection:
                 self.close(CloseReason.CLIENT_QUIT)
             elif isinstance(event, proto.Error):
                 log.info("peer=%s sent ERROR %s: %s", self.transport.peer, event.code.name, safe(event.message))
+            elif isinstance(event, proto.Resume):
+                # After a restart every client resumes at once: served in turn, the rest told when to come back.
+                async with self.server.budgets.resumes.slot(self):
+                    await self.session.handle(event)
             else:
                 await self.session.handle(event)
         except StoreError as exc:
             self.send(busy(exc, self.config.busy_retry_ms, event.request_id))
+        except Busy as exc:
+            self.send(proto.Error(ErrorCode.SERVER_BUSY, int(exc.retry_after_s * 1000) + 1, "too many resumes at once; "
+                                  "retry later", request_id=event.request_id))
         except Exception as exc:
             self._internal_error(exc, event.request_id)
 

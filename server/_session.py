@@ -362,7 +362,7 @@ class Session:
     async def _hashed(self, address: str, fn, *args):
         """``await fn(*args)`` (a password hash) in a slot of the hashing queue; SERVER_BUSY when it is full."""
         try:
-            async with self.budgets.hashes.slot(address):
+            async with self.budgets.hashes.slot(address, self.conn):  # its auth deadline waits too
                 return await fn(*args)
         except Busy as exc:
             self._limit_hit("hashes", address)

@@ -17,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO_VARIANTS = {("fanout", "burst"), ("fanout", "paced"), ("durable", "closed-loop"), ("durable", "pipelined"),
-                     ("idle", "idle"), ("rooms", "mixed"), ("gc", "startup freeze only"), ("gc", "freeze policy")}
+                     ("idle", "idle"), ("rooms", "mixed"), ("gc", "startup freeze only"), ("gc", "freeze policy"),
+                     ("storm", "malloc defaults"), ("storm", "mmap threshold 1 MiB, 2 arenas")}
 #: Metrics every measured row of a scenario carries, as numbers.
 NUMERIC = {
     "fanout": ["deliveries_per_s", "cpu_us_per_delivery", "user_us_per_delivery", "sys_us_per_delivery",
@@ -26,6 +27,7 @@ NUMERIC = {
     "idle": ["connections", "kb_per_connection", "idle_cpu_pct", "rss_kb"],
     "rooms": ["ops_per_s", "deliveries_per_s", "cpu_us_per_op", "p99_ms", "ack_p99_ms", "server_util"],
     "gc": ["connections", "storm_max_pause_ms", "service_max_pause_ms", "full_collections", "freezes", "p99_ms"],
+    "storm": ["logins", "ready", "timed_out", "storm_s", "rss_growth_mb", "kb_per_connection", "cpu_ms_per_login"],
 }
 
 
