@@ -500,7 +500,7 @@ def test_bucket_table_refuses_with_a_retry_and_stays_bounded():
 
 
 async def test_hash_queue_one_per_address_refusing_long_waits():
-    queue = HashQueue(2, max_wait_s=0.12)  # the pace starts at 0.05 s a hash: two may wait behind one
+    queue = HashQueue(2, max_wait_s=0.12, threads=2)  # the pace starts at 0.05 s a hash: two may wait behind one
     release = trio.Event()
     entered: list[str] = []
     busy: list[str] = []
