@@ -39,7 +39,7 @@ from ._auth import Passwords
 from ._broker import LocalBroker
 from ._budgets import Budgets
 from ._config import Config
-from ._conn import ClientConnection, _bugs
+from ._conn import TICK_CLOSED, TICK_PINGED, ClientConnection, _bugs
 from ._memory import GcPolicy
 from ._metrics import Counters
 from ._ports import Broker, BrokerFactory, Store, StoreError
@@ -55,6 +55,8 @@ _CLOSES_PER_TICK = 20
 _BACKLOG_PERIOD_S = 0.02
 _TICKS_PER_STEP = 2000
 _REFUSE_LINGER_S = 0.5
+#: PINGs a sweep may send however few connections there are.
+_MIN_PINGS_PER_SWEEP = 100
 
 
 class Server:
@@ -172,30 +174,36 @@ class Server:
     async def watch_connections(self) -> None:
         """The one timer task: deadlines and liveness of every connection (``ClientConnection.tick``).
 
-        Each sweep ticks every connection once. Closing is what costs (a task woken, frames written, a
-        linger), so a sweep begins at most ``_CLOSES_PER_TICK`` closes and then lets the loop run for
-        ``_BACKLOG_PERIOD_S`` before it goes on where it stopped: thousands of deadlines falling in one
-        tick are spread over seconds instead of stalling everyone. Long sweeps also yield every
-        ``_TICKS_PER_STEP`` connections.
+        Each sweep ticks the connections whose ``next_check`` has come (one comparison each for the others: an
+        idle connection is looked at once per ping interval, not every sweep). Closing is what costs (a task
+        woken, frames written, a linger), so a sweep begins at most ``_CLOSES_PER_TICK`` closes and then lets the
+        loop run for ``_BACKLOG_PERIOD_S`` before it goes on where it stopped: thousands of deadlines falling in
+        one tick are spread over seconds instead of stalling everyone. PINGs are spread too: a sweep sends at
+        most twice its share of one interval's PINGs, and the rest go out in the next sweeps, so connections
+        that all logged in together do not all get their PING in the same millisecond. Long sweeps also yield
+        every ``_TICKS_PER_STEP`` connections.
         """
         config = self.config
-        # A twentieth of the shortest deadline (so timing is within 5%), at most once a second: at 10,000
-        # connections one sweep costs a few milliseconds.
+        # A twentieth of the shortest deadline (so timing is within 5%), at most once a second.
         period = min(1.0, min(config.ping_interval_s, config.handshake_timeout_s, config.auth_timeout_s,
                               config.frame_timeout_s) / 20)
         while True:
             await trio.sleep(period)
-            conns = list(self.connections)
             now = trio.current_time()
+            due = [conn for conn in self.connections if conn.next_check <= now]
+            pings = max(_MIN_PINGS_PER_SWEEP, int(2 * len(self.connections) * period / config.ping_interval_s))
             budget, ticked = _CLOSES_PER_TICK, 0
-            for conn in conns:
+            for conn in due:
                 if budget <= 0 or ticked >= _TICKS_PER_STEP:
                     await trio.sleep(_BACKLOG_PERIOD_S if budget <= 0 else 0)
                     now = trio.current_time()
                     budget, ticked = _CLOSES_PER_TICK, 0
                 ticked += 1
-                if conn.tick(now):
+                done = conn.tick(now, pings > 0)
+                if done == TICK_CLOSED:
                     budget -= 1
+                elif done == TICK_PINGED:
+                    pings -= 1
 
     async def purge_sessions(self, period_s: float = 3600.0) -> None:
         """Forget expired session tokens at start and then hourly, so the table does not grow forever."""

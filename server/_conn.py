@@ -25,7 +25,6 @@ outstanding PINGs, a frame once started must be finished within
 """
 from __future__ import annotations
 
-import collections
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -54,6 +53,13 @@ _CLOSE_S = 3.0
 #: Our PINGs a PONG may still answer; pings go out once per ping interval, so this covers minutes.
 _OUTSTANDING_PINGS = 8
 _NO_BYE = (CloseReason.CLIENT_QUIT, CloseReason.PEER_CLOSED, CloseReason.SLOW_CONSUMER)
+#: What ``tick`` did: began closing, or sent a PING (the timer budgets both per sweep).
+TICK_CLOSED = 1
+TICK_PINGED = 2
+_ALWAYS = float("-inf")  # a ``next_check`` that every sweep reaches
+_NEVER = float("inf")
+#: A PING frame up to its u64 nonce, the frame's last 8 bytes (spec §5): sent without a trip through construct.
+_PING_HEAD = proto.encode(proto.Ping(0))[:-8]
 #: Auth deadlines that waiting for password hashing may add, at most (then a queued login times out after all).
 _AUTH_EXTENSIONS = 3
 
@@ -62,7 +68,8 @@ class ClientConnection:
     __slots__ = (
         "server", "config", "transport", "wire", "output", "session", "user_id", "reason", "_final",
         "opened_at", "last_heard", "_last_ping", "unanswered_pings", "_pings", "_bucket", "_violations",
-        "inflight_sends", "_sends_changed", "_nursery", "wrap", "frame_started", "_idle", "_idle_changed",
+        "inflight_sends", "_sends_changed", "_nursery", "wrap", "_frame_started", "next_check", "_idle",
+        "_idle_changed",
         "_auth_waited", "_auth_refusals", "_hash_wait_began", "__weakref__",
     )
 
@@ -84,8 +91,9 @@ class ClientConnection:
         self.last_heard = now
         self._last_ping = now
         self.unanswered_pings = 0
-        self._pings: collections.deque[int] = collections.deque(maxlen=_OUTSTANDING_PINGS)
-        self.frame_started: float | None = None  # when the partial frame in the buffer began
+        self._pings: list[int] | None = None  # the nonces of our unanswered PINGs, oldest first
+        self._frame_started: float | None = None
+        self.next_check = _ALWAYS  # the timer task looks at this connection again from then on (``tick``)
         self._idle = False  # the reader waits for bytes with no frame left to act on
         self._idle_changed: trio.Event | None = None
         # Time the auth deadline does not count: waits for a hashing thread, delays a refusal asked for.
@@ -251,38 +259,70 @@ class ClientConnection:
             return None
         return self.opened_at + self.config.auth_timeout_s + self._auth_waited
 
-    def tick(self, now: float) -> bool:
-        """Deadlines and liveness, called by the server's timer task; True when it began closing."""
+    def tick(self, now: float, may_ping: bool = True) -> int:
+        """Deadlines and liveness, called by the server's timer task: ``TICK_CLOSED`` when it began closing,
+        ``TICK_PINGED`` when it sent a PING, else 0. ``may_ping`` False: a PING that is due waits for a later sweep
+        (the timer spreads them out). Sets ``next_check``: nothing can be due before it."""
         if self.reason is not None:
-            return False
+            return 0
         config = self.config
+        check = _NEVER
         if self.user_id is None:
             if self.wire.state is proto.State.HANDSHAKE and now >= self.opened_at + config.handshake_timeout_s:
                 self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO in time")
-                return True
+                return TICK_CLOSED
             deadline = self._auth_deadline()
             if deadline is not None and now >= deadline:
                 self._close_with_error(CloseReason.AUTH_TIMEOUT, ErrorCode.HANDSHAKE_TIMEOUT,
                                        "not authenticated in time")
-                return True
-        started = self.frame_started
-        if started is not None and now >= started + config.frame_timeout_s:
-            self._close_with_error(CloseReason.PROTOCOL_ERROR, ErrorCode.MALFORMED_FRAME,
-                                   f"frame not finished within {config.frame_timeout_s:g} s")
-            return True
+                return TICK_CLOSED
+        started = self._frame_started
+        if started is not None:
+            if now >= started + config.frame_timeout_s:
+                self._close_with_error(CloseReason.PROTOCOL_ERROR, ErrorCode.MALFORMED_FRAME,
+                                       f"frame not finished within {config.frame_timeout_s:g} s")
+                return TICK_CLOSED
+            check = started + config.frame_timeout_s
         interval = config.ping_interval_s
-        if now - self.last_heard < interval or now - self._last_ping < interval:
-            return False
+        due = max(self.last_heard, self._last_ping) + interval
+        if now < due or not may_ping:
+            # Before AUTH_OK a connection is looked at every sweep: its deadlines are short, and few wait for them.
+            self.next_check = min(check, due) if self.user_id is not None else _ALWAYS
+            return 0
         if self.unanswered_pings >= config.max_missed_pings:
             self.close(CloseReason.STALE)
-            return True
+            return TICK_CLOSED
         self._last_ping = now
-        if self.wire.state not in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
-            self.unanswered_pings += 1
-            nonce = secrets.randbits(63)
-            self._pings.append(nonce)
-            self.send(proto.Ping(nonce))
-        return False
+        self.next_check = min(check, now + interval) if self.user_id is not None else _ALWAYS
+        if self.wire.state in (proto.State.HANDSHAKE, proto.State.NEGOTIATING):
+            return 0
+        self.unanswered_pings += 1
+        nonce = secrets.randbits(63)
+        pings = self._pings
+        if pings is None:
+            self._pings = [nonce]  # a list only while PINGs are outstanding: most connections have none
+        else:
+            pings.append(nonce)
+            if len(pings) > _OUTSTANDING_PINGS:
+                del pings[0]
+        # PING changes no protocol state and is legal in every state after NEGOTIATING (spec §9.10): its bytes
+        # come from a template of proto's own encoding (tests/test_conn_idle.py holds them equal).
+        self.server.counters.frames_out[proto.FrameType.PING] += 1
+        if not self._write(_PING_HEAD + nonce.to_bytes(8, "big")):
+            self.output_failed()
+        return TICK_PINGED
+
+    @property
+    def frame_started(self) -> float | None:
+        """When the partial frame in the buffer began (None: no partial frame); its deadline is ``frame_timeout_s``
+        later. Set by the reader, or by a transport that frames messages itself (the WebSocket bridge)."""
+        return self._frame_started
+
+    @frame_started.setter
+    def frame_started(self, started: float | None) -> None:
+        self._frame_started = started
+        if started is not None:
+            self.next_check = min(self.next_check, started + self.config.frame_timeout_s)
 
     def _start_writer(self, flush) -> None:
         if self._nursery is not None and self.reason is None:
@@ -376,10 +416,13 @@ class ClientConnection:
     async def _dispatch(self, event: proto.Event) -> None:
         if isinstance(event, proto.Pong):
             # Only an answer to one of our PINGs is free; anything else would be a free way to burn our CPU.
-            try:
-                self._pings.remove(event.nonce)
-            except ValueError:
+            pings = self._pings
+            if pings is None or event.nonce not in pings:
                 self.protocol_error(ErrorCode.INVALID_REQUEST, "PONG does not answer an outstanding PING")
+            elif len(pings) == 1:
+                self._pings = None
+            else:
+                pings.remove(event.nonce)
             return
         if not isinstance(event, proto.Bye) and not self._bucket.take(trio.current_time()):
             self.rate_limited()

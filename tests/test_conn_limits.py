@@ -20,6 +20,7 @@ from chorus import proto
 from chorus.proto import CloseReason, ErrorCode
 from rawclient import RawClient, alice_and_bob_in_lobby
 from chorus.server import _admission, _app
+from chorus.server._conn import TICK_CLOSED
 from chorus.server._store import StoreError
 from chorus.server._transport import open_listener
 
@@ -227,16 +228,18 @@ async def test_shutdown_acts_on_every_send_already_read(start_server):
 class _Due:
     """A connection whose deadline has passed: its tick begins a close (once)."""
 
+    next_check = float("-inf")
+
     def __init__(self, closed: list):
         self.closed = closed
         self.done = False
 
-    def tick(self, now: float) -> bool:
+    def tick(self, now: float, may_ping: bool = True) -> int:
         if self.done:
-            return False
+            return 0
         self.done = True
         self.closed.append(now)
-        return True
+        return TICK_CLOSED
 
 
 async def test_mass_deadlines_are_closed_a_bounded_number_per_sweep(make_config, autojump_clock):
