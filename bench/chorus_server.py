@@ -21,9 +21,10 @@ import chorus.server.__main__ as entry
 _serve = entry.serve
 
 
-async def _dump_statistics(srv, path: str) -> None:
+async def _dump_statistics(srv, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     count = 0
     with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        task_status.started()  # from here SIGUSR1 is ours (its default action would end the process)
         async for _ in signals:
             count += 1
             stats = {"dump": count, **srv.statistics()}
@@ -43,8 +44,8 @@ async def serve_with_statistics(config, *, task_status=trio.TASK_STATUS_IGNORED)
             nursery.cancel_scope.cancel()  # the server is done: stop waiting for signals too
 
         srv = await nursery.start(run)
-        if path:
-            nursery.start_soon(_dump_statistics, srv, path)
+        if path:  # before the first stdout line: the bench may signal as soon as it has read it
+            await nursery.start(_dump_statistics, srv, path)
         task_status.started(srv)
 
 

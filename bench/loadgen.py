@@ -60,6 +60,19 @@ _COUNTED = {int(t): t.name for t in (FrameType.USER_TYPING, FrameType.PRESENCE, 
 _IN, _OUT, _ERRS = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR | select.EPOLLHUP
 
 
+def probes(first: int, count: int, now_ns: int) -> bytes:
+    """``count`` probe bodies back to back: one publish carrying a whole burst (the peers' coalesced burst)."""
+    return b"".join(probe_body(first + i, now_ns) for i in range(count))
+
+
+def read_probes(lat, data, end: int, per_message: int, now: int) -> int:
+    """The latency of each of the ``per_message`` probes that end a message at ``end``; returns how many."""
+    for i in range(per_message):
+        stop = end - i * BODY_BYTES
+        lat.append(now - int(data[stop - TS_DIGITS:stop]))
+    return per_message
+
+
 def probe_body(seq: int, now_ns: int) -> bytes:
     """100 ASCII bytes ending with the send time; the same body for every system."""
     head = b"%08d:" % (seq % 100_000_000)
@@ -204,6 +217,10 @@ class Conn:
         raise NotImplementedError
 
     def send_probe(self, seq: int) -> None:
+        raise NotImplementedError
+
+    def send_batch(self, first: int, count: int) -> None:
+        """``count`` probes in one message (peers only: a Chorus SEND carries one)."""
         raise NotImplementedError
 
     def heartbeat(self) -> None:
@@ -411,6 +428,9 @@ class WsBroadcastConn(Conn):
     def send_probe(self, seq: int) -> None:
         self.write(ws.encode_frame(ws.BINARY, probe_body(seq, time.monotonic_ns())))
 
+    def send_batch(self, first: int, count: int) -> None:
+        self.write(ws.encode_frame(ws.BINARY, probes(first, count, time.monotonic_ns())))
+
     def feed(self, data, now):
         pos = 0
         if not self.upgraded:
@@ -448,8 +468,7 @@ class WsBroadcastConn(Conn):
                 break
             opcode = b0 & 0x0F
             if opcode == ws.BINARY or opcode == ws.TEXT:
-                lat.append(now - int(data[end - TS_DIGITS:end]))
-                got += 1
+                got += read_probes(lat, data, end, w.per_message, now)
             elif opcode == ws.PING:
                 self.write(ws.encode_frame(ws.PONG, bytes(data[start:end])))
                 w.counts["WS PING answered"] += 1
@@ -477,6 +496,9 @@ class MqttConn(Conn):
     def send_probe(self, seq: int) -> None:
         self.write(mqtt.publish(self.topic, probe_body(seq, time.monotonic_ns())))
 
+    def send_batch(self, first: int, count: int) -> None:
+        self.write(mqtt.publish(self.topic, probes(first, count, time.monotonic_ns())))
+
     def heartbeat(self) -> None:
         self.write(mqtt.PINGREQ_PACKET)
 
@@ -496,8 +518,7 @@ class MqttConn(Conn):
                 break
             ptype, start, end = parsed
             if ptype == mqtt.PUBLISH:
-                lat.append(now - int(data[end - TS_DIGITS:end]))
-                got += 1
+                got += read_probes(lat, data, end, w.per_message, now)
             elif ptype == mqtt.PINGRESP:
                 w.counts["PINGRESP"] += 1
             elif ptype == mqtt.CONNACK:
@@ -556,6 +577,7 @@ class Worker:
         self.window_end_ns = 0
         self.on_ack = None
         self.checked = 0
+        self.per_message = 1  # probes in each message a peer delivers (a coalesced burst: all of them)
 
     def delivered(self, count: int, now: int) -> bool:
         """Count ``count`` probes received at ``now``; True when one should be cross-checked by proto."""
@@ -736,6 +758,10 @@ class Worker:
         r0, start = self._usage(), time.monotonic_ns()
         live = self._live()
         n_msgs, interval, t0 = cmd["n_msgs"], cmd["interval_ns"], cmd["t0_ns"]
+        # A coalesced burst (peers): the sender publishes all n_msgs probes as one message, which is what a
+        # Chorus burst becomes after the group commit and the cork (one send per subscriber).
+        coalesce = cmd.get("coalesce", False) and interval == 0
+        self.per_message = n_msgs if coalesce else 1
         expected = n_msgs * len(live)
         sender = live[0] if cmd["sender"] and live else None
         sent = 0
@@ -745,6 +771,10 @@ class Worker:
             nonlocal sent, lag_max
             if sender is None or sent >= n_msgs or now < t0:
                 return t0 if sender is not None and sent < n_msgs else None
+            if coalesce:
+                sender.send_batch(0, n_msgs)
+                sent = n_msgs
+                return None
             if interval == 0:
                 while sent < n_msgs:
                     sender.send_probe(sent)

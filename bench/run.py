@@ -86,7 +86,9 @@ class Sizes:
     gc_conns: int = 18000  # the fd limit per process is 20,000 (DESIGN.md)
     gc_service_s: float = 10.0
     storm_logins: int = 600  # at argon2's default cost: ~50 ms of a core each
-    storm_concurrency: int = 100  # per generator process (one source address each)
+    # Per generator process, i.e. per source address: HashQueue refuses a login that would wait more than 5 s
+    # behind its own address's (server/_auth.py), so 30 × ~50 ms keeps every one of them admitted.
+    storm_concurrency: int = 30
     profile_s: int = 5
     timeout_s: float = 60.0
 
@@ -534,41 +536,72 @@ class Bench:
         self.log(f"{scenario}/{system}: {status}: {exc}")
 
     # -- scenario 1: fan-out -------------------------------------------------------------------------------------------
-    def run_fanout(self, system: str) -> None:
+    def run_fanout(self, systems: list[str]) -> None:
+        """Every system set up side by side, then each repetition of each variant taken in turn on every system
+        (paced first: it is the headline, where nobody can coalesce), so that the machine's other load falls on
+        all of them alike. A burst is 100 SENDs back to back for Chorus, which the group commit and the cork turn
+        into one send per subscriber; the peers get the same coalescing: one publish carrying the 100 probes."""
         s = self.sizes
-        ep = workers = None
+        running: dict[str, tuple[Endpoint, Workers]] = {}
         try:
-            ep = start_system(system, s.heartbeat_s)
-            workers = Workers(system, ep, s.fanout_members, s.conns_per_worker, room_size=s.fanout_members,
-                              room_prefix="fan", heartbeat_s=s.heartbeat_s)
-            setup_s = workers.setup()
-            self.log(f"fanout/{system}: {s.fanout_members} members set up in {setup_s:.1f}s")
-            burst = [self._fanout_rep(ep, workers, s.burst_msgs, 0, paced=False) for _ in range(s.reps)]
-            self.add_row("fanout", "burst", system, "ok", burst,
-                         f"{s.burst_msgs} messages sent back to back to {s.fanout_members} members")
+            for system in systems:
+                ep = workers = None
+                try:
+                    ep = start_system(system, s.heartbeat_s)
+                    workers = Workers(system, ep, s.fanout_members, s.conns_per_worker, room_size=s.fanout_members,
+                                      room_prefix="fan", heartbeat_s=s.heartbeat_s)
+                    setup_s = workers.setup()
+                except Exception as exc:
+                    if workers is not None:
+                        workers.close()
+                    if ep is not None:
+                        ep.stop()
+                    self._failed("fanout", ("paced", "burst"), system, exc)
+                    continue
+                running[system] = (ep, workers)
+                self.log(f"fanout/{system}: {s.fanout_members} members set up in {setup_s:.1f}s")
             per_s = s.paced_deliveries_per_s / s.fanout_members
-            n_msgs = max(1, round(per_s * s.paced_s))
-            paced = [self._fanout_rep(ep, workers, n_msgs, int(1e9 / per_s), paced=True) for _ in range(s.reps)]
-            self.add_row("fanout", "paced", system, "ok", paced,
-                         f"{per_s:g} messages/s × {s.fanout_members} members for {s.paced_s:g}s")
-            if self.args.profile and system == self.args.profile_system:
-                self.profiles["fan-out bursts"] = self._profile(ep, "fanout", lambda: self._fanout_rep(
-                    ep, workers, s.burst_msgs, 0, paced=False, stats=False))
-        except Exception as exc:
-            self._failed("fanout", ("burst", "paced"), system, exc)
+            n_paced = max(1, round(per_s * s.paced_s))
+            variants = (("paced", n_paced, int(1e9 / per_s),
+                         f"{per_s:g} messages/s × {s.fanout_members} members for {s.paced_s:g}s"),
+                        ("burst", s.burst_msgs, 0, f"{s.burst_msgs} messages to {s.fanout_members} members: Chorus "
+                         "gets 100 SENDs back to back (coalesced by its group commit and cork), a peer one publish "
+                         "carrying the 100"))
+            for variant, n_msgs, interval, note in variants:
+                reps: dict[str, list[dict]] = {system: [] for system in running}
+                failed: dict[str, Exception] = {}
+                for _ in range(s.reps):
+                    for system, (ep, workers) in running.items():
+                        if system in failed:
+                            continue
+                        try:
+                            reps[system].append(self._fanout_rep(
+                                ep, workers, n_msgs, interval, paced=variant == "paced",
+                                coalesce=variant == "burst" and not system.startswith("chorus")))
+                        except Exception as exc:
+                            failed[system] = exc
+                for system in running:
+                    if system in failed:
+                        self._failed("fanout", [variant], system, failed[system])
+                    else:
+                        self.add_row("fanout", variant, system, "ok", reps[system], note)
+            profiled = running.get(self.args.profile_system)
+            if self.args.profile and profiled is not None:
+                ep, workers = profiled
+                self.profiles["fan-out, paced"] = self._profile(ep, "fanout", lambda: self._fanout_rep(
+                    ep, workers, n_paced, int(1e9 / per_s), paced=True, stats=False))
         finally:
-            if ep is not None:
+            for ep, workers in running.values():
                 ep.stop()
-            if workers is not None:
                 workers.close()
 
     def _fanout_rep(self, ep: Endpoint, workers: Workers, n_msgs: int, interval_ns: int, *, paced: bool,
-                    stats: bool = True) -> dict:
+                    stats: bool = True, coalesce: bool = False) -> dict:
         stats0 = ep.stats() if stats else None
         (u0, s0), wall0, busy0 = ep.cpu(), time.monotonic(), machine_busy_s()
         t0 = time.monotonic_ns() + 100_000_000
         replies = workers.command([{"cmd": "fanout", "n_msgs": n_msgs, "interval_ns": interval_ns, "t0_ns": t0,
-                                    "timeout_s": self.sizes.timeout_s, "sender": i == 0}
+                                    "timeout_s": self.sizes.timeout_s, "sender": i == 0, "coalesce": coalesce}
                                    for i in range(len(workers))])
         (u1, s1), wall1, busy1 = ep.cpu(), time.monotonic(), machine_busy_s()
         stats1 = ep.stats() if stats else None
@@ -900,10 +933,8 @@ class Bench:
     def run(self) -> None:
         scenarios, systems = self.args.scenarios, self.args.systems
         if "fanout" in scenarios:
-            for system in FANOUT_SYSTEMS:
-                if system in systems:
-                    self.log(f"fanout/{system} ...")
-                    self.run_fanout(system)
+            self.log("fanout ...")
+            self.run_fanout([system for system in FANOUT_SYSTEMS if system in systems])
         if "durable" in scenarios and "chorus-tcp" in systems:
             self.log("durable ...")
             self.run_durable()
@@ -1001,24 +1032,25 @@ def evaluate_targets(rows) -> list[dict]:
         m = _find(rows, "fanout", variant, system)
         return m.get(key) if m else None
 
-    for chorus, peer in (("chorus-tcp", "mosquitto"), ("chorus-ws", "websockets")):
-        ratios = {v: _ratio(fan(chorus, v, "cpu_us_per_delivery"), fan(peer, v, "cpu_us_per_delivery"))
-                  for v in ("burst", "paced")}
-        have = [r for r in ratios.values() if r is not None]
-        out.append({"target": f"fan-out server CPU per delivery: {chorus} ≤ 1.0 × {peer}",
-                    "measured": {v: fan(chorus, v, "cpu_us_per_delivery") for v in ratios},
-                    "reference": {v: fan(peer, v, "cpu_us_per_delivery") for v in ratios},
-                    "ratio": ratios, "met": (all(r <= 1.0 for r in have) if len(have) == 2 else None)})
-    r = _ratio(fan("chorus-tcp", "paced", "p99_ms"), fan("mosquitto", "paced", "p99_ms"))
-    out.append({"target": "paced fan-out p99 latency: chorus-tcp ≤ mosquitto",
-                "measured": fan("chorus-tcp", "paced", "p99_ms"), "reference": fan("mosquitto", "paced", "p99_ms"),
-                "ratio": r, "met": None if r is None else r <= 1.0})
+    # Issue 14: paced, where nobody can coalesce, is the comparison that counts.
+    for chorus, peer, key, limit, what in (
+            ("chorus-tcp", "mosquitto", "cpu_us_per_delivery", 0.7, "server CPU per delivery"),
+            ("chorus-tcp", "mosquitto", "p99_ms", 1.0, "p99 latency"),
+            ("chorus-ws", "websockets", "p99_ms", 1.0, "p99 latency")):
+        r = _ratio(fan(chorus, "paced", key), fan(peer, "paced", key))
+        out.append({"target": f"paced fan-out {what}: {chorus} ≤ {limit:g} × {peer}",
+                    "measured": fan(chorus, "paced", key), "reference": fan(peer, "paced", key),
+                    "ratio": r, "met": None if r is None else r <= limit})
     idle = _find(rows, "idle", "idle", "chorus-tcp")
     kb = idle.get("kb_per_connection") if idle else None
     n = idle.get("connections") if idle else None
     out.append({"target": "idle memory ≤ 6 KB per connection at 10,000 connections",
                 "measured": kb, "connections": n, "ratio": None if kb is None else kb / 6.0,
                 "met": None if kb is None or (n or 0) < 10000 else kb <= 6.0})
+    cpu = idle.get("cpu_us_per_conn_per_s") if idle else None
+    out.append({"target": "idle CPU ≤ 3 µs per connection-second at 10,000 connections",
+                "measured": cpu, "connections": n, "ratio": None if cpu is None else cpu / 3.0,
+                "met": None if cpu is None or (n or 0) < 10000 else cpu <= 3.0})
     durable = _find(rows, "durable", "closed-loop", "chorus-tcp")
     piped = _find(rows, "durable", "pipelined", "chorus-tcp")
     rate = durable.get("acked_per_s") if durable else None
@@ -1093,7 +1125,7 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
     md = markdown
     nl = "\n\n" if md else "\n"  # a markdown table must not touch the paragraph above it
     fan_lines = []
-    for variant in ("burst", "paced"):
+    for variant in ("paced", "burst"):
         for system in FANOUT_SYSTEMS:
             row = next((r for r in rows if r["scenario"] == "fanout" and r["variant"] == variant
                         and r["system"] == system), None)
@@ -1120,9 +1152,11 @@ def render_tables(rows, targets, profiles: dict, sizes: Sizes, markdown: bool = 
                 _fmt(m["rss_kb"] / 1024, ".0f"), f"{_fmt(m['server_util'] * 100, '.0f')}%",
                 f"{_fmt(m['generator_util'] * 100, '.0f')}%", m["limit"], "; ".join(ratios)])
     if fan_lines:
-        parts.append(f"Fan-out: one room of {sizes.fanout_members:,} members, 100-byte messages; burst = "
-                     f"{sizes.burst_msgs} messages back to back, paced = {sizes.paced_deliveries_per_s:,} deliveries/s "
-                     f"(medians of {sizes.reps}){nl}" + _table(
+        parts.append(f"Fan-out: one room of {sizes.fanout_members:,} members, 100-byte messages; paced = "
+                     f"{sizes.paced_deliveries_per_s:,} deliveries/s (nobody can coalesce: the headline); burst = "
+                     f"{sizes.burst_msgs} messages coalesced alike (Chorus by its group commit and cork, a peer by one "
+                     f"publish carrying them), latency from each message's own send time (medians of {sizes.reps}, "
+                     f"systems side by side, repetitions interleaved){nl}" + _table(
             ["variant", "system", "deliv/s", "CPU µs/deliv (user+sys)", "p50 ms", "p99 ms", "p99.9 ms", "RSS MB",
              "server", "gen max", "limit", "Chorus ÷ peer"], fan_lines, markdown=md))
     dur_lines = []
@@ -1223,7 +1257,7 @@ def make_chart(rows, path: Path) -> None:
 
     ax = axes[0][0]
     labels, users, syss, cols = [], [], [], []
-    for variant in ("burst", "paced"):
+    for variant in ("paced", "burst"):
         for system in FANOUT_SYSTEMS:
             m = _find(rows, "fanout", variant, system)
             if m:
@@ -1364,9 +1398,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(FANOUT_SYSTEMS), help="comma-separated subset of systems")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
     parser.add_argument("--name", help="output file stem (default: bench, or smoke with --smoke)")
-    parser.add_argument("--profile", action="store_true", help="py-spy the Chorus server during fan-out bursts")
+    parser.add_argument("--profile", action="store_true", help="py-spy the Chorus server during the paced fan-out "
+                        "(and the other scenarios)")
     parser.add_argument("--profile-system", default="chorus-tcp", help="which Chorus transport --profile samples "
-                        "during the fan-out bursts (default chorus-tcp)")
+                        "during the paced fan-out (default chorus-tcp)")
     parser.add_argument("--report", metavar="JSON", help="measure nothing: re-render the tables, markdown and chart "
                         "of an earlier results file (limits and targets recomputed)")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",

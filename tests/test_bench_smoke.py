@@ -67,7 +67,7 @@ def test_bench_smoke_runs_and_writes_well_formed_results(tmp_path):
     chorus = {(r["scenario"], r["variant"]) for r in rows if r["system"] == "chorus-tcp" and r["status"] == "ok"}
     assert chorus == SCENARIO_VARIANTS
 
-    assert len(results["targets"]) == 6
+    assert len(results["targets"]) == 7
     assert all(t["met"] in (True, False, None) for t in results["targets"])
 
     # Under attack (issue 9, bench/attack.py): every attack ran against a live server, with numbers to judge.
