@@ -40,9 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("chorus.server")
 
 #: How often the policy looks at the connection count and the last collections.
-CHECK_S = 0.25
+CHECK_S = 0.1
 #: New connections since the last freeze that make the next check freeze (a login burst, ~50 objects each).
-FREEZE_GROWTH = 200
+FREEZE_GROWTH = 50
 #: A collection longer than this means too much is unfrozen: freeze at the next check.
 FREEZE_AFTER_S = 0.002
 #: Allocations at least this large are mapped and unmapped, never kept in an arena.
