@@ -144,6 +144,14 @@ async def test_conversations_badges_and_title_after_a_reload_and_on_a_second_dev
         desk.wait_live()
         assert desk.query_selector('#rooms .room-name:text-is("@nobody")') is None
         assert desk.is_disabled("#message-input")  # the removed one is not reopened either
+        # Our own READ from another device, as a RECEIPT (the terminal client takes it so; the server does not send
+        # it yet): the frame as it would come over the socket, through the page's decoder.
+        on_trio(bob.say, "@carol", "one more")
+        desk.wait_for_function("() => document.title === '(1) Chorus'")
+        desk.evaluate('''() => import('/chorus.js').then((m) => chorus.client._receive(m.encode({type: "RECEIPT",
+            conv: m.direct("bob"), user: "carol", kind: m.ReceiptKind.READ, seq: 3n, request_id: 0}).buffer))''')
+        desk.wait_for_function("() => document.title === 'Chorus'")
+        assert desk.badge("@bob") == 0
         desk.assert_no_errors()
         phone.assert_no_errors()
 

@@ -637,7 +637,7 @@ const PUSH_HANDLERS = Object.freeze({
   PING: (client, event) => client._send({ type: "PONG", nonce: event.nonce, request_id: event.request_id }),
   PRESENCE: (client, event) => client._presence(event.user, event.status),
   USER_TYPING: (client, event) => client._emit("typing", { conv: event.conv, user: event.user }),
-  RECEIPT: (client, event) => client._emit("receipt", event),
+  RECEIPT: (client, event) => client._receipt(event),
   MEMBERSHIP: (client, event) => client._membership(event), // version 2: someone joined or left a room we are in
   // version 2, node mode: the cluster's live nodes. The page stays with the node that served it (its origin); a
   // load balancer in front of the web port is how browsers are spread. Kept for anyone who wants to show it.
@@ -1089,6 +1089,18 @@ export class ChorusClient extends EventTarget {
   /** LIST_ROOMS: every room with a member, the user's own first (spec §5.13), for the room browser. */
   async rooms() {
     return (await this.request({ type: "LIST_ROOMS" })).rooms;
+  }
+
+  _receipt(event) {
+    // Our own READ from another device (as the terminal client takes it, once the server sends it): what was read
+    // there is not unread here. Until then LIST_CONVERSATIONS on focus does the same, later.
+    const state = this.convs.get(convKey(event.conv));
+    if (event.user === this.username && event.kind === ReceiptKind.READ && state && Number(event.seq) > state.readSeq) {
+      state.readSeq = Number(event.seq);
+      state.readSent = Math.max(state.readSent, state.readSeq);
+      this._emit("read", state);
+    }
+    this._emit("receipt", event);
   }
 
   _presence(user, status) {
