@@ -137,6 +137,7 @@ async def test_conversations_badges_and_title_after_a_reload_and_on_a_second_dev
         desk.join("@nobody")
         desk.say("hello?")
         desk.wait_for_selector("#notice >> text=there is no user nobody")
+        assert desk.room_button("@nobody").get_attribute("title") == "There is no user nobody"
         desk.click('#rooms .room-item:has(.room-name:text-is("@nobody")) .remove')
         desk.wait_for_selector('#rooms .room-name:text-is("@nobody")', state="detached")
         assert desk.is_disabled("#message-input")  # it was the open one: nothing is open now
@@ -189,6 +190,8 @@ async def test_member_list_with_presence_leave_and_room_browser(start_server):
         assert page.text_content("#members-title") == "#lobby: 2 online of 3"
         on_trio(dave_leaves)  # MEMBERSHIP LEFT
         page.wait_for_selector('.member[data-user="dave"]', state="detached")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#members-panel", state="hidden")
 
         # The room browser (LIST_ROOMS): the rooms with their member counts; joining one opens it.
         page.click("#browse")
@@ -203,7 +206,8 @@ async def test_member_list_with_presence_leave_and_room_browser(start_server):
         page.room_button("#random")
 
         # Leave: the room goes from the list, nothing is open, and the server agrees.
-        page.wait_for_selector('.member[data-user="bob"]')  # the panel follows the open room
+        page.click("#members-button")
+        page.wait_for_selector('.member[data-user="bob"]')  # #random's members now
         page.click("#leave")
         page.wait_for_selector('#rooms .room-name:text-is("#random")', state="detached")
         assert page.is_disabled("#message-input")
@@ -338,6 +342,11 @@ async def test_slash_commands_are_never_posted_as_text(start_server):
         page.wait_for_selector(".message .body.action >> text=* carol waves")
         page.say("/msg bob hi there")
         assert on_trio(bob.receives, "hi there").conv == proto.Conversation.direct("carol")
+        page.wait_for_function("() => document.getElementById('title').textContent === '@bob'")
+        # Alt+↑/↓ walk the list (#lobby, #random, then @bob), round the end.
+        page.keyboard.press("Alt+ArrowDown")
+        page.wait_for_function("() => document.getElementById('title').textContent === '#lobby'")
+        page.keyboard.press("Alt+ArrowUp")
         page.wait_for_function("() => document.getElementById('title').textContent === '@bob'")
         page.say("/frobnicate now")
         page.wait_for_selector("#notice >> text=Unknown command /frobnicate")

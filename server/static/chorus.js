@@ -1438,6 +1438,15 @@ class ChatView {
     });
     globalThis.addEventListener("focus", () => this.client.refreshConversations());
     globalThis.addEventListener("online", () => this.client.reconnectNow());
+    document.addEventListener("keydown", (e) => {
+      if (this.app.dataset.view === "login") return;
+      if (e.altKey && (e.key === "ArrowUp" || e.key === "ArrowDown")) {
+        e.preventDefault();
+        this.step(e.key === "ArrowUp" ? -1 : 1);
+      } else if (e.key === "Escape" && !$("members-panel").hidden) {
+        this.toggleMembers();
+      }
+    });
     this.renderComposer();
     this.renderNotify();
   }
@@ -1616,13 +1625,26 @@ class ChatView {
   }
 
   // -- rooms ----------------------------------------------------------------------------------------
+  /** The conversations in the list's order: rooms by name, then direct ones, most recently active first. */
+  listed() {
+    return [...this.client.convs.values()].sort((a, b) => a.conv.kind - b.conv.kind ||
+      (a.conv.kind === ConvKind.DIRECT ? b.lastTs - a.lastTs : 0) || a.conv.name.localeCompare(b.conv.name));
+  }
+
+  /** Alt+↑ / Alt+↓: the conversation above or below the open one in the list. */
+  step(by) {
+    const states = this.listed();
+    if (!states.length) return;
+    const at = states.indexOf(this.current);
+    this.open(states[at < 0 ? 0 : (at + by + states.length) % states.length]);
+  }
+
   renderRooms() {
     const list = $("rooms");
     list.replaceChildren();
     const me = this.client.username;
     // Rooms by name, then direct conversations, most recently active first.
-    const states = [...this.client.convs.values()].sort((a, b) => a.conv.kind - b.conv.kind ||
-      (a.conv.kind === ConvKind.DIRECT ? b.lastTs - a.lastTs : 0) || a.conv.name.localeCompare(b.conv.name));
+    const states = this.listed();
     let total = 0;
     let elsewhere = 0;
     for (const state of states) {
@@ -1634,6 +1656,10 @@ class ChatView {
       button.type = "button";
       button.dataset.conv = state.key;
       const label = element("span", "room-name", convLabel(state.conv));
+      if (state.missing) {
+        button.classList.add("missing");
+        button.title = `There is no user ${state.conv.name}`;
+      }
       if (state.conv.kind === ConvKind.DIRECT && this.client.presence.has(state.conv.name)) {
         label.dataset.status = this.client.presence.get(state.conv.name) === Status.ONLINE ? "online" : "offline";
       }
