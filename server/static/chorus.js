@@ -1311,6 +1311,12 @@ function bodyNodes(body, me) {
   });
 }
 
+/** How a line shows: "text", "action" (/me), "event" (moderation, in words) or "deleted" (a tombstone). */
+function lineKind(msg) {
+  if (msg.event) return msg.event.kind === EventKind.DELETED ? "deleted" : "event";
+  return msg.body.startsWith(ACTION) ? "action" : "text";
+}
+
 const $ = (id) => document.getElementById(id);
 
 function element(tag, className, text) {
@@ -1835,7 +1841,7 @@ class ChatView {
     const watching = state === this.current && document.visibilityState === "visible" && document.hasFocus();
     if (watching) return;
     for (const msg of added) {
-      if (msg.sender === me) continue;
+      if (msg.sender === me || msg.event) continue;
       if (state.conv.kind !== ConvKind.DIRECT && !mentions(msg.body, me)) continue;
       const body = msg.body.startsWith(ACTION) ? `* ${msg.sender} ${msg.body.slice(ACTION.length)}` : msg.body;
       const title = state.conv.kind === ConvKind.DIRECT ? msg.sender : `${msg.sender} in ${convLabel(state.conv)}`;
@@ -1964,29 +1970,34 @@ class ChatView {
   messageNode(msg, previous, date) {
     const me = this.client.username;
     const mine = msg.sender === me;
-    const action = msg.body.startsWith(ACTION);
-    const node = element("article", "message" + (mine ? " mine" : ""));
+    const kind = lineKind(msg);
+    const node = element("article", "message" + (mine ? " mine" : "") + (kind === "text" ? "" : ` ${kind}`));
     node.dataset.seq = String(msg.seq);
     node.dataset.sender = msg.sender;
-    // One header for a run of one sender's messages within a few minutes (an action always has its own line).
-    const continued = previous && previous.sender === msg.sender && !action && !previous.body.startsWith(ACTION) &&
-      msg.ts_ms - previous.ts_ms < GROUP_WITHIN_MS;
+    const time = timeFormat ? timeFormat.format(date) : date.toLocaleTimeString();
+    // One header for a run of one sender's messages within a few minutes; an action or a moderation event is a
+    // line of its own, "* alice waves", "bob set the topic: …".
+    const continued = previous && previous.sender === msg.sender && (kind === "text" || kind === "deleted") &&
+      ["text", "deleted"].includes(lineKind(previous)) && msg.ts_ms - previous.ts_ms < GROUP_WITHIN_MS;
     if (continued) {
       node.classList.add("continued");
-    } else if (!action) {
+    } else if (kind === "text" || kind === "deleted") {
       const meta = element("header", "meta");
-      meta.append(element("span", "sender", msg.sender));
-      meta.append(element("time", "time", timeFormat ? timeFormat.format(date) : date.toLocaleTimeString()));
+      meta.append(element("span", "sender", msg.sender), element("time", "time", time));
       node.append(meta);
     }
-    const body = element("div", "body" + (action ? " action" : ""));
-    if (action) {
+    const body = element("div", "body");
+    if (kind === "action") {
       body.append(element("span", "sender", `* ${msg.sender} `), ...bodyNodes(msg.body.slice(ACTION.length), me));
-      body.title = timeFormat ? timeFormat.format(date) : date.toLocaleTimeString();
+    } else if (kind === "event") {
+      body.append(element("span", "sender", msg.sender), ` ${msg.body}`); // a reason is shown as it was typed
+    } else if (kind === "deleted") {
+      body.textContent = msg.body;
     } else {
       body.append(...bodyNodes(msg.body, me));
     }
-    if (!mine && mentions(msg.body, me)) node.classList.add("mentions-me");
+    if (kind === "action" || kind === "event") body.title = time;
+    if (!mine && kind !== "event" && mentions(msg.body, me)) node.classList.add("mentions-me");
     node.append(body);
     return node;
   }
