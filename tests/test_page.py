@@ -80,6 +80,14 @@ def url(server, slot: str = "") -> str:
     return f"http://127.0.0.1:{server.ws_port}/" + (f"#{slot}" if slot else "")
 
 
+def carol_in_lobby(browser, server, viewport: dict) -> Page:
+    """A new page, registered as carol, in #lobby."""
+    page = Page(browser.new_context(viewport=viewport), url(server))
+    page.enter("carol")
+    page.join("lobby")
+    return page
+
+
 async def test_conversations_badges_and_title_after_a_reload_and_on_a_second_device(start_server):
     server = await start_server(ws_port=0, **UNLIMITED)
     carol = await Peer.open(server.port, "carol", "lobby", "dev")
@@ -162,9 +170,7 @@ async def test_member_list_with_presence_leave_and_room_browser(start_server):
         await peers["dave"].raw.request(proto.Leave, "lobby")
 
     def steps(browser):
-        page = Page(browser.new_context(viewport=DESKTOP), url(server))
-        page.enter("carol")
-        page.join("lobby")
+        page = carol_in_lobby(browser, server, DESKTOP)
         page.click("#members-button")
         page.wait_for_selector('#members-panel .member[data-user="bob"][data-status="online"]')
         page.wait_for_selector('.member[data-user="carol"][data-status="online"] >> text=carol (you)')
@@ -284,9 +290,7 @@ async def test_links_formatting_and_mentions_are_safe(start_server):
                "<img src=x onerror=alert(1)> <a href='javascript:alert(2)'>x</a> hi @carol and @bob")
 
     def steps(browser):
-        page = Page(browser.new_context(viewport=DESKTOP), url(server))
-        page.enter("carol")
-        page.join("lobby")
+        page = carol_in_lobby(browser, server, DESKTOP)
         on_trio(bob.say, "#lobby", hostile, "```\nfor x in y:\n    print('<b>', x)\n```", "no mention of carol here")
         page.wait_for_selector(".message .body >> text=no mention of carol here")
         body = page.query_selector('.message[data-seq="1"] .body')
@@ -322,9 +326,7 @@ async def test_slash_commands_are_never_posted_as_text(start_server):
     await bob.say("#lobby", "hello")
 
     def steps(browser):
-        page = Page(browser.new_context(viewport=DESKTOP), url(server))
-        page.enter("carol")
-        page.join("lobby")
+        page = carol_in_lobby(browser, server, DESKTOP)
         page.say("/join #random")
         page.wait_for_function("() => document.getElementById('title').textContent === '#random'")
         assert page.input_value("#message-input") == ""
@@ -525,9 +527,7 @@ async def test_moderation_events_show_as_lines_and_a_deleted_message_as_a_tombst
         await bob.say("#lobby", "carry on")
 
     def steps(browser):
-        page = Page(browser.new_context(viewport=DESKTOP), url(server))
-        page.enter("carol")
-        page.join("lobby")
+        page = carol_in_lobby(browser, server, DESKTOP)
         page.wait_for_selector(".message .body >> text=a message bob regrets")
         on_trio(moderate)
         page.wait_for_selector(".message .body >> text=carry on")
