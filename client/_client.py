@@ -79,6 +79,9 @@ _REPLY: dict[type, type] = {
     proto.Invite: proto.Ok,
     proto.CreateRoom: proto.Joined,
     proto.GetRoom: proto.RoomDetails,
+    proto.EditMessage: proto.Ok,
+    proto.React: proto.Ok,
+    proto.SendAction: proto.Ack,
     proto.Ping: proto.Pong,
 }
 #: Pushes handed to ``events()`` as they are (MEMBERSHIP only arrives on a version 2 connection).
@@ -373,6 +376,23 @@ class Client:
         if client_msg_id is None:
             client_msg_id = secrets.randbits(63) or 1
         return await self._request(proto.Send(parse_conv(conv), client_msg_id, body))
+
+    async def send_action(self, conv, body: str, *, client_msg_id: int | None = None) -> proto.Ack:
+        """Send an action ("/me waves" is ``send_action(conv, "waves")``), stored and retried like ``send``; the
+        others get it as an ACTION event (version 2, spec §9.16; older clients see "/me waves")."""
+        if client_msg_id is None:
+            client_msg_id = secrets.randbits(63) or 1
+        return await self._request(proto.SendAction(parse_conv(conv), client_msg_id, body))
+
+    async def edit_message(self, conv, seq: int, body: str) -> None:
+        """Replace the text of one's own message at ``seq`` (an EDIT event; version 2). Raises ``ServerError``
+        (FORBIDDEN: not one's own, NOT_FOUND)."""
+        await self._request(proto.EditMessage(parse_conv(conv), seq, body))
+
+    async def react(self, conv, seq: int, reaction: str, *, add: bool = True) -> None:
+        """Add (``add=False``: take back) a reaction to the message at ``seq`` (REACT/UNREACT events; version 2).
+        Adding one that is there, or taking back one that is not, changes nothing."""
+        await self._request(proto.React(parse_conv(conv), seq, reaction, add))
 
     async def history(self, conv, *, before: int | None = None, after: int | None = None,
                       limit: int = 0) -> Page:

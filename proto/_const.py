@@ -32,6 +32,7 @@ MAX_TOKEN_BYTES = 64
 MAX_CLIENT_NAME_BYTES = 64
 MAX_TEXT_BYTES = 255  # error and goaway texts
 MAX_INVITE_BYTES = 64  # an invite code (REGISTER_INVITE)
+MAX_REACTION_BYTES = 32  # a reaction (REACT): one emoji, or a short word
 MAX_BODY_BYTES = 65535  # wire ceiling; the server's own limit is lower
 MAX_LIST_ITEMS = 1000  # any array in any frame
 
@@ -105,6 +106,9 @@ class FrameType(enum.IntEnum):
     INVITE = 0x5A, 2
     GET_ROOM = 0x5B, 2
     ROOM_DETAILS = 0x5C, 2
+    EDIT_MESSAGE = 0x5D, 2
+    REACT = 0x5E, 2
+    SEND_ACTION = 0x5F, 2
     SEND = 0x20, 1
     ACK = 0x21, 1
     MESSAGE = 0x22, 1
@@ -248,3 +252,7 @@ class EventKind(enum.IntEnum):
     TOPIC = 8  # actor set the room's topic to text
     ROLE = 9  # actor gave target the room role ``role``
     INVITE = 10  # actor added target to the room
+    EDIT = 11  # actor (its sender) replaced the text of the message at target_seq by text
+    REACT = 12  # actor reacted to the message at target_seq (sent by target) with text, an emoji
+    UNREACT = 13  # actor took that reaction back
+    ACTION = 14  # in place of a message: actor did text ("/me waves"); it is the message, at its own seq

@@ -584,6 +584,37 @@ class RoomDetails(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class EditMessage(Event):
+    """C→S (version 2): replace the text of one's own message at ``seq``; OK (an EDIT event, spec §9.16)."""
+
+    FRAME = FrameType.EDIT_MESSAGE
+    conv: Conversation
+    seq: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class React(Event):
+    """C→S (version 2): add (or, ``add`` false, take back) a reaction to the message at ``seq``; OK."""
+
+    FRAME = FrameType.REACT
+    conv: Conversation
+    seq: int
+    reaction: str
+    add: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendAction(Event):
+    """C→S (version 2): SEND of an action ("/me waves" is ``body`` "waves"); answered by ACK like SEND."""
+
+    FRAME = FrameType.SEND_ACTION
+    conv: Conversation
+    client_msg_id: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
 class Send(Event):
     """C→S: post a message; answered by ACK once it is stored."""
 

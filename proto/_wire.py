@@ -51,6 +51,7 @@ from ._const import (
     MAX_LIST_ITEMS,
     MAX_NAME_BYTES,
     MAX_PASSWORD_BYTES,
+    MAX_REACTION_BYTES,
     MAX_TEXT_BYTES,
     MAX_TOKEN_BYTES,
     CloseReason,
@@ -307,6 +308,10 @@ FIELDS: dict[FrameType, tuple[Construct, ...]] = {
     FrameType.GET_ROOM: ("room" / Name,),
     FrameType.ROOM_DETAILS: ("room" / Name, "topic" / Reason, "private" / Bool, "members" / _Array(RoomMember),
                              "bans" / _Array(BanInfo)),
+    FrameType.EDIT_MESSAGE: ("conv" / Conversation, "seq" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
+    FrameType.REACT: ("conv" / Conversation, "seq" / U64, "reaction" / _Text(Int8ub, MAX_REACTION_BYTES),
+                      "add" / Bool),
+    FrameType.SEND_ACTION: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
     FrameType.SEND: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
     FrameType.ACK: (
         "conv" / Conversation,

@@ -61,6 +61,10 @@ class Db(Protocol):
         ...
 
 
+class Unchanged(Exception):
+    """A REACT that is there already, or the UNREACT of one that is not: nothing to store, nothing to tell."""
+
+
 class Refused(Exception):
     """A moderation request the rules refuse: ``code`` (FORBIDDEN, NOT_MEMBER, NOT_FOUND, ...) and why, in words."""
 
@@ -80,8 +84,9 @@ class Moderation:
     target_seq: int = 0  # DELETE: the message's seq
     until_ms: int = NO_EXPIRY  # BAN, MUTE
     role: RoomRole = RoomRole.MEMBER  # ROLE
-    text: str = ""  # TOPIC: the topic; KICK, BAN, MUTE: the reason
+    text: str = ""  # TOPIC: the topic; KICK, BAN, MUTE: the reason; EDIT, ACTION: the text; REACT: the reaction
     max_rooms: int = 0  # INVITE: the target's room limit (0: none)
+    client_msg_id: int = 0  # ACTION: the sender's u64 id (the retry key of a SEND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,12 @@ class Applied:
     removed_id: int | None = None  # KICK, BAN of a member: the user who is no longer in the room
     added_id: int | None = None  # INVITE
     target_id: int | None = None
+    duplicate: bool = False  # ACTION: a retry, answered with the stored action (nothing new was stored)
+
+
+def to_db_id(client_msg_id: int) -> int:
+    """A wire u64 client_msg_id as both stores keep it: the same 64 bits, as a signed integer."""
+    return client_msg_id - (1 << 64) if client_msg_id >= 1 << 63 else client_msg_id
 
 
 def now_ms() -> int:
@@ -145,10 +156,10 @@ _OPERATOR_RANK = 4  # chorus-admin: above every role
 
 
 def apply(db: Db, m: Moderation) -> Applied:
-    """Check ``m`` against the rules and store it with its event, in the caller's transaction (spec §9.15).
+    """Check ``m`` against the rules and store it with its event, in the caller's transaction (spec §9.15, §9.16).
 
     Raises ``Refused`` (then the caller rolls back: nothing is stored), ``TooManyRooms`` (INVITE of a user at the
-    room limit).
+    room limit), ``Unchanged`` (a REACT already there, an UNREACT of none: nothing stored).
     """
     now = now_ms()
     conv = db.one("SELECT kind, name FROM conversations WHERE id = :c", c=m.conv_id)
@@ -183,7 +194,7 @@ def apply(db: Db, m: Moderation) -> Applied:
         if target_role is None:
             raise Refused(ErrorCode.NOT_FOUND, f"{target_name or 'that user'} is not in #{room}")
 
-    if kind != EventKind.DELETE and not is_room:
+    if kind not in _IN_ANY_CONVERSATION and not is_room:
         raise Refused(ErrorCode.INVALID_REQUEST, "only rooms have moderators")
     if kind == EventKind.KICK:
         moderator()
@@ -240,6 +251,12 @@ def apply(db: Db, m: Moderation) -> Applied:
         added_id = m.target_id
     elif kind == EventKind.DELETE:
         tombstone, target_name, m = _delete(db, m, rank, is_room)
+    elif kind == EventKind.EDIT:
+        target_name, m = _edit(db, m)
+    elif kind in (EventKind.REACT, EventKind.UNREACT):
+        target_name, m = _react(db, m)
+    elif kind == EventKind.ACTION:
+        return _action(db, m, ConvKind(conv[0]), room)
     else:
         raise Refused(ErrorCode.INVALID_REQUEST, f"{kind.name} is not an action")
     seq = _next_seq(db, m.conv_id)
@@ -250,6 +267,81 @@ def apply(db: Db, m: Moderation) -> Applied:
     return Applied(m.conv_id, view, event, tombstone, removed_id, added_id, m.target_id)
 
 
+#: The actions that direct conversations have too: on one's own messages, or as a message.
+_IN_ANY_CONVERSATION = frozenset({EventKind.DELETE, EventKind.EDIT, EventKind.REACT, EventKind.UNREACT,
+                                  EventKind.ACTION})
+#: Distinct reactions one user may leave on one message.
+MAX_REACTIONS_PER_MESSAGE = 20
+#: What a version 1 client (which has no EVENTS) sees of an action: the convention older clients render.
+ACTION_PREFIX = "/me "
+
+
+def _message_row(db: Db, m: Moderation) -> tuple[int, int, str]:
+    """(sender id, ts_ms, sender name) of the message at ``m.target_seq``; ``Refused`` NOT_FOUND unless there is one
+    (an event, or a deleted message, is not)."""
+    row = db.one("SELECT m.sender_id, m.ts_ms, u.name FROM messages m JOIN users u ON u.id = m.sender_id"
+                 " WHERE m.conv_id = :c AND m.seq = :s AND NOT EXISTS"
+                 " (SELECT 1 FROM events e WHERE e.conv_id = :c AND e.seq = :s AND e.kind = :d)",
+                 c=m.conv_id, s=m.target_seq, d=int(EventKind.DELETED))
+    if row is None:
+        raise Refused(ErrorCode.NOT_FOUND, f"no message {m.target_seq}")
+    return row[0], row[1], row[2]
+
+
+def _edit(db: Db, m: Moderation) -> tuple[str, Moderation]:
+    """EDIT_MESSAGE: the message's text replaced (an action's too); only its sender may."""
+    sender_id, _, sender = _message_row(db, m)
+    if sender_id != m.actor_id:
+        raise Refused(ErrorCode.FORBIDDEN, "only its sender edits a message")
+    action = db.run("UPDATE events SET text = :x WHERE conv_id = :c AND seq = :s AND kind = :k", x=m.text,
+                    c=m.conv_id, s=m.target_seq, k=int(EventKind.ACTION))
+    body = ACTION_PREFIX + m.text if action else m.text
+    db.run("UPDATE messages SET body = :b WHERE conv_id = :c AND seq = :s", b=db.body(body), c=m.conv_id,
+           s=m.target_seq)
+    return sender, Moderation(EventKind.EDIT, m.conv_id, m.actor_id, sender_id, m.target_seq, text=m.text)
+
+
+def _react(db: Db, m: Moderation) -> tuple[str, Moderation]:
+    """REACT (add) or UNREACT: one row per (message, user, reaction); ``Unchanged`` if it is already so."""
+    sender_id, _, sender = _message_row(db, m)
+    key = {"c": m.conv_id, "s": m.target_seq, "u": m.actor_id, "r": m.text}
+    if m.kind == EventKind.REACT:
+        if db.one("SELECT 1 FROM reactions WHERE conv_id = :c AND seq = :s AND user_id = :u AND reaction = :r",
+                  **key):
+            raise Unchanged()
+        (count,) = db.one("SELECT count(*) FROM reactions WHERE conv_id = :c AND seq = :s AND user_id = :u",
+                          c=m.conv_id, s=m.target_seq, u=m.actor_id) or (0,)
+        if count >= MAX_REACTIONS_PER_MESSAGE:
+            raise Refused(ErrorCode.INVALID_REQUEST, f"at most {MAX_REACTIONS_PER_MESSAGE} reactions per message")
+        db.run("INSERT INTO reactions(conv_id, seq, user_id, reaction) VALUES (:c, :s, :u, :r)", **key)
+    elif not db.run("DELETE FROM reactions WHERE conv_id = :c AND seq = :s AND user_id = :u AND reaction = :r", **key):
+        raise Unchanged()
+    return sender, Moderation(m.kind, m.conv_id, m.actor_id, sender_id, m.target_seq, text=m.text)
+
+
+def _action(db: Db, m: Moderation, kind: ConvKind, room: str) -> Applied:
+    """SEND_ACTION: a message (its row keeps the retry key and, for version 1, the "/me " text) and an ACTION event
+    at the same seq; a retry finds the stored one (spec §9.4: the same rule as SEND)."""
+    now = now_ms()
+    client_msg_id = to_db_id(m.client_msg_id)
+    found = db.one("SELECT conv_id, seq, ts_ms FROM messages WHERE sender_id = :s AND client_msg_id = :i",
+                   s=m.actor_id, i=client_msg_id)
+    if found is not None:
+        conv_id, seq, ts_ms = found
+        if conv_id != m.conv_id:
+            raise Refused(ErrorCode.INVALID_REQUEST, "client_msg_id already used in another conversation")
+        row = db.one(f"{_EVENT_COLUMNS} WHERE e.conv_id = :c AND e.seq = :s", c=conv_id, s=seq)
+        event = _event(row) if row is not None else proto.ConvEvent(
+            seq, ts_ms, EventKind.ACTION, _name(db, m.actor_id), "", 0, 0, RoomRole.MEMBER, m.text)
+        return Applied(conv_id, proto.Conversation(kind, room), event, duplicate=True)
+    seq = _next_seq(db, m.conv_id)
+    db.run("INSERT INTO messages(conv_id, seq, ts_ms, sender_id, client_msg_id, body) VALUES (:c, :s, :t, :u, :i, :b)",
+           c=m.conv_id, s=seq, t=now, u=m.actor_id, i=client_msg_id, b=db.body(ACTION_PREFIX + m.text))
+    _insert_event(db, m.conv_id, seq, now, m, EventKind.ACTION, None)
+    event = proto.ConvEvent(seq, now, EventKind.ACTION, _name(db, m.actor_id), "", 0, 0, RoomRole.MEMBER, m.text)
+    return Applied(m.conv_id, proto.Conversation(kind, room), event)
+
+
 def _store_sanction(db: Db, m: Moderation) -> None:
     db.run("DELETE FROM sanctions WHERE conv_id = :c AND user_id = :u AND kind = :k", c=m.conv_id, u=m.target_id,
            k=int(m.kind))
@@ -258,19 +350,15 @@ def _store_sanction(db: Db, m: Moderation) -> None:
 
 
 def _delete(db: Db, m: Moderation, rank: int, is_room: bool) -> tuple[proto.ConvEvent, str, Moderation]:
-    """DELETE_MESSAGE: the message at ``m.target_seq`` becomes a DELETED event at its seq; the returned
-    moderation names its sender as the target of the DELETE event that follows."""
-    row = db.one("SELECT m.sender_id, m.ts_ms, u.name FROM messages m JOIN users u ON u.id = m.sender_id"
-                 " WHERE m.conv_id = :c AND m.seq = :s AND NOT EXISTS"
-                 " (SELECT 1 FROM events e WHERE e.conv_id = :c AND e.seq = :s)",
-                 c=m.conv_id, s=m.target_seq)
-    if row is None:
-        raise Refused(ErrorCode.NOT_FOUND, f"no message {m.target_seq} to delete")
-    sender_id, ts_ms, sender = row
+    """DELETE_MESSAGE: the message at ``m.target_seq`` becomes a DELETED event at its seq (an action's ACTION
+    event goes); the returned moderation names its sender as the target of the DELETE event that follows."""
+    sender_id, ts_ms, sender = _message_row(db, m)
     if sender_id != m.actor_id and not (is_room and rank >= _RANK[RoomRole.MODERATOR]):
         raise Refused(ErrorCode.FORBIDDEN, "only moderators delete other people's messages")
     db.run("UPDATE messages SET body = :b WHERE conv_id = :c AND seq = :s", b=db.body(TOMBSTONE_BODY), c=m.conv_id,
            s=m.target_seq)
+    db.run("DELETE FROM events WHERE conv_id = :c AND seq = :s", c=m.conv_id, s=m.target_seq)
+    db.run("DELETE FROM reactions WHERE conv_id = :c AND seq = :s", c=m.conv_id, s=m.target_seq)
     marked = Moderation(EventKind.DELETED, m.conv_id, m.actor_id, sender_id)
     _insert_event(db, m.conv_id, m.target_seq, ts_ms, marked, EventKind.DELETED, sender_id)
     tombstone = proto.ConvEvent(m.target_seq, ts_ms, EventKind.DELETED, _name(db, m.actor_id), sender, 0, 0,
@@ -394,6 +482,14 @@ def v1_text(ev: proto.ConvEvent) -> str:
             return f"made {who} {ev.role.name.lower()}"
         case EventKind.INVITE:
             return f"added {who} to the room"
+        case EventKind.EDIT:
+            return f"edited a message: {ev.text}"
+        case EventKind.REACT:
+            return f"reacted {ev.text}"
+        case EventKind.UNREACT:
+            return f"took back {ev.text}"
+        case EventKind.ACTION:
+            return ACTION_PREFIX + ev.text
     return ev.kind.name.lower()
 
 

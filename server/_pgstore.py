@@ -203,6 +203,14 @@ _MIGRATIONS: tuple[str, ...] = (
         expires_ms bigint NOT NULL DEFAULT 0,
         used_by    bigint REFERENCES users(id)
     );""",
+    # 5: reactions (spec §9.16): one row per message, user and reaction.
+    """CREATE TABLE reactions (
+        conv_id  bigint NOT NULL REFERENCES conversations(id),
+        seq      bigint NOT NULL,
+        user_id  bigint NOT NULL REFERENCES users(id),
+        reaction text NOT NULL,
+        PRIMARY KEY (conv_id, seq, user_id, reaction)
+    );""",
 )
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from ._budgets import budgets_of
 from ._fanout import Subscription
 from ._invites import InviteInvalid, code_hash
 from ._logs import episode, safe
-from ._moderation import Applied, Moderation, Refused, active, v1_entries, v1_message
+from ._moderation import Applied, Moderation, Refused, Unchanged, active, v1_entries, v1_message
 from ._ports import (
     Appended, ConvRow, Entry, MemberJoined, MemberLeft, Muted, NameTaken, NewMessage, ReadMoved, RoomExists,
     SessionsRevoked,
@@ -60,6 +61,9 @@ log = logging.getLogger("chorus.session")
 _TYPING_COALESCE_S = proto.TYPING_INTERVAL_S * 3 / 4
 #: From this version on a connection gets RECEIPTs of its own user's READs on other devices (spec §9.6).
 _OWN_RECEIPTS_VERSION = 2
+#: Events that are about messages, not moderation: not logged one by one.
+_MESSAGE_EVENTS = frozenset({proto.EventKind.EDIT, proto.EventKind.REACT, proto.EventKind.UNREACT,
+                             proto.EventKind.ACTION})
 #: The latest BAN or MUTE end (and DELETE seq) the stores hold: their integers are signed 64-bit.
 _MAX_UNTIL_MS = 2**63 - 1
 
@@ -209,20 +213,28 @@ class Session:
         me = self.me
         return NewMessage(state.conv_id, me.user_id, me.username, ev.client_msg_id, ev.body, now_ms())
 
-    def _send_target(self, ev: proto.Send) -> ConvState | None:
-        size = len(ev.body.encode("utf-8"))
+    def _check_body(self, body: str) -> None:
+        size = len(body.encode("utf-8"))
         if size == 0:
             raise RequestError(ErrorCode.INVALID_REQUEST, "empty message")
         if size > self.server.config.max_body_bytes:
             raise RequestError(ErrorCode.BODY_TOO_LARGE,
                                f"message body over {self.server.config.max_body_bytes} bytes")
+
+    def _send_target(self, ev: proto.Send) -> ConvState | None:
+        self._check_body(ev.body)
         state = self.by_view.get(ev.conv)
         if state is None and ev.conv.kind != ConvKind.DIRECT:
             raise RequestError(ErrorCode.NOT_MEMBER, f"not a member of #{ev.conv.name}")
-        if state is not None and active(state.muted_until_ms, now_ms()):
-            until = "" if state.muted_until_ms == 0 else f" until {_utc(state.muted_until_ms or 0)}"
-            raise RequestError(ErrorCode.FORBIDDEN, f"you are muted in {ev.conv}{until}")
+        if state is not None:
+            self._check_mute(state)
         return state
+
+    @staticmethod
+    def _check_mute(state: ConvState) -> None:
+        if active(state.muted_until_ms, now_ms()):
+            until = "" if state.muted_until_ms == 0 else f" until {_utc(state.muted_until_ms or 0)}"
+            raise RequestError(ErrorCode.FORBIDDEN, f"you are muted in {state.view}{until}")
 
     def _busy_retry_ms(self, exc: BaseException) -> int:
         """SERVER_BUSY's hint: the store's, if it has one, else ``Config.busy_retry_ms``."""
@@ -806,8 +818,9 @@ class Session:
         return until_ms
 
     async def _moderate(self, request_id: int, kind: proto.EventKind, conv: proto.Conversation,
-                        user: str | None = None, **fields: Any) -> Applied:
-        """Apply one moderation request in the store (which checks the rules), deliver its event, answer OK."""
+                        user: str | None = None, **fields: Any) -> Applied | None:
+        """Apply one request in the store (which checks the rules), deliver its event, answer OK (an action: ACK).
+        None: nothing to do (a reaction already there)."""
         state, me = self._conv(conv), self.me
         target = await self._target(user) if user is not None else None
         if kind == proto.EventKind.INVITE:
@@ -817,13 +830,51 @@ class Session:
             applied = await self.server.store.moderate(action)
         except TooManyRooms:
             raise RequestError(ErrorCode.FORBIDDEN, f"{user} is in too many rooms") from None
-        deliver_event(self.server, applied)
-        self.conn.send(proto.Ok(request_id=request_id))
-        log.info("moderation peer=%s user=%s %s %s target=%s", self.conn.transport.peer, me.username,
-                 kind.name.lower(), conv, user or "-",
-                 extra={"event": "moderation", "action": kind.name.lower(), "user": me.username,
-                        "conversation": str(conv), "target": user or ""})
+        except Unchanged:
+            self.conn.send(proto.Ok(request_id=request_id))
+            return None
+        if not applied.duplicate:
+            deliver_event(self.server, applied)
+        if kind == proto.EventKind.ACTION:
+            self.conn.send(proto.Ack(conv, action.client_msg_id, applied.event.seq, applied.event.ts_ms,
+                                     applied.duplicate, request_id=request_id))
+        else:
+            self.conn.send(proto.Ok(request_id=request_id))
+        if kind not in _MESSAGE_EVENTS:
+            log.info("moderation peer=%s user=%s %s %s target=%s", self.conn.transport.peer, me.username,
+                     kind.name.lower(), conv, user or "-",
+                     extra={"event": "moderation", "action": kind.name.lower(), "user": me.username,
+                            "conversation": str(conv), "target": user or ""})
         return applied
+
+    def _may_write(self, conv: proto.Conversation, body: str | None = None) -> None:
+        """What SEND checks before a message-like request (EDIT_MESSAGE, REACT, SEND_ACTION): the body's size, a
+        mute, and the user's budget of SENDs, which these spend too (spec §9.11, §9.16)."""
+        if body is not None:
+            self._check_body(body)
+        self._check_mute(self._conv(conv))
+        wait = self.budgets.sends.take(self.me.user_id, trio.current_time())
+        if wait:
+            self._limit_hit("sends", self.me.username)
+            raise RequestError(ErrorCode.RATE_LIMITED, "too many messages from this user; slow down", retry_ms(wait))
+
+    async def _edit_message(self, ev: proto.EditMessage) -> None:
+        self._may_write(ev.conv, ev.body)
+        await self._moderate(ev.request_id, proto.EventKind.EDIT, ev.conv, target_seq=min(ev.seq, _MAX_UNTIL_MS),
+                             text=ev.body)
+
+    async def _react(self, ev: proto.React) -> None:
+        if not ev.reaction or any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") and ch != "\u200d"
+                                  for ch in ev.reaction):
+            raise RequestError(ErrorCode.INVALID_REQUEST, "a reaction is an emoji or a word: no spaces or controls")
+        self._may_write(ev.conv)
+        await self._moderate(ev.request_id, proto.EventKind.REACT if ev.add else proto.EventKind.UNREACT, ev.conv,
+                             target_seq=min(ev.seq, _MAX_UNTIL_MS), text=ev.reaction)
+
+    async def _send_action(self, ev: proto.SendAction) -> None:
+        self._may_write(ev.conv, ev.body)
+        await self._moderate(ev.request_id, proto.EventKind.ACTION, ev.conv, text=ev.body,
+                             client_msg_id=ev.client_msg_id)
 
     async def _kick(self, ev: proto.Kick) -> None:
         await self._moderate(ev.request_id, proto.EventKind.KICK, proto.Conversation.room(ev.room), ev.user,
@@ -907,6 +958,9 @@ _HANDLERS: dict[type[proto.Event], Callable[[Session, Any], Awaitable[None]]] = 
     proto.CreateRoom: Session._create_room_request,
     proto.Invite: Session._invite,
     proto.GetRoom: Session._get_room,
+    proto.EditMessage: Session._edit_message,
+    proto.React: Session._react,
+    proto.SendAction: Session._send_action,
 }
 
 

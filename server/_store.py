@@ -64,6 +64,7 @@ from chorus.proto import (
 from . import _invites as invites
 from ._groupcommit import _U64, GroupCommitter
 from ._invites import InviteRow
+from ._moderation import to_db_id as _to_db_id
 from ._moderation import (
     Applied, Entry, Moderation, active, apply, entries_after, entries_before, join_refusal, now_ms, room_bans,
     room_details,
@@ -228,9 +229,18 @@ _MIGRATIONS: tuple[str, ...] = (
         expires_ms INTEGER NOT NULL DEFAULT 0,
         used_by    INTEGER REFERENCES users(id)
     )""",
+    # 6: reactions (spec §9.16): one row per message, user and reaction, so a REACT is stored once and an
+    # UNREACT finds it; the events carry them to clients.
+    """CREATE TABLE reactions (
+        conv_id  INTEGER NOT NULL REFERENCES conversations(id),
+        seq      INTEGER NOT NULL,
+        user_id  INTEGER NOT NULL REFERENCES users(id),
+        reaction TEXT NOT NULL,
+        PRIMARY KEY (conv_id, seq, user_id, reaction)
+    ) WITHOUT ROWID""",
 )
 #: What a room owns, deleted with it (both stores).
-ROOM_TABLES = ("messages", "events", "sanctions", "cursors", "memberships")
+ROOM_TABLES = ("messages", "events", "reactions", "sanctions", "cursors", "memberships")
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -285,10 +295,6 @@ def _clamp(value: int) -> int:
     No stored seq or count comes near 2**63 - 1, so comparisons against the clamped value keep their meaning.
     """
     return _I64_MAX if value > _I64_MAX else _I64_MIN if value < _I64_MIN else value
-
-
-def _to_db_id(client_msg_id: int) -> int:
-    return client_msg_id - _U64 if client_msg_id > _I64_MAX else client_msg_id
 
 
 def _from_db_id(value: int) -> int:

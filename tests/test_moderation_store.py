@@ -13,7 +13,7 @@ import pytest
 
 from chorus.proto import BanInfo, ConvKind, ErrorCode, EventKind, RoomInfo, RoomRole, StoredMessage
 from chorus.server._invites import InviteInvalid, code_hash, new_code
-from chorus.server._moderation import TOMBSTONE_BODY, Moderation, Refused, now_ms
+from chorus.server._moderation import TOMBSTONE_BODY, Moderation, Refused, Unchanged, now_ms
 from chorus.server._ports import ConvRow, NameTaken, RoomExists, TooManyRooms
 import test_store
 from test_store import make_users, msg
@@ -365,3 +365,28 @@ async def test_an_invite_code_makes_one_account_and_only_while_usable(store):
     assert [(r.used_by, r.expires_ms == 0) for r in rows] == [("alice", True), (None, True), (None, False)]
     assert await store.revoke_invite(rows[1].id) and not await store.revoke_invite(rows[0].id)  # a used one stays
     assert [r.id for r in await store.list_invites()] == [rows[0].id, rows[2].id] and alice.name == "alice"
+
+
+async def test_edits_reactions_and_actions_share_the_seq_and_keep_their_rules(store):
+    alice, bob = await make_users(store, "alice", "bob")
+    lobby = await room(store, alice, members=[bob])
+    said = await store.append(msg(lobby, bob, 1, "helo"))
+    await refused(store, ErrorCode.FORBIDDEN, EventKind.EDIT, lobby, alice, target_seq=said.seq, text="x")
+    edit = await act(store, EventKind.EDIT, lobby, bob, target_seq=said.seq, text="hello")
+    assert (edit.event.seq, edit.event.target, edit.event.text) == (said.seq + 1, "bob", "hello")
+    react = await act(store, EventKind.REACT, lobby, alice, target_seq=said.seq, text="👍")
+    assert react.event.seq == said.seq + 2
+    with pytest.raises(Unchanged):
+        await act(store, EventKind.REACT, lobby, alice, target_seq=said.seq, text="👍")
+    await act(store, EventKind.UNREACT, lobby, alice, target_seq=said.seq, text="👍")
+    with pytest.raises(Unchanged):
+        await act(store, EventKind.UNREACT, lobby, alice, target_seq=said.seq, text="👍")
+    action = await act(store, EventKind.ACTION, lobby, alice, text="waves", client_msg_id=2**64 - 1)
+    again = await act(store, EventKind.ACTION, lobby, alice, text="waves", client_msg_id=2**64 - 1)
+    assert (again.event.seq, again.duplicate, action.duplicate) == (action.event.seq, True, False)
+    page = await entries(store, lobby)
+    assert [type(e).__name__ for e in page] == ["StoredMessage", "ConvEvent", "ConvEvent", "ConvEvent", "ConvEvent"]
+    assert page[0].body == "hello" and page[-1].kind == EventKind.ACTION and page[-1].text == "waves"
+    assert [e.seq for e in page] == list(range(1, action.event.seq + 1))
+    await act(store, EventKind.DELETE, lobby, alice, target_seq=action.event.seq)  # an action deletes like a message
+    assert (await entries(store, lobby))[action.event.seq - 1].kind == EventKind.DELETED
