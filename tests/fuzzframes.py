@@ -121,6 +121,9 @@ _WIDTHS = ("a", "é", "€", "😀")  # 1, 2, 3 and 4 bytes of UTF-8
 _EDGES = (0, 1, 2, 1 << 31, (1 << 32) - 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)
 _UNKNOWN_TOKEN = "x" * 43  # well-formed, and nobody was given it
 _UNKNOWN_INVITE = "y" * 22  # shaped like an invite code, and the server made none like it
+#: REACT's reactions (spec §9.16): valid ones first (an emoji, emoji joined by U+200D, a word), then ones the rule
+#: refuses (a space, a zero-width space: a format character other than ZWJ, a control character).
+REACTIONS = ("👍", "👩\u200d💻", "+1", "a b", "\u200b", "x\x07")
 
 
 def exactly(size: int, char: str = "a") -> str:
@@ -168,6 +171,8 @@ class Hints:
             return (self.password, "", "short", exactly(8), exactly(proto.MAX_PASSWORD_BYTES, "€"))
         if name == "invite" and self.invites:  # the valid codes first; then ones the server never made
             return self.invites + (_UNKNOWN_INVITE, exactly(proto.MAX_INVITE_BYTES))
+        if name == "reaction":  # a few, so that a REACT often meets one it already added (or took back)
+            return REACTIONS
         return ()
 
     def plain(self, name: str | None) -> str:

@@ -25,12 +25,14 @@ tables of proto and spec/PROTOCOL.md (tests/fuzzframes.py) rather than a list ke
 - HISTORY and SYNC pages (with the EVENTS before them) fit their request (``PageCheck``: spec §9.5, §9.7,
   §5.46), no MESSAGE or live EVENTS repeats a seq the connection already got, and pipelined requests are
   answered in order (but SEND's), a connection's SENDs into one conversation taking their seqs in the order sent
-  (spec §8);
+  (spec §8; a SEND_ACTION, which is not queued, may overtake the SENDs sent just before it);
 - the server task is still running and logged no traceback; the bystanders' message is ACKed and delivered, and
   the bystanders see every conversation's seqs without gap or repeat;
 - at the end, with the server stopped, every conversation in the SQLite file holds seqs 1..last_seq (messages and
-  events together), cursors are within last_seq, and every ACKed message is stored with the seq and body its ACK
-  said (``check_store``).
+  events together; a DELETED tombstone and an ACTION share their message's seq), cursors are within last_seq,
+  every ACKed message is stored with the seq and body its ACK said (an action's with "/me ", an edited one with its
+  latest EDIT's text), and the stored reactions are what the REACT and UNREACT events add up to, the way a client
+  counts them (spec §9.16; ``check_store``).
 
 A broken promise raises ``ServerBug`` (``ServerDied`` when the server went down, with its traceback), and the
 falsifying example lists the frames of every step, as sent, with their answers. tests/test_session_fuzz.py runs
@@ -72,6 +74,10 @@ FUZZ_ROOM = "fuzz"
 #: One-time invite codes the server holds (``registration`` is "open": REGISTER works, and REGISTER_INVITE needs a
 #: valid code, spec §9.1). A REGISTER_INVITE with a fresh name and one of them makes an account; the code is used then.
 INVITES = tuple(f"fuzz-invite-{i}" for i in range(8))
+#: What a version 1 connection sees of an action: "/me " and its text (spec §9.16), the body the store keeps.
+ACTION_PREFIX = "/me "
+#: Distinct reactions one user may leave on one message (spec §9.16, §10).
+REACTIONS_PER_MESSAGE = 20
 #: The HELLO of every connection the machine opens (a fuzzed HELLO offers anything): every version we speak.
 VERSIONS = (proto.MIN_PROTOCOL_VERSION, proto.PROTOCOL_VERSION)
 
@@ -504,7 +510,7 @@ async def answer(peer: Peer, event: proto.Event, acks: list) -> str:
     if isinstance(outcome, proto.Ack):
         if (outcome.conv, outcome.client_msg_id) != (event.conv, event.client_msg_id):
             raise ServerBug(f"{peer.name}: {brief(event)} acknowledged by {outcome!r}")
-        acks.append((peer.user, outcome, event.body))
+        acks.append((peer.user, outcome, stored_body(event)))
     return outcome if isinstance(outcome, str) else type(outcome).__name__
 
 
@@ -579,6 +585,21 @@ async def _until(peer: Peer, event: proto.Event, reply: Reply, rid: int, *, refu
             return refused or got
         if type(got) not in partial:
             raise ServerBug(f"{peer.name}: {brief(event)} answered by {brief(got)}")
+
+
+def stored_body(event: proto.Event) -> str:
+    """The body a SEND or SEND_ACTION is stored with: an action's is "/me " and its text, the body that version 1
+    connections get (spec §9.16)."""
+    return ACTION_PREFIX + event.body if isinstance(event, proto.SendAction) else event.body
+
+
+def stored_in_order(seqs: list[tuple[int, int, FrameType]]) -> bool:
+    """Whether the fresh ACKs of one burst into one conversation, as (position sent, seq, frame type) in the order
+    sent, took their seqs as spec §8 says: a frame is acted on before the next is read, but a SEND is queued, so
+    whatever was sent before a SEND is stored before it, and an action (not queued) is stored after the actions sent
+    before it; only a SEND followed by a SEND_ACTION may come out the other way round."""
+    return all(seq_i < seq_j for (i, (_, seq_i, frame_i)) in enumerate(seqs) for (_, seq_j, frame_j) in seqs[i + 1:]
+               if not (frame_i is FrameType.SEND and frame_j is FrameType.SEND_ACTION))
 
 
 def fresh_id(after: int, taken) -> int:
@@ -656,15 +677,15 @@ async def answer_many(peer: Peer, events: list[proto.Event], acks: list) -> list
                     if isinstance(got, proto.Ack):
                         if (got.conv, got.client_msg_id) != (sent.conv, sent.client_msg_id):
                             raise ServerBug(f"{peer.name}: {brief(sent)} acknowledged by {got!r}")
-                        acks.append((peer.user, got, sent.body))
+                        acks.append((peer.user, got, stored_body(sent)))
                         if not got.duplicate:
-                            stored.setdefault(sent.conv, []).append((events.index(sent), got.seq))
+                            stored.setdefault(sent.conv, []).append((events.index(sent), got.seq, sent.FRAME))
     except trio.TooSlowError:
         raise ServerBug(f"{peer.name}: no answer within {STEP_TIMEOUT_S} s to "
                         f"{[brief(by_id[rid], 80) for rid in pending]} of a burst") from None
     for conv, seqs in stored.items():
-        if [seq for _, seq in sorted(seqs)] != sorted(seq for _, seq in seqs):
-            raise ServerBug(f"{peer.name}: SENDs into {conv} sent together got seqs {[s for _, s in sorted(seqs)]} "
+        if not stored_in_order(sorted(seqs)):
+            raise ServerBug(f"{peer.name}: SENDs into {conv} sent together got seqs {[s for _, s, _ in sorted(seqs)]} "
                             f"in the order sent (spec §8: stored in the order sent): {[brief(e, 80) for e in events]}")
     return [outcomes.get(e.request_id, "ok") for e in events]
 
@@ -958,21 +979,16 @@ def _short_hex(frame: bytes, keep: int = 48) -> str:
 
 def check_store(db_path: Path, acks=()) -> None:
     """The SQLite file (server stopped) is consistent: gapless seqs (messages and events together, each seq once;
-    a deleted message keeps its seq, shared with its DELETED event), cursors within last_seq, every ACK stored (a
-    deleted one as its tombstone)."""
+    a deleted message keeps its seq, shared with its DELETED event, and so does an action with its ACTION event),
+    cursors within last_seq, every ACK stored (a deleted one as its tombstone, an edited one with its latest text),
+    and the edits and reactions as their events tell them (spec §9.16): an edited message holds its latest EDIT's
+    text, an action's body is "/me " and its ACTION event's text, and the reactions stored are what the REACT and
+    UNREACT events add up to (a client counts them that way), none on a deleted message."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    deleted = int(proto.EventKind.DELETED)
     try:
         problems = []
         for conv_id, last_seq in db.execute("SELECT id, last_seq FROM conversations"):
-            messages = [s for (s,) in db.execute("SELECT seq FROM messages WHERE conv_id = ?", (conv_id,))]
-            events = db.execute("SELECT seq, kind FROM events WHERE conv_id = ?", (conv_id,)).fetchall()
-            seqs = sorted(messages + [s for s, kind in events if kind != deleted])  # spec §9.15: one seq each
-            if seqs != list(range(1, last_seq + 1)):
-                problems.append(f"conversation {conv_id}: last_seq {last_seq}, stored seqs {_ranges(seqs)}")
-            stray = {s for s, kind in events if kind == deleted} - set(messages)
-            if stray:
-                problems.append(f"conversation {conv_id}: DELETED events at seqs {sorted(stray)} that are no message")
+            problems += _conversation_problems(db, conv_id, last_seq)
         for user_id, conv_id, delivered, read, last_seq in db.execute(
                 "SELECT k.user_id, k.conv_id, k.delivered_seq, k.read_seq, c.last_seq"
                 " FROM cursors k JOIN conversations c ON c.id = k.conv_id"):
@@ -981,14 +997,76 @@ def check_store(db_path: Path, acks=()) -> None:
         for sender, ack, body in acks:
             db_id = ack.client_msg_id - (1 << 64) if ack.client_msg_id >= 1 << 63 else ack.client_msg_id
             row = db.execute("SELECT m.seq, m.body, EXISTS (SELECT 1 FROM events e WHERE e.conv_id = m.conv_id"
-                             " AND e.seq = m.seq AND e.kind = ?) FROM messages m JOIN users u ON u.id = m.sender_id"
-                             " WHERE u.name = ? AND m.client_msg_id = ?", (deleted, sender, db_id)).fetchone()
+                             " AND ((e.seq = m.seq AND e.kind = ?) OR (e.target_seq = m.seq AND e.kind = ?)))"
+                             " FROM messages m JOIN users u ON u.id = m.sender_id"
+                             " WHERE u.name = ? AND m.client_msg_id = ?",
+                             (_DELETED, _EDIT, sender, db_id)).fetchone()
             if row is None or row[0] != ack.seq or (not ack.duplicate and not row[2] and row[1] != body):
                 problems.append(f"ACK {ack!r} of {sender}: stored as {row!r}")
         if problems:
             raise ServerBug("stored data inconsistent:\n" + "\n".join(problems))
     finally:
         db.close()
+
+
+_DELETED, _EDIT, _REACT, _UNREACT, _ACTION = (int(k) for k in (
+    proto.EventKind.DELETED, proto.EventKind.EDIT, proto.EventKind.REACT, proto.EventKind.UNREACT,
+    proto.EventKind.ACTION))
+#: Events at the seq of a message (it is the message), not at one of their own.
+_AT_A_MESSAGE = (_DELETED, _ACTION)
+
+
+def _conversation_problems(db: sqlite3.Connection, conv_id: int, last_seq: int) -> list[str]:
+    problems = []
+    where = f"conversation {conv_id}"
+    messages = {seq: (sender_id, body) for seq, sender_id, body in db.execute(
+        "SELECT seq, sender_id, body FROM messages WHERE conv_id = ?", (conv_id,))}
+    events = db.execute("SELECT seq, kind, actor_id, target_id, target_seq, text FROM events WHERE conv_id = ?"
+                        " ORDER BY seq", (conv_id,)).fetchall()
+    seqs = sorted(list(messages) + [s for s, kind, *_ in events if kind not in _AT_A_MESSAGE])  # one seq each
+    if seqs != list(range(1, last_seq + 1)):
+        problems.append(f"{where}: last_seq {last_seq}, stored seqs {_ranges(seqs)}")
+    stray = {s for s, kind, *_ in events if kind in _AT_A_MESSAGE} - set(messages)
+    if stray:
+        problems.append(f"{where}: DELETED or ACTION events at seqs {sorted(stray)} that are no message")
+    deleted = {s for s, kind, *_ in events if kind == _DELETED}
+    actions = {s: text for s, kind, _, _, _, text in events if kind == _ACTION}
+    for seq, text in actions.items():
+        if messages.get(seq, (None, None))[1] != ACTION_PREFIX + text:
+            problems.append(f"{where}: action {seq} {text!r} stored as the message {messages.get(seq)!r}")
+    latest_edit: dict[int, str] = {}
+    reacted: set[tuple[int, int, str]] = set()  # (message seq, user id, reaction), replayed from the events
+    for seq, kind, actor_id, target_id, target_seq, text in events:
+        if kind not in (_EDIT, _REACT, _UNREACT):
+            continue
+        sender_id = messages.get(target_seq, (None, None))[0]
+        if not target_seq < seq or sender_id is None:
+            problems.append(f"{where}: event {seq} (kind {kind}) names no earlier message ({target_seq})")
+            continue
+        if target_id != sender_id or kind == _EDIT and actor_id != sender_id:
+            problems.append(f"{where}: event {seq} (kind {kind}) on message {target_seq} of user {sender_id} has "
+                            f"actor {actor_id}, target {target_id}")
+        if kind == _EDIT:
+            latest_edit[target_seq] = text
+        elif (kind == _REACT) == ((target_seq, actor_id, text) in reacted):
+            problems.append(f"{where}: event {seq} repeats a reaction or takes back none: {kind} {text!r} of user "
+                            f"{actor_id} on message {target_seq} (spec §9.16: neither takes a seq)")
+        else:
+            (reacted.add if kind == _REACT else reacted.discard)((target_seq, actor_id, text))
+    for seq, text in latest_edit.items():
+        expected = ACTION_PREFIX + text if seq in actions else text
+        if seq not in deleted and messages[seq][1] != expected:
+            problems.append(f"{where}: message {seq} holds {messages[seq][1]!r}, its latest edit says {text!r}")
+    stored = set(db.execute("SELECT seq, user_id, reaction FROM reactions WHERE conv_id = ?", (conv_id,)).fetchall())
+    expected = {key for key in reacted if key[0] not in deleted}
+    if stored != expected:
+        problems.append(f"{where}: reactions stored {sorted(stored)}, the events add up to {sorted(expected)}")
+    per_user: dict[tuple[int, int], int] = {}
+    for seq, user_id, _ in stored:
+        per_user[seq, user_id] = per_user.get((seq, user_id), 0) + 1
+    if any(n > REACTIONS_PER_MESSAGE for n in per_user.values()):
+        problems.append(f"{where}: more than {REACTIONS_PER_MESSAGE} reactions of one user on one message: {per_user}")
+    return problems
 
 
 def _ranges(seqs: list[int]) -> str:

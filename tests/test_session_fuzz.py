@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 
 import pytest
 import trio
@@ -175,36 +176,82 @@ def test_a_server_bug_is_caught(monkeypatch):
         _one_frame_beside_bystanders(proto.History(LOBBY, Direction.BEFORE, 0, 10))
 
 
-def _one_frame_beside_bystanders(event: proto.Event) -> None:
-    """alice, bob and mallory in #lobby with a message; mallory sends ``event``; then everyone carries on."""
+#: Mallory's message 1 of #lobby edited, reacted to and an action beside it (spec §9.16), with the seq each takes;
+#: a repeated REACT and the UNREACT of a reaction that is not there take none, a retried action is a duplicate.
+_MESSAGE_EVENTS = (
+    (proto.SendAction(LOBBY, 10, "waves 👋"), "Ack"),  # 2: an action
+    (proto.EditMessage(LOBBY, 1, "some history, edited"), "Ok"),  # 3
+    (proto.EditMessage(LOBBY, 2, "waves again"), "Ok"),  # 4: an action edited
+    (proto.React(LOBBY, 1, "👍", True), "Ok"),  # 5
+    (proto.React(LOBBY, 1, "👍", True), "Ok"),  # already there: no seq
+    (proto.React(LOBBY, 2, "👩\u200d💻", True), "Ok"),  # 6
+    (proto.React(LOBBY, 1, "👍", False), "Ok"),  # 7: UNREACT
+    (proto.React(LOBBY, 1, "👍", False), "Ok"),  # not there: no seq
+    (proto.React(LOBBY, 1, "a b", True), "INVALID_REQUEST"),
+    (proto.EditMessage(LOBBY, 3, "not a message"), "NOT_FOUND"),  # 3 is an EDIT event
+    (proto.SendAction(LOBBY, 10, "waves 👋"), "Ack"),  # a retry: ACK duplicate, nothing stored
+    (proto.DeleteMessage(LOBBY, 2), "Ok"),  # the action goes, with its reaction
+)
+
+
+def test_edits_reactions_and_actions_are_stored_as_their_events_say():
+    """Through a real server: the outcomes spec §5.60-§5.62 give, bob (a bystander checking gaps) sees every seq
+    once, and the store check (edited text, "/me" bodies, reactions replayed from the events) passes."""
+    events, expected = zip(*_MESSAGE_EVENTS, strict=True)
+    assert _one_frame_beside_bystanders(*events) == list(expected)
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE messages SET body = 'the old text' WHERE seq = 1",  # the edit lost
+    "UPDATE messages SET body = 'waves' WHERE seq = 2",  # an action without its "/me "
+    "INSERT INTO reactions SELECT conv_id, 1, sender_id, '+1' FROM messages WHERE seq = 1",  # one no event added
+], ids=["edit-lost", "action-body", "reaction-without-event"])
+def test_the_store_check_catches_edits_and_reactions_gone_wrong(tamper):
+    events = [event for event, _ in _MESSAGE_EVENTS[:-1]]  # the action not deleted
+
+    def tampered(db_path):
+        with sqlite3.connect(db_path) as db:
+            assert db.execute(tamper).rowcount == 1
+
+    with pytest.raises(ServerBug, match="stored data inconsistent"):
+        _one_frame_beside_bystanders(*events, tamper=tampered)
+
+
+def _one_frame_beside_bystanders(*events: proto.Event, tamper=None) -> list[str]:
+    """alice, bob and mallory in #lobby with a message; mallory sends ``events``; then everyone carries on. Returns
+    the outcomes of ``events``. ``tamper(db_path)``, if given, changes the stored data before it is checked."""
     live = LiveServer()
     acks: list = []
     try:
         try:
-            live.call(_one_frame, live, event, acks)
+            outcomes = live.call(_one_frame, live, events, acks)
         except ServerBug:
             live.diagnose()  # ServerDied, if the server is going down
             raise
         live.check()
         live.close()
+        if tamper is not None:
+            tamper(live.db_path)
         check_store(live.db_path, acks)
+        return outcomes
     finally:
         live.close()
         live.remove()
 
 
-async def _one_frame(live: LiveServer, event: proto.Event, acks: list) -> None:
+async def _one_frame(live: LiveServer, events: tuple[proto.Event, ...], acks: list) -> list[str]:
     peers: list[Peer] = []
     try:
         with trio.fail_after(30):
-            await _mallory_beside_alice_and_bob(live, event, acks, peers)
+            return await _mallory_beside_alice_and_bob(live, events, acks, peers)
     finally:
         for peer in peers:  # else the server lingers at shutdown, waiting for their side of the close
             if not peer.closed:
                 await peer.aclose()
 
 
-async def _mallory_beside_alice_and_bob(live: LiveServer, event: proto.Event, acks: list, peers: list) -> None:
+async def _mallory_beside_alice_and_bob(live: LiveServer, events: tuple[proto.Event, ...], acks: list,
+                                        peers: list) -> list[str]:
     for name in ("alice", "bob", "mallory"):
         peer = await Peer.connect(name, live.port, set())
         peer.check_gaps = name != "mallory"
@@ -219,10 +266,13 @@ async def _mallory_beside_alice_and_bob(live: LiveServer, event: proto.Event, ac
         return await answer(peer, dataclasses.replace(event, request_id=peer.rid()), acks)
 
     assert await send(mallory, proto.Send(LOBBY, 1, "some history")) == "Ack"
-    outcome = await send(mallory, event)
-    assert "closed" not in outcome, outcome
-    live.check()
+    outcomes = []
+    for event in events:
+        outcomes.append(await send(mallory, event))
+        assert "closed" not in outcomes[-1], outcomes
+        live.check()
     assert await send(mallory, proto.Ping(7)) == "Pong"
     assert await send(alice, proto.Send(LOBBY, 2, "still here?")) == "Ack"
     while not isinstance(got := await bob.next(), proto.Message) or got.body != "still here?":
         assert not isinstance(got, proto.ConnectionClosed)
+    return outcomes

@@ -51,6 +51,9 @@ V2_EXAMPLES = {
     FrameType.GET_ROOM: (CLIENT, proto.GetRoom("team", request_id=19)),
     FrameType.ROOM_DETAILS: (SERVER, proto.RoomDetails("team", "", True, (proto.RoomMember(
         "alice", proto.RoomRole.OWNER, proto.Status.ONLINE, False, 0),), (proto.BanInfo("eve", 0),), request_id=19)),
+    FrameType.EDIT_MESSAGE: (CLIENT, proto.EditMessage(proto.Conversation.room("general"), 4, "fixed", request_id=20)),
+    FrameType.REACT: (CLIENT, proto.React(proto.Conversation.direct("bob"), 4, "👍", True, request_id=21)),
+    FrameType.SEND_ACTION: (CLIENT, proto.SendAction(proto.Conversation.room("general"), 7, "waves", request_id=22)),
 }
 
 
@@ -106,7 +109,8 @@ def test_every_frame_type_has_a_version_this_implementation_speaks():
                          FrameType.SESSION_LIST, FrameType.REVOKE_SESSION,
                          FrameType.EVENTS, FrameType.KICK, FrameType.BAN, FrameType.UNBAN, FrameType.MUTE,
                          FrameType.UNMUTE, FrameType.DELETE_MESSAGE, FrameType.SET_TOPIC, FrameType.SET_ROLE,
-                         FrameType.CREATE_ROOM, FrameType.INVITE, FrameType.GET_ROOM, FrameType.ROOM_DETAILS]
+                         FrameType.CREATE_ROOM, FrameType.INVITE, FrameType.GET_ROOM, FrameType.ROOM_DETAILS,
+                         FrameType.EDIT_MESSAGE, FrameType.REACT, FrameType.SEND_ACTION]
     assert set(V2_EXAMPLES) == set(V2_FRAMES)
 
 
