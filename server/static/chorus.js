@@ -602,15 +602,21 @@ class ConversationState {
   sorted() {
     return [...this.messages.values()].sort((a, b) => a.seq - b.seq);
   }
-  /** Messages after the read marker, less those of `me` that are loaded (one's own words are not news). */
+  /** Messages after the read marker, less those of `me` that are loaded (one's own words are not news), and the
+   * loaded edits and reactions (they change a message, they are not one). */
   unread(me) {
     let count = Math.max(0, this.latestSeq - this.readSeq);
-    for (const msg of this.messages.values()) if (msg.seq > this.readSeq && msg.sender === me) count -= 1;
+    for (const msg of this.messages.values()) {
+      if (msg.seq > this.readSeq && (msg.sender === me || !shown(msg))) count -= 1; // nor edits and reactions
+    }
     return Math.max(0, count);
   }
 }
 
 const TOMBSTONE = "(message deleted)";
+/** Events that change another message (its text, its reactions) rather than show as a line of their own. */
+const AMENDING = new Set([EventKind.EDIT, EventKind.REACT, EventKind.UNREACT]);
+const shown = (msg) => !(msg.event && AMENDING.has(msg.event.kind));
 const OPERATOR = "the operator"; // an event's empty actor: chorus-admin (never a user name: it has a space)
 
 /** A moderation event (version 2, spec §9.15) in words, as the server words it for a version 1 client. */
@@ -629,6 +635,10 @@ export function eventText(e) {
     case EventKind.TOPIC: return e.text ? `set the topic: ${e.text}` : "cleared the topic";
     case EventKind.ROLE: return `made ${who} ${nameOf(RoomRole, e.role).toLowerCase()}`;
     case EventKind.INVITE: return `added ${who} to the room`;
+    case EventKind.EDIT: return `edited a message: ${e.text}`;
+    case EventKind.REACT: return `reacted ${e.text}`;
+    case EventKind.UNREACT: return `took back ${e.text}`;
+    case EventKind.ACTION: return `/me ${e.text}`; // shown as "* alice waves", like an action of a version 1 client
     default: return nameOf(EventKind, e.kind).toLowerCase();
   }
 }
@@ -1007,8 +1017,16 @@ export class ChorusClient extends EventTarget {
       sender: e.kind === EventKind.DELETED ? e.target : (e.actor || OPERATOR),
     }));
     for (const e of event.events) {
-      const gone = e.kind === EventKind.DELETE ? state.messages.get(Number(e.target_seq)) : undefined;
-      if (gone) Object.assign(gone, { body: TOMBSTONE, event: { ...e, kind: EventKind.DELETED } });
+      const target = state.messages.get(Number(e.target_seq));
+      if (target && e.kind === EventKind.DELETE) Object.assign(target, { body: TOMBSTONE, event: { ...e, kind: EventKind.DELETED } });
+      if (target && e.kind === EventKind.EDIT) {  // the latest text, marked; an action stays one
+        Object.assign(target, { body: target.event?.kind === EventKind.ACTION ? `/me ${e.text}` : e.text, edited: true });
+      }
+      if (target && (e.kind === EventKind.REACT || e.kind === EventKind.UNREACT)) {
+        const counts = target.reactions ??= new Map();
+        const n = (counts.get(e.text) ?? 0) + (e.kind === EventKind.REACT ? 1 : -1);
+        if (n > 0) counts.set(e.text, n); else counts.delete(e.text);
+      }
       if (e.kind === EventKind.TOPIC) state.topic = e.text;
     }
     this._added(state, state.add(lines), event.request_id === 0);
@@ -1159,8 +1177,8 @@ export class ChorusClient extends EventTarget {
   }
 
   /** Send a message: shown as pending until its MESSAGE arrives; kept and resent until acknowledged. */
-  send(state, body) {
-    const item = { conv: state.conv, body, client_msg_id: randomU64(), sentAt: Date.now() };
+  send(state, body, { action = false } = {}) {
+    const item = { conv: state.conv, body, action, client_msg_id: randomU64(), sentAt: Date.now() };
     this.outbox.set(String(item.client_msg_id), item);
     this._emit("outbox", state);
     if (this.state === "live") this._sendOutboxItem(item);
@@ -1168,7 +1186,10 @@ export class ChorusClient extends EventTarget {
   }
 
   _sendOutboxItem(item) {
-    this.request({ type: "SEND", conv: item.conv, client_msg_id: item.client_msg_id, body: item.body })
+    // An action is SEND_ACTION from version 2 on (its kind in the frame, spec §9.16); a version 1 server gets "/me".
+    const action = item.action && (this.welcome?.version ?? 1) >= 2;
+    this.request({ type: action ? "SEND_ACTION" : "SEND", conv: item.conv, client_msg_id: item.client_msg_id,
+      body: action ? item.body.slice(ACTION.length) : item.body })
       .then(() => {
         this.outbox.delete(String(item.client_msg_id));
         this._emit("outbox", this.conversation(item.conv));
@@ -1320,6 +1341,7 @@ function bodyNodes(body, me) {
 
 /** How a line shows: "text", "action" (/me), "event" (moderation, in words) or "deleted" (a tombstone). */
 function lineKind(msg) {
+  if (msg.event?.kind === EventKind.ACTION) return "action"; // its body is "/me " and the text (eventText)
   if (msg.event) return msg.event.kind === EventKind.DELETED ? "deleted" : "event";
   return msg.body.startsWith(ACTION) ? "action" : "text";
 }
@@ -1566,7 +1588,7 @@ class ChatView {
   }
 
   /** Queue `body` in `state`; false (with a notice) when it is too long for the server. */
-  post(state, body) {
+  post(state, body, options = {}) {
     const max = this.client.welcome?.max_body_bytes ?? MAX_BODY_BYTES; // the server's limit, once it has said
     if (utf8Encoder.encode(body).length > max) {
       this.notice(`Messages are at most ${max} bytes.`);
@@ -1576,7 +1598,7 @@ class ChatView {
       this.dividerSeq = null; // answering means the new ones are read
       this.scrollToBottom();
     }
-    this.client.send(state, body);
+    this.client.send(state, body, options);
     return true;
   }
 
@@ -1605,7 +1627,7 @@ class ChatView {
       }
       case "me":
         if (!args) break;
-        return this.post(this.current, ACTION + args);
+        return this.post(this.current, ACTION + args, { action: true });
       case "help":
         this.notice(Object.values(COMMANDS).join(" · "));
         return true;
@@ -1947,7 +1969,7 @@ class ChatView {
     nodes.push(element("p", "history-edge", state.hasOlder ? "Scroll up for older messages" : "Beginning of the conversation"));
     let day = "";
     let previous = null;
-    for (const msg of state.sorted()) {
+    for (const msg of state.sorted().filter(shown)) {
       const date = new Date(msg.ts_ms);
       const thisDay = dayFormat ? dayFormat.format(date) : date.toDateString();
       if (thisDay !== day) {
@@ -2005,7 +2027,13 @@ class ChatView {
     }
     if (kind === "action" || kind === "event") body.title = time;
     if (!mine && kind !== "event" && mentions(msg.body, me)) node.classList.add("mentions-me");
+    if (msg.edited) body.append(element("span", "edited", " (edited)"));
     node.append(body);
+    if (msg.reactions?.size) {  // counted from REACT/UNREACT events (spec §9.16)
+      const list = element("div", "reactions");
+      for (const [reaction, count] of msg.reactions) list.append(element("span", "reaction", `${reaction} ${count}`));
+      node.append(list);
+    }
     return node;
   }
 
