@@ -385,8 +385,9 @@ class Peer:
         BYE LOGGED_OUT of a connection using one is expected from then on. REVOKE_SESSION's id is fuzzed and may name
         any of the user's sessions (this one too); CHANGE_PASSWORD revokes all but this one if it succeeds."""
         if ftype in (FrameType.REVOKE_SESSION, FrameType.CHANGE_PASSWORD) and self.user is not None:
+            already = self.token in self.revoked  # e.g. by a LOGOUT_ALL on another connection: it stays revoked
             self.revoked.update(self.issued.get(self.user, ()))
-            if ftype is FrameType.CHANGE_PASSWORD and self.token is not None:
+            if ftype is FrameType.CHANGE_PASSWORD and self.token is not None and not already:
                 self.revoked.discard(self.token)
 
     def logged_out_elsewhere(self, event) -> bool:
