@@ -300,7 +300,7 @@ async def test_a_database_from_before_moderation_migrates_with_its_rooms_unowned
             await store.moderate(Moderation(proto.EventKind.KICK, old, alice.id, bob.id))
         new, _ = await store.join_room(bob.id, "new", max_rooms=9)
         assert (await store.room_details(new, bob.id))[2][0][2] == proto.RoomRole.OWNER
-    assert sql(pg_url, "SELECT version FROM chorus_schema") == [(SCHEMA_VERSION,)] == [(4,)]
+    assert sql(pg_url, "SELECT version FROM chorus_schema") == [(SCHEMA_VERSION,)]
 
 
 async def test_schema_is_created_by_the_first_of_two_nodes_and_newer_is_refused(pg_url):
