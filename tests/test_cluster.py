@@ -331,9 +331,14 @@ async def chat_under_fault(cluster: list[Node], fault, heal, *, per_sender: int 
                 if faulted.is_set():
                     after_fault.add(index)
                     maybe_heal()
-                if fault is not None and index == 0 and k == per_sender // 3:
-                    fault()
-                    faulted.set()
+                if fault is not None and k == per_sender // 3:
+                    # Every sender waits here for the fault, so each has sends left to make through it: on a busy
+                    # machine one node's senders could otherwise be done before the fault strikes.
+                    if index == 0:
+                        fault()
+                        faulted.set()
+                    else:
+                        await faulted.wait()
             done.add(index)
             maybe_heal()
 
