@@ -180,10 +180,7 @@ class Session:
         bucket is shared by all its connections, spec §9.11).
         """
         state = self._send_target(ev)
-        wait = self.budgets.sends.take(self.me.user_id, trio.current_time())
-        if wait:
-            self._limit_hit("sends", self.me.username)
-            raise RequestError(ErrorCode.RATE_LIMITED, "too many messages from this user; slow down", retry_ms(wait))
+        self._spend_send()
         if state is None:
             return False
         self.server.store.append_nowait(
@@ -822,6 +819,8 @@ class Session:
         """Apply one request in the store (which checks the rules), deliver its event, answer OK (an action: ACK).
         None: nothing to do (a reaction already there)."""
         state, me = self._conv(conv), self.me
+        if kind not in _MESSAGE_EVENTS:  # those spent it in _may_write; a moderation stores an event all the same
+            self._spend_send()
         target = await self._target(user) if user is not None else None
         if kind == proto.EventKind.INVITE:
             fields["max_rooms"] = self.server.config.max_rooms_per_user
@@ -853,6 +852,11 @@ class Session:
         if body is not None:
             self._check_body(body)
         self._check_mute(self._conv(conv))
+        self._spend_send()
+
+    def _spend_send(self) -> None:
+        """Take one from the user's SEND budget (shared by all its connections, spec §9.11): every request that
+        stores a row in a conversation spends it. Raises ``RequestError`` RATE_LIMITED."""
         wait = self.budgets.sends.take(self.me.user_id, trio.current_time())
         if wait:
             self._limit_hit("sends", self.me.username)

@@ -326,3 +326,14 @@ async def test_read_state_follows_the_person_to_their_other_version_2_devices(st
     while not isinstance(event := await old.next(), proto.Pong):
         seen.append(event)
     assert [type(e) for e in seen] == [proto.Message, proto.Message], seen
+
+
+async def test_moderation_requests_spend_the_send_budget(start_server):
+    # Each stores an event like a message: a moderator cannot grow the store faster than a sender could.
+    server = await start_server(user_send_burst=3, user_send_rate_per_s=0.01, **NO_DEADLINES)
+    alice, _ = await users_in_room(server.port, "alice", "bob")
+    for topic in ("one", "two", "three"):
+        await ok(alice, proto.SetTopic, "lobby", topic)
+    limited = await refused(alice, ErrorCode.RATE_LIMITED, proto.SetTopic, "lobby", "four")
+    assert limited.retry_after_ms > 0
+    await refused(alice, ErrorCode.RATE_LIMITED, proto.Send, LOBBY, 1, "and no message either")
