@@ -1,8 +1,10 @@
 """``chorus``: the terminal client (interactive) and its script commands ``send`` and ``tail``.
 
     chorus [--server HOST:PORT] [--user NAME] [--register]          chat in the terminal
+           [--invite CODE]                                           register with an invite code (§5.59)
            [--tls] [--ca-file PEM]                                   over TLS (spec/PROTOCOL.md §1)
     chorus [...] send '#room' 'text' ['more text'...] [--create]       send (reads stdin lines if no text)
+                 [--action]                                          ... as actions ("/me", §5.62)
     chorus [...] tail '#room' [--last N | --since SEQ] [--json]        print the last N, then follow
 
 How this works. Arguments are parsed here; ``_login.open_session`` connects and
@@ -35,6 +37,7 @@ _EPILOG = """\
 environment:
   CHORUS_SERVER    default for --server (else 127.0.0.1:7420)
   CHORUS_USER      default for --user
+  CHORUS_INVITE    default for --invite (a one-time code to --register with)
   CHORUS_TLS       set to 1 for --tls
   CHORUS_CA_FILE   default for --ca-file
   CHORUS_PASSWORD  password to use instead of asking (for scripts; with --register it sets the new
@@ -53,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--user", metavar="NAME", default=argparse.SUPPRESS, help="who to log in as")
     common.add_argument("--register", action="store_true", default=argparse.SUPPRESS,
                         help="create the account first")
+    common.add_argument("--invite", metavar="CODE", default=argparse.SUPPRESS,
+                        help="with --register: a one-time invite code from the server's operator, for a server whose "
+                             "registration is by invite (default: $CHORUS_INVITE)")
     common.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
                         help="connect with TLS, checking the server's certificate against the system's CAs "
                              "(default: $CHORUS_TLS)")
@@ -71,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     p_send.add_argument("conv", metavar="#ROOM|@USER")
     p_send.add_argument("text", nargs="*", metavar="TEXT")
     p_send.add_argument("--create", action="store_true", help="create the room if there is none of that name")
+    p_send.add_argument("--action", action="store_true", help="send each TEXT as an action (/me): \"* carol TEXT\"")
     p_tail = commands.add_parser("tail", parents=[common], help="print the last messages, then new ones as they arrive",
                                  description="Print the last messages of a room or direct conversation, then new "
                                              "ones as they arrive, until interrupted. Joins the room if needed; a "
@@ -141,6 +148,11 @@ def _tls_context(args) -> ssl.SSLContext | None:
         raise ValueError(f"cannot read the CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
+def _invite(args) -> str | None:
+    """--invite (or $CHORUS_INVITE): the code REGISTER_INVITE carries; None to REGISTER plainly."""
+    return getattr(args, "invite", None) or os.environ.get("CHORUS_INVITE") or None
+
+
 def _run(fn, *args) -> int:
     """``trio.run``, with an exception group of one kind of error unwrapped into that error."""
     try:
@@ -165,9 +177,10 @@ def _leaves(exc: BaseException):
 async def _interactive(host: str, port: int, user: str, args, colour: bool) -> int:
     from ._tui import Tui
 
-    renderer = Renderer(user, colour=colour)
+    renderer = Renderer(user, colour=colour, seqs=True)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     async with open_session(host, port, user, register=getattr(args, "register", False), interactive=True,
+                            invite=_invite(args),
                             say=lambda text: print(renderer.info(text), flush=True),
                             client_name="chorus-terminal", sync_on_connect=False, servers=args.servers,
                             tls=args.tls or False) as client:
@@ -185,7 +198,7 @@ async def _interactive(host: str, port: int, user: str, args, colour: bool) -> i
 
 async def _script(host: str, port: int, user: str, args) -> int:
     conv = target(args.conv)
-    async with open_session(host, port, user, register=getattr(args, "register", False),
+    async with open_session(host, port, user, register=getattr(args, "register", False), invite=_invite(args),
                             interactive=sys.stdin.isatty(), say=lambda text: print(f"chorus: {text}", file=sys.stderr),
                             client_name="chorus-script", sync_on_connect=False, servers=args.servers,
                             tls=args.tls or False) as client:
@@ -193,7 +206,7 @@ async def _script(host: str, port: int, user: str, args) -> int:
             bodies = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
             if not bodies:
                 raise ScriptError("nothing to send")
-            await send(client, conv, bodies, create=args.create)
+            await send(client, conv, bodies, create=args.create, action=args.action)
         else:
             await tail(client, conv, since=args.since, last=args.last, as_json=args.json, create=args.create)
     return 0

@@ -11,6 +11,7 @@ Conversations are written as in the library: "#room" or "@user" (spec/PROTOCOL.m
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -34,11 +35,30 @@ COMMANDS: dict[str, Spec] = {
                    "(Alt-N too)", "convs"),
     "query": Spec("/query USER [text]", "open a direct conversation with USER and switch to it", "users"),
     "rooms": Spec("/rooms", "list the rooms on the server"),
-    "who": Spec("/who [#room]", "who is in the current room, online or not", "joined"),
+    "who": Spec("/who [#room]", "who is in the current room, online or not; on a version 2 server with roles, mutes, "
+                "bans and the topic (also /roles)", "joined"),
     "msg": Spec("/msg USER text", "send a direct message (/switch @USER to keep talking)", "users"),
     "history": Spec("/history [N]", "show N (default 20) older messages here, oldest first; repeat to page further "
                     "back"),
     "me": Spec("/me action", "send an action, shown as: * you action"),
+    "edit": Spec("/edit N text", "replace the text of your message #N (the number after each message)"),
+    "delete": Spec("/delete N", "delete message #N: your own, or any as a moderator of the room"),
+    "react": Spec("/react N emoji", "react to message #N (an emoji or a word, e.g. 👍 or +1)"),
+    "unreact": Spec("/unreact N emoji", "take back your reaction to message #N"),
+    "topic": Spec("/topic [text]", "set the current room's topic (moderators, owner); with no text, show it"),
+    "create": Spec("/create #room [--private]", "create a room you own and switch to it; --private: invite-only "
+                   "and unlisted"),
+    "invite": Spec("/invite USER", "add USER to the current room (the way into a private one)", "users"),
+    "kick": Spec("/kick USER [reason]", "remove USER from the current room; they may join again", "users"),
+    "ban": Spec("/ban USER [DURATION] [reason]", "remove USER and keep them out for DURATION (30m, 2h, 7d; none: "
+                "until /unban)", "users"),
+    "unban": Spec("/unban USER", "let a banned user join again", "users"),
+    "mute": Spec("/mute USER [DURATION] [reason]", "refuse USER's messages here for DURATION (none: until /unmute)",
+                 "users"),
+    "unmute": Spec("/unmute USER", "let a muted user talk again", "users"),
+    "op": Spec("/op USER", "make USER a moderator of the current room (the owner only)", "users"),
+    "deop": Spec("/deop USER", "make a moderator a plain member again (the owner only)", "users"),
+    "owner": Spec("/owner USER", "hand the current room over to USER; you become a moderator", "users"),
     "passwd": Spec("/passwd", "change your password (typed without echo); your other sessions are logged out"),
     "sessions": Spec("/sessions", "list your sessions (devices and logins), numbered for /revoke"),
     "revoke": Spec("/revoke N", "log out session N of the last /sessions list"),
@@ -47,7 +67,7 @@ COMMANDS: dict[str, Spec] = {
     "quit": Spec("/quit", "leave chorus (Ctrl-D and Ctrl-C do too)"),
 }
 #: Other names for commands (IRC's habits); an alias wins over a prefix ("/s" is /switch, not ambiguous).
-ALIASES = {"part": "leave", "close": "leave", "s": "switch"}
+ALIASES = {"part": "leave", "close": "leave", "s": "switch", "roles": "who"}
 DEFAULT_HISTORY = 20
 #: Most messages one /history shows (fetched in as many pages as WELCOME's ``max_page`` requires).
 MAX_HISTORY = 1000
@@ -113,6 +133,41 @@ def history_count(args: str, most: int = MAX_HISTORY) -> int:
     if not 1 <= n <= most:
         raise UsageError(f"/history shows 1 to {most} messages at a time")
     return n
+
+
+#: A duration: a number and a unit (seconds, minutes, hours, days, weeks), as /ban and /mute take it.
+_DURATION = re.compile(r"([1-9][0-9]{0,5})([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def duration_s(word: str) -> int | None:
+    """Seconds in "30m", "2h", "7d"...; None if ``word`` is no duration."""
+    found = _DURATION.fullmatch(word.lower())
+    return int(found[1]) * _UNIT_S[found[2]] if found else None
+
+
+def user_args(args: str, usage: str, *, duration: bool = False, reason: bool = False) -> tuple[str, int, str]:
+    """(user, seconds or 0 for none, reason) of "/ban USER [DURATION] [reason]" and the like. Raises ``UsageError``."""
+    user, _, rest = args.partition(" ")
+    user, rest = user.removeprefix("@"), rest.strip()
+    if not user or (rest and not (duration or reason)):
+        raise UsageError(f"usage: {usage}")
+    seconds = 0
+    if duration and rest:
+        first, _, after = rest.partition(" ")
+        if (found := duration_s(first)) is not None:
+            seconds, rest = found, after.strip()
+    return user, seconds, rest
+
+
+def seq_args(args: str, usage: str, *, text: bool) -> tuple[int, str]:
+    """(N, the rest) of "/edit N text", "/react N emoji" ("#N" too); the rest is required when ``text``. Raises
+    ``UsageError``."""
+    word, _, rest = args.partition(" ")
+    word, rest = word.removeprefix("#"), rest.strip()
+    if not word.isdigit() or not 1 <= int(word) < 2**63 or bool(rest) != text:
+        raise UsageError(f"usage: {usage}")
+    return int(word), rest
 
 
 def msg_args(args: str) -> tuple[str, str]:

@@ -137,9 +137,10 @@ async def check_reachable(host: str, port: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_session(host: str, port: int, user: str, *, register: bool = False, interactive: bool,
-                       say: Callable[[str], None], **client_kwargs) -> AsyncIterator[Client]:
-    """Connect and log in as ``user``, saving the token; yields the ``Client``.
+async def open_session(host: str, port: int, user: str, *, register: bool = False, invite: str | None = None,
+                       interactive: bool, say: Callable[[str], None], **client_kwargs) -> AsyncIterator[Client]:
+    """Connect and log in as ``user``, saving the token; yields the ``Client``. With ``register``, ``invite`` is
+    the one-time code of a server whose registration is by invite (REGISTER_INVITE, spec §5.59).
 
     Raises ``LoginError`` when that is impossible (unreachable, refused, no
     credentials and nobody to ask).
@@ -171,7 +172,7 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
             try:
                 client = await stack.enter_async_context(open_client(
                     host, port, username=user, password=password, token=token, register=register and token is None,
-                    on_token=save, **client_kwargs))
+                    invite=invite if register and token is None else None, on_token=save, **client_kwargs))
             except ServerError as exc:
                 code = exc.code
                 if code == ErrorCode.INVALID_TOKEN and token is not None:
@@ -180,14 +181,16 @@ async def open_session(host: str, port: int, user: str, *, register: bool = Fals
                     say("the saved session has expired; log in again")
                     continue
                 refusals += code == ErrorCode.AUTH_FAILED
-                if code in (ErrorCode.AUTH_FAILED, ErrorCode.WEAK_PASSWORD) and typed and attempt + 1 < _TRIES:
+                bad_code = register and invite is not None and code == ErrorCode.AUTH_FAILED  # not the password's fault
+                if code in (ErrorCode.AUTH_FAILED, ErrorCode.WEAK_PASSWORD) and typed and attempt + 1 < _TRIES \
+                        and not bad_code:
                     say(_refusal(exc, user))
                     password = None
                     continue
                 if refusals == _TRIES and not register:
                     raise LoginError(f"{_refusal(exc, user)}, {_TRIES} times; if there is no account {user} on "
                                      f"{host}:{port} yet, --register creates it") from None
-                raise LoginError(_refusal(exc, user)) from None
+                raise LoginError(_refusal(exc, user, invite if register else None)) from None
             except ssl.SSLError as exc:  # before OSError, which it is
                 raise LoginError(f"TLS with {host}:{port} failed: {_tls_problem(exc)}") from None
             except OSError as exc:
@@ -206,10 +209,15 @@ def _tls_problem(exc: ssl.SSLError) -> str:
     return f"{exc.reason or exc} (is it a TLS port? without --tls the client speaks plain TCP)"
 
 
-def _refusal(exc: ServerError, user: str) -> str:
+def _refusal(exc: ServerError, user: str, invite: str | None = None) -> str:
     code = exc.code
+    if code == ErrorCode.AUTH_FAILED and invite is not None:
+        return "the invite code is unknown, used or expired; ask the server's operator for another"
     if code == ErrorCode.AUTH_FAILED:
         return "wrong user name or password"
+    if code == ErrorCode.INVALID_REQUEST and "by invite" in exc.message:
+        return ("registration on this server is by invite: ask its operator for a code and add --invite CODE "
+                "(or set CHORUS_INVITE)")
     if code == ErrorCode.USERNAME_TAKEN:
         return f"the name {user} is taken; to log in as {user}, leave out --register"
     if code == ErrorCode.WEAK_PASSWORD:

@@ -23,13 +23,20 @@ boundaries, measuring each cluster's width in cells, and indents the following
 lines under the text column (where the body begins), so a message stays one
 visually separate block; a word is split only if it is longer than a line.
 
+Version 2 conversations also hold events at their own seqs (spec §3.15, §9.15, §9.16). An ACTION is the
+message "* alice waves"; a DELETED tombstone stands where its message was, "<bob> (message deleted by carol)";
+the others are one line in words after the time and conversation, e.g. "-- carol removed bob from #lobby: spam",
+"-- alice edited #12: new text", "-- alice reacted 👍 to #12" (``event_words``); an actor "" is "the
+operator". With ``seqs`` (the interactive client) each message ends with its seq, "#12": the number /edit,
+/delete and /react take, and that edits and reactions name.
+
 A message from someone else that names you (``@you`` or ``you`` as a word) is
 marked "! " in the gutter and its body highlighted; the client rings the bell.
 
 Times are local HH:MM, with the date in front for another day. Colours (ANSI
 SGR) only when asked for: ``use_colour`` decides from the NO_COLOR convention
 (https://no-color.org), TERM=dumb and whether the output is a terminal. For
-scripts, ``json_line`` gives one JSON object per message.
+scripts, ``json_line`` gives one JSON object per message or event (``kind``: "message", "action" or "event").
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import zlib
 import wcwidth
 
 from chorus import proto
+from chorus.proto import EventKind
 
 _RESET = "\x1b[0m"
 _DIM, _BOLD, _RED, _GREEN, _YELLOW, _CYAN = "\x1b[2m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[36m"
@@ -146,26 +154,84 @@ def clock(ts_ms: int, today: datetime.date | None = None) -> str:
     return when.strftime("%Y-%m-%d %H:%M")
 
 
-def json_line(msg: proto.Message) -> str:
-    """One message as a JSON object on one line (for ``chorus tail --json``)."""
-    return json.dumps({
-        "conv": str(msg.conv),
-        "seq": msg.seq,
-        "ts_ms": msg.ts_ms,
-        "time": datetime.datetime.fromtimestamp(msg.ts_ms / 1000, datetime.timezone.utc).isoformat(),
-        "sender": msg.sender,
-        "body": msg.body,
-        "client_msg_id": msg.client_msg_id,
-    }, ensure_ascii=False)
+def _time_fields(ts_ms: int) -> dict:
+    return {"ts_ms": ts_ms, "time": datetime.datetime.fromtimestamp(ts_ms / 1000, datetime.timezone.utc).isoformat()}
+
+
+def json_line(item: proto.Message | proto.Events) -> str:
+    """A message, or the one event of an EVENTS, as a JSON object on one line (for ``chorus tail --json``).
+    Every line has ``kind``: "message" (sender, body, client_msg_id), "action" (the same; body without "/me "),
+    or "event" (``event``: its EventKind in lower case, e.g. "edit", "react", "kick"; actor ("" is the
+    operator), target, target_seq, text, until_ms and role)."""
+    if isinstance(item, proto.Message):
+        return json.dumps({"kind": "message", "conv": str(item.conv), "seq": item.seq, **_time_fields(item.ts_ms),
+                           "sender": item.sender, "body": item.body, "client_msg_id": item.client_msg_id},
+                          ensure_ascii=False)
+    (ev,) = item.events
+    if ev.kind == EventKind.ACTION:
+        return json.dumps({"kind": "action", "conv": str(item.conv), "seq": ev.seq, **_time_fields(ev.ts_ms),
+                           "sender": ev.actor, "body": ev.text, "client_msg_id": 0}, ensure_ascii=False)
+    return json.dumps({"kind": "event", "event": ev.kind.name.lower(), "conv": str(item.conv), "seq": ev.seq,
+                       **_time_fields(ev.ts_ms), "actor": ev.actor, "target": ev.target, "target_seq": ev.target_seq,
+                       "text": ev.text, "until_ms": ev.until_ms, "role": ev.role.name.lower()}, ensure_ascii=False)
+
+
+def who(name: str) -> str:
+    """An event's actor or target for people: "" is the server's operator (spec §9.15)."""
+    return one_line(name) if name else "the operator"
+
+
+_ROLE_WORDS = {proto.RoomRole.OWNER: "the owner", proto.RoomRole.MODERATOR: "a moderator",
+               proto.RoomRole.MEMBER: "a member"}
+
+
+def event_words(conv: proto.Conversation, ev: proto.ConvEvent, today: datetime.date | None = None) -> str:
+    """What ``ev`` (not an ACTION or a DELETED tombstone: those are shown as messages) says, in words, on one
+    line; client text in it neutralised as in messages."""
+    text = one_line(ev.text)
+    until = f" until {clock(ev.until_ms, today)}" if ev.until_ms else ""
+    words = _EVENT_WORDS.get(ev.kind, "{actor}: {kind} {target}{reason}")
+    if ev.kind == EventKind.TOPIC and not text:
+        words = "{actor} cleared the topic"
+    return words.format(
+        actor=who(ev.actor), target=who(ev.target), conv=conv, text=text, reason=f": {text}" if text else "",
+        seq=ev.seq, target_seq=ev.target_seq, kind=ev.kind.name.lower(), role=_ROLE_WORDS.get(ev.role, ""),
+        banned=until or " until unbanned", muted=until or " until unmuted",
+        whose="" if ev.actor == ev.target else f" ({who(ev.target)}'s message)")
+
+
+#: How each event reads (``event_words``); the fields are neutralised client text.
+_EVENT_WORDS = {
+    EventKind.KICK: "{actor} removed {target} from {conv}{reason}",
+    EventKind.BAN: "{actor} banned {target} from {conv}{banned}{reason}",
+    EventKind.UNBAN: "{actor} lifted the ban on {target} in {conv}",
+    EventKind.MUTE: "{actor} muted {target} in {conv}{muted}{reason}",
+    EventKind.UNMUTE: "{actor} unmuted {target} in {conv}",
+    EventKind.DELETE: "{actor} deleted #{target_seq}{whose}",
+    EventKind.DELETED: "#{seq}: {target}'s message, deleted by {actor}",
+    EventKind.TOPIC: "{actor} set the topic: {text}",
+    EventKind.ROLE: "{actor} made {target} {role} of {conv}",
+    EventKind.INVITE: "{actor} added {target} to {conv}",
+    EventKind.EDIT: "{actor} edited #{target_seq}: {text}",
+    EventKind.REACT: "{actor} reacted {text} to #{target_seq}",
+    EventKind.UNREACT: "{actor} took back {text} from #{target_seq}",
+    EventKind.ACTION: "* {actor} {text}",
+}
+
+
+def action_message(conv: proto.Conversation, ev: proto.ConvEvent) -> proto.Message:
+    """An ACTION event as the message it is, with the "/me " body ``Renderer.message`` shows as "* alice waves"."""
+    return proto.Message(conv, ev.seq, ev.ts_ms, ev.actor, 0, _ACTION + ev.text)
 
 
 class Renderer:
     """Formats lines for the user ``me``; ``colour`` turns ANSI colours on."""
 
-    def __init__(self, me: str, *, colour: bool, gutter: bool = True):
+    def __init__(self, me: str, *, colour: bool, gutter: bool = True, seqs: bool = False):
         self.me = me
         self.colour = colour
         self.gutter = gutter  # the 2-character own/pending mark in front; off for `chorus tail`
+        self.seqs = seqs  # "#12" after each message: what /edit, /delete and /react name
 
     def _c(self, code: str, text: str) -> str:
         return f"{code}{text}{_RESET}" if self.colour else text
@@ -176,21 +242,29 @@ class Renderer:
         return self._c(_NAME_COLOURS[zlib.crc32(name.encode()) % len(_NAME_COLOURS)], name)
 
     def message(self, msg: proto.Message, *, pending: bool = False, today: datetime.date | None = None,
-                width: int | None = None) -> str:
-        """The line for ``msg``; ``pending`` marks one typed offline and not yet acknowledged. With ``width``
-        (a terminal's columns) a long message is word-wrapped, the lines after the first indented under the
-        text column."""
+                width: int | None = None, edited: bool = False, reactions: str = "",
+                deleted_by: str | None = None) -> str:
+        """The line for ``msg``; ``pending`` marks one typed offline and not yet acknowledged; ``edited`` and
+        ``reactions`` (e.g. "👍 2") follow the text; ``deleted_by`` (an actor) shows a tombstone instead of the
+        text. With ``width`` (a terminal's columns) a long message is word-wrapped, the lines after the first
+        indented under the text column."""
         own = msg.sender == self.me
-        named = not own and mentions(msg.body, self.me)
+        named = not own and deleted_by is None and mentions(msg.body, self.me)
         conv = str(msg.conv).ljust(_CONV_WIDTH)
-        if is_action(msg.body):
+        if deleted_by is not None:
+            by = "" if deleted_by == msg.sender else f" by {who(deleted_by)}"
+            lead, body = f"<{self._name(msg.sender)}> ", f"(message deleted{by})"
+        elif is_action(msg.body):
             lead, body = f"* {self._name(msg.sender)} ", one_line(msg.body[len(_ACTION):])
         else:
             lead, body = f"<{self._name(msg.sender)}> ", one_line(msg.body)
         head = f"{self._c(_DIM, clock(msg.ts_ms, today))} {self._c(_CYAN, conv)} {lead}"
         if self.gutter:
             head = ("~ " if pending else "! " if named else "> " if own else "  ") + head
-        suffix, indent = ("  (pending)" if pending else ""), 0
+        notes = [note for note in ("(edited)" if edited else "", f"[{one_line(reactions)}]" if reactions else "",
+                                   f"#{msg.seq}" if self.seqs and msg.seq else "", "(pending)" if pending else "")
+                 if note]
+        suffix, indent = "".join("  " + note for note in notes), 0
         if width is None or cells(head) + cells(body + suffix) <= width:
             texts = [body + suffix]
         else:
@@ -198,9 +272,23 @@ class Renderer:
             texts = wrap(body + suffix, width - cells(head), width - indent)
         if named:  # the text only, not the indent under it
             texts = [self._c(_MENTION, text) for text in texts]
-        if pending:
-            texts[-1] = texts[-1].removesuffix("(pending)") + self._c(_DIM, "(pending)")
+        tail = "  ".join(notes)
+        if tail and texts[-1].endswith(tail):  # the notes are dim (when they stayed together on the last line)
+            texts[-1] = texts[-1].removesuffix(tail) + self._c(_DIM, tail)
         return "\n".join([head + texts[0], *(" " * indent + text for text in texts[1:])])
+
+    def event(self, conv: proto.Conversation, ev: proto.ConvEvent, *, today: datetime.date | None = None,
+              width: int | None = None) -> str:
+        """The line for an event that is not a message (``event_words``), after its time and conversation."""
+        head = f"{self._c(_DIM, clock(ev.ts_ms, today))} {self._c(_CYAN, str(conv).ljust(_CONV_WIDTH))} "
+        if self.gutter:
+            head = "  " + head
+        text = "-- " + event_words(conv, ev, today)
+        if width is not None and cells(head) + cells(text) > width:
+            indent = min(cells(head) + 3, width // 2)
+            lines = wrap(text, width - cells(head), width - indent)
+            text = "\n".join([lines[0], *(" " * indent + line for line in lines[1:])])
+        return head + self._c(_YELLOW, text)
 
     def info(self, text: str, width: int | None = None) -> str:
         return self._c(_YELLOW, _block("-- ", one_line(text), width))

@@ -9,7 +9,10 @@ is refused (a typo such as '#lobyy' must not create a room and exit 0) unless
 joined room at its current last seq (so nothing but the tailed room is paged)
 and the tailed one ``--last`` N (default 20) messages back, or at ``--since``
 (so that history comes first, then live messages, with no gap and no duplicate
-between them, §9.5). It follows until interrupted,
+between them, §9.5). On version 2 the events of the conversation come in the same
+order (§9.15, §9.16): an action is "* carol waves", an edit, a reaction or a
+moderation a line in words; with ``--json`` every line has a ``kind``
+("message", "action", "event"), see ``_render.json_line``. It follows until interrupted,
 across reconnects (the library resumes by seq). Connection news goes to stderr
 so that stdout holds only messages: "following #room" once the backlog is
 printed and live delivery has begun, then "reconnecting…" and "reconnected".
@@ -27,7 +30,20 @@ from chorus.proto import ConvKind, ErrorCode
 from ._client import Client, parse_conv
 from ._errors import ServerError
 from ._events import Disconnected, Reconnected
-from ._render import Renderer, json_line, use_colour
+from ._render import Renderer, action_message, json_line, use_colour
+
+
+def _line(renderer: Renderer, item: proto.Message | proto.Events) -> str:
+    """A message, an action, or an event in words (edits and reactions as lines of their own: a script's output
+    is a log, nothing in it is rewritten)."""
+    if isinstance(item, proto.Message):
+        return renderer.message(item)
+    (ev,) = item.events
+    if ev.kind == proto.EventKind.ACTION:
+        return renderer.message(action_message(item.conv, ev))
+    if ev.kind == proto.EventKind.DELETED:
+        return renderer.message(proto.Message(item.conv, ev.seq, ev.ts_ms, ev.target, 0, ""), deleted_by=ev.actor)
+    return renderer.event(item.conv, ev)
 
 
 class ScriptError(Exception):
@@ -48,14 +64,20 @@ def target(text: str) -> proto.Conversation:
 DEFAULT_LAST = 20
 
 
-async def send(client: Client, conv: proto.Conversation, bodies: list[str], *, create: bool = False) -> None:
-    """Send ``bodies`` in order, joining the room first if needed (creating it only if ``create``). Raises
-    ``ScriptError``."""
+async def send(client: Client, conv: proto.Conversation, bodies: list[str], *, create: bool = False,
+               action: bool = False) -> None:
+    """Send ``bodies`` in order, joining the room first if needed (creating it only if ``create``); ``action``:
+    each is an action ("/me"; SEND_ACTION on version 2, a "/me " message on version 1). Raises ``ScriptError``."""
     joined = False
     for body in bodies:
         while True:
             try:
-                await client.send(conv, body)
+                if not action:
+                    await client.send(conv, body)
+                elif (client.version or 1) >= 2:
+                    await client.send_action(conv, body)
+                else:
+                    await client.send(conv, "/me " + body)
                 break
             except ServerError as exc:
                 if exc.code == ErrorCode.NOT_MEMBER and conv.kind == ConvKind.ROOM and not joined:
@@ -90,7 +112,7 @@ async def tail(client: Client, conv: proto.Conversation, *, since: int | None, a
             page = await client.history(conv, limit=1)
         except ServerError as exc:
             raise ScriptError(f"cannot tail {conv}: {exc.message or exc.code.name}") from None
-        top = page.messages[-1].seq if page.messages else 0
+        top = page.entries[-1].seq if page.entries else 0  # an event takes a seq too (spec §9.15)
     for room in await client.rooms():
         if room.joined:
             client.last_seq[proto.Conversation.room(room.name)] = room.last_seq
@@ -99,8 +121,8 @@ async def tail(client: Client, conv: proto.Conversation, *, since: int | None, a
     events = client.events()
 
     def show(event) -> None:
-        if isinstance(event, proto.Message) and event.conv == conv:
-            out.write((json_line(event) if as_json else renderer.message(event)) + "\n")
+        if isinstance(event, (proto.Message, proto.Events)) and event.conv == conv:
+            out.write((json_line(event) if as_json else _line(renderer, event)) + "\n")
             out.flush()
         elif isinstance(event, Disconnected):
             print(f"chorus: {event.message}" + ("; reconnecting…" if event.will_reconnect else ""),

@@ -49,6 +49,18 @@ input history, never completed, and send no typing notice); Ctrl-C cancels.
 /sessions numbers the user's sessions for /revoke N; /logout-all ends every
 session and forgets the saved token.
 
+Version 2's conversation events (spec §9.15, §9.16) arrive in the event stream
+in seq order with the messages, live and on catch-up: ``_show_event`` prints an
+ACTION as a message and the others in words (``_render.event_words``), and
+follows what concerns us (the topic; our own removal, which closes the room; an
+invitation, which opens it). A page of history (recap, /history) is printed by
+``_print_block``, which folds the page's edits and reactions into the messages
+they concern. Paging back counts entries (``Page.entries``), events included,
+so a page of events only does not end it. The moderation commands act on the
+current room, /edit, /delete and /react on the message whose seq is shown after
+it (``Renderer(seqs=True)``); what they do comes back as an event everyone
+sees, and a refusal (FORBIDDEN...) is one line.
+
 Lines are handled at once, in the Trio thread, when typed: text gets its
 client_msg_id then (so a retry after a reconnect reuses it, §9.4), and while
 offline it is printed as pending. Work that needs the server goes to a
@@ -80,14 +92,14 @@ from typing import Awaitable, Callable
 import trio
 
 from chorus import proto
-from chorus.proto import ConvKind, ErrorCode
+from chorus.proto import ConvKind, ErrorCode, EventKind
 
 from ._client import Client
 from ._commands import COMMANDS, DEFAULT_PAGE, Command, Text, UsageError, completions, help_lines, history_count, \
-    msg_args, parse, room_arg
+    msg_args, parse, room_arg, seq_args, user_args
 from ._errors import ConnectionLost, ServerError
 from ._events import Disconnected, Reconnected
-from ._render import Renderer, clock, mentions
+from ._render import Renderer, action_message, clock, mentions
 from ._rules import password_problem
 
 #: At start, a room shows at most this many messages that arrived since we last looked; /history shows more.
@@ -126,6 +138,21 @@ class _Pending:
     conv: proto.Conversation
     body: str
     client_msg_id: int
+    action: bool = False  # /me: SEND_ACTION on version 2, "/me " + body on version 1
+
+
+Entry = proto.StoredMessage | proto.ConvEvent
+#: Events shown as messages: at the seq of the message they are (spec §3.15).
+_MESSAGE_LIKE = (EventKind.ACTION, EventKind.DELETED)
+#: /op, /deop, /owner: the role each gives.
+_ROLES = {"op": proto.RoomRole.MODERATOR, "deop": proto.RoomRole.MEMBER, "owner": proto.RoomRole.OWNER}
+#: Commands that act on the current room (version 2, spec §9.15).
+_ROOM_COMMANDS = ("kick", "ban", "unban", "mute", "unmute", "op", "deop", "owner", "invite", "topic")
+
+
+def _reactions(counts: dict[str, set[str]]) -> str:
+    """ "👍 2, 🎉" for a message's reactions (who left each), in the order they came."""
+    return ", ".join(r if len(users) == 1 else f"{r} {len(users)}" for r, users in counts.items() if users)
 
 
 class Tui:
@@ -145,6 +172,7 @@ class Tui:
         #: number, so joining or closing one never renumbers the others.
         self.numbers: dict[proto.Conversation, int] = {}
         self.known_rooms: set[str] = set()
+        self.topics: dict[str, str] = {}  # room → topic, from GET_ROOM and TOPIC events (version 2)
         self.users: set[str] = set()
         self.unread: dict[proto.Conversation, int] = {}
         self.shown: dict[proto.Conversation, int] = {}  # highest seq shown (or not news any more)
@@ -473,7 +501,18 @@ class Tui:
         elif name == "me":
             if not args:
                 raise UsageError(f"usage: {COMMANDS['me'].usage}")
-            self._queue_text(self.current, "/me " + args)
+            self._queue_text(self.current, args, action=True)
+        elif name == "create":
+            words = args.split()
+            private = "--private" in words
+            room = room_arg(" ".join(w for w in words if w != "--private"), COMMANDS["create"].usage)
+            self._needs_version_2(name)
+            previous, self.current = self.current, proto.Conversation.room(room)
+            self._enqueue(self._join, room, previous, private)
+        elif name in ("edit", "delete", "react", "unreact"):
+            self._message_command(name, args)
+        elif name in _ROOM_COMMANDS:
+            self._room_command(name, args)
         elif name == "history":
             if self.current is None:
                 raise UsageError("no conversation yet: /join #room first")
@@ -489,6 +528,75 @@ class Tui:
             self._revoke_command(args)
         elif name == "logout-all":
             self._enqueue(self._logout_all)
+
+    def _needs_version_2(self, name: str) -> None:
+        if (self.client.version or 1) < 2:
+            raise UsageError(f"/{name} needs a server that speaks protocol version 2; this one speaks version 1")
+
+    def _here(self, name: str, *, room: bool) -> proto.Conversation:
+        """The current conversation, which /``name`` acts on (a room, if ``room``). Raises ``UsageError``."""
+        self._needs_version_2(name)
+        conv = self.current
+        if conv is None or (room and conv.kind != ConvKind.ROOM):
+            raise UsageError(f"/{name} acts on the current room: /switch #room first")
+        return conv
+
+    def _message_command(self, name: str, args: str) -> None:
+        """/edit N text, /delete N, /react N emoji, /unreact N emoji: N is the seq shown after the message."""
+        conv = self._here(name, room=False)
+        seq, text = seq_args(args, COMMANDS[name].usage, text=name != "delete")
+        client = self.client
+        if name == "edit":
+            self._enqueue(self._ask, f"edit #{seq}", functools.partial(client.edit_message, conv, seq, text))
+        elif name == "delete":
+            self._enqueue(self._ask, f"delete #{seq}", functools.partial(client.delete_message, conv, seq))
+        else:
+            self._enqueue(self._ask, f"{'react to' if name == 'react' else 'take back a reaction to'} #{seq}",
+                          functools.partial(client.react, conv, seq, text, add=name == "react"))
+
+    def _room_command(self, name: str, args: str) -> None:
+        """The moderation commands (spec §9.15), on the current room. What they do comes back as an event of the
+        room, shown like everyone else sees it; a refusal is one line."""
+        room = self._here(name, room=True).name
+        client = self.client
+        if name == "topic":
+            if args:
+                self._enqueue(self._ask, "set the topic", functools.partial(client.set_topic, room, args))
+            else:
+                self._enqueue(self._show_topic, room)
+            return
+        usage = COMMANDS[name].usage
+        user, seconds, reason = user_args(args, usage, duration=name in ("ban", "mute"),
+                                          reason=name in ("kick", "ban", "mute"))
+        until_ms = int(time.time() * 1000) + seconds * 1000 if seconds else 0
+        call: Callable[[], Awaitable[None]]
+        if name == "kick":
+            call = functools.partial(client.kick, room, user, reason)
+        elif name in ("ban", "mute"):
+            call = functools.partial(client.ban if name == "ban" else client.mute, room, user, until_ms=until_ms,
+                                     reason=reason)
+        elif name in ("unban", "unmute", "invite"):
+            call = functools.partial(getattr(client, name), room, user)
+        else:
+            call = functools.partial(client.set_role, room, user, _ROLES[name])
+        self._enqueue(self._ask, f"{name} {user}", call)
+
+    async def _ask(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        """A request whose outcome is an event the server sends back to us; a refusal is one line."""
+        try:
+            await call()
+        except ServerError as exc:
+            self.error(f"cannot {what}: {describe(exc)}")
+
+    async def _show_topic(self, room: str) -> None:
+        try:
+            details = await self.client.room(room)
+        except ServerError as exc:
+            self.error(f"cannot read the topic of #{room}: {describe(exc)}")
+            return
+        self.topics[room] = details.topic
+        self.info(f"topic of #{room}: {details.topic}" if details.topic
+                  else f"#{room} has no topic (/topic text sets it)")
 
     def _secret_answer(self, text: str) -> None:
         """One answer to /passwd's questions: the current password, a new one, the new one again."""
@@ -547,7 +655,8 @@ class Tui:
         self.current = conv
         self.unread.pop(conv, None)
         self._read_here()
-        self.info(f"now talking in {conv}")
+        topic = self.topics.get(conv.name) if conv.kind == ConvKind.ROOM else None
+        self.info(f"now talking in {conv}" + (f"; topic: {topic}" if topic else ""))
         if conv not in self.first_shown:
             self._enqueue(self._recap, conv)
 
@@ -555,7 +664,7 @@ class Tui:
         """Most messages a HISTORY page holds: WELCOME's ``max_page`` (§5.2)."""
         return self.client.welcome.max_page if self.client.welcome else DEFAULT_PAGE
 
-    def _queue_text(self, conv: proto.Conversation | None, body: str) -> None:
+    def _queue_text(self, conv: proto.Conversation | None, body: str, *, action: bool = False) -> None:
         if conv is None:
             raise UsageError("you are in no room: /join #room first, or /msg USER text")
         size = len(body.encode("utf-8"))
@@ -564,11 +673,12 @@ class Tui:
             raise UsageError(f"message too long: {size} bytes, the server takes at most {limit}")
         if conv.kind == ConvKind.DIRECT:
             self._open(conv)
-        p = _Pending(conv, body, secrets.randbits(63) or 1)
+        p = _Pending(conv, body, secrets.randbits(63) or 1, action)
         self._enqueue(self._send, p)
         self.pending[p.client_msg_id] = p
         if not self.connected:
-            shown = proto.Message(conv, 0, int(time.time() * 1000), self.me, p.client_msg_id, body)
+            shown = proto.Message(conv, 0, int(time.time() * 1000), self.me, p.client_msg_id,
+                                  "/me " + body if action else body)
             self.out(self.message_line(shown, pending=True))
 
     def _enqueue(self, fn: Callable[..., Awaitable[None]], *args) -> None:
@@ -598,7 +708,12 @@ class Tui:
         try:
             while True:
                 try:
-                    await self.client.send(p.conv, p.body, client_msg_id=p.client_msg_id)
+                    if not p.action:
+                        await self.client.send(p.conv, p.body, client_msg_id=p.client_msg_id)
+                    elif (self.client.version or 1) >= 2:  # an ACTION event (spec §9.16)
+                        await self.client.send_action(p.conv, p.body, client_msg_id=p.client_msg_id)
+                    else:  # version 1's convention, which every client shows as an action
+                        await self.client.send(p.conv, "/me " + p.body, client_msg_id=p.client_msg_id)
                     return
                 except trio.TooSlowError:
                     continue  # still away: keep trying, with the same id so it is stored once
@@ -619,12 +734,16 @@ class Tui:
         convs = self.conv_list()
         return convs[0] if convs else None
 
-    async def _join(self, room: str, previous: proto.Conversation | None) -> None:
+    async def _join(self, room: str, previous: proto.Conversation | None, private: bool | None = None) -> None:
+        """/join, or with ``private`` not None /create (CREATE_ROOM, version 2)."""
         conv = proto.Conversation.room(room)
         try:
-            joined = await self.client.join(room)
+            if private is None:
+                joined = await self.client.join(room)
+            else:
+                joined = await self.client.create_room(room, private=private)
         except ServerError as exc:
-            self.error(f"cannot join #{room}: {describe(exc)}")
+            self.error(f"cannot {'join' if private is None else 'create'} #{room}: {describe(exc)}")
             if self.current == conv:
                 self.current = previous
             return
@@ -634,9 +753,17 @@ class Tui:
         self.shown[conv] = max(self.shown.get(conv, 0), joined.last_seq)
         people = "1 member" if joined.members == 1 else f"{joined.members} members"
         said = f"{joined.last_seq} messages so far" if joined.last_seq else "no messages yet"
-        self.info(f"joined #{joined.room} ({people}, {said})")
-        with contextlib.suppress(ServerError):  # names to complete; a failure here costs nothing else
-            self.users |= {m.user for m in await self.client.members(joined.room)}
+        made = "" if private is None else "created private room " if private else "created "
+        self.info(f"{made or 'joined '}#{joined.room} ({people}, {said})")
+        with contextlib.suppress(ServerError):  # names to complete, and the topic; a failure here costs nothing else
+            if (self.client.version or 1) >= 2:
+                details = await self.client.room(joined.room)
+                self.users |= {m.user for m in details.members}
+                self.topics[joined.room] = details.topic
+                if details.topic:
+                    self.info(f"topic: {details.topic}")
+            else:
+                self.users |= {m.user for m in await self.client.members(joined.room)}
         if conv not in self.first_shown:
             await self._recap(conv, upto=joined.last_seq)
 
@@ -701,6 +828,9 @@ class Tui:
 
     async def _who(self, room: str) -> None:
         try:
+            if (self.client.version or 1) >= 2:
+                await self._roles(room)
+                return
             members = await self.client.members(room)
         except ServerError as exc:
             self.error(f"cannot list #{room}: {describe(exc)}")
@@ -709,16 +839,43 @@ class Tui:
         order = sorted(members, key=lambda m: (m.status != proto.Status.ONLINE, m.user))
         self.info(f"#{room}: " + ", ".join(f"{m.user} ({m.status.name.lower()})" for m in order))
 
-    async def _older(self, conv: proto.Conversation, before: int | None, n: int) -> tuple[list, bool]:
-        """Up to ``n`` stored messages of ``conv`` before seq ``before`` (None: the newest), oldest first, in as
-        many HISTORY pages as that takes (§5.19), and whether they reach the beginning. Raises ``ServerError``."""
-        found: list = []
+    async def _roles(self, room: str) -> None:
+        """/who on version 2 (GET_ROOM, §5.57): the topic, members with role, presence and mute, and bans (which
+        the server shows to moderators and the owner only). Raises ``ServerError``."""
+        details = await self.client.room(room)
+        self.topics[room] = details.topic
+        self.users |= {m.user for m in details.members}
+        rank = {proto.RoomRole.OWNER: 0, proto.RoomRole.MODERATOR: 1, proto.RoomRole.MEMBER: 2}
+
+        def member(m: proto.RoomMember) -> str:
+            notes = [m.role.name.lower()] if m.role != proto.RoomRole.MEMBER else []
+            notes.append(m.status.name.lower())
+            if m.muted:
+                notes.append(f"muted until {clock(m.muted_until_ms)}" if m.muted_until_ms else "muted")
+            return f"{m.user} ({', '.join(notes)})"
+
+        order = sorted(details.members, key=lambda m: (rank[m.role], m.status != proto.Status.ONLINE, m.user))
+        private = " (private)" if details.private else ""
+        self.info(f"#{room}{private}: " + ", ".join(map(member, order)))
+        if details.topic:
+            self.info(f"topic: {details.topic}")
+        if details.bans:
+            self.info("banned: " + ", ".join(f"{b.user} (until {clock(b.until_ms)})" if b.until_ms else b.user
+                                             for b in details.bans))
+
+    async def _older(self, conv: proto.Conversation, before: int | None, n: int) -> tuple[list[Entry], bool]:
+        """Up to ``n`` entries (messages and, on version 2, events) of ``conv`` before seq ``before`` (None: the
+        newest), oldest first, in as many HISTORY pages as that takes (§5.19), and whether they reach the
+        beginning. A page of events only is a page like any other: paging goes on past it. Raises
+        ``ServerError``."""
+        found: list[Entry] = []
         while len(found) < n:
             page = await self.client.history(conv, before=before, limit=min(self.page_size(), n - len(found)))
-            found[:0] = page.messages
-            if not page.messages or not page.has_more:
+            entries = page.entries
+            found[:0] = entries
+            if not entries or not page.has_more:
                 return found, True
-            before = page.messages[0].seq
+            before = entries[0].seq
         return found, False
 
     async def _history(self, conv: proto.Conversation, limit: int) -> None:
@@ -738,9 +895,7 @@ class Tui:
             return
         # One block, oldest first, whatever the number of pages it took.
         self.info(f"{conv} history, messages {messages[0].seq} to {messages[-1].seq}:")
-        for m in messages:
-            self.out(self.message_line(proto.Message(conv, m.seq, m.ts_ms, m.sender, m.client_msg_id, m.body)))
-            self.users.add(m.sender)
+        self._print_block(conv, messages)
         self.history_cursor[conv] = messages[0].seq
         if done:
             self.info(f"that is the beginning of {conv}")
@@ -764,9 +919,7 @@ class Tui:
             return
         older = "; /history shows older ones" if not done or messages[0].seq > 1 else ""
         self.info(f"{conv}: the last {len(messages)} message{'s' if len(messages) > 1 else ''}{older}")
-        for m in messages:
-            self.out(self.message_line(proto.Message(conv, m.seq, m.ts_ms, m.sender, m.client_msg_id, m.body)))
-            self.users.add(m.sender)
+        self._print_block(conv, messages)
         self.first_shown[conv] = messages[0].seq
         self.printed[conv] = max(self.printed.get(conv, 0), messages[-1].seq)
         self.shown[conv] = max(self.shown.get(conv, 0), messages[-1].seq)
@@ -778,6 +931,9 @@ class Tui:
             async for event in self.client.events():
                 if isinstance(event, proto.Message):
                     self._show(event)
+                elif isinstance(event, proto.Events):
+                    for ev in event.events:
+                        self._show_event(event.conv, ev)
                 elif isinstance(event, Disconnected):
                     self._disconnected(event)
                 elif isinstance(event, Reconnected):
@@ -820,6 +976,75 @@ class Tui:
             self.unread[conv] = self.unread.get(conv, 0) + 1
         if not self.connected and msg.sender != self.me:  # our own, re-sent from the outbox, were not missed
             self._caught_up += 1
+
+    def _show_event(self, conv: proto.Conversation, ev: proto.ConvEvent) -> None:
+        """A seq-ordered event, live or catching up (spec §9.15, §9.16): an ACTION is a message; the others are a
+        line in words, and change what we know (the topic; our own removal from, or addition to, a room)."""
+        if ev.kind == EventKind.ACTION:
+            self._show(action_message(conv, ev))
+            return
+        if ev.seq <= self.printed.get(conv, 0):
+            return  # a recap printed it already
+        self._open(conv)
+        self.users |= {name for name in (ev.actor, ev.target) if name}
+        if ev.kind == EventKind.DELETED:  # a tombstone: only in catch-up, where its message was
+            self.out(self.r.message(proto.Message(conv, ev.seq, ev.ts_ms, ev.target, 0, ""), width=self.width(),
+                                    deleted_by=ev.actor))
+        else:
+            self.out(self.r.event(conv, ev, width=self.width()))
+        self.shown[conv] = max(self.shown.get(conv, 0), ev.seq)
+        self.printed[conv] = ev.seq
+        self.first_shown.setdefault(conv, ev.seq)
+        self._read_here()
+        if ev.kind == EventKind.TOPIC:
+            self.topics[conv.name] = ev.text
+        elif ev.kind in (EventKind.KICK, EventKind.BAN) and ev.target == self.me:
+            # The server stops sending us the room (its KICK or BAN is the last of it we get).
+            self._close(conv)
+            for table in (self.shown, self._marked, self.read, self._read_marked):
+                table.pop(conv, None)
+            self.info(f"you are no longer in {conv}" + (f"; now talking in {self.current}" if self.current else ""))
+        elif ev.kind == EventKind.INVITE and ev.target == self.me:
+            self.known_rooms.add(conv.name)
+            self.info(f"you are in {conv} now: /switch {conv} to talk there")
+
+    def _print_block(self, conv: proto.Conversation, entries: list[Entry]) -> None:
+        """A page of history (a recap or /history), oldest first. Edits and reactions of messages in the block are
+        shown on them ("(edited)", "[👍 2]": the page already has the latest text) rather than as lines of their
+        own, and a DELETE beside its tombstone is not said twice."""
+        here = {e.seq for e in entries if isinstance(e, proto.StoredMessage) or e.kind in _MESSAGE_LIKE}
+        edited: set[int] = set()
+        reactions: dict[int, dict[str, set[str]]] = {}
+        folded: set[int] = set()  # seqs of events shown on their message
+        for e in entries:
+            if isinstance(e, proto.ConvEvent) and e.target_seq in here:
+                if e.kind == EventKind.EDIT:
+                    edited.add(e.target_seq)
+                elif e.kind in (EventKind.REACT, EventKind.UNREACT):
+                    users = reactions.setdefault(e.target_seq, {}).setdefault(e.text, set())
+                    (users.add if e.kind == EventKind.REACT else users.discard)(e.actor)
+                elif e.kind != EventKind.DELETE:
+                    continue
+                folded.add(e.seq)
+        width = self.width()
+        for e in entries:
+            if isinstance(e, proto.StoredMessage):
+                msg = proto.Message(conv, e.seq, e.ts_ms, e.sender, e.client_msg_id, e.body)
+            elif e.kind == EventKind.ACTION:
+                msg = action_message(conv, e)
+            elif e.kind == EventKind.DELETED:
+                self.out(self.r.message(proto.Message(conv, e.seq, e.ts_ms, e.target, 0, ""), width=width,
+                                        deleted_by=e.actor))
+                continue
+            else:
+                if e.seq not in folded:
+                    self.out(self.r.event(conv, e, width=width))
+                if e.kind == EventKind.TOPIC:
+                    self.topics[conv.name] = e.text
+                continue
+            self.users.add(msg.sender)
+            self.out(self.r.message(msg, width=width, edited=e.seq in edited,
+                                    reactions=_reactions(reactions.get(e.seq, {}))))
 
     def _receipt(self, event: proto.Receipt) -> None:
         """Our own READ from another device (version 2 servers send it): what was read there is not unread here."""

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pexpect
+import pytest
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,3 +104,28 @@ class Terminal:
             os.kill(self.child.pid, signal.SIGCONT)
             self.child.terminate(force=True)
         self.child.close(force=True)
+
+
+# Fixtures for the modules that drive these processes (imported there by name, so pytest finds them).
+@pytest.fixture
+def server(tmp_path):
+    """A ``python -m chorus.server`` process (this name overrides conftest's in-process server where imported)."""
+    s = ServerProcess(tmp_path / "data")
+    s.start()
+    yield s
+    s.kill()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """``spawn(*args, columns=200, **env)`` → a ``Terminal`` running ``chorus ARGS``, closed after the test."""
+    opened: list[Terminal] = []
+
+    def start(*args: str, columns: int = 200, **env: str) -> Terminal:
+        t = Terminal(list(args), chorus_env(tmp_path / "config", **env), columns=columns)
+        opened.append(t)
+        return t
+
+    yield start
+    for t in opened:
+        t.close()

@@ -1,4 +1,6 @@
 """``chorus send`` and ``chorus tail`` as a shell script uses them: real processes, pipes, a real server."""
+# The fixtures `server` and `spawn` come from chorusproc by import; the tests name them as parameters.
+# ruff: noqa: F401, F811
 from __future__ import annotations
 
 import json
@@ -10,17 +12,10 @@ from pathlib import Path
 import pytest
 from pexpect.popen_spawn import PopenSpawn
 
-from chorusproc import EXPECT_TIMEOUT_S, REPO, ServerProcess, chorus_env
+from chorusproc import EXPECT_TIMEOUT_S, REPO, chorus_env, server
 
 PASSWORD = "carol-secret-pw"
 
-
-@pytest.fixture
-def server(tmp_path):
-    s = ServerProcess(tmp_path / "data")
-    s.start()
-    yield s
-    s.kill()
 
 
 @pytest.fixture
@@ -171,8 +166,8 @@ def test_interactive_client_reads_lines_from_a_pipe(tmp_path, server, chorus):
                             input="/join #pipe\nfrom a pipe\n/who\n", env=chorus_env(tmp_path / "config"),
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^> \d\d:\d\d #pipe +<carol> from a pipe$", result.stdout, re.M), result.stdout
-    assert "#pipe: carol (online)" in result.stdout and "\x1b" not in result.stdout
+    assert re.search(r"^> \d\d:\d\d #pipe +<carol> from a pipe  #2$", result.stdout, re.M), result.stdout
+    assert "#pipe: carol (owner, online)" in result.stdout and "\x1b" not in result.stdout
 
 
 def test_send_refuses_a_room_that_does_not_exist_unless_create(chorus, tails):

@@ -1,5 +1,7 @@
 """The interactive ``chorus`` client: its pieces without a terminal, then the real program in a
 pseudo-terminal (pexpect) against a real server process, with a library client as the other user."""
+# The fixtures `server` and `spawn` come from chorusproc by import; the tests name them as parameters.
+# ruff: noqa: F401, F811
 from __future__ import annotations
 
 import datetime
@@ -23,7 +25,7 @@ from chorus.client._render import Renderer, cells, mentions, one_line, use_colou
 from chorus.client._rules import password_problem
 from chorus.client._tui import Tui
 from chorus.proto import ErrorCode
-from chorusproc import ServerProcess, Terminal, chorus_env
+from chorusproc import ServerProcess, Terminal, server, spawn
 
 PASSWORD = "alice-secret-pw"
 LOBBY = proto.Conversation.room("lobby")
@@ -351,26 +353,6 @@ async def test_typing_notices_only_where_the_server_knows_us(nursery):
 
 
 # -- the real program in a terminal ---------------------------------------------------------------------
-@pytest.fixture
-def server(tmp_path):
-    s = ServerProcess(tmp_path / "data")
-    s.start()
-    yield s
-    s.kill()
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    opened: list[Terminal] = []
-
-    def start(*args: str, columns: int = 200, **env: str) -> Terminal:
-        t = Terminal(list(args), chorus_env(tmp_path / "config", **env), columns=columns)
-        opened.append(t)
-        return t
-
-    yield start
-    for t in opened:
-        t.close()
 
 
 @asynccontextmanager
@@ -386,6 +368,16 @@ async def message_from(c, sender: str) -> proto.Message:
     with trio.fail_after(20):
         async for event in c.events():
             if isinstance(event, proto.Message) and event.sender == sender:
+                return event
+    raise AssertionError("event stream ended")
+
+
+async def action_from(c, actor: str) -> proto.Events:
+    """The next ACTION event ``c`` receives from ``actor``."""
+    with trio.fail_after(20):
+        async for event in c.events():
+            if isinstance(event, proto.Events) and (event.events[0].kind, event.events[0].actor) == (
+                    proto.EventKind.ACTION, actor):
                 return event
     raise AssertionError("event stream ended")
 
@@ -510,7 +502,7 @@ async def test_server_restart_reconnects_catches_up_and_sends_what_was_typed_off
         await t.expect("<bob> all done")
         screen = t.text()
         assert re.search(r"~ \d\d:\d\d #lobby +<alice> typed while offline  \(pending\)", screen)
-        assert re.search(r"> \d\d:\d\d #lobby +<alice> typed while offline\n", screen)  # acknowledged
+        assert re.search(r"> \d\d:\d\d #lobby +<alice> typed while offline  #\d+\n", screen)  # acknowledged
         assert "reconnected; caught up 2 message(s)" in screen
         for body in ("before the restart", "missed 1", "missed 2", "all done"):
             assert screen.count(f"<bob> {body}") == 1, body  # in order (expects above), once each
@@ -563,11 +555,11 @@ async def test_direct_messages_switching_and_tab_completion(spawn, server):
         t.line("")
         await t.expect("now talking in @bob")
         t.line("/me waves")
-        got = await message_from(bob, "alice")
-        assert (got.conv, got.body) == (proto.Conversation.direct("alice"), "/me waves")
+        got = await action_from(bob, "alice")  # an ACTION (version 2), not a "/me" message
+        assert (got.conv, got.events[0].text) == (proto.Conversation.direct("alice"), "waves")
         await t.expect("* alice waves")
         t.line("/who #lobby")
-        await t.expect("#lobby: alice (online), bob (online)")
+        await t.expect("#lobby: bob (owner, online), alice (online)")  # roles first (bob made the room)
         t.line("/leave #dev")
         await t.expect("left #dev")
         t.line("/rooms")
@@ -595,8 +587,9 @@ async def test_emoji_and_scripts_stay_whole_and_long_messages_wrap_under_the_tex
         indent = block[0].index("word00")
         assert indent == len("  00:00 #lobby   <bob> ")
         assert all(len(line) <= 60 for line in block), block
-        assert all(line.startswith(" " * indent + "word") for line in block[1:]), block  # under the text column
-        assert len(block) == 6 and " ".join(" ".join(block).split()[3:]) == long  # every word whole, in order
+        assert all(line.startswith((" " * indent + "word", " " * indent + "#")) for line in block[1:]), block
+        *words, seq = " ".join(block).split()[3:]
+        assert len(block) == 7 and " ".join(words) == long and seq == "#2"  # every word whole, in order; its seq
         assert "\u202e" not in t.log.getvalue() and "\x1b[2J" not in t.log.getvalue()
 
 
