@@ -447,8 +447,19 @@ async def test_reconnect_within_two_seconds_with_a_countdown_and_the_phone_heade
         page.wait_for_selector("#status >> text=reconnecting in 2 s")
         page.wait_for_selector("#status >> text=reconnecting in 1 s")
         assert header_fits(page) == {"text": "#design-review", "whole": True, "overlapped": []}
-        # Past the hint, the server still down: retries at the page's steady pace (refused at once, on loopback).
-        page.wait_for_function("() => chorus.client.failedAttempts >= 4")
+        # Clicking the status while it waits tries at once (caught between two tries, in one turn of the page's loop).
+        click = "() => { const before = chorus.client.state; document.getElementById('status').click();" \
+                " return [before, chorus.client.state]; }"
+        page.wait_for_function("() => chorus.client.failedAttempts >= 2")  # GOAWAY's close, a try after the hint
+        for _ in range(20):
+            page.wait_for_function("() => chorus.client.state === 'offline'")
+            if (with_click := page.evaluate(click))[0] == "offline":
+                break
+        assert with_click == ["offline", "connecting"]
+        # The server still down: retries at the page's steady pace (refused at once, on loopback) once the back-off
+        # has grown back to its cap (250, 500, 1000 ms).
+        tries = page.evaluate("chorus.client.failedAttempts")
+        page.wait_for_function(f"() => chorus.client.failedAttempts >= {tries + 4}")
         started = on_trio(restart)
         page.wait_live()
         took = time.monotonic() - started
