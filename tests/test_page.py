@@ -360,9 +360,14 @@ async def test_slash_commands_are_never_posted_as_text(start_server):
 #: Records each Notification the page makes (the real constructor still runs): what a person would see.
 RECORD_NOTIFICATIONS = """
 window.__notifications = [];
+window.__shown = [];
 const Real = window.Notification;
 window.Notification = class extends Real {
-  constructor(title, options) { super(title, options); window.__notifications.push([title, options.body]); }
+  constructor(title, options) {
+    super(title, options);
+    window.__notifications.push([title, options.body]);
+    window.__shown.push(this);
+  }
 };
 """
 
@@ -388,6 +393,8 @@ async def test_notifications_on_a_mention_or_a_direct_message_when_permitted(sta
         page.wait_for_function("() => window.__notifications.length >= 2")
         assert page.evaluate("window.__notifications") == [
             ["bob in #lobby", "@carol can you look at this?"], ["bob", "a word in private"]]
+        page.evaluate("window.__shown[1].onclick()")  # clicking the DM's notification opens the conversation
+        page.wait_for_function("() => document.getElementById('title').textContent === '@bob'")
         page.assert_no_errors()
 
         # Without permission nothing is shown, and the page offers to ask.
