@@ -82,6 +82,8 @@ _REPLY: dict[type, type] = {
     proto.EditMessage: proto.Ok,
     proto.React: proto.Ok,
     proto.SendAction: proto.Ack,
+    proto.SetDisplayName: proto.Ok,
+    proto.GetUsers: proto.UserList,
     proto.Ping: proto.Pong,
 }
 #: Pushes handed to ``events()`` as they are (MEMBERSHIP only arrives on a version 2 connection).
@@ -393,6 +395,16 @@ class Client:
         """Add (``add=False``: take back) a reaction to the message at ``seq`` (REACT/UNREACT events; version 2).
         Adding one that is there, or taking back one that is not, changes nothing."""
         await self._request(proto.React(parse_conv(conv), seq, reaction, add))
+
+    async def set_display_name(self, name: str) -> None:
+        """Set (``""``: clear) the user's display name, Unicode beside the login name (version 2, spec §9.17).
+        Raises ``ServerError`` (INVALID_NAME: breaks ``proto.DISPLAY_NAME_RULE`` or looks like another user's)."""
+        await self._request(proto.SetDisplayName(name))
+
+    async def display_names(self, users: Sequence[str]) -> dict[str, str]:
+        """Login name → display name ("" when none) of those of ``users`` that exist (at most 1000 per call)."""
+        listed = await self._request(proto.GetUsers(tuple(users)))
+        return {info.user: info.display_name for info in listed.users}
 
     async def history(self, conv, *, before: int | None = None, after: int | None = None,
                       limit: int = 0) -> Page:

@@ -33,6 +33,11 @@ MAX_CLIENT_NAME_BYTES = 64
 MAX_TEXT_BYTES = 255  # error and goaway texts
 MAX_INVITE_BYTES = 64  # an invite code (REGISTER_INVITE)
 MAX_REACTION_BYTES = 32  # a reaction (REACT): one emoji, or a short word
+MAX_DISPLAY_NAME_BYTES = 64  # a display name (SET_DISPLAY_NAME): Unicode, beside the ASCII login name
+#: A display name's length in characters (after NFC), the rule in words for errors and prompts.
+MAX_DISPLAY_NAME_CHARS = 32
+DISPLAY_NAME_RULE = (f"1-{MAX_DISPLAY_NAME_CHARS} characters (at most {MAX_DISPLAY_NAME_BYTES} bytes), no control "
+                     "characters, not starting or ending with a space, not looking like another user's name")
 MAX_BODY_BYTES = 65535  # wire ceiling; the server's own limit is lower
 MAX_LIST_ITEMS = 1000  # any array in any frame
 
@@ -109,6 +114,9 @@ class FrameType(enum.IntEnum):
     EDIT_MESSAGE = 0x5D, 2
     REACT = 0x5E, 2
     SEND_ACTION = 0x5F, 2
+    SET_DISPLAY_NAME = 0x60, 2
+    GET_USERS = 0x61, 2
+    USER_LIST = 0x62, 2
     SEND = 0x20, 1
     ACK = 0x21, 1
     MESSAGE = 0x22, 1

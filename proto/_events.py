@@ -209,6 +209,14 @@ class BanInfo(_Checked):
 
 
 @dataclass(frozen=True, slots=True)
+class UserInfo(_Checked):
+    """One user in a USER_LIST: the login name and the display name ("" when none is set)."""
+
+    user: str
+    display_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Event(_Checked):
     """Base of every frame event; ``FRAME`` names its frame type, ``request_id`` is the header's (§2.2)."""
 
@@ -612,6 +620,30 @@ class SendAction(Event):
     conv: Conversation
     client_msg_id: int
     body: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetDisplayName(Event):
+    """C→S (version 2): set (or, "", clear) the user's display name (spec §9.17); OK."""
+
+    FRAME = FrameType.SET_DISPLAY_NAME
+    display_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetUsers(Event):
+    """C→S (version 2): the display names of these users; USER_LIST."""
+
+    FRAME = FrameType.GET_USERS
+    users: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UserList(Event):
+    """S→C (version 2): reply to GET_USERS, the users that exist, in the order asked."""
+
+    FRAME = FrameType.USER_LIST
+    users: tuple[UserInfo, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from ._const import (
     COMPRESSED_PREFIX_BYTES,
     MAX_BODY_BYTES,
     MAX_CLIENT_NAME_BYTES,
+    MAX_DISPLAY_NAME_BYTES,
     MAX_INVITE_BYTES,
     MAX_LIST_ITEMS,
     MAX_NAME_BYTES,
@@ -252,6 +253,7 @@ RoomMember = _Record(
 )
 BanInfo = _Record(ev.BanInfo, Struct("user" / Name, "until_ms" / U64))
 Reason = _Text(Int8ub, MAX_TEXT_BYTES)
+UserInfo = _Record(ev.UserInfo, Struct("user" / Name, "display_name" / _Text(Int8ub, MAX_DISPLAY_NAME_BYTES)))
 
 _EMPTY: tuple[Construct, ...] = ()
 
@@ -312,6 +314,9 @@ FIELDS: dict[FrameType, tuple[Construct, ...]] = {
     FrameType.REACT: ("conv" / Conversation, "seq" / U64, "reaction" / _Text(Int8ub, MAX_REACTION_BYTES),
                       "add" / Bool),
     FrameType.SEND_ACTION: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
+    FrameType.SET_DISPLAY_NAME: ("display_name" / _Text(Int8ub, MAX_DISPLAY_NAME_BYTES),),
+    FrameType.GET_USERS: ("users" / _Array(Name),),
+    FrameType.USER_LIST: ("users" / _Array(UserInfo),),
     FrameType.SEND: ("conv" / Conversation, "client_msg_id" / U64, "body" / _Text(Int16ub, MAX_BODY_BYTES)),
     FrameType.ACK: (
         "conv" / Conversation,

@@ -52,10 +52,12 @@ from psycopg.pq import TransactionStatus
 
 from chorus.proto import (
     BanInfo, Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole,
-    StoredMessage,
+    StoredMessage, UserInfo,
 )
 
+from . import _displaynames as displaynames
 from . import _invites as invites
+from ._displaynames import DisplayNameRefused
 from ._config import without_password
 from ._groupcommit import GroupCommitter
 from ._invites import InviteRow
@@ -211,6 +213,10 @@ _MIGRATIONS: tuple[str, ...] = (
         reaction text NOT NULL,
         PRIMARY KEY (conv_id, seq, user_id, reaction)
     );""",
+    # 6: display names (spec §9.17) and what each looks like (its skeleton, unique, so two cannot look alike).
+    """ALTER TABLE users ADD COLUMN display_name text NOT NULL DEFAULT '';
+    ALTER TABLE users ADD COLUMN display_skeleton text;
+    CREATE UNIQUE INDEX users_display_skeleton ON users(display_skeleton) WHERE display_skeleton IS NOT NULL;""",
 )
 #: The schema version this code writes and reads; a database at a higher one was written by a newer Chorus.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -575,6 +581,21 @@ class PgStore(GroupCommitter):
             return UserRow(user_id, name, password_hash)
 
         return await self._run(run)
+
+    async def set_display_name(self, user_id: int, name: str) -> None:
+        """Raises ``DisplayNameRefused`` if ``name`` looks like another user's name (nothing changes)."""
+
+        def run(conn: psycopg.Connection) -> None:
+            with _transaction(conn):
+                try:
+                    displaynames.set_display_name(_Db(conn), _clamp(user_id), name)
+                except psycopg.errors.UniqueViolation:  # another user took that skeleton meanwhile
+                    raise DisplayNameRefused("that display name looks like another user's name") from None
+
+        await self._run(run, retry_lost=True)  # one transaction
+
+    async def display_names(self, names: list[str]) -> list[UserInfo]:
+        return await self._read(lambda conn: displaynames.display_names(_Db(conn), names))
 
     async def invite_usable(self, invite: bytes) -> bool:
         return await self._read(lambda conn: invites.usable(_Db(conn), invite, now_ms()))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from chorus.proto import (
-    BanInfo, CloseReason, ConversationInfo, ConvEvent, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo,
+    BanInfo, CloseReason, ConversationInfo, ConvEvent, UserInfo, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo,
     StoredMessage,
 )
 
@@ -200,6 +200,15 @@ class Store(Protocol):
     async def create_user(self, name: str, password_hash: str, *, invite: bytes | None = None) -> UserRow:
         """Raises ``NameTaken`` if ``name`` exists; with ``invite`` (a code's SHA-256), redeems it in the same
         transaction or raises ``InviteInvalid`` (server/_invites.py) and makes no account."""
+        ...
+
+    async def set_display_name(self, user_id: int, name: str) -> None:
+        """Set (``name`` "": clear) the user's display name, ``normalized`` by server/_displaynames.py. Raises
+        ``DisplayNameRefused`` when it looks like another user's login or display name."""
+        ...
+
+    async def display_names(self, names: list[str]) -> list[UserInfo]:
+        """The users among ``names`` that exist, in the order asked, with their display names."""
         ...
 
     async def invite_usable(self, invite: bytes) -> bool:

@@ -38,6 +38,7 @@ from chorus.proto import ConvKind, ErrorCode
 
 from ._auth import Busy, new_token, token_hash, valid_name
 from ._budgets import budgets_of
+from ._displaynames import DisplayNameRefused, normalized
 from ._fanout import Subscription
 from ._invites import InviteInvalid, code_hash
 from ._logs import episode, safe
@@ -919,6 +920,20 @@ class Session:
                                        until is not None, until or 0) for uid, name, role, until in members)
         self.conn.send(proto.RoomDetails(ev.room, topic, private, infos, tuple(bans), request_id=ev.request_id))
 
+    # -- display names (version 2, spec §9.17) -------------------------------------------------------------------
+    async def _set_display_name(self, ev: proto.SetDisplayName) -> None:
+        try:
+            name = normalized(ev.display_name)
+            self._spend_send()  # a write a user controls: the same budget as the others
+            await self.server.store.set_display_name(self.me.user_id, name)
+        except DisplayNameRefused as exc:
+            raise RequestError(ErrorCode.INVALID_NAME, str(exc)) from None
+        self.conn.send(proto.Ok(request_id=ev.request_id))
+
+    async def _get_users(self, ev: proto.GetUsers) -> None:
+        users = await self.server.store.display_names(list(ev.users))
+        self.conn.send(proto.UserList(tuple(users), request_id=ev.request_id))
+
     def _announce_membership(self, conv_id: int, room: str, change: proto.MembershipChange) -> None:
         """MEMBERSHIP (version 2, spec §5.39) to the connections of the room's other members; the broker sends it
         only to connections of version 2 or later."""
@@ -965,6 +980,8 @@ _HANDLERS: dict[type[proto.Event], Callable[[Session, Any], Awaitable[None]]] = 
     proto.EditMessage: Session._edit_message,
     proto.React: Session._react,
     proto.SendAction: Session._send_action,
+    proto.SetDisplayName: Session._set_display_name,
+    proto.GetUsers: Session._get_users,
 }
 
 

@@ -58,10 +58,12 @@ import trio
 
 from chorus.proto import (
     BanInfo, Conversation, ConversationInfo, ConvKind, CursorInfo, EventKind, ReceiptKind, RoomInfo, RoomRole,
-    StoredMessage,
+    StoredMessage, UserInfo,
 )
 
+from . import _displaynames as displaynames
 from . import _invites as invites
+from ._displaynames import DisplayNameRefused
 from ._groupcommit import _U64, GroupCommitter
 from ._invites import InviteRow
 from ._moderation import to_db_id as _to_db_id
@@ -238,6 +240,10 @@ _MIGRATIONS: tuple[str, ...] = (
         reaction TEXT NOT NULL,
         PRIMARY KEY (conv_id, seq, user_id, reaction)
     ) WITHOUT ROWID""",
+    # 7: display names (spec §9.17) and what each looks like (its skeleton, unique, so two cannot look alike).
+    """ALTER TABLE users ADD COLUMN display_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE users ADD COLUMN display_skeleton TEXT;
+    CREATE UNIQUE INDEX users_display_skeleton ON users(display_skeleton) WHERE display_skeleton IS NOT NULL""",
 )
 #: What a room owns, deleted with it (both stores).
 ROOM_TABLES = ("messages", "events", "reactions", "sanctions", "cursors", "memberships")
@@ -690,6 +696,21 @@ class Store(GroupCommitter):
             return UserRow(user_id, name, password_hash)
 
         return await self._run(run)
+
+    async def set_display_name(self, user_id: int, name: str) -> None:
+        """Raises ``DisplayNameRefused`` if ``name`` looks like another user's name (nothing changes)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                try:
+                    displaynames.set_display_name(_Db(conn), user_id, name)
+                except sqlite3.IntegrityError:  # another user took that skeleton meanwhile (unique index)
+                    raise DisplayNameRefused("that display name looks like another user's name") from None
+
+        await self._run(run)
+
+    async def display_names(self, names: list[str]) -> list[UserInfo]:
+        return await self._read(lambda conn: displaynames.display_names(_Db(conn), names))
 
     async def invite_usable(self, invite: bytes) -> bool:
         return await self._read(lambda conn: invites.usable(_Db(conn), invite, now_ms()))
