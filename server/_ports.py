@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from chorus.proto import (
-    BanInfo, CloseReason, ConversationInfo, ConvEvent, UserInfo, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo,
-    StoredMessage,
+    BanInfo, CloseReason, ConversationInfo, ConvEvent, ConvKind, CursorInfo, Event, NodeInfo, ReceiptKind, RoomInfo,
+    StoredMessage, UserInfo,
 )
 
 if TYPE_CHECKING:
