@@ -124,6 +124,11 @@ _UNKNOWN_INVITE = "y" * 22  # shaped like an invite code, and the server made no
 #: REACT's reactions (spec §9.16): valid ones first (an emoji, emoji joined by U+200D, a word), then ones the rule
 #: refuses (a space, a zero-width space: a format character other than ZWJ, a control character).
 REACTIONS = ("👍", "👩\u200d💻", "+1", "a b", "\u200b", "x\x07")
+#: SET_DISPLAY_NAME's names (spec §9.17): valid ones first (Unicode, one not in NFC, ZWJ inside, "" clears), then
+#: ones that look like a fuzz user's login name (f0's skeleton is "fo": refused for everyone else), then ones the
+#: rule refuses (a space at an end, a bidi override, a line separator, no letter or digit, 33 characters).
+DISPLAY_NAMES = ("Zoë Martín", "Cafe\u0301 ☕", "👩\u200d💻 dev", "", "F0", "f.o", "FО", " x", "a\u202eb",
+                 "a\u2028b", "☕☕", "a" * 33)
 
 
 def exactly(size: int, char: str = "a") -> str:
@@ -165,6 +170,10 @@ class Hints:
             return self.rooms
         if name in ("username", "user", "sender"):
             return self.users
+        if name == "users":  # GET_USERS: users that exist, and one that does not
+            return self.users + ("nobody",)
+        if name == "display_name":
+            return DISPLAY_NAMES
         if name == "name":
             return self.users + self.rooms
         if name == "password":

@@ -32,7 +32,9 @@ tables of proto and spec/PROTOCOL.md (tests/fuzzframes.py) rather than a list ke
   events together; a DELETED tombstone and an ACTION share their message's seq), cursors are within last_seq,
   every ACKed message is stored with the seq and body its ACK said (an action's with "/me ", an edited one with its
   latest EDIT's text), and the stored reactions are what the REACT and UNREACT events add up to, the way a client
-  counts them (spec §9.16; ``check_store``).
+  counts them (spec §9.16); every display name follows the rule of spec §9.17 (NFC, 1..32 characters, no
+  control, format or line character but ZWJ and ZWNJ, no space at an end) and none looks like another user's login
+  or display name (``check_store``).
 
 A broken promise raises ``ServerBug`` (``ServerDied`` when the server went down, with its traceback), and the
 falsifying example lists the frames of every step, as sent, with their answers. tests/test_session_fuzz.py runs
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import unicodedata
 import logging
 import shutil
 import sqlite3
@@ -62,6 +65,7 @@ from fuzzframes import ALLOWED_CLOSES, CLIENT_FRAMES, ERROR_CLOSES, PUSHES, REPL
 from chorus.proto import CloseReason, ErrorCode, FrameType, State
 from chorus.proto._state import next_state
 from chorus.server import Config, serve
+from chorus.server._displaynames import skeleton
 
 #: How long any one exchange (a frame and its reply, the bystanders' round) may take before it counts as a hang.
 STEP_TIMEOUT_S = 5.0
@@ -978,7 +982,7 @@ def _short_hex(frame: bytes, keep: int = 48) -> str:
 
 # --- the stored data ----------------------------------------------------------------------------------------------
 
-def check_store(db_path: Path, acks=()) -> None:
+def check_store(db_path: Path, acks=(), registered_first=FUZZ_USERS + BYSTANDERS) -> None:
     """The SQLite file (server stopped) is consistent: gapless seqs (messages and events together, each seq once;
     a deleted message keeps its seq, shared with its DELETED event, and so does an action with its ACTION event),
     cursors within last_seq, every ACK stored (a deleted one as its tombstone, an edited one with its latest text),
@@ -1004,6 +1008,7 @@ def check_store(db_path: Path, acks=()) -> None:
                              (_DELETED, _EDIT, sender, db_id)).fetchone()
             if row is None or row[0] != ack.seq or (not ack.duplicate and not row[2] and row[1] != body):
                 problems.append(f"ACK {ack!r} of {sender}: stored as {row!r}")
+        problems += _display_name_problems(db, registered_first)
         if problems:
             raise ServerBug("stored data inconsistent:\n" + "\n".join(problems))
     finally:
@@ -1067,6 +1072,33 @@ def _conversation_problems(db: sqlite3.Connection, conv_id: int, last_seq: int) 
         per_user[seq, user_id] = per_user.get((seq, user_id), 0) + 1
     if any(n > REACTIONS_PER_MESSAGE for n in per_user.values()):
         problems.append(f"{where}: more than {REACTIONS_PER_MESSAGE} reactions of one user on one message: {per_user}")
+    return problems
+
+
+#: What a display name may not hold (spec §9.17): control, format, surrogate, private-use, unassigned, line and
+#: paragraph separators; ZWNJ and ZWJ excepted.
+_REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+_JOINERS = {"\u200c", "\u200d"}
+
+
+def _display_name_problems(db: sqlite3.Connection, registered_first: tuple[str, ...]) -> list[str]:
+    """Every stored display name follows the rule of spec §9.17, and none looks like another user's display name,
+    nor like the login name of another of ``registered_first`` (users made before any display name was set: one
+    registered later may look like a display name set before, spec §9.17)."""
+    problems = []
+    users = db.execute("SELECT id, name, display_name FROM users").fetchall()
+    marks = {skeleton(name): name for _, name, _ in users if name in registered_first}  # what those logins look like
+    for _, name, display in users:
+        if not display:
+            continue
+        if (display != unicodedata.normalize("NFC", display) or len(display) > proto.MAX_DISPLAY_NAME_CHARS
+                or display != display.strip() or not skeleton(display)
+                or any(unicodedata.category(ch) in _REFUSED_CATEGORIES and ch not in _JOINERS for ch in display)):
+            problems.append(f"{name}'s display name {display!r} breaks the rule")
+        other = marks.get(skeleton(display), name)
+        if other != name:
+            problems.append(f"{name}'s display name {display!r} looks like {other}'s name")
+        marks.setdefault(skeleton(display), name)
     return problems
 
 

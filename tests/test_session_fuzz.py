@@ -217,6 +217,42 @@ def test_the_store_check_catches_edits_and_reactions_gone_wrong(tamper):
         _one_frame_beside_bystanders(*events, tamper=tampered)
 
 
+#: Display names (spec §5.63-§5.65, §9.17), sent by mallory beside alice and bob.
+_DISPLAY_NAME_EVENTS = (
+    (proto.SetDisplayName("Cafe\u0301 ☕"), "Ok"),  # stored in NFC
+    (proto.SetDisplayName("ALICE"), "INVALID_NAME"),  # alice's login name, case folded
+    (proto.SetDisplayName("a.l\u0456ce"), "INVALID_NAME"),  # the same, with a dot and a Cyrillic і
+    (proto.SetDisplayName("Mallory"), "Ok"),  # her own login name is fine
+    (proto.SetDisplayName(" Mallory"), "INVALID_NAME"),  # a space at an end
+    (proto.SetDisplayName("a\u202eb"), "INVALID_NAME"),  # a bidi override
+    (proto.SetDisplayName("☕☕"), "INVALID_NAME"),  # no letter or digit
+    (proto.SetDisplayName("a" * 33), "INVALID_NAME"),  # 33 characters
+    (proto.GetUsers(("mallory", "nobody", "alice", "mallory")), "UserList"),
+    (proto.SetDisplayName("👩\u200d💻 Mallory"), "Ok"),  # ZWJ inside
+    (proto.SetDisplayName(""), "Ok"),  # cleared
+)
+
+
+def test_display_names_follow_the_rule():
+    """Through a real server: the outcomes spec §5.63-§5.65 and §9.17 give, and the store check passes."""
+    events, expected = zip(*_DISPLAY_NAME_EVENTS, strict=True)
+    assert _one_frame_beside_bystanders(*events) == list(expected)
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE users SET display_name = 'A1ice' WHERE name = 'mallory'",  # looks like alice's login name
+    "UPDATE users SET display_name = 'a' || char(10) || 'b' WHERE name = 'mallory'",  # a line break
+    "UPDATE users SET display_name = 'Cafe' || char(769) WHERE name = 'mallory'",  # not NFC
+], ids=["looks-like-alice", "control", "not-nfc"])
+def test_the_store_check_catches_display_names_gone_wrong(tamper):
+    def tampered(db_path):
+        with sqlite3.connect(db_path) as db:
+            assert db.execute(tamper).rowcount == 1
+
+    with pytest.raises(ServerBug, match="stored data inconsistent"):
+        _one_frame_beside_bystanders(proto.SetDisplayName("Mallory"), tamper=tampered)
+
+
 def _one_frame_beside_bystanders(*events: proto.Event, tamper=None) -> list[str]:
     """alice, bob and mallory in #lobby with a message; mallory sends ``events``; then everyone carries on. Returns
     the outcomes of ``events``. ``tamper(db_path)``, if given, changes the stored data before it is checked."""
@@ -232,7 +268,7 @@ def _one_frame_beside_bystanders(*events: proto.Event, tamper=None) -> list[str]
         live.close()
         if tamper is not None:
             tamper(live.db_path)
-        check_store(live.db_path, acks)
+        check_store(live.db_path, acks, registered_first=("alice", "bob", "mallory"))
         return outcomes
     finally:
         live.close()

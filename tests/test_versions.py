@@ -54,6 +54,10 @@ V2_EXAMPLES = {
     FrameType.EDIT_MESSAGE: (CLIENT, proto.EditMessage(proto.Conversation.room("general"), 4, "fixed", request_id=20)),
     FrameType.REACT: (CLIENT, proto.React(proto.Conversation.direct("bob"), 4, "👍", True, request_id=21)),
     FrameType.SEND_ACTION: (CLIENT, proto.SendAction(proto.Conversation.room("general"), 7, "waves", request_id=22)),
+    FrameType.SET_DISPLAY_NAME: (CLIENT, proto.SetDisplayName("Zoë Martín", request_id=23)),
+    FrameType.GET_USERS: (CLIENT, proto.GetUsers(("zoe", "bob"), request_id=24)),
+    FrameType.USER_LIST: (SERVER, proto.UserList((proto.UserInfo("zoe", "Zoë Martín"), proto.UserInfo("bob", "")),
+                                                 request_id=24)),
 }
 
 
@@ -110,7 +114,8 @@ def test_every_frame_type_has_a_version_this_implementation_speaks():
                          FrameType.EVENTS, FrameType.KICK, FrameType.BAN, FrameType.UNBAN, FrameType.MUTE,
                          FrameType.UNMUTE, FrameType.DELETE_MESSAGE, FrameType.SET_TOPIC, FrameType.SET_ROLE,
                          FrameType.CREATE_ROOM, FrameType.INVITE, FrameType.GET_ROOM, FrameType.ROOM_DETAILS,
-                         FrameType.EDIT_MESSAGE, FrameType.REACT, FrameType.SEND_ACTION]
+                         FrameType.EDIT_MESSAGE, FrameType.REACT, FrameType.SEND_ACTION,
+                         FrameType.SET_DISPLAY_NAME, FrameType.GET_USERS, FrameType.USER_LIST]
     assert set(V2_EXAMPLES) == set(V2_FRAMES)
 
 
