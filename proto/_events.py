@@ -67,7 +67,8 @@ def validate(value: object) -> None:
             validate(nested)
         elif isinstance(nested, tuple):
             for item in nested:
-                validate(item)
+                if isinstance(item, _Checked):  # records; plain items (names) were checked with their field
+                    validate(item)
 
 
 @dataclass(frozen=True, slots=True)
