@@ -67,7 +67,7 @@ def set_display_name(db: Db, user_id: int, name: str) -> None:
 
 def display_names(db: Db, names: list[str]) -> list[proto.UserInfo]:
     """The users among ``names`` that exist, in the order asked, with their display names."""
-    found = {}
+    found: dict[str, str] = {}
     for start in range(0, len(names), 200):  # bounded IN lists
         chunk = names[start:start + 200]
         params = {f"n{i}": name for i, name in enumerate(chunk)}
