@@ -362,6 +362,8 @@ class Tui:
         self.info(f"logged in as {self.me}; in {where}. /help lists the commands")
         await self.client.sync()
         self._live = True
+        if self.current is not None and self.current.kind == ConvKind.ROOM and (self.client.version or 1) >= 2:
+            await self._show_topic(self.current.name, quiet=True)
         if self.current in quiet and quiet[self.current]:
             await self._recap(self.current, upto=quiet[self.current])
 
@@ -588,15 +590,20 @@ class Tui:
         except ServerError as exc:
             self.error(f"cannot {what}: {describe(exc)}")
 
-    async def _show_topic(self, room: str) -> None:
+    async def _show_topic(self, room: str, *, quiet: bool = False) -> None:
+        """/topic: show ``room``'s topic. ``quiet`` (the first time we talk there: at start, on /switch): only a
+        topic there is, and no error."""
         try:
             details = await self.client.room(room)
         except ServerError as exc:
-            self.error(f"cannot read the topic of #{room}: {describe(exc)}")
+            if not quiet:
+                self.error(f"cannot read the topic of #{room}: {describe(exc)}")
             return
         self.topics[room] = details.topic
-        self.info(f"topic of #{room}: {details.topic}" if details.topic
-                  else f"#{room} has no topic (/topic text sets it)")
+        if details.topic:
+            self.info(f"topic of #{room}: {details.topic}")
+        elif not quiet:
+            self.info(f"#{room} has no topic (/topic text sets it)")
 
     def _secret_answer(self, text: str) -> None:
         """One answer to /passwd's questions: the current password, a new one, the new one again."""
@@ -657,6 +664,8 @@ class Tui:
         self._read_here()
         topic = self.topics.get(conv.name) if conv.kind == ConvKind.ROOM else None
         self.info(f"now talking in {conv}" + (f"; topic: {topic}" if topic else ""))
+        if conv.kind == ConvKind.ROOM and conv.name not in self.topics and (self.client.version or 1) >= 2:
+            self._enqueue(functools.partial(self._show_topic, conv.name, quiet=True))
         if conv not in self.first_shown:
             self._enqueue(self._recap, conv)
 

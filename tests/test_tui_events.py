@@ -202,6 +202,35 @@ async def test_live_events_are_shown_once_and_a_kick_of_oneself_closes_the_room(
     assert LOBBY not in tui.numbers and tui.current is None and "lobby" not in tui.joined
 
 
+class _Sender:
+    """A client that records what is sent, speaking protocol ``version``."""
+
+    username = "alice"
+    welcome = None
+    connected = True
+
+    def __init__(self, version: int):
+        self.version = version
+        self.sent: list[tuple[str, str]] = []
+
+    async def send(self, conv, body, *, client_msg_id):
+        self.sent.append(("send", body))
+
+    async def send_action(self, conv, body, *, client_msg_id):
+        self.sent.append(("send_action", body))
+
+
+@pytest.mark.parametrize("version, sent", [(2, ("send_action", "waves")), (1, ("send", "/me waves"))])
+async def test_me_is_an_action_on_version_2_and_the_me_convention_on_version_1(version, sent):
+    client = _Sender(version)
+    tui = Tui(client, Renderer("alice", colour=False), terminal=False, out=lambda line: None)
+    tui.current = LOBBY
+    tui.on_line("/me waves")
+    (op,) = [tui._ops_recv.receive_nowait()]
+    await op()
+    assert client.sent == [sent] and not tui.pending
+
+
 # -- the real program in a terminal ---------------------------------------------------------------------
 
 
@@ -291,6 +320,8 @@ async def test_moderation_commands_and_events_in_the_terminal(spawn, server):
         await t2.expect(f"<carol> (message deleted by alice)  #{bad.seq}")
         await t2.expect("that is the beginning of #crew")
         assert f"-- alice deleted #{bad.seq}" not in t2.text()  # the tombstone says it
+        assert "topic: Release day" in t2.text().split("now talking in #crew")[1].splitlines()[0] or \
+            "topic of #crew: Release day" in t2.text()  # shown the first time we talk there (at start, or on /switch)
 
 
 async def test_registration_by_invite(spawn, tmp_path):
