@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"first print the last N messages (default {DEFAULT_LAST}; 0 = only new ones)")
     since.add_argument("--since", type=_count, metavar="SEQ", help="first print the messages after SEQ (0 = all)")
     p_tail.add_argument("--create", action="store_true", help="create the room if there is none of that name")
-    p_tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    p_tail.add_argument("--json", action="store_true",
+                        help="one JSON object per line, with its kind: message, action or event (an edit, a reaction, "
+                             "a moderation; fields in the README)")
     return parser
 
 
