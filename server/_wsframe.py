@@ -263,12 +263,14 @@ class FrameReader:
         if opcode >= Opcode.CLOSE:
             if not fin or length > 125:
                 raise WebSocketError("control frames are single frames of at most 125 bytes")
+        elif (opcode is Opcode.CONTINUATION) != (message is not None):
+            # Checked first, as RFC 6455 §5.4 orders it (and wsproto does): a TEXT frame inside a binary message is
+            # a broken frame sequence (1002) before it is unwanted data (1003).
+            raise WebSocketError("continuation frame outside a message" if message is None
+                                 else "new message before the previous one ended")
         elif opcode is Opcode.TEXT:
             raise WebSocketError("text messages are not used: one binary message = one Chorus frame",
                                  CloseCode.UNSUPPORTED_DATA)
-        elif (opcode is Opcode.CONTINUATION) != (message is not None):
-            raise WebSocketError("continuation frame outside a message" if message is None
-                                 else "new message before the previous one ended")
         else:
             size = len(message) if message is not None else 0
             if size + length > self.max_message_bytes:

@@ -278,3 +278,19 @@ def test_length_encodings_at_their_boundaries(size, length_bytes):
         want_events, want_codes = _expected(specs, 1 << 17, 64)
         assert events == want_events and (got is None if want_codes is None else got in want_codes)
     assert (got is None) == (length_bytes == (0 if size < 126 else 2 if size <= 0xFFFF else 8))
+
+
+def test_a_text_frame_inside_a_binary_message_is_a_protocol_error_first():
+    """Found by the comparison above: a TEXT frame while a fragmented binary message waits for its continuation is a
+    broken frame sequence (1002, as wsproto says), not unsupported data (1003)."""
+    from chorus.server._wsframe import CloseCode, FrameReader, WebSocketError
+
+    def frame(opcode: int, fin: bool) -> bytes:
+        return bytes([(0x80 if fin else 0) | opcode, 0x80]) + b"\0\0\0\0"  # masked, empty payload
+
+    reader = FrameReader(max_message_bytes=200, max_fragments=4)
+    reader.receive_data(frame(2, False) + frame(1, False))
+    with pytest.raises(WebSocketError) as info:
+        for _ in range(3):  # the first frame starts the message (or is NEED_DATA); the second breaks it
+            reader.next_event()
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
