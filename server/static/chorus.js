@@ -554,6 +554,7 @@ const DELIVERED_EVERY_MS = 1000;
 const BACKOFF_MIN_MS = 250;
 const BACKOFF_MAX_MS = 1000;
 const COUNTDOWN_TICK_MS = 250;
+const MAX_DETAILS_AT_START = 50; // rooms whose GET_ROOM is asked for after logging in (for the sidebar's lock)
 
 /** A request refused with ERROR (request-level, spec §7): `code`, `retryAfterMs`. */
 export class RequestError extends Error {
@@ -625,6 +626,9 @@ const TOMBSTONE = "(message deleted)";
 /** Events that change another message (its text, its reactions) rather than show as a line of their own. */
 const AMENDING = new Set([EventKind.EDIT, EventKind.REACT, EventKind.UNREACT]);
 const shown = (msg) => !(msg.event && AMENDING.has(msg.event.kind));
+/** Live events after which a room's ROOM_DETAILS (roles, mutes, members, topic) is asked for again. */
+const DETAILS_CHANGE = new Set([EventKind.ROLE, EventKind.KICK, EventKind.BAN, EventKind.MUTE, EventKind.UNMUTE,
+  EventKind.TOPIC, EventKind.INVITE]);
 const OPERATOR = "the operator"; // an event's empty actor: chorus-admin (never a user name: it has a space)
 
 /** A moderation event (version 2, spec §9.15) in words, as the server words it for a version 1 client. */
@@ -672,7 +676,9 @@ const PUSH_HANDLERS = Object.freeze({
     client._setState(client.state, "server restarting");
   },
   BYE: (client, event) => client._bye(event),
-  ERROR: (client, event) => client._emit("notice", `server: ${nameOf(ErrorCode, event.code)} ${event.message}`),
+  // NOT_MEMBER refusing a READ, DELIVERED or TYPING is a race with a KICK or BAN (spec §9.15), said in words already.
+  ERROR: (client, event) => event.code !== ErrorCode.NOT_MEMBER &&
+    client._emit("notice", `server: ${nameOf(ErrorCode, event.code)} ${event.message}`),
 });
 export const HANDLED_PUSHES = Object.freeze(Object.keys(PUSH_HANDLERS));
 
@@ -1035,8 +1041,9 @@ export class ChorusClient extends EventTarget {
         const n = (counts.get(e.text) ?? 0) + (e.kind === EventKind.REACT ? 1 : -1);
         if (n > 0) counts.set(e.text, n); else counts.delete(e.text);
       }
-      if (e.kind === EventKind.TOPIC) state.topic = e.text;
+      if (e.kind === EventKind.TOPIC && event.request_id === 0) state.topic = e.text; // history has older ones
     }
+    if (event.request_id === 0 && event.events.some((e) => DETAILS_CHANGE.has(e.kind))) this.refreshDetails(state);
     this._added(state, state.add(lines), event.request_id === 0);
   }
 
@@ -1116,7 +1123,80 @@ export class ChorusClient extends EventTarget {
     state.members = new Map(list.members.map((m) => [m.user, m.status]));
     for (const m of list.members) if (m.user !== this.username) this.presence.set(m.user, m.status);
     this._emit("members", state);
+    this.refreshDetails(state);
     return state.members;
+  }
+
+  // -- roles, moderation and private rooms (version 2, spec §9.15) ------------------------------------------------
+  get moderating() { return (this.welcome?.version ?? 1) >= 2; }
+
+  /** GET_ROOM → state.details: {topic, private, members: Map user → {role, muted, until}, bans}; also sets
+   * state.topic and state.private. Members only: NOT_MEMBER after a kick rejects. */
+  async details(state) {
+    const d = await this.request({ type: "GET_ROOM", room: state.conv.name });
+    const wasPrivate = state.private;
+    state.details = {
+      topic: d.topic, private: d.private, bans: d.bans,
+      members: new Map(d.members.map((m) => [m.user, { role: m.role, muted: m.muted, until: Number(m.muted_until_ms) }])),
+    };
+    state.topic = d.topic;
+    state.private = d.private;
+    if (wasPrivate !== d.private) this._emit("conversations");
+    this._emit("details", state);
+    return state.details;
+  }
+
+  /** details() in the background (a version 2 room only); a refusal (no longer a member) changes nothing. */
+  refreshDetails(state) {
+    if (this.moderating && state.conv.kind === ConvKind.ROOM && this.state === "live") this.details(state).catch(() => {});
+  }
+
+  /** The rooms whose details are not known yet, one GET_ROOM at a time (so the sidebar can mark private ones: the
+   * conversation list does not say), at most MAX_DETAILS_AT_START of them, never a burst against the rate limit. */
+  async detailsOfAll() {
+    const rooms = [...this.convs.values()].filter((s) => s.conv.kind === ConvKind.ROOM && !s.details);
+    for (const state of rooms.slice(0, MAX_DETAILS_AT_START)) {
+      if (this.state !== "live" || !this.moderating) return;
+      if (this.convs.get(state.key) === state) await this.details(state).catch(() => {});
+    }
+  }
+
+  /** The user's role in a room, as far as its details say (MEMBER until they do). */
+  roleIn(state, user = this.username) {
+    return state?.details?.members.get(user)?.role ?? RoomRole.MEMBER;
+  }
+
+  /** A moderation request (KICK, BAN, MUTE, SET_ROLE, INVITE, DELETE_MESSAGE…): its reply, or a RequestError. */
+  moderate(event) { return this.request(event); }
+
+  /** CREATE_ROOM: a new room the user owns, invite-only when `isPrivate` (spec §5.55). */
+  async createRoom(name, isPrivate) {
+    const joined = await this.request({ type: "CREATE_ROOM", room: name, private: isPrivate });
+    const state = this.conversation(room(joined.room));
+    state.private = isPrivate;
+    this._emit("conversations");
+    return state;
+  }
+
+  /** MEMBERSHIP about the user itself: kicked or banned (LEFT) drops the room, invited (JOINED) lists it. True when
+   * handled here. Other users' changes refresh the room's roles and mutes, and go on to the member list. */
+  _membershipOfRoles(state, name, user, change) {
+    if (user !== this.username) {
+      if (state) this.refreshDetails(state);
+      return false;
+    }
+    if (change === MembershipChange.LEFT && state) {
+      // The KICK or BAN is the room's last event this connection gets (spec §9.15): say who and why.
+      const why = state.sorted().reverse().find((m) => m.event?.target === user &&
+        (m.event.kind === EventKind.KICK || m.event.kind === EventKind.BAN));
+      this.forget(state);
+      this._emit("notice", why ? `#${name}: ${why.sender} ${why.body}` : `You are no longer in #${name}.`);
+    } else if (change === MembershipChange.JOINED) {  // an INVITE; its event may have listed the room already
+      this.conversation(room(name));
+      this.refreshConversations();
+      this._emit("notice", `You were added to #${name}.`);
+    }
+    return true;
   }
 
   /** LIST_ROOMS: every room with a member, the user's own first (spec §5.13), for the room browser. */
@@ -1144,6 +1224,7 @@ export class ChorusClient extends EventTarget {
 
   _membership({ room: name, user, change }) {
     const state = this.convs.get(convKey(room(name)));
+    if (this._membershipOfRoles(state, name, user, change)) return;
     if (!state?.members) return;
     if (change === MembershipChange.JOINED) {
       state.members.set(user, this.presence.get(user) ?? Status.ONLINE); // a JOIN needs a connection
@@ -1369,6 +1450,26 @@ const GROUP_WITHIN_MS = 5 * 60 * 1000; // consecutive messages of one sender thi
 const LAST_KEY = "chorus.last"; // the conversation open when the page was left, reopened on the next load
 const NOTIFY_CHARS = 140;
 
+/** The moderation commands (version 2, spec §9.15), as the terminal client spells them; DURATION is 30m, 2h, 7d… */
+const MODERATION_COMMANDS = Object.freeze({
+  create: "/create #room [private]: create a room you own; private: invite-only and unlisted",
+  invite: "/invite user: add user to this room (the way into a private one)",
+  topic: "/topic [text]: set this room's topic (moderators); with no text, show it",
+  kick: "/kick user [reason]: remove user from this room; they may join again",
+  ban: "/ban user [DURATION] [reason]: remove user and keep them out (none: until /unban)",
+  unban: "/unban user: let a banned user join again",
+  mute: "/mute user [DURATION] [reason]: refuse user's messages here (none: until /unmute)",
+  unmute: "/unmute user: let a muted user talk again",
+  op: "/op user: make user a moderator (the owner only)",
+  deop: "/deop user: make a moderator a member again (the owner only)",
+  owner: "/owner user: hand this room over to user; you become a moderator",
+});
+const DURATION_RE = /^([1-9][0-9]{0,5})([smhdw])$/i;
+const UNIT_MS = Object.freeze({ s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000, w: 604_800_000 });
+/** The ban and mute lengths the member menu offers (0: until lifted). */
+const DURATIONS = Object.freeze([["1 hour", UNIT_MS.h], ["1 day", UNIT_MS.d], ["forever", 0]]);
+const ROLE_BADGES = Object.freeze({ [RoomRole.OWNER]: "owner", [RoomRole.MODERATOR]: "mod" });
+
 /** The slash commands of the message box; anything else starting with "/" is answered here, never sent. */
 const COMMANDS = Object.freeze({
   join: "/join #room: join a room and open it",
@@ -1376,6 +1477,7 @@ const COMMANDS = Object.freeze({
   msg: "/msg user text: send a direct message",
   me: "/me text: an action, shown as * you text",
   help: "/help: this list",
+  ...MODERATION_COMMANDS,
 });
 const COMMAND_ALIASES = Object.freeze({ part: "leave", query: "msg", j: "join" });
 
@@ -1492,6 +1594,7 @@ class ChatView {
     });
     this.renderComposer();
     this.renderNotify();
+    this.bindModeration();
   }
 
   setView(view) {
@@ -1639,10 +1742,14 @@ class ChatView {
       case "help":
         this.notice(Object.values(COMMANDS).join(" · "));
         return true;
-      default:
+      default: {
+        const done = await this.moderationCommand(name, args);
+        if (done === null) break; // usage
+        if (done !== undefined) return done;
         this.notice(`Unknown command /${word}. ${Object.keys(COMMANDS).map((c) => "/" + c).join(" ")}; ` +
           "start with // to send a slash.");
         return false;
+      }
     }
     this.notice(`Usage: ${COMMANDS[name]}`);
     return false;
@@ -1705,6 +1812,10 @@ class ChatView {
       }
       if (state.conv.kind === ConvKind.DIRECT && this.client.presence.has(state.conv.name)) {
         label.dataset.status = this.client.presence.get(state.conv.name) === Status.ONLINE ? "online" : "offline";
+      }
+      if (state.private) {
+        label.dataset.private = "";
+        button.title ||= `${convLabel(state.conv)} is invite-only`;
       }
       button.append(label);
       if (unread) button.append(element("span", "badge", String(unread)));
@@ -1818,6 +1929,7 @@ class ChatView {
     $("message-input").disabled = $("send").disabled = !open;
     $("message-input").placeholder = open ? `Message ${convLabel(this.current.conv)}` : "Pick a conversation first";
     $("members-button").hidden = !open || this.current.conv.kind !== ConvKind.ROOM;
+    this.renderTopic();
   }
 
   // -- members --------------------------------------------------------------------------------------
@@ -1851,10 +1963,239 @@ class ChatView {
       name.title = `Message ${user}`;
       name.disabled = user === this.client.username;
       name.addEventListener("click", () => this.openByName("@" + user));
-      item.append(name);
+      item.append(name, ...this.memberExtras(state, user));
       return item;
     }));
     $("leave").textContent = `Leave ${convLabel(state.conv)}`;
+  }
+
+  // -- roles, moderation and private rooms (version 2, spec §9.15) ------------------------------------------------
+  bindModeration() {
+    const c = this.client;
+    c.addEventListener("details", (e) => {
+      if (e.detail !== this.current) return;
+      this.renderTopic();
+      this.renderMembers();
+      const role = c.roleIn(e.detail);
+      if (role !== this.shownRole) this.renderMessages(); // the delete control depends on it
+    });
+    c.addEventListener("listed", () => c.detailsOfAll());
+    $("topic").addEventListener("click", () => this.editTopic());
+    $("moderate-dialog").addEventListener("close", () => this._asked?.($("moderate-dialog").returnValue));
+  }
+
+  /** Whether the user may moderate the open room (its details say MODERATOR or OWNER). */
+  moderates(state = this.current) {
+    return state?.conv.kind === ConvKind.ROOM && this.client.roleIn(state) >= RoomRole.MODERATOR;
+  }
+
+  /** The topic under the title: a button for moderators (to edit it), text for everyone else. */
+  renderTopic() {
+    const state = this.current;
+    const topic = $("topic");
+    const room = state?.conv.kind === ConvKind.ROOM && state.details;
+    const editable = room && this.moderates(state);
+    topic.hidden = !room || (!state.topic && !editable);
+    topic.textContent = state?.topic || (editable ? "Set a topic" : "");
+    topic.disabled = !editable;
+    topic.classList.toggle("empty", !state?.topic);
+    topic.title = editable ? "Change the topic" : "";
+  }
+
+  async editTopic() {
+    const state = this.current;
+    if (!this.moderates(state)) return;
+    const answer = await this.ask(`Topic of ${convLabel(state.conv)}`, { text: "Topic", value: state.topic ?? "", ok: "Set" });
+    if (answer) await this.act({ type: "SET_TOPIC", room: state.conv.name, topic: clipUtf8(answer.text, MAX_TEXT_BYTES) });
+  }
+
+  /** A role badge, a muted mark and the actions menu for one member of the list. */
+  memberExtras(state, user) {
+    const extras = [];
+    const info = state.details?.members.get(user);
+    if (ROLE_BADGES[info?.role]) extras.push(element("span", `role ${ROLE_BADGES[info.role]}`, ROLE_BADGES[info.role]));
+    if (info?.muted) {
+      const mark = element("span", "muted", "muted");
+      mark.title = info.until ? `muted until ${new Date(info.until).toLocaleString()}` : "muted until unmuted";
+      extras.push(mark);
+    }
+    const items = this.memberActions(state, user, info);
+    if (items.length) {
+      const menu = element("details", "member-menu");
+      menu.open = this.menuFor === user;
+      const summary = element("summary", "", "⋯");
+      summary.ariaLabel = summary.title = `Actions for ${user}`;
+      const list = element("div", "menu");
+      list.setAttribute("role", "menu");
+      for (const [label, run] of items) {
+        const item = element("button", "menu-item", label);
+        item.type = "button";
+        item.setAttribute("role", "menuitem");
+        item.addEventListener("click", () => {
+          menu.open = false;
+          run();
+        });
+        list.append(item);
+      }
+      menu.addEventListener("toggle", () => {
+        if (menu.open) this.menuFor = user;
+        else if (this.menuFor === user) this.menuFor = null;
+      });
+      menu.append(summary, list);
+      extras.push(menu);
+    }
+    return extras;
+  }
+
+  /** [label, action] of what the user may do to `user` in `state`: nothing is offered that the server would refuse
+   * by rank (spec §9.15's table): KICK, BAN, MUTE on lower ranks; UNMUTE by any moderator; SET_ROLE by the owner. */
+  memberActions(state, user, info) {
+    const me = this.client.username;
+    if (user === me) return [];
+    const room = state.conv.name;
+    const mine = this.client.roleIn(state);
+    const theirs = info?.role ?? RoomRole.MEMBER;
+    const items = [["Message", () => this.openByName("@" + user)]];
+    if (mine >= RoomRole.MODERATOR && theirs < mine) {
+      items.push(["Kick", () => this.punish("KICK", room, user)]);
+      items.push(["Ban…", () => this.punish("BAN", room, user)]);
+      if (!info?.muted) items.push(["Mute…", () => this.punish("MUTE", room, user)]);
+    }
+    if (mine >= RoomRole.MODERATOR && info?.muted) items.push(["Unmute", () => this.act({ type: "UNMUTE", room, user })]);
+    if (mine === RoomRole.OWNER) {
+      const role = (r) => () => this.act({ type: "SET_ROLE", room, user, role: r });
+      if (theirs === RoomRole.MEMBER) items.push(["Make moderator", role(RoomRole.MODERATOR)]);
+      if (theirs === RoomRole.MODERATOR) items.push(["Make member", role(RoomRole.MEMBER)]);
+      items.push(["Make owner", role(RoomRole.OWNER)]);
+    }
+    return items;
+  }
+
+  /** KICK (a reason), BAN or MUTE (a duration and a reason), asked in the dialog first. */
+  async punish(type, room, user) {
+    const titles = { KICK: `Remove ${user} from #${room}`, BAN: `Ban ${user} from #${room}`, MUTE: `Mute ${user} in #${room}` };
+    const answer = await this.ask(titles[type], { text: "Reason (optional)", duration: type !== "KICK",
+      ok: { KICK: "Kick", BAN: "Ban", MUTE: "Mute" }[type] });
+    if (!answer) return;
+    const event = { type, room, user, reason: clipUtf8(answer.text, MAX_TEXT_BYTES) };
+    if (type !== "KICK") event.until_ms = BigInt(answer.untilMs);
+    await this.act(event);
+  }
+
+  /** Send a moderation request; a refusal (FORBIDDEN, NOT_FOUND…) is a notice. True when it was done. */
+  async act(event) {
+    try {
+      await this.client.moderate(event);
+      return true;
+    } catch (err) {
+      this.notice(`Refused: ${err.message}`);
+      return false;
+    }
+  }
+
+  /** The moderation dialog: a title, optionally a duration and a text field; resolves to {untilMs, text} or null. */
+  ask(title, { text = null, value = "", duration = false, ok = "OK" } = {}) {
+    const dialog = $("moderate-dialog");
+    this._asked?.("cancel");
+    $("moderate-title").textContent = title;
+    $("moderate-duration-row").hidden = !duration;
+    $("moderate-duration").replaceChildren(...DURATIONS.map(([label, ms]) => Object.assign(element("option", "", label),
+      { value: String(ms) })));
+    $("moderate-text-row").hidden = text === null;
+    $("moderate-text-label").textContent = text ?? "";
+    Object.assign($("moderate-text"), { value, maxLength: MAX_TEXT_BYTES });
+    $("moderate-ok").textContent = ok;
+    return new Promise((resolve) => {
+      this._asked = (answer) => {
+        this._asked = null;
+        if (dialog.open) dialog.close();
+        const ms = Number($("moderate-duration").value);
+        resolve(answer === "ok" ? { untilMs: ms ? Date.now() + ms : 0, text: $("moderate-text").value.trim() } : null);
+      };
+      dialog.returnValue = "";
+      dialog.showModal();
+      (text === null ? $("moderate-ok") : $("moderate-text")).focus();
+    });
+  }
+
+  /** A message's delete control (shown on hover or focus): one's own, or any in a room one moderates; never an event,
+   * a tombstone or a message not sent yet. */
+  addDeleteControl(node, msg, kind) {
+    const state = this.current;
+    this.shownRole = this.client.roleIn(state);
+    if (!this.client.moderating || !msg.seq || !(kind === "text" || kind === "action")) return;
+    if (msg.sender !== this.client.username && !this.moderates(state)) return;
+    const button = element("button", "delete-message", "Delete");
+    button.type = "button";
+    button.ariaLabel = `Delete message ${msg.seq}`;
+    button.addEventListener("click", async () => {
+      const whose = msg.sender === this.client.username ? "your message" : `${msg.sender}'s message`;
+      if (await this.ask(`Delete ${whose}?`, { ok: "Delete" })) {
+        await this.act({ type: "DELETE_MESSAGE", conv: state.conv, seq: BigInt(msg.seq) });
+      }
+    });
+    node.append(button);
+  }
+
+  /** /create, /invite, /topic, /kick, /ban, /unban, /mute, /unmute, /op, /deop, /owner: resolves to whether it was
+   * done, null for a usage error, undefined when `name` is not one of them. */
+  async moderationCommand(name, args) {
+    if (!(name in MODERATION_COMMANDS)) return undefined;
+    if (!this.client.moderating) {
+      this.notice(`/${name} needs a server of protocol version 2.`);
+      return false;
+    }
+    if (name === "create") {
+      const m = args.match(/^#?(\S+)(?:\s+(private|--private))?$/i);
+      if (!m) return null;
+      if (!isName(m[1].toLowerCase())) {
+        this.notice(`Room names are ${NAME_RULE}.`);
+        return false;
+      }
+      try {
+        this.open(await this.client.createRoom(m[1].toLowerCase(), !!m[2]));
+        return true;
+      } catch (err) {
+        this.notice(`Refused: ${err.message}`);
+        return false;
+      }
+    }
+    const state = this.current;
+    if (state?.conv.kind !== ConvKind.ROOM) {
+      this.notice(`/${name} works in a room.`);
+      return false;
+    }
+    const room = state.conv.name;
+    if (name === "topic") {
+      if (!args) {
+        this.notice(state.topic ? `Topic of #${room}: ${state.topic}` : `#${room} has no topic.`);
+        return true;
+      }
+      return this.act({ type: "SET_TOPIC", room, topic: clipUtf8(args, MAX_TEXT_BYTES) });
+    }
+    const [, who = "", rest = ""] = args.match(/^@?(\S*)\s*([\s\S]*)$/);
+    const user = who.toLowerCase();
+    if (!user) return null;
+    switch (name) {
+      case "invite": {
+        const done = await this.act({ type: "INVITE", room, user });
+        if (done) this.notice(`${user} is in #${room} now.`);
+        return done;
+      }
+      case "kick": return this.act({ type: "KICK", room, user, reason: clipUtf8(rest.trim(), MAX_TEXT_BYTES) });
+      case "ban": case "mute": {
+        const [first = "", after = ""] = rest.trim().split(/\s+([\s\S]*)/);
+        const m = first.match(DURATION_RE);
+        const untilMs = m ? Date.now() + Number(m[1]) * UNIT_MS[m[2].toLowerCase()] : 0;
+        const reason = clipUtf8((m ? after : rest).trim(), MAX_TEXT_BYTES);
+        return this.act({ type: name.toUpperCase(), room, user, until_ms: BigInt(untilMs), reason });
+      }
+      case "unban": case "unmute": return rest ? null : this.act({ type: name.toUpperCase(), room, user });
+      default: {  // op, deop, owner
+        const role = { op: RoomRole.MODERATOR, deop: RoomRole.MEMBER, owner: RoomRole.OWNER }[name];
+        return rest ? null : this.act({ type: "SET_ROLE", room, user, role });
+      }
+    }
   }
 
   // -- notifications --------------------------------------------------------------------------------
@@ -2042,6 +2383,7 @@ class ChatView {
       for (const [reaction, count] of msg.reactions) list.append(element("span", "reaction", `${reaction} ${count}`));
       node.append(list);
     }
+    this.addDeleteControl(node, msg, kind);
     return node;
   }
 
