@@ -115,7 +115,7 @@ async def test_browser_chats_with_a_tcp_client(start_server, tmp_path):
                 page.screenshot(path=str(tmp_path / "screenshot.png"))
                 page.set_viewport_size(DESKTOP)
                 page.click("#members-button")
-                page.wait_for_selector('.member[data-user="bob"][data-status="online"]')
+                page.wait_for_selector('.member[data-user="bob"][data-status="online"] .role.owner')  # GET_ROOM's
                 page.screenshot(path=str(tmp_path / "screenshot-wide.png"))
                 page.click("#members-button")
 

@@ -120,6 +120,11 @@ async def test_badges_and_a_menu_that_offers_only_what_the_role_allows(start_ser
         page.wait_for_selector('.member[data-user="dave"]', state="detached")
         assert on_trio(refused_code, dave, proto.Join, "lobby") == ErrorCode.FORBIDDEN
         assert on_trio(details, bob, "lobby").bans == (proto.BanInfo("dave", 0),)
+        # Moderators see the bans under the members, each with Unban.
+        page.wait_for_selector('#bans .banned[data-user="dave"] >> text=for good')
+        page.click('#bans .banned[data-user="dave"] .unban')
+        page.wait_for_selector("#bans", state="hidden")
+        assert on_trio(details, bob, "lobby").bans == ()
 
         # Demoted: the menu shrinks back, and the topic is text again.
         on_trio(bob_sets_role, "carol", RoomRole.MEMBER)

@@ -627,8 +627,8 @@ const TOMBSTONE = "(message deleted)";
 const AMENDING = new Set([EventKind.EDIT, EventKind.REACT, EventKind.UNREACT]);
 const shown = (msg) => !(msg.event && AMENDING.has(msg.event.kind));
 /** Live events after which a room's ROOM_DETAILS (roles, mutes, members, topic) is asked for again. */
-const DETAILS_CHANGE = new Set([EventKind.ROLE, EventKind.KICK, EventKind.BAN, EventKind.MUTE, EventKind.UNMUTE,
-  EventKind.TOPIC, EventKind.INVITE]);
+const DETAILS_CHANGE = new Set([EventKind.ROLE, EventKind.KICK, EventKind.BAN, EventKind.UNBAN, EventKind.MUTE,
+  EventKind.UNMUTE, EventKind.TOPIC, EventKind.INVITE]);
 const OPERATOR = "the operator"; // an event's empty actor: chorus-admin (never a user name: it has a space)
 
 /** A moderation event (version 2, spec §9.15) in words, as the server words it for a version 1 client. */
@@ -1967,6 +1967,7 @@ class ChatView {
       return item;
     }));
     $("leave").textContent = `Leave ${convLabel(state.conv)}`;
+    this.renderBans(state);
   }
 
   // -- roles, moderation and private rooms (version 2, spec §9.15) ------------------------------------------------
@@ -2045,6 +2046,25 @@ class ChatView {
       extras.push(menu);
     }
     return extras;
+  }
+
+  /** The room's active bans, each with Unban, under the member list: ROOM_DETAILS has them for moderators only. */
+  renderBans(state) {
+    const bans = this.moderates(state) ? state.details?.bans ?? [] : [];
+    const list = $("ban-list");
+    $("bans").hidden = !bans.length;
+    list.replaceChildren(...bans.map((ban) => {
+      const item = element("li", "banned");
+      item.dataset.user = ban.user;
+      const until = Number(ban.until_ms);
+      item.append(element("span", "", ban.user), element("span", "until", until ? `until ${new Date(until).toLocaleString()}` : "for good"));
+      const unban = element("button", "link-button unban", "Unban");
+      unban.type = "button";
+      unban.ariaLabel = `Unban ${ban.user}`;
+      unban.addEventListener("click", () => this.act({ type: "UNBAN", room: state.conv.name, user: ban.user }));
+      item.append(unban);
+      return item;
+    }));
   }
 
   /** [label, action] of what the user may do to `user` in `state`: nothing is offered that the server would refuse
