@@ -1,8 +1,11 @@
-"""The process's memory policy (server/_memory.py, issue 14): what the collector walks, and what closed
-connections leave behind. No timing: the bench measures the pauses (``python -m bench --scenarios gc``)."""
+"""The process's memory policy (server/_memory.py, issue 14): what the collector walks, what closed connections
+leave behind, and what malloc keeps after a password hash. No timing: the bench measures the pauses
+(``python -m bench --scenarios gc``)."""
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -127,3 +130,37 @@ async def test_closed_connections_are_freed_from_the_frozen_generation(start_ser
                 gc.collect()
     finally:
         gc.unfreeze()
+
+
+_MALLOC_PROBE = """
+import sys, threading
+import argon2
+from chorus.server._memory import tune_malloc
+def rss_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+if sys.argv[1] == "tuned" and not tune_malloc():
+    sys.exit(3)  # no glibc: nothing to tune
+hasher = argon2.PasswordHasher(time_cost=1, memory_cost=19456, parallelism=1)  # chorus-server's 19 MiB
+hasher.hash("warm up")
+before = rss_kb()
+worker = threading.Thread(target=lambda: [hasher.hash("password") for _ in range(4)])  # as in the hashing threads
+worker.start()
+worker.join()
+print(rss_kb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and tunes glibc's malloc")
+def test_malloc_tuning_returns_argon2s_buffers_when_a_hash_ends():
+    """glibc keeps a worker thread's freed 19 MiB hash buffer in its arena; tune_malloc has it unmapped."""
+    grown = {}
+    for variant in ("default", "tuned"):
+        proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, variant], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode == 3:
+            pytest.skip("not glibc")
+        assert proc.returncode == 0, proc.stderr
+        grown[variant] = int(proc.stdout)
+    assert grown["tuned"] < 4096 < 16384 < grown["default"], grown  # KiB: one hash buffer is 19,456
