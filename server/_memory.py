@@ -9,7 +9,9 @@ what a live server holds is long-lived. ``GcPolicy`` keeps the walked set small 
   ``CHECK_S``) and after any collection that took longer than ``FREEZE_AFTER_S`` (whatever else grew). Each
   freeze first collects what is not frozen yet, so only survivors are frozen; that set is small, so it is quick.
 - A frozen cycle is never collected, so nothing that dies may leave one behind: a closed connection breaks its
-  own cycles (``ClientConnection._release``) and is freed by reference counting (tests/test_memory.py).
+  own cycles (``ClientConnection._release``) and is freed by reference counting (tests/test_memory.py). What a
+  freeze catches in flight (a request whose exception crossed a worker thread dies in a cycle) is freed by a rare
+  ``reclaim`` after a storm of connections: one full collection, when connections have stopped arriving.
 - Every collection is timed (``gc.callbacks``): ``statistics()`` has the worst pause and the count per
   generation, since start and since the last ``reset_window()`` (bench/chorus_server.py's window).
 
@@ -45,6 +47,11 @@ CHECK_S = 0.1
 FREEZE_GROWTH = 50
 #: A collection longer than this means too much is unfrozen: freeze at the next check.
 FREEZE_AFTER_S = 0.002
+#: Connections opened since the last reclaim, per connection open now, that call for one (at least RECLAIM_MIN)...
+RECLAIM_GROWTH = 2
+RECLAIM_MIN = 5000
+#: ...once no connection has opened for this long.
+RECLAIM_QUIET_S = 30.0
 #: Allocations at least this large are mapped and unmapped, never kept in an arena.
 MMAP_THRESHOLD_BYTES = 1 << 20
 ARENA_MAX = 2
@@ -110,7 +117,12 @@ class GcPolicy:
         self.pauses = GcPauses()
         self.freezes = 0
         self.freeze_s = 0.0  # the worst freeze, its collection included
+        self.reclaims = 0
+        self.reclaim_s = 0.0  # the worst reclaim: a full collection, frozen objects included
         self._frozen_at = 0  # connections at the last freeze
+        self._opened = 0  # connections opened (as seen by the checks) since the last reclaim
+        self._seen = 0  # connections at the last check
+        self._quiet_since = 0.0  # when the connection count last grew
 
     def freeze(self) -> None:
         """Collect what is not frozen yet (a small set), then freeze every survivor."""
@@ -122,13 +134,40 @@ class GcPolicy:
         self._frozen_at = len(self.server.connections)
         self.pauses.slow = False
 
-    def check(self) -> bool:
-        """Freeze when connections grew by ``FREEZE_GROWTH`` or a collection was slow; True when it froze."""
-        grown = len(self.server.connections) - self._frozen_at >= FREEZE_GROWTH
-        if self.active and (grown or self.pauses.slow):
+    def reclaim(self) -> None:
+        """Unfreeze, collect everything, freeze again: what died in a cycle after it was frozen is freed. A pause
+        as long as a full collection of the whole heap, so only rarely and when quiet (``check``)."""
+        started = time.perf_counter()
+        gc.unfreeze()
+        self.freeze()
+        self.reclaims += 1
+        self.reclaim_s = max(self.reclaim_s, time.perf_counter() - started)
+        self._opened = 0
+
+    def check(self, now: float | None = None) -> bool:
+        """Freeze when connections grew by ``FREEZE_GROWTH`` or a collection was slow; True when it froze.
+
+        A freeze also takes what is in flight: a request's objects that later die in a reference cycle (an
+        exception that crossed a worker thread, ~70 objects) stay frozen. So once as many connections have
+        opened since the last reclaim as ``RECLAIM_GROWTH`` times those open now (at least ``RECLAIM_MIN``),
+        and none opened for ``RECLAIM_QUIET_S``, the frozen heap is collected once (``reclaim``): what a storm
+        left frozen is bounded, at the price of one full pause after it."""
+        now = time.monotonic() if now is None else now
+        count = len(self.server.connections)
+        if count > self._seen:
+            self._opened += count - self._seen
+            self._quiet_since = now
+        self._seen = count
+        if not self.active:
+            return False
+        if (self._opened >= max(RECLAIM_MIN, RECLAIM_GROWTH * count)
+                and now - self._quiet_since >= RECLAIM_QUIET_S):
+            self.reclaim()
+            return True
+        if count - self._frozen_at >= FREEZE_GROWTH or self.pauses.slow:
             self.freeze()
             return True
-        self._frozen_at = min(self._frozen_at, len(self.server.connections))  # closes make room for the next burst
+        self._frozen_at = min(self._frozen_at, count)  # closes make room for the next burst
         return False
 
     async def run(self) -> None:
@@ -150,6 +189,7 @@ class GcPolicy:
                 "window_max_pause_cpu_ms": round(pauses.window_max_cpu_s * 1000, 3),
                 "window_collections": pauses.window_count,
                 "freezes": self.freezes, "worst_freeze_ms": round(self.freeze_s * 1000, 3),
+                "reclaims": self.reclaims, "worst_reclaim_ms": round(self.reclaim_s * 1000, 3),
                 "frozen_objects": gc.get_freeze_count()}
 
 

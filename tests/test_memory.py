@@ -14,7 +14,7 @@ from rawclient import RawClient
 from wsclient import WsClient
 
 from chorus import proto
-from chorus.server._memory import FREEZE_GROWTH, GcPolicy
+from chorus.server._memory import FREEZE_GROWTH, RECLAIM_MIN, RECLAIM_QUIET_S, GcPolicy
 
 
 class _Server:
@@ -164,3 +164,26 @@ def test_malloc_tuning_returns_argon2s_buffers_when_a_hash_ends():
         assert proc.returncode == 0, proc.stderr
         grown[variant] = int(proc.stdout)
     assert grown["tuned"] < 4096 < 16384 < grown["default"], grown  # KiB: one hash buffer is 19,456
+
+
+def test_a_quiet_server_reclaims_what_a_storm_left_frozen(policy):
+    """Cyclic garbage frozen in flight is freed once connections stop arriving after many opened."""
+    server, now = policy.server, 1000.0
+    leaked = _Cycle()
+    ref = weakref.ref(leaked)
+    policy.freeze()  # frozen while alive (in flight)...
+    del leaked  # ...then dead in a cycle: no collection sees it
+    gc.collect()
+    assert ref() is not None
+    for _ in range(RECLAIM_MIN // FREEZE_GROWTH):  # a storm: connections open, the policy freezes as they do
+        server.connections.update(object() for _ in range(FREEZE_GROWTH))
+        policy.check(now)
+        now += 0.1
+    assert ref() is not None and policy.reclaims == 0
+    server.connections.clear()  # most of them are gone again
+    policy.check(now + RECLAIM_QUIET_S - 1)
+    assert policy.reclaims == 0  # not yet quiet long enough
+    policy.check(now + RECLAIM_QUIET_S + 1)
+    assert policy.reclaims == 1 and ref() is None
+    policy.check(now + 2 * RECLAIM_QUIET_S)
+    assert policy.reclaims == 1  # nothing opened since: no second pause
