@@ -76,8 +76,9 @@ FUZZ_EXAMPLES ?= 2000
 fuzz-session: $(STAMP)
 	$(BIN)/python fuzz/fuzz_session.py --examples $(FUZZ_EXAMPLES)
 
-# Chorus vs Mosquitto vs websockets (issue 6): a few minutes, CPU-heavy; writes bench/results/bench.{json,png}
-# and a py-spy profile of the fan-out. BENCH_ARGS="--reps 5 --scenarios fanout" to change what runs.
+# Chorus vs Mosquitto vs websockets (issues 6, 9 and 14): ~25 minutes, CPU-heavy (the GC rows log in 18,000 clients
+# six times); writes bench/results/bench.{json,md,png} and py-spy profiles. BENCH_ARGS="--reps 5 --scenarios
+# fanout" to change what runs (scenarios: fanout, durable, idle, rooms, gc, storm, attack).
 bench: $(STAMP)
 	$(BIN)/python -m bench --profile $(BENCH_ARGS)
 	$(BIN)/python -m bench.cluster_bench $(CLUSTER_ARGS)

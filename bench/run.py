@@ -9,13 +9,15 @@ window it reads the server's CPU time (utime/stime from ``/proc/PID/stat``) and 
 the generators report their own CPU and HDR latency histograms. Each row keeps every repetition and their
 median, and says whether the server or the generator was the limit.
 
-Scenarios: ``fanout`` (one room of 1000, a burst and a paced 20,000 deliveries/s; Chorus TCP, Chorus
-WebSocket, Mosquitto, websockets), ``durable`` (100 clients sending and waiting for each ACK, and a
-pipelined variant; Chorus only, next to the design source's 13,891 msg/s), ``idle`` (10,000 logged-in
+Scenarios: ``fanout`` (one room of 1000, paced 20,000 deliveries/s, and a burst of 100 coalesced alike: by
+Chorus's group commit and cork, by one publish for the peers; Chorus TCP, Chorus WebSocket, Mosquitto,
+websockets side by side, repetitions interleaved), ``durable`` (100 clients sending and waiting for each ACK, and
+a pipelined variant; Chorus only, next to the design source's 13,891 msg/s), ``idle`` (10,000 logged-in
 connections with heartbeats), ``rooms`` (the same 10,000 Chorus connections in 1,000 rooms of 10, mixed
-SEND/TYPING/HISTORY traffic), ``attack`` (the honest client's round trip during five attacks, issue 9:
-``bench/attack.py``). Output: a table on stdout, ``<out>/<name>.json`` and ``<out>/<name>.png``
-(and, with ``--profile``, a py-spy flame graph and a text summary of the Chorus fan-out burst).
+SEND/TYPING/HISTORY traffic), ``gc`` (worst collector pause at 18,000 connections, issue 14's policy against
+the start-up freeze alone), ``storm`` (RSS after logins at argon2's real cost, malloc tuned or not), ``attack``
+(the honest client's round trip during five attacks, issue 9: ``bench/attack.py``). Output: a table on stdout,
+``<out>/<name>.json``, ``.md`` and ``.png`` (and, with ``--profile``, py-spy flame graph and text summaries).
 """
 from __future__ import annotations
 
