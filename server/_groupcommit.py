@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from copy import copy
@@ -35,6 +36,25 @@ log = logging.getLogger(__name__)
 _U64 = 1 << 64
 #: Upper bounds (seconds) of the commit-latency buckets in ``statistics()["commit_seconds"]`` (the metrics' histogram).
 COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, float("inf"))
+
+
+class _Raised:
+    """What ``fn`` raised in a worker thread (``GroupCommitter._in_thread``)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
+
+
+def _returning_errors(fn: Callable[..., Any], args: tuple) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        # Its traceback holds this thread's frames and, through them, Trio's, which hold this very result: a cycle.
+        # Where it came from is kept as text instead (shown with the traceback of wherever it is raised).
+        exc.add_note("raised in the store's worker thread:\n" + "".join(traceback.format_tb(exc.__traceback__)))
+        return _Raised(exc.with_traceback(None))
 
 
 def _copy_error(exc: Exception) -> Exception:
@@ -267,15 +287,24 @@ class GroupCommitter:
     # -- refusals ------------------------------------------------------------------------------------------------
 
     async def _in_thread(self, limiter: trio.CapacityLimiter, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` in a worker thread holding ``limiter``; a refusal is counted and raised as ``StoreError``."""
+        """``fn(*args)`` in a worker thread holding ``limiter``; a refusal is counted and raised as ``StoreError``.
+
+        The thread hands an exception back as a value and it is raised here, in this task: raised through
+        ``trio.to_thread`` it would be held by a frame of its own traceback, a reference cycle that only the garbage
+        collector frees, and never once the collector has frozen it (server/_memory.py)."""
+        result = await trio.to_thread.run_sync(_returning_errors, fn, args, limiter=limiter)
+        if type(result) is not _Raised:
+            return result
+        exc = result.exc
+        del result
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-        except Exception as exc:
             error = self._refusal(exc)
             if error is None:
-                raise
+                raise exc
             self._refused(error)
             raise error from exc
+        finally:
+            del exc  # this frame is in the traceback: it must not hold the exception too
 
     def _refused(self, error: StoreError) -> None:
         # Logged once per episode: a full disk or a database that is down refuses every request, and each one is

@@ -14,6 +14,7 @@ from rawclient import RawClient
 from wsclient import WsClient
 
 from chorus import proto
+from chorus.server._store import open_store
 from chorus.server._memory import FREEZE_GROWTH, RECLAIM_MIN, RECLAIM_QUIET_S, GcPolicy
 
 
@@ -187,3 +188,21 @@ def test_a_quiet_server_reclaims_what_a_storm_left_frozen(policy):
     assert policy.reclaims == 1 and ref() is None
     policy.check(now + 2 * RECLAIM_QUIET_S)
     assert policy.reclaims == 1  # nothing opened since: no second pause
+
+
+async def test_an_exception_from_the_stores_thread_leaves_no_cycle(tmp_path):
+    """An error raised in a store's worker thread reaches the task without a reference cycle, so a freeze cannot
+    catch one in flight and keep it for ever (the store's LookupError when a JOIN creates a room, for one)."""
+    async with open_store(tmp_path / "chorus.db") as store:
+        user = await store.create_user("joiner", "hash")
+        await trio.sleep(0)
+        gc.collect()
+        gc.disable()  # from here only reference counting frees anything
+        try:
+            with pytest.raises(LookupError) as raised:
+                await store.join_room(user.id, "nosuchroom", max_rooms=10, create=False)
+            assert "worker thread" in "".join(raised.value.__notes__)  # where it came from, as text
+            del raised
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
