@@ -105,12 +105,16 @@ async def test_resumes_the_server_cannot_take_yet_wait_their_turn_or_are_told_wh
     await clients[2].send(proto.Resume(tokens[2], request_id=clients[2].rid()))
     busy = await clients[2].next_of(proto.Error)
     assert busy.code == proto.ErrorCode.SERVER_BUSY and busy.retry_after_ms > 0
+    refused = next(c for c in server.connections if c.opened_at == max(c.opened_at for c in server.connections))
+    assert refused._auth_deadline() >= refused.opened_at + 1.0 + (busy.retry_after_ms - 1) / 1000
+    await trio.sleep(busy.retry_after_ms / 1000)  # an obedient client comes back when told: now it may queue
+    resumes.max_waiting = 3
+    await clients[2].send(proto.Resume(tokens[2], request_id=clients[2].rid()))
+    await _wait_for(lambda: resumes.waiting == 3)
     idle = await RawClient.connect(server.port)  # opened last, never authenticates: its deadline passes
     assert (await idle.next_of(proto.Error)).code == proto.ErrorCode.HANDSHAKE_TIMEOUT
     for holder in holders:
         resumes.limiter.release_on_behalf_of(holder)
-    for client in clients[:2]:  # they waited past their first deadline and were served in turn
+    for client in clients:  # they waited past their first deadline and were served in turn
         assert isinstance(await client.next_of(proto.AuthOk, proto.Error), proto.AuthOk)
-    await clients[2].send(proto.Resume(tokens[2], request_id=clients[2].rid()))
-    assert isinstance(await clients[2].next_of(proto.AuthOk, proto.Error), proto.AuthOk)
     assert resumes.statistics() == {"running": 0, "waiting": 0, "refused": 1}
