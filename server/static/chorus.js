@@ -706,6 +706,9 @@ export class ChorusClient extends EventTarget {
     this._countdown = null;
     this.failedAttempts = 0; // connections lost or refused since the last time the page was live
     this.presence = new Map(); // user → Status, from MEMBER_LIST and PRESENCE
+    this.displayNames = new Map(); // user → display name ("": none), from USER_LIST; kept for the page's life
+    this._namesWanted = new Set(); // users to ask GET_USERS for in the next batch (or asked and not yet answered)
+    this._namesQueued = [];
     this._notBefore = 0;
     this._lastHeard = 0;
     this._livenessTimer = null;
@@ -1127,6 +1130,41 @@ export class ChorusClient extends EventTarget {
     return state.members;
   }
 
+  // -- display names (version 2, spec §9.17) ---------------------------------------------------------------------
+  /** `user`'s display name ("" when none or not known yet); an unknown one is asked for (batched). */
+  displayName(user) {
+    const known = this.displayNames.get(user);
+    if (known !== undefined) return known;
+    if ((this.welcome?.version ?? 1) >= 2 && !this._namesWanted.has(user)) {
+      this._namesWanted.add(user);
+      this._namesQueued.push(user);
+      if (this._namesQueued.length === 1) queueMicrotask(() => this._askNames());
+    }
+    return "";
+  }
+
+  /** One GET_USERS for the users queued since the last (at most MAX_USERS_PER_ASK a request). */
+  async _askNames() {
+    const users = this._namesQueued.splice(0);
+    for (let i = 0; i < users.length; i += MAX_USERS_PER_ASK) {
+      const batch = users.slice(i, i + MAX_USERS_PER_ASK);
+      try {
+        const { users: infos } = await this.request({ type: "GET_USERS", users: batch });
+        const names = new Map(infos.map((u) => [u.user, u.display_name]));
+        for (const user of batch) this.displayNames.set(user, names.get(user) ?? "");
+        this._emit("names");
+      } catch { /* disconnected: asked again when next shown */ }
+      for (const user of batch) this._namesWanted.delete(user);
+    }
+  }
+
+  /** SET_DISPLAY_NAME ("" clears it); rejects with the server's reason when refused. Then asked for afresh. */
+  async setDisplayName(name) {
+    await this.request({ type: "SET_DISPLAY_NAME", display_name: name });
+    this.displayNames.delete(this.username);
+    this.displayName(this.username);
+  }
+
   // -- roles, moderation and private rooms (version 2, spec §9.15) ------------------------------------------------
   get moderating() { return (this.welcome?.version ?? 1) >= 2; }
 
@@ -1338,6 +1376,7 @@ const INLINE_RE = new RegExp([
   "((?<![\\w_])_(?=[^_\\s])[^_\\n]*?[^_\\s]_(?![\\w_]))", // _italic_
   `((?<![\\w@])@${NAME_PATTERN})`, // @mention: a user name by proto's rule
 ].join("|"), "giu");
+const MAX_USERS_PER_ASK = 1000; // GET_USERS' array limit (FIELDS)
 const ACTION = "/me "; // a body starting so is an action, shown "* alice waves" (as the terminal client does)
 const SAFE_PROTOCOLS = new Set(["http:", "https:"]);
 
@@ -1476,6 +1515,7 @@ const COMMANDS = Object.freeze({
   leave: "/leave [#room]: leave this room (or the one named)",
   msg: "/msg user text: send a direct message",
   me: "/me text: an action, shown as * you text",
+  nick: "/nick [name]: set your display name, shown beside your user name (none: clear it)",
   help: "/help: this list",
   ...MODERATION_COMMANDS,
 });
@@ -1525,6 +1565,7 @@ class ChatView {
       this.renderRooms();
     });
     c.addEventListener("notice", (e) => this.notice(e.detail));
+    c.addEventListener("names", () => this.onNames());
 
     $("login-form").addEventListener("submit", (e) => {
       e.preventDefault();
@@ -1742,6 +1783,8 @@ class ChatView {
       case "help":
         this.notice(Object.values(COMMANDS).join(" · "));
         return true;
+      case "nick":
+        return this.setDisplayName(args);
       default: {
         const done = await this.moderationCommand(name, args);
         if (done === null) break; // usage
@@ -1764,6 +1807,35 @@ class ChatView {
       this.notice(err.message);
       return false;
     }
+  }
+
+  async setDisplayName(name) {
+    if ((this.client.welcome?.version ?? 1) < 2) {
+      this.notice("/nick needs a server of protocol version 2.");
+      return false;
+    }
+    try {
+      await this.client.setDisplayName(name);
+      this.notice(name ? `Your display name is ${name}.` : "Your display name is cleared.");
+      return true;
+    } catch (err) {
+      this.notice(`Refused: ${err.message}`);
+      return false;
+    }
+  }
+
+  /** `user` as shown: "Display Name @user" (the login name smaller) when they have one, else the login name. */
+  nameNodes(user) {
+    const display = this.client.displayName(user);
+    if (!display) return [user];
+    return [element("span", "display-name", display), " ", element("span", "login", "@" + user)];
+  }
+
+  onNames() {
+    const stick = this.atBottom();
+    this.renderMessages();
+    if (stick && this.positioned) this.scrollToBottom();
+    this.renderMembers();
   }
 
   notice(text) {
@@ -1958,7 +2030,8 @@ class ChatView {
       const item = element("li", "member");
       item.dataset.user = user;
       item.dataset.status = status === Status.ONLINE ? "online" : "offline";
-      const name = element("button", "link-button", user + (user === this.client.username ? " (you)" : ""));
+      const name = element("button", "link-button");
+      name.append(...this.nameNodes(user), user === this.client.username ? " (you)" : "");
       name.type = "button";
       name.title = `Message ${user}`;
       name.disabled = user === this.client.username;
@@ -2381,7 +2454,9 @@ class ChatView {
       node.classList.add("continued");
     } else if (kind === "text" || kind === "deleted") {
       const meta = element("header", "meta");
-      meta.append(element("span", "sender", msg.sender), element("time", "time", time));
+      const sender = element("span", "sender");
+      sender.append(...this.nameNodes(msg.sender));
+      meta.append(sender, element("time", "time", time));
       node.append(meta);
     }
     const body = element("div", "body");
