@@ -59,6 +59,7 @@ COMMANDS: dict[str, Spec] = {
     "op": Spec("/op USER", "make USER a moderator of the current room (the owner only)", "users"),
     "deop": Spec("/deop USER", "make a moderator a plain member again (the owner only)", "users"),
     "owner": Spec("/owner USER", "hand the current room over to USER; you become a moderator", "users"),
+    "nick": Spec("/nick [Display Name]", "set the name shown beside your login (version 2); none: clear it"),
     "passwd": Spec("/passwd", "change your password (typed without echo); your other sessions are logged out"),
     "sessions": Spec("/sessions", "list your sessions (devices and logins), numbered for /revoke"),
     "revoke": Spec("/revoke N", "log out session N of the last /sessions list"),

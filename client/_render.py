@@ -232,14 +232,22 @@ class Renderer:
         self.colour = colour
         self.gutter = gutter  # the 2-character own/pending mark in front; off for `chorus tail`
         self.seqs = seqs  # "#12" after each message: what /edit, /delete and /react name
+        #: login → display name (version 2, spec §9.17), as the interactive client learnt them: a sender with one
+        #: is shown "Display Name (login)", the display name neutralised like any client text.
+        self.names: dict[str, str] = {}
 
     def _c(self, code: str, text: str) -> str:
         return f"{code}{text}{_RESET}" if self.colour else text
 
+    def person(self, name: str) -> str:
+        """``name`` for people: "Display Name (login)" when it has a display name, else the login."""
+        display = self.names.get(name)
+        return f"{one_line(display)} ({name})" if display else name
+
     def _name(self, name: str) -> str:
         if name == self.me:
-            return self._c(_BOLD + _GREEN, name)
-        return self._c(_NAME_COLOURS[zlib.crc32(name.encode()) % len(_NAME_COLOURS)], name)
+            return self._c(_BOLD + _GREEN, self.person(name))
+        return self._c(_NAME_COLOURS[zlib.crc32(name.encode()) % len(_NAME_COLOURS)], self.person(name))
 
     def message(self, msg: proto.Message, *, pending: bool = False, today: datetime.date | None = None,
                 width: int | None = None, edited: bool = False, reactions: str = "",

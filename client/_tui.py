@@ -61,6 +61,10 @@ current room, /edit, /delete and /react on the message whose seq is shown after
 it (``Renderer(seqs=True)``); what they do comes back as an event everyone
 sees, and a refusal (FORBIDDEN...) is one line.
 
+Display names (version 2, spec §9.17): /nick sets or clears ours; a sender of a live message, or a member
+listed by /who, is asked about once a session (GET_USERS, before the line is printed), and shown "Display Name
+(login)" by the renderer, the display name neutralised like any client text; pages of history use what is known.
+
 Lines are handled at once, in the Trio thread, when typed: text gets its
 client_msg_id then (so a retry after a reconnect reuses it, §9.4), and while
 offline it is printed as pending. Work that needs the server goes to a
@@ -185,6 +189,9 @@ class Tui:
         self._recapped: set[proto.Conversation] = set()
         #: /passwd's answers so far while it asks (input unechoed); None otherwise.
         self.secret: list[str] | None = None
+        #: Users whose display name we asked for (version 2, §9.17): once a session, and ourselves again after /nick;
+        #: the answers are in ``self.r.names``.
+        self._named: set[str] = set()
         self._sessions_listed: list[proto.SessionInfo] = []  # the last /sessions, numbered from 1 for /revoke
         self._forget_session = forget_session  # drops the saved token (after /logout-all)
         self._logging_out = False
@@ -524,6 +531,9 @@ class Tui:
                 raise UsageError("/passwd needs a terminal (the password is typed without echo)")
             self.secret = []
             self.info("changing your password (Ctrl-C cancels)")
+        elif name == "nick":
+            self._needs_version_2(name)
+            self._enqueue(self._nick, args)
         elif name == "sessions":
             self._enqueue(self._sessions)
         elif name == "revoke":
@@ -835,6 +845,33 @@ class Tui:
         self.info("logged out everywhere")
         self.quit()
 
+    async def _nick(self, name: str) -> None:
+        """/nick: set (or clear) our display name; the server's refusal (a look-alike of another user's name...) is
+        one line. What it became is asked for again, as the server normalised it."""
+        try:
+            await self.client.set_display_name(name)
+        except ServerError as exc:
+            self.error(f"cannot set your display name: {describe(exc)}")
+            return
+        self._named.discard(self.me)
+        self.r.names.pop(self.me, None)
+        await self._learn_names([self.me])
+        shown = self.r.names.get(self.me)
+        self.info(f"you are {self.r.person(self.me)} now" if shown else "your display name is cleared")
+
+    async def _learn_names(self, users) -> None:
+        """Ask the server for the display names of ``users`` not asked about yet this session (version 2, §9.17)."""
+        unknown = sorted({u for u in users if u} - self._named)
+        if not unknown or (self.client.version or 1) < 2 or not self.connected:
+            return
+        try:
+            for start in range(0, len(unknown), 1000):  # GET_USERS names at most 1000
+                found = await self.client.display_names(unknown[start:start + 1000])
+                self.r.names.update({user: name for user, name in found.items() if name})
+        except (ServerError, ConnectionLost, proto.ProtocolError, trio.TooSlowError):
+            return  # shown by login; asked again when next seen
+        self._named.update(unknown)
+
     async def _who(self, room: str) -> None:
         try:
             if (self.client.version or 1) >= 2:
@@ -854,6 +891,7 @@ class Tui:
         details = await self.client.room(room)
         self.topics[room] = details.topic
         self.users |= {m.user for m in details.members}
+        await self._learn_names(m.user for m in details.members)
         rank = {proto.RoomRole.OWNER: 0, proto.RoomRole.MODERATOR: 1, proto.RoomRole.MEMBER: 2}
 
         def member(m: proto.RoomMember) -> str:
@@ -861,7 +899,7 @@ class Tui:
             notes.append(m.status.name.lower())
             if m.muted:
                 notes.append(f"muted until {clock(m.muted_until_ms)}" if m.muted_until_ms else "muted")
-            return f"{m.user} ({', '.join(notes)})"
+            return f"{self.r.person(m.user)} ({', '.join(notes)})"
 
         order = sorted(details.members, key=lambda m: (rank[m.role], m.status != proto.Status.ONLINE, m.user))
         private = " (private)" if details.private else ""
@@ -939,8 +977,11 @@ class Tui:
         try:
             async for event in self.client.events():
                 if isinstance(event, proto.Message):
+                    await self._learn_names([event.sender])
                     self._show(event)
                 elif isinstance(event, proto.Events):
+                    await self._learn_names(ev.actor if ev.kind == EventKind.ACTION else ev.target
+                                            for ev in event.events if ev.kind in _MESSAGE_LIKE)
                     for ev in event.events:
                         self._show_event(event.conv, ev)
                 elif isinstance(event, Disconnected):
