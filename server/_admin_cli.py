@@ -18,7 +18,6 @@ import json
 import os
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from chorus import proto
 
 from ._adminactions import DELETE_ROOM, DISABLE, REVOKE_SESSIONS, ROOM_EVENT
 from ._invites import code_hash, new_code
-from ._moderation import Moderation, Refused, now_ms
+from ._moderation import NO_EXPIRY, Moderation, Refused, now_ms, utc_text
 from ._auth import Passwords, valid_name
 from ._config import Config, ConfigError, without_password
 from ._ports import NameTaken, SchemaTooNew, Store, StoreError, UserRow
@@ -184,7 +183,7 @@ async def _user(store: Store, name: str) -> UserRow:
 
 
 async def _act(store: Store, kind: str, user_id: int | None = None, room_id: int | None = None) -> None:
-    await store.append_admin_action(kind, user_id, room_id, time.time_ns() // 1_000_000)
+    await store.append_admin_action(kind, user_id, room_id, now_ms())
 
 
 async def _room(store: Store, name: str) -> int:
@@ -209,7 +208,7 @@ def _until(duration_ms: int | None) -> int:
 
 
 def _when(until_ms: int) -> str:
-    return "never" if until_ms == 0 else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until_ms / 1000))
+    return "never" if until_ms == NO_EXPIRY else utc_text(until_ms)
 
 
 def _backup(config: Config, dest: str) -> dict[str, Any]:

@@ -448,10 +448,14 @@ def join_refusal(db: Db, conv_id: int, user_id: int, room: str) -> None:
 
 # -- what a version 1 connection sees ---------------------------------------------------------------------------------
 
-def _until(until_ms: int) -> str:
-    if until_ms == NO_EXPIRY:
-        return ""
-    return " until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(until_ms / 1000))
+def utc_text(ms: int) -> str:
+    """A time in ms since the epoch, as people read it in refusals, events and chorus-admin's tables."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+
+def until_text(until_ms: int) -> str:
+    """" until <time>" for a ban or mute that ends, "" for one with no expiry."""
+    return "" if until_ms == NO_EXPIRY else " until " + utc_text(until_ms)
 
 
 def _because(text: str) -> str:
@@ -465,11 +469,11 @@ def v1_text(ev: proto.ConvEvent) -> str:
         case EventKind.KICK:
             return f"removed {who} from the room{_because(ev.text)}"
         case EventKind.BAN:
-            return f"banned {who}{_until(ev.until_ms)}{_because(ev.text)}"
+            return f"banned {who}{until_text(ev.until_ms)}{_because(ev.text)}"
         case EventKind.UNBAN:
             return f"lifted the ban on {who}"
         case EventKind.MUTE:
-            return f"muted {who}{_until(ev.until_ms)}{_because(ev.text)}"
+            return f"muted {who}{until_text(ev.until_ms)}{_because(ev.text)}"
         case EventKind.UNMUTE:
             return f"unmuted {who}"
         case EventKind.DELETE:

@@ -25,7 +25,6 @@ changed after its last store call, or undone when that call fails.
 from __future__ import annotations
 
 import logging
-import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -42,7 +41,9 @@ from ._displaynames import DisplayNameRefused, normalized
 from ._fanout import Subscription
 from ._invites import InviteInvalid, code_hash
 from ._logs import episode, safe
-from ._moderation import Applied, Moderation, Refused, Unchanged, active, v1_entries, v1_message
+from ._moderation import (
+    NO_EXPIRY, Applied, Moderation, Refused, Unchanged, active, now_ms, until_text, v1_entries, v1_message,
+)
 from ._ports import (
     Appended, ConvRow, Entry, MemberJoined, MemberLeft, Muted, NameTaken, NewMessage, ReadMoved, RoomExists,
     SessionsRevoked,
@@ -121,12 +122,6 @@ class Identity:
     token_hash: bytes
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _utc(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
 
 
 class Session:
@@ -231,7 +226,7 @@ class Session:
     @staticmethod
     def _check_mute(state: ConvState) -> None:
         if active(state.muted_until_ms, now_ms()):
-            until = "" if state.muted_until_ms == 0 else f" until {_utc(state.muted_until_ms or 0)}"
+            until = until_text(state.muted_until_ms or NO_EXPIRY)
             raise RequestError(ErrorCode.FORBIDDEN, f"you are muted in {state.view}{until}")
 
     def _busy_retry_ms(self, exc: BaseException) -> int:
