@@ -42,7 +42,7 @@ from ._fanout import Subscription
 from ._invites import InviteInvalid, code_hash
 from ._logs import episode, safe
 from ._moderation import (
-    NO_EXPIRY, Applied, Moderation, Refused, Unchanged, active, now_ms, until_text, v1_entries, v1_message,
+    Applied, Moderation, Refused, Unchanged, active, now_ms, until_text, v1_entries, v1_message,
 )
 from ._ports import (
     Appended, ConvRow, Entry, MemberJoined, MemberLeft, Muted, NameTaken, NewMessage, ReadMoved, RoomExists,
@@ -225,8 +225,9 @@ class Session:
 
     @staticmethod
     def _check_mute(state: ConvState) -> None:
-        if active(state.muted_until_ms, now_ms()):
-            until = until_text(state.muted_until_ms or NO_EXPIRY)
+        muted = state.muted_until_ms
+        if muted is not None and active(muted, now_ms()):  # every SEND passes here: no clock read unless muted
+            until = until_text(muted)
             raise RequestError(ErrorCode.FORBIDDEN, f"you are muted in {state.view}{until}")
 
     def _busy_retry_ms(self, exc: BaseException) -> int:
